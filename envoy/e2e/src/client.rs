@@ -1,0 +1,152 @@
+//! A minimal blocking HTTP/1.1 client: one connection per request, so each call is independent
+//! and a test never sees a response meant for another.
+
+use std::io::{BufReader, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use crate::http::{self, Framing};
+
+/// Long enough for Envoy's own timeouts (route default 15 s is not reached by the rig's scripts)
+/// to show up as a status rather than a client error, short enough that a hang fails the test.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A complete response.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Response {
+    pub status: u16,
+    /// Header fields in arrival order, names lower-cased.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    /// First value of a header, name compared case-insensitively.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        http::header(&self.headers, name)
+    }
+
+    /// Every value of a header, in order (for repeated fields such as `set-cookie`).
+    pub fn header_all(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    /// The body as text (lossy).
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// `GET url` with no extra headers.
+pub fn get(url: &str) -> Result<Response> {
+    request("GET", url, &[], b"")
+}
+
+/// Sends one request to an `http://host:port/path` URL and reads the whole response.
+///
+/// `host`, `connection: close` and (when there is a body, or for POST/PUT/PATCH) `content-length`
+/// are added unless `headers` has them.
+pub fn request(method: &str, url: &str, headers: &[(&str, &str)], body: &[u8]) -> Result<Response> {
+    let (authority, path) = split_url(url)?;
+    let addr = authority
+        .to_socket_addrs()
+        .with_context(|| format!("resolving {authority}"))?
+        .next()
+        .with_context(|| format!("{authority} resolves to no address"))?;
+    send(
+        addr,
+        authority,
+        method,
+        path,
+        headers,
+        body,
+        DEFAULT_TIMEOUT,
+    )
+    .with_context(|| format!("{method} {url}"))
+}
+
+/// Splits `http://authority/path` into its authority and path (`/` when absent).
+fn split_url(url: &str) -> Result<(&str, &str)> {
+    let Some(rest) = url.strip_prefix("http://") else {
+        bail!("only http:// URLs are supported, got {url:?}");
+    };
+    Ok(match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, "/"),
+    })
+}
+
+pub(crate) fn send(
+    addr: SocketAddr,
+    authority: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    timeout: Duration,
+) -> Result<Response> {
+    let stream = TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let has = |name: &str| headers.iter().any(|(n, _)| n.eq_ignore_ascii_case(name));
+    let mut out = format!("{method} {path} HTTP/1.1\r\n");
+    if !has("host") {
+        out.push_str(&format!("host: {authority}\r\n"));
+    }
+    if !has("connection") {
+        out.push_str("connection: close\r\n");
+    }
+    let wants_length = !body.is_empty() || matches!(method, "POST" | "PUT" | "PATCH");
+    if wants_length && !has("content-length") && !has("transfer-encoding") {
+        out.push_str(&format!("content-length: {}\r\n", body.len()));
+    }
+    for (name, value) in headers {
+        out.push_str(&format!("{name}: {value}\r\n"));
+    }
+    out.push_str("\r\n");
+    let mut out = out.into_bytes();
+    out.extend_from_slice(body);
+    (&stream).write_all(&out)?;
+
+    let mut reader = BufReader::new(&stream);
+    loop {
+        let head = http::read_head(&mut reader)?.context("connection closed before a response")?;
+        let status: u16 = head
+            .start_line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .with_context(|| format!("bad status line {:?}", head.start_line))?;
+        // Interim responses (100 Continue) precede the real one.
+        if (100..200).contains(&status) {
+            continue;
+        }
+        let body = http::read_body(&mut reader, Framing::of_response(&head, method, status)?)?;
+        return Ok(Response {
+            status,
+            headers: head.headers,
+            body,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_splits_into_authority_and_path() {
+        assert_eq!(
+            split_url("http://127.0.0.1:80/a?b").unwrap(),
+            ("127.0.0.1:80", "/a?b")
+        );
+        assert_eq!(split_url("http://h:1").unwrap(), ("h:1", "/"));
+        assert!(split_url("https://h/").is_err());
+    }
+}

@@ -1,0 +1,63 @@
+//! The real-Envoy end-to-end rig: a scriptable [`TestUpstream`], an [`Envoy`] process guard that
+//! starts the configs in `envoy/` with free ports, a blocking [`client`], and a stats reader.
+//!
+//! Nothing here is global: every test makes its own upstream and Envoy, so tests run in
+//! parallel, and every process or thread a test starts ends when its guard drops.
+//!
+//! ```no_run
+//! use edge_e2e::{Envoy, Script, Substitutions, TestUpstream};
+//! # fn main() -> anyhow::Result<()> {
+//! let upstream = TestUpstream::start()?;
+//! upstream.route("/flags.json", Script::json(r#"{"flags":{}}"#));
+//! let envoy = Envoy::start("plain.yaml", &Substitutions::upstream(&upstream))?;
+//! assert_eq!(envoy.get("/flags.json")?.status, 200);
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod client;
+mod envoy;
+mod http;
+mod upstream;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+
+pub use client::Response;
+pub use envoy::{
+    envoy_binary, Envoy, Stats, Substitutions, ADMIN_MARKER_PORT, BACKEND_MARKER_PORT,
+    LISTENER_MARKER_PORT, READY_TIMEOUT,
+};
+pub use upstream::{RecordedRequest, Script, TestUpstream};
+
+/// The workspace root (two levels above this crate), where `dist/` and `.tools/` live.
+pub fn workspace_root() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .ancestors()
+        .nth(2)
+        .unwrap_or(manifest)
+        .to_path_buf()
+}
+
+/// Polls `check` every 20 ms until it yields a value or `timeout` passes. Envoy and plugins act
+/// asynchronously (background fetches, stats flushes), so tests wait for an outcome rather than
+/// sleep a guessed time. `what` names the awaited outcome in the timeout error.
+pub fn wait_until<T>(
+    timeout: Duration,
+    what: &str,
+    mut check: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check()? {
+            return Ok(value);
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
