@@ -575,7 +575,6 @@ impl Edge {
         headers.push((b"x-forwarded-proto".to_vec(), b"http".to_vec()));
         let now = self.host.borrow().monotonic_ns;
         let ex = Exchange {
-            id,
             maps: [headers, req.trailers.clone(), Vec::new(), Vec::new()],
             data: [vec![Vec::new(); n], vec![Vec::new(); n]],
             peer: Peer {
@@ -831,7 +830,7 @@ impl Edge {
                 s.buffers.call_trailers = None;
                 s.buffers.call_body = None;
             }
-            EventKind::Grpc { token, reply, .. } => {
+            EventKind::Grpc { token, reply } => {
                 let s = vm.store.data_mut();
                 if !s.grpc.contains_key(&token) {
                     return Ok(());
@@ -1150,7 +1149,11 @@ impl Edge {
         reply: LocalReply,
         flags: u64,
     ) -> Result<()> {
-        let f = self.flight(id)?;
+        let host = self.host.clone();
+        let f = self
+            .flights
+            .get_mut(&id)
+            .ok_or_else(|| anyhow::anyhow!("unknown stream {id}"))?;
         if f.phase == Phase::Log || f.phase == Phase::Complete {
             return Ok(());
         }
@@ -1172,6 +1175,11 @@ impl Edge {
             ex.code_details = reply.details.clone();
             ex.response_flags = flags;
             ex.response_bytes = reply.body.len() as u64;
+        }
+        if f.replied && dir == REQ {
+            host.borrow_mut().misuse.push(format!(
+                "stream {id}: a second local reply from plugin {filter}"
+            ));
         }
         if dir == RESP || f.replied {
             // Response already under way: Envoy sends the reply straight to the client.

@@ -343,6 +343,10 @@ fn with_map<T>(
             let in_log = b.log_phase && !write && t != map::REQUEST_TRAILERS;
             let readable = b.open.get(i).copied().unwrap_or(false) || in_log;
             if !readable {
+                s.misuse(format!(
+                    "header map {t} used outside the callback that holds it (Envoy: status {})",
+                    if b.log_phase && !write { 1 } else { 2 }
+                ));
                 return Err(if b.log_phase && t == map::REQUEST_TRAILERS && !write {
                     Status::NotFound.into()
                 } else {
@@ -625,7 +629,7 @@ fn stream_effect(c: &mut C, t: u32, close: bool) -> R {
         }
     }
     s.effects.push(if close {
-        Effect::Close { context, dir }
+        Effect::Close { context }
     } else {
         Effect::Continue { context, dir }
     });
@@ -871,15 +875,7 @@ fn send_grpc(c: &mut C, token: u32, message: Vec<u8>, stream: bool, timeout: u32
     } else {
         (reply.delay.as_nanos() as u64, reply)
     };
-    host.schedule(
-        delay,
-        target,
-        EventKind::Grpc {
-            token,
-            reply,
-            close_after: false,
-        },
-    );
+    host.schedule(delay, target, EventKind::Grpc { token, reply });
     Ok(())
 }
 

@@ -139,18 +139,9 @@ pub(crate) struct Queue {
 /// Something the host delivers later, in time order.
 #[derive(Clone, Debug)]
 pub(crate) enum EventKind {
-    QueueReady {
-        queue: u32,
-    },
-    Callout {
-        token: u32,
-        reply: CalloutReply,
-    },
-    Grpc {
-        token: u32,
-        reply: GrpcReply,
-        close_after: bool,
-    },
+    QueueReady { queue: u32 },
+    Callout { token: u32, reply: CalloutReply },
+    Grpc { token: u32, reply: GrpcReply },
 }
 
 #[derive(Clone, Debug)]
@@ -287,7 +278,6 @@ pub struct Peer {
 
 /// One HTTP stream as every filter of the chain sees it.
 pub(crate) struct Exchange {
-    pub id: u64,
     pub maps: [HeaderMap; 4],
     /// Body data waiting at, or buffered by, each filter (indexed by chain position), per direction.
     pub data: [Vec<Vec<u8>>; 2],
@@ -321,7 +311,7 @@ pub(crate) struct Binding {
 #[derive(Clone, Debug)]
 pub(crate) enum Effect {
     Continue { context: u32, dir: usize },
-    Close { context: u32, dir: usize },
+    Close { context: u32 },
     LocalReply { context: u32, reply: LocalReply },
     Done { context: u32 },
 }

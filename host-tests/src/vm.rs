@@ -208,10 +208,6 @@ impl Vm {
         self.memory.map_or(0, |m| m.size(&self.store))
     }
 
-    pub fn has(&self, export: &str) -> bool {
-        self.funcs.contains_key(export)
-    }
-
     /// Calls an export with `context` as the active and effective context. A missing export
     /// returns `Returned(None)`, as Envoy treats absent callbacks as "continue".
     pub fn call(&mut self, export: &'static str, context: u32, args: &[u32]) -> Outcome {

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::io::{BufReader, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
@@ -120,10 +120,14 @@ impl Script {
 
     /// What unscripted paths get: a body naming the request, so a test can tell that the
     /// request reached the upstream and which path it had.
-    fn echo(method: &str, path: &str) -> Script {
+    pub fn echo(method: &str, path: &str) -> Script {
         Script::text(format!("upstream saw {method} {path}"))
     }
 }
+
+/// Answers computed per request (see [`TestUpstream::respond_with`]); `None` falls back to the
+/// routes.
+type Responder = Arc<dyn Fn(&RecordedRequest) -> Option<Script> + Send + Sync>;
 
 /// The test server. Stops on drop: the listener closes and every connection thread ends, even
 /// one in the middle of a scripted delay.
@@ -137,6 +141,7 @@ struct Shared {
     requests: Mutex<Vec<RecordedRequest>>,
     /// (pattern, script); a pattern ending in `*` is a prefix.
     routes: Mutex<Vec<(String, Script)>>,
+    responder: Mutex<Option<Responder>>,
     stopping: Mutex<bool>,
     /// Signalled on stop so scripted delays end at once.
     stop_signal: Condvar,
@@ -158,11 +163,18 @@ fn path_only(target: &str) -> &str {
 impl TestUpstream {
     /// Starts listening on an ephemeral port of 127.0.0.1.
     pub fn start() -> Result<TestUpstream> {
-        let listener = TcpListener::bind("127.0.0.1:0").context("binding the test upstream")?;
+        TestUpstream::start_on("127.0.0.1:0")
+    }
+
+    /// Starts listening on a given address, e.g. the fixed `127.0.0.1:18080` of the demo.
+    pub fn start_on(addr: impl ToSocketAddrs + std::fmt::Debug) -> Result<TestUpstream> {
+        let listener = TcpListener::bind(&addr)
+            .with_context(|| format!("binding the test upstream to {addr:?}"))?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             requests: Mutex::default(),
             routes: Mutex::default(),
+            responder: Mutex::default(),
             stopping: Mutex::new(false),
             stop_signal: Condvar::new(),
             open: Mutex::default(),
@@ -206,6 +218,17 @@ impl TestUpstream {
             Some(slot) => slot.1 = script,
             None => routes.push((pattern, script)),
         }
+    }
+
+    /// Computes answers per request: `respond` sees each request (body included) before the
+    /// routes do, and its `Some(script)` is the answer; `None` leaves the request to the routes.
+    /// For behaviour a fixed script cannot express, such as generated ids or state changed by
+    /// earlier requests. Replaces any previous responder; takes effect for the next request.
+    pub fn respond_with(
+        &self,
+        respond: impl Fn(&RecordedRequest) -> Option<Script> + Send + Sync + 'static,
+    ) {
+        *lock(&self.shared.responder) = Some(Arc::new(respond));
     }
 
     /// Removes a route, so its path gets the default echo answer again.
@@ -352,13 +375,19 @@ fn serve_connection(stream: TcpStream, shared: &Shared) -> Result<()> {
         }
         let body = http::read_body(&mut reader, Framing::of_request(&head)?)?;
         let keep_alive = version == "HTTP/1.1" && !head.has_token("connection", "close");
-        let script = shared.script_for(&method, &path);
-        lock(&shared.requests).push(RecordedRequest {
-            method: method.clone(),
+        let request = RecordedRequest {
+            method,
             path,
             headers: head.headers,
             body,
-        });
+        };
+        // Cloned out so a slow responder never holds the lock.
+        let responder = lock(&shared.responder).clone();
+        let script = responder
+            .and_then(|respond| respond(&request))
+            .unwrap_or_else(|| shared.script_for(&request.method, &request.path));
+        let method = request.method.clone();
+        lock(&shared.requests).push(request);
         if !script.delay.is_zero() && !shared.pause(script.delay) {
             return Ok(());
         }
@@ -430,6 +459,7 @@ mod tests {
         Shared {
             requests: Mutex::default(),
             routes: Mutex::default(),
+            responder: Mutex::default(),
             stopping: Mutex::new(false),
             stop_signal: Condvar::new(),
             open: Mutex::default(),

@@ -229,3 +229,35 @@ fn upstream_keeps_connections_alive_and_stops_on_drop() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn responder_answers_per_request_before_the_routes() -> Result<()> {
+    // A fixed address, as the demo uses; port 0 keeps the test parallel-safe.
+    let upstream = TestUpstream::start_on("127.0.0.1:0")?;
+    upstream.route("/routed", Script::status(204));
+    upstream.route("/orders", Script::status(500));
+    let count = std::sync::atomic::AtomicU32::new(0);
+    upstream.respond_with(move |req| {
+        (req.method == "POST" && req.path_only() == "/orders").then(|| {
+            let n = count.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            Script::json(format!(r#"{{"id":{n},"bytes":{}}}"#, req.body.len())).with_status(201)
+        })
+    });
+
+    let post = |body: &[u8]| client::request("POST", &upstream.url("/orders"), &[], body);
+    assert_eq!(post(b"abc")?.text(), r#"{"id":1,"bytes":3}"#);
+    let second = post(b"")?;
+    assert_eq!(
+        (second.status, second.text()),
+        (201, r#"{"id":2,"bytes":0}"#.into())
+    );
+    // `None` falls through to the routes, then to the echo.
+    assert_eq!(client::get(&upstream.url("/orders"))?.status, 500);
+    assert_eq!(client::get(&upstream.url("/routed"))?.status, 204);
+    assert_eq!(
+        client::get(&upstream.url("/x"))?.text(),
+        "upstream saw GET /x"
+    );
+    assert_eq!(upstream.requests_to("/orders").len(), 3);
+    Ok(())
+}

@@ -1,0 +1,167 @@
+//! HTTP and gRPC callouts, shared queues and timers: asynchronous work delivered by the host.
+mod common;
+use common::*;
+use host_tests::{CalloutReply, GrpcReply, Request};
+use std::time::Duration;
+
+#[test]
+fn callout_reply_resumes_the_paused_request() -> anyhow::Result<()> {
+    let mut edge = probe_edge("")
+        .cluster("flags", |req| {
+            assert_eq!(req.header(":path"), Some("/flags.json"));
+            CalloutReply::ok(200, &[("etag", "v1")], "flags-body").after(Duration::from_millis(30))
+        })
+        .build()?;
+    let t0 = edge.now_ns();
+    let res = edge.send(Request::get("/x").header("x-probe", "callout"))?;
+    assert_eq!(res.status, 200);
+    assert_eq!(
+        edge.upstream_requests()[0].header("x-callout"),
+        Some("200:flags-body:0:")
+    );
+    assert_eq!(
+        edge.now_ns() - t0,
+        30_000_000,
+        "the clock moved to the reply"
+    );
+    assert_eq!(edge.callouts().len(), 1);
+    Ok(())
+}
+
+#[test]
+fn callout_to_an_unknown_cluster_is_refused() -> anyhow::Result<()> {
+    let mut edge = probe_edge("").build()?;
+    edge.send(Request::get("/x").header("x-probe", "callout"))?;
+    assert_eq!(
+        edge.upstream_requests()[0].header("x-callout"),
+        Some("error:BadArgument")
+    );
+    Ok(())
+}
+
+#[test]
+fn failed_callout_has_no_headers_and_reports_a_broken_connection() -> anyhow::Result<()> {
+    let mut edge = probe_edge("")
+        .cluster("flags", |_| CalloutReply::Fail {
+            delay: Duration::ZERO,
+        })
+        .build()?;
+    edge.send(Request::get("/x").header("x-probe", "callout"))?;
+    assert_eq!(
+        edge.upstream_requests()[0].header("x-callout"),
+        Some("none::11:reset")
+    );
+    Ok(())
+}
+
+#[test]
+fn callout_that_never_answers_gets_504_at_its_timeout() -> anyhow::Result<()> {
+    let mut edge = probe_edge("")
+        .cluster("flags", |_| CalloutReply::Hang)
+        .build()?;
+    let t0 = edge.now_ns();
+    edge.send(Request::get("/x").header("x-probe", "callout"))?;
+    let got = edge.upstream_requests()[0]
+        .header("x-callout")
+        .unwrap()
+        .to_string();
+    assert!(got.starts_with("504:upstream request timeout"), "{got}");
+    assert_eq!(edge.now_ns() - t0, 2_000_000_000, "the probe's 2 s timeout");
+    Ok(())
+}
+
+#[test]
+fn grpc_call_round_trips() -> anyhow::Result<()> {
+    let mut edge = probe_edge("")
+        .grpc_cluster("grpc", |req| {
+            assert_eq!(
+                (req.service.as_str(), req.method.as_str()),
+                ("probe.Service", "Ping")
+            );
+            GrpcReply {
+                status: 0,
+                message: b"pong".to_vec(),
+                delay: Duration::ZERO,
+            }
+        })
+        .build()?;
+    edge.send(Request::get("/x").header("x-probe", "grpc"))?;
+    assert_eq!(edge.upstream_requests()[0].header("x-grpc"), Some("0:pong"));
+    assert_eq!(edge.grpc_sent()[0].message, b"ping");
+    Ok(())
+}
+
+#[test]
+fn root_context_callout_at_configure_is_answered_to_the_root() -> anyhow::Result<()> {
+    let mut edge = probe_edge("fetch=/flags.json")
+        .cluster("flags", |_| CalloutReply::ok(200, &[], "abc"))
+        .build()?;
+    edge.run_pending()?;
+    assert_eq!(
+        lines(&edge, "root callout"),
+        ["root callout 4 headers=1 body=3"]
+    );
+    Ok(())
+}
+
+#[test]
+fn tick_timers_follow_the_host_clock_on_every_worker() -> anyhow::Result<()> {
+    let mut edge = probe_edge("tick=1000").workers(2).build()?;
+    edge.advance(Duration::from_millis(3500))?;
+    assert_eq!(
+        edge.metric("probe_ticks"),
+        Some(6),
+        "3 ticks on each of 2 workers"
+    );
+    Ok(())
+}
+
+#[test]
+fn queue_notifications_reach_the_registering_root_asynchronously() -> anyhow::Result<()> {
+    let mut edge = probe_edge("queue").build()?;
+    edge.send(Request::get("/x").header("x-probe", "enqueue"))?;
+    assert!(
+        lines(&edge, "dequeued").is_empty(),
+        "never inside the enqueuing callback"
+    );
+    edge.run_pending()?;
+    assert_eq!(lines(&edge, "dequeued"), ["dequeued hello"]);
+    Ok(())
+}
+
+#[test]
+fn metrics_follow_per_type_rules() -> anyhow::Result<()> {
+    let mut edge = probe_edge("").workers(2).build()?;
+    for _ in 0..3 {
+        edge.send(Request::get("/x").header("x-probe", "metrics"))?;
+    }
+    assert_eq!(
+        edge.metric("probe_requests"),
+        Some(3),
+        "counters add across workers"
+    );
+    assert_eq!(
+        edge.metric("probe_gauge"),
+        Some(40),
+        "a gauge record sets, increment adds"
+    );
+    assert_eq!(edge.histogram("probe_hist"), [7, 7, 7]);
+    assert_eq!(
+        lines(&edge, "metric zero increment: Err(BadArgument)").len(),
+        3
+    );
+    Ok(())
+}
+
+#[test]
+fn foreign_functions_are_served_by_the_test() -> anyhow::Result<()> {
+    let mut edge = probe_edge("")
+        .foreign("echo", |args| Ok([args, b"!"].concat()))
+        .build()?;
+    edge.send(Request::get("/x").header("x-probe", "foreign"))?;
+    assert_eq!(
+        edge.upstream_requests()[0].header("x-foreign"),
+        Some("abc!")
+    );
+    Ok(())
+}
