@@ -28,7 +28,7 @@ pub mod details {
     pub const VIA_UPSTREAM: &str = "via_upstream";
     pub const RESET: &str = "upstream_reset_before_response_started{connection_termination}";
     pub const REFUSED: &str = "upstream_reset_before_response_started{remote_connection_failure|delayed_connect_error:_Connection_refused}";
-    pub const TIMEOUT: &str = "upstream_response_timeout";
+    pub const TIMEOUT: &str = "response_timeout";
     pub const WASM_FAIL: &str = "wasm_fail_stream";
     pub const REQUEST_TOO_LARGE: &str = "request_payload_too_large";
     pub const RESPONSE_TOO_LARGE: &str = "response_payload_too_large";
@@ -1292,7 +1292,7 @@ impl Edge {
                 )
             }
             Upstream::Refused => {
-                let body = b"upstream connect error or disconnect/reset before headers. reset reason: remote connection failure, transport failure reason: delayed connect error: Connection refused".to_vec();
+                let body = b"upstream connect error or disconnect/reset before headers. reset reason: remote connection failure".to_vec();
                 (
                     503,
                     text_headers(&body),
