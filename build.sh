@@ -270,9 +270,9 @@ demo_examples() {
 Demo running: Envoy on $url (admin http://127.0.0.1:$DEMO_ADMIN_PORT),
 the application on http://127.0.0.1:$DEMO_UPSTREAM_PORT. Try, in another terminal:
 
-  curl -s $url/hello                                  # proxied to the demo upstream
-  curl -s $url/api/flaky                              # JSON from the application
-  curl -s 127.0.0.1:$DEMO_ADMIN_PORT/stats | grep wasmcustom     # the plugins' own metrics
+  curl -s $url/hello                          # proxied to the demo upstream
+  curl -s $url/api/flaky                      # JSON from the application
+  curl -s 127.0.0.1:$DEMO_ADMIN_PORT/stats | grep wasmcustom   # the plugins' own metrics
 EOF
   # PLUGIN DEMOS: each plugin issue adds its commands below, in chain order:
   #   rate limit      - a burst that ends in 429
@@ -306,7 +306,8 @@ cmd_demo() {
   # Plugin log lines (wasm:info) and Envoy's warnings go to this terminal.
   "$ENVOY_BIN" -c envoy/edge.yaml --concurrency 2 --disable-hot-restart \
     --log-level warning --component-log-level wasm:info &
-  DEMO_PIDS+=("$!")
+  local envoy_pid=$!
+  DEMO_PIDS+=("$envoy_pid")
 
   local deadline=$((SECONDS + 30))
   until [[ $(curl -s --max-time 1 "http://127.0.0.1:$DEMO_ADMIN_PORT/ready" 2>/dev/null) == LIVE ]]; do
@@ -316,8 +317,15 @@ cmd_demo() {
   done
   demo_examples
 
-  wait -n "${DEMO_PIDS[@]}" || true
-  die "Envoy or the demo upstream exited (see above); stopping the demo"
+  # Ctrl-C reaches Envoy too (the upstream, started in the background, ignores SIGINT): Envoy
+  # shuts down cleanly, often before this shell runs its own INT trap.
+  local status=0
+  wait -n "${DEMO_PIDS[@]}" || status=$?
+  if ((status == 0)) && ! kill -0 "$envoy_pid" 2>/dev/null; then
+    echo "Envoy stopped; stopping the demo"
+    exit 0
+  fi
+  die "Envoy or the demo upstream exited with status $status (see above); stopping the demo"
 }
 
 # --- main ------------------------------------------------------------------------------------
