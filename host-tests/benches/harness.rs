@@ -30,7 +30,9 @@ fn main() -> anyhow::Result<()> {
         fuel = edge.send(req)?.fuel;
     }
     let rate = f64::from(n) / t.elapsed().as_secs_f64();
-    println!("harness: {rate:.0} request lifecycles/s through one plugin on one core (target >= 20000)");
+    println!(
+        "harness: {rate:.0} request lifecycles/s through one plugin on one core (target >= 20000)"
+    );
     println!("harness: {start_us:.0} us to start a VM from a compiled module (target <= 1000)");
     println!("harness: {fuel} wasm fuel units per probe lifecycle");
     Ok(())

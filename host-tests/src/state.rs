@@ -172,12 +172,15 @@ impl Rng {
     }
 }
 
+/// One vm_id's shared data: key → (value, cas).
+pub(crate) type SharedScope = HashMap<Vec<u8>, (Vec<u8>, u32)>;
+
 /// State shared by every VM of one `Edge` (Envoy: one process, all workers).
 pub(crate) struct HostShared {
     pub realtime_ns: u64,
     pub monotonic_ns: u64,
     pub rng: Rng,
-    pub shared_data: HashMap<String, HashMap<Vec<u8>, (Vec<u8>, u32)>>,
+    pub shared_data: HashMap<String, SharedScope>,
     pub next_cas: u32,
     pub queues: Vec<Queue>,
     pub metrics: Vec<Metric>,

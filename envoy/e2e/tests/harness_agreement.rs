@@ -17,7 +17,7 @@ struct Outcome {
 
 fn harness_edge() -> anyhow::Result<Edge> {
     let probe = Module::from_file(host_tests::module_path("probe"))?;
-    Ok(Edge::builder()
+    Edge::builder()
         .plugin(Plugin::new(&probe, "actions=none").name("p0"))
         .plugin(Plugin::new(&probe, "").name("p1"))
         .plugin(Plugin::new(&probe, "actions=none").name("p2"))
@@ -28,7 +28,7 @@ fn harness_edge() -> anyhow::Result<Edge> {
             "/slow" => Upstream::ok("late").delay(Duration::from_secs(3)),
             p => Upstream::ok(format!("upstream saw GET {p}")),
         })
-        .build()?)
+        .build()
 }
 
 fn in_harness(edge: &mut Edge, path: &str, probe: &str) -> anyhow::Result<Outcome> {
