@@ -454,8 +454,9 @@ impl EdgeBuilder {
         self
     }
 
-    /// Starts every VM (on_vm_start, on_configure) on every worker. A rejected configuration
-    /// is an error carrying the plugin's logged reason.
+    /// Starts every VM on every worker: `_initialize`, `proxy_on_context_create` (root),
+    /// `proxy_on_vm_start`, `proxy_on_configure`. A rejected configuration is an error carrying
+    /// the plugin's logged reason.
     pub fn build(self) -> Result<Edge> {
         let mut shared = HostShared::new(self.seed, self.start_ns);
         shared.buffer_limit = self.buffer_limit;
@@ -532,8 +533,12 @@ impl Edge {
         }
     }
 
-    /// Sends a request through the whole lifecycle and returns the downstream response.
-    /// Runs pending events (callouts, timers, queues) first and whenever the stream waits.
+    /// Sends a request through the whole lifecycle and returns the downstream response:
+    /// `proxy_on_context_create`, `proxy_on_request_headers|body|trailers` in chain order, the
+    /// upstream, `proxy_on_response_headers|body|trailers` in reverse, then `proxy_on_log`,
+    /// `proxy_on_done`, `proxy_on_delete`. Runs due events (`proxy_on_http_call_response`,
+    /// `proxy_on_tick`, `proxy_on_queue_ready`, gRPC callbacks) first and whenever the stream
+    /// waits on a pause.
     pub fn send(&mut self, req: Request) -> Result<Response> {
         self.run_pending()?;
         let id = self.begin(req)?;
@@ -615,7 +620,8 @@ impl Edge {
         Ok(FlightId(id))
     }
 
-    /// Runs the next callback of a stream (or the upstream exchange).
+    /// Runs the next single callback of a stream (one `proxy_on_*` export of one filter, or
+    /// the upstream exchange) and says which; streams of different workers can be interleaved.
     pub fn step(&mut self, id: FlightId) -> Result<Step> {
         loop {
             let Some(f) = self.flights.get(&id.0) else {
@@ -687,8 +693,8 @@ impl Edge {
 
     // ---- time and events --------------------------------------------------------------
 
-    /// Moves the host clock forward, firing tick timers, callout replies and queue
-    /// notifications in time order.
+    /// Moves the host clock forward, running in time order what falls due: `proxy_on_tick`,
+    /// `proxy_on_http_call_response`, `proxy_on_queue_ready`, `proxy_on_grpc_receive|close`.
     pub fn advance(&mut self, d: Duration) -> Result<()> {
         let target = self.host.borrow().monotonic_ns + d.as_nanos() as u64;
         while let Some(due) = self.next_due() {
@@ -1726,7 +1732,9 @@ fn feed(d: &mut Dir, ex: &ExchangeRef, dir: usize) -> bool {
         d.out_end = true;
         return true;
     };
-    if d.fresh[0] {
+    // A filter that is buffering sees each new chunk in its own callback; behind paused
+    // headers Envoy just accumulates, and the filter gets it all at once after the continue.
+    if d.fresh[0] && d.hdr[0] != Stage::Paused {
         return false;
     }
     match d.source.pop_front() {

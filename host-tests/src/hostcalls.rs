@@ -73,12 +73,12 @@ fn write_u64(c: &mut C, ptr: u32, v: u64) -> R {
     write(c, ptr, &v.to_le_bytes())
 }
 
-/// Allocates `len` bytes in the guest with its allocator (`proxy_on_memory_allocate`, else
-/// `malloc`). A trap in the allocator traps the caller, as in Envoy.
+/// Allocates `len` bytes in the guest with its allocator (`malloc`, else
+/// `proxy_on_memory_allocate`, Envoy's order). A trap in the allocator traps the caller.
 fn alloc(c: &mut C, len: u32) -> Result<u32, Fail> {
     let f = c
-        .get_export("proxy_on_memory_allocate")
-        .or_else(|| c.get_export("malloc"))
+        .get_export("malloc")
+        .or_else(|| c.get_export("proxy_on_memory_allocate"))
         .and_then(Extern::into_func)
         .ok_or(Fail::Status(Status::InvalidMemoryAccess))?;
     let f = f
@@ -781,12 +781,8 @@ fn grpc_call(
     timeout: u32,
     ret: u32,
 ) -> R {
-    let cluster = read_str(c, up, ul)?;
-    let service = read_str(c, sp, sl)?;
-    let method = read_str(c, mp, ml)?;
-    let metadata = read_map(c, ip, il)?;
     let message = read(c, gp, gl)?;
-    let token = start_grpc(c, cluster, service, method, metadata, false)?;
+    let token = start_grpc(c, [up, ul, sp, sl, mp, ml, ip, il], false)?;
     send_grpc(c, token, message, false, timeout)?;
     write_u32(c, ret, token)
 }
@@ -804,27 +800,23 @@ fn grpc_stream(
     il: u32,
     ret: u32,
 ) -> R {
+    let token = start_grpc(c, [up, ul, sp, sl, mp, ml, ip, il], true)?;
+    write_u32(c, ret, token)
+}
+
+/// Opens a gRPC call or stream from (pointer, length) pairs of cluster, service, method and
+/// initial metadata.
+fn start_grpc(c: &mut C, args: [u32; 8], stream: bool) -> Result<u32, Fail> {
+    let [up, ul, sp, sl, mp, ml, ip, il] = args;
     let cluster = read_str(c, up, ul)?;
     let service = read_str(c, sp, sl)?;
     let method = read_str(c, mp, ml)?;
     let metadata = read_map(c, ip, il)?;
-    let token = start_grpc(c, cluster, service, method, metadata, true)?;
-    write_u32(c, ret, token)
-}
-
-fn start_grpc(
-    c: &mut C,
-    cluster: String,
-    service: String,
-    method: String,
-    metadata: HeaderMap,
-    _stream: bool,
-) -> Result<u32, Fail> {
     let s = c.data_mut();
     if !s.host.borrow().grpc_clusters.contains_key(&cluster) {
         return Err(Status::ParseFailure.into());
     }
-    let token = new_token(s, if _stream { 2 } else { 1 });
+    let token = new_token(s, if stream { 2 } else { 1 });
     let context = s.root_context;
     s.grpc.insert(
         token,

@@ -165,3 +165,30 @@ fn foreign_functions_are_served_by_the_test() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn grpc_streams_send_and_cancel_once() -> anyhow::Result<()> {
+    let mut edge = probe_edge("")
+        .grpc_cluster("grpc", |_| GrpcReply {
+            status: 0,
+            message: Vec::new(),
+            delay: Duration::ZERO,
+        })
+        .build()?;
+    edge.send(Request::get("/x").header("x-probe", "grpc-stream"))?;
+    // Stream tokens carry tag 2; a second cancel finds nothing.
+    assert_eq!(
+        edge.upstream_requests()[0].header("x-grpc-stream"),
+        Some("2:Ok(()):Err(NotFound)")
+    );
+    let sent = edge.grpc_sent();
+    assert_eq!(
+        (
+            sent[0].method.as_str(),
+            sent[0].message.as_slice(),
+            sent[0].stream
+        ),
+        ("Watch", &b"hello"[..], true)
+    );
+    Ok(())
+}

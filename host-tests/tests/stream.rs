@@ -89,9 +89,9 @@ fn pause_on_body_buffers_until_the_end_and_reports_total_sizes() -> anyhow::Resu
     assert_eq!(
         lines(&edge, "request body"),
         [
-            "request body size=3 eos=false",
-            "request body size=6 eos=false",
-            "request body size=9 eos=true"
+            "request body size=3 eos=false status_size=3",
+            "request body size=6 eos=false status_size=6",
+            "request body size=9 eos=true status_size=9"
         ]
     );
     assert_eq!(edge.upstream_requests()[0].body, b"ABCDEFGHI");
@@ -109,8 +109,8 @@ fn streamed_chunks_without_pause_arrive_one_by_one() -> anyhow::Result<()> {
     assert_eq!(
         lines(&edge, "request body"),
         [
-            "request body size=2 eos=false",
-            "request body size=2 eos=false"
+            "request body size=2 eos=false status_size=2",
+            "request body size=2 eos=false status_size=2"
         ]
     );
     assert_eq!(lines(&edge, "request trailers"), ["request trailers n=1"]);
@@ -166,7 +166,11 @@ fn pause_on_headers_holds_body_callbacks_until_continue() -> anyhow::Result<()> 
     let mut edge = probe_edge("")
         .cluster("flags", |_| host_tests::CalloutReply::ok(200, &[], "{}"))
         .build()?;
-    let id = edge.begin(Request::post("/c").header("x-probe", "callout").body("xyz"))?;
+    let id = edge.begin(
+        Request::post("/c")
+            .header("x-probe", "callout")
+            .chunks(vec![b"xyz".to_vec(), b"uvw".to_vec()]),
+    )?;
     assert_eq!(
         edge.step(id)?,
         host_tests::Step::Ran("proxy_on_request_headers")
@@ -181,11 +185,38 @@ fn pause_on_headers_holds_body_callbacks_until_continue() -> anyhow::Result<()> 
     assert_eq!(res.status, 200);
     assert_eq!(
         lines(&edge, "request body"),
-        ["request body size=3 eos=true"]
+        ["request body size=6 eos=true status_size=6"]
     );
     assert_eq!(
         edge.upstream_requests()[0].header("x-callout"),
         Some("200:{}:0:")
     );
+    Ok(())
+}
+
+#[test]
+fn whole_header_map_can_be_replaced_and_is_lower_cased() -> anyhow::Result<()> {
+    let mut edge = probe_edge("").build()?;
+    edge.send(
+        Request::get("/m")
+            .header("x-probe", "pairs")
+            .header("x-drop", "1"),
+    )?;
+    let up = &edge.upstream_requests()[0];
+    assert_eq!(up.header("x-drop"), None);
+    assert_eq!(up.header("x-whole"), Some("map"));
+    assert_eq!(up.path(), "/m");
+    Ok(())
+}
+
+#[test]
+fn properties_a_plugin_sets_read_back_and_log_level_is_reported() -> anyhow::Result<()> {
+    let mut edge = probe_edge("")
+        .log_level(host_tests::abi::LogLevel::Debug)
+        .build()?;
+    edge.send(Request::get("/m").header("x-probe", "setprop,loglevel"))?;
+    let up = &edge.upstream_requests()[0];
+    assert_eq!(up.header("x-setprop"), Some("m1"));
+    assert_eq!(up.header("x-log-level"), Some("Debug"));
     Ok(())
 }

@@ -17,6 +17,15 @@ extern "C" {
         return_value_size: *mut usize,
     ) -> u32;
     fn proxy_get_header_map_size(map_type: u32, return_size: *mut usize) -> u32;
+    fn proxy_get_buffer_status(buffer_type: u32, length: *mut usize, flags: *mut u32) -> u32;
+}
+
+fn raw_buffer_status(buffer: u32) -> usize {
+    let (mut n, mut f) = (0usize, 0u32);
+    match unsafe { proxy_get_buffer_status(buffer, &mut n, &mut f) } {
+        0 => n,
+        _ => usize::MAX,
+    }
 }
 
 fn raw_get(map: u32, key: &str) -> u32 {
@@ -307,6 +316,46 @@ impl HttpContext for Probe {
                 Err(e) => log::info!("foreign failed {e:?}"),
             }
         }
+        if self.has("pairs") {
+            // Replace the whole map; Envoy lower-cases what it stores.
+            let mut pairs = self.get_http_request_headers();
+            pairs.retain(|(k, _)| k != "x-drop");
+            pairs.push(("X-Whole".into(), "map".into()));
+            let refs: Vec<(&str, &str)> = pairs
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            self.set_http_request_headers(refs);
+        }
+        if self.has("setprop") {
+            self.set_property(vec!["probe", "mark"], Some(b"m1"));
+            let back = self.prop(&["probe", "mark"]);
+            self.set_http_request_header("x-setprop", Some(&back));
+        }
+        if self.has("loglevel") {
+            let level = proxy_wasm::hostcalls::get_log_level()
+                .map(|l| format!("{l:?}"))
+                .unwrap_or_else(|e| format!("{e:?}"));
+            self.set_http_request_header("x-log-level", Some(&level));
+        }
+        if self.has("grpc-stream") {
+            match self.open_grpc_stream("grpc", "probe.Service", "Watch", vec![]) {
+                Ok(token) => {
+                    let sent = proxy_wasm::hostcalls::send_grpc_stream_message(
+                        token,
+                        Some(b"hello"),
+                        false,
+                    );
+                    self.cancel_grpc_stream(token);
+                    let again = proxy_wasm::hostcalls::cancel_grpc_stream(token);
+                    self.set_http_request_header(
+                        "x-grpc-stream",
+                        Some(&format!("{}:{sent:?}:{again:?}", token & 3)),
+                    );
+                }
+                Err(e) => self.set_http_request_header("x-grpc-stream", Some(&format!("{e:?}"))),
+            }
+        }
         if self.has("local") {
             self.send_http_response(418, vec![("x-local", "yes")], Some(b"teapot"));
             return Action::Continue;
@@ -355,7 +404,8 @@ impl HttpContext for Probe {
     }
 
     fn on_http_request_body(&mut self, size: usize, eos: bool) -> Action {
-        log::info!("request body size={size} eos={eos}");
+        let status = raw_buffer_status(0);
+        log::info!("request body size={size} eos={eos} status_size={status}");
         if self.has("after") {
             log::info!("get after continue: {}", raw_get(0, ":path"));
         }
