@@ -30,6 +30,7 @@ pub mod details {
     pub const REFUSED: &str = "upstream_reset_before_response_started{remote_connection_failure|delayed_connect_error:_Connection_refused}";
     pub const TIMEOUT: &str = "response_timeout";
     pub const WASM_FAIL: &str = "wasm_fail_stream";
+    pub const WASM_CLOSE: &str = "wasm_close_stream";
     pub const REQUEST_TOO_LARGE: &str = "request_payload_too_large";
     pub const RESPONSE_TOO_LARGE: &str = "response_payload_too_large";
 }
@@ -285,6 +286,14 @@ pub enum Step {
     Done,
 }
 
+/// Which part of a direction a callback handles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Part {
+    Headers,
+    Body,
+    Trailers,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Stage {
     NotYet,
@@ -368,6 +377,33 @@ struct Flight {
     reset: bool,
     fuel: u64,
     response: Option<Response>,
+}
+
+impl Flight {
+    /// The response the client gets, from the exchange as it stands (a reset carries no
+    /// status, headers or trailers).
+    fn downstream(&self, body: Vec<u8>, reset: bool) -> Response {
+        let ex = self.ex.borrow();
+        let (status, headers, trailers) = if reset {
+            (0, Vec::new(), Vec::new())
+        } else {
+            (
+                header_status(&ex.maps[2]).unwrap_or(0),
+                ex.maps[2].clone(),
+                ex.maps[3].clone(),
+            )
+        };
+        Response {
+            status,
+            headers,
+            body,
+            trailers,
+            details: ex.code_details.clone(),
+            reset,
+            worker: self.worker,
+            fuel: 0,
+        }
+    }
 }
 
 /// Builds an [`Edge`]: plugins in chain order, workers, upstream and clusters.
@@ -578,7 +614,6 @@ impl Edge {
             headers.push((b"x-request-id".to_vec(), uuid(&r).into_bytes()));
         }
         headers.push((b"x-forwarded-proto".to_vec(), b"http".to_vec()));
-        let now = self.host.borrow().monotonic_ns;
         let ex = Exchange {
             maps: [headers, req.trailers.clone(), Vec::new(), Vec::new()],
             data: [vec![Vec::new(); n], vec![Vec::new(); n]],
@@ -599,7 +634,6 @@ impl Edge {
             protocol: "HTTP/1.1".into(),
             connection_id: id,
         };
-        let _ = now;
         let order: Vec<usize> = (0..n).collect();
         let request_dir = Dir::new(order, req.chunks.clone(), !req.trailers.is_empty());
         let flight = Flight {
@@ -942,9 +976,9 @@ impl Edge {
         let filter = f.dirs[dir].order[pos];
         let worker = f.worker;
         let kind = match name {
-            "proxy_on_request_headers" | "proxy_on_response_headers" => 0,
-            "proxy_on_request_body" | "proxy_on_response_body" => 1,
-            _ => 2,
+            "proxy_on_request_headers" | "proxy_on_response_headers" => Part::Headers,
+            "proxy_on_request_body" | "proxy_on_response_body" => Part::Body,
+            _ => Part::Trailers,
         };
         if f.skipped[filter] {
             self.advance_filter(id, dir, pos, kind, true)?;
@@ -957,14 +991,12 @@ impl Edge {
             return Ok(());
         }
         let ctx = self.ensure_context(id, filter)?;
-        let f = self.flight(id)?;
         let map_index = match (dir, kind) {
-            (REQ, 2) => 1,
+            (REQ, Part::Trailers) => 1,
             (REQ, _) => 0,
-            (_, 2) => 3,
+            (_, Part::Trailers) => 3,
             _ => 2,
         };
-        let ex = f.ex.clone();
         {
             let vm = &mut self.workers[worker][filter];
             let b = vm
@@ -973,11 +1005,9 @@ impl Edge {
                 .bindings
                 .get_mut(&ctx)
                 .ok_or_else(|| anyhow::anyhow!("missing binding"))?;
-            if kind == 0 || kind == 2 {
-                b.open[map_index] = true;
-            }
-            if kind == 1 {
-                b.body = Some(dir);
+            match kind {
+                Part::Body => b.body = Some(dir),
+                Part::Headers | Part::Trailers => b.open[map_index] = true,
             }
         }
         let mut call_args = vec![ctx];
@@ -985,7 +1015,6 @@ impl Edge {
         let out = self.workers[worker][filter].call(name, ctx, &call_args);
         let fuel = self.workers[worker][filter].last_fuel;
         self.flight(id)?.fuel += fuel;
-        let _ = ex;
         match out {
             Outcome::Trapped(_) => {
                 if self.plugins[filter].fail_open {
@@ -1018,7 +1047,7 @@ impl Edge {
         id: u64,
         dir: usize,
         pos: usize,
-        kind: u8,
+        kind: Part,
         go: bool,
     ) -> Result<()> {
         let f = self.flight(id)?;
@@ -1028,7 +1057,7 @@ impl Edge {
         let ex = f.ex.clone();
         let d = &mut f.dirs[dir];
         match kind {
-            0 => {
+            Part::Headers => {
                 if go {
                     d.hdr[pos] = Stage::Done;
                     pass_headers(d, pos);
@@ -1036,7 +1065,7 @@ impl Edge {
                     d.hdr[pos] = Stage::Paused;
                 }
             }
-            1 => {
+            Part::Body => {
                 d.fresh[pos] = false;
                 if d.eos_in[pos] {
                     d.eos_told[pos] = true;
@@ -1048,7 +1077,7 @@ impl Edge {
                     d.buffering[pos] = true;
                 }
             }
-            _ => {
+            Part::Trailers => {
                 if go {
                     d.trl[pos] = Stage::Done;
                     pass_trailers(d, pos);
@@ -1070,10 +1099,10 @@ impl Edge {
                 if hdr_done {
                     b.open[h] = false;
                 }
-                if kind == 2 && go {
+                if kind == Part::Trailers && go {
                     b.open[t] = false;
                 }
-                if kind == 1 && !buffering {
+                if kind == Part::Body && !buffering {
                     b.body = None;
                 }
             }
@@ -1189,19 +1218,12 @@ impl Edge {
         }
         if dir == RESP || f.replied {
             // Response already under way: Envoy sends the reply straight to the client.
-            f.ex.borrow_mut().maps[2] = headers;
-            let ex = f.ex.borrow();
-            f.response = Some(Response {
-                status: reply.status,
-                headers: ex.maps[2].clone(),
-                body: reply.body,
-                trailers: Vec::new(),
-                details: reply.details,
-                reset: false,
-                worker: f.worker,
-                fuel: 0,
-            });
-            drop(ex);
+            {
+                let mut ex = f.ex.borrow_mut();
+                ex.maps[2] = headers;
+                ex.maps[3].clear();
+            }
+            f.response = Some(f.downstream(reply.body, false));
             f.phase = Phase::Log;
             return Ok(());
         }
@@ -1342,19 +1364,8 @@ impl Edge {
         let f = self.flight(id)?;
         let worker = f.worker;
         if f.response.is_none() {
-            let d = &f.dirs[RESP];
-            let ex = f.ex.borrow();
-            let status = header_status(&ex.maps[2]).unwrap_or(0);
-            f.response = Some(Response {
-                status,
-                headers: ex.maps[2].clone(),
-                body: d.out.clone(),
-                trailers: ex.maps[3].clone(),
-                details: ex.code_details.clone(),
-                reset: f.reset,
-                worker,
-                fuel: 0,
-            });
+            let body = std::mem::take(&mut f.dirs[RESP].out);
+            f.response = Some(f.downstream(body, f.reset));
         }
         let ctxs = f.contexts.clone();
         for (filter, ctx) in ctxs.iter().enumerate() {
@@ -1440,7 +1451,7 @@ impl Edge {
                 };
                 let d = &f.dirs[dir];
                 if d.hdr[pos] == Stage::Paused {
-                    self.advance_filter(id, dir, pos, 0, true)?;
+                    self.advance_filter(id, dir, pos, Part::Headers, true)?;
                     let f = self.flight(id)?;
                     let d = &mut f.dirs[dir];
                     // Data held behind the paused headers now reaches this filter.
@@ -1452,9 +1463,9 @@ impl Edge {
                     let d = &mut f.dirs[dir];
                     d.buffering[pos] = false;
                     pass_data(d, &ex, dir, pos);
-                    self.advance_filter_access(id, dir, filter)?;
+                    self.release_body(id, filter)?;
                 } else if d.trl[pos] == Stage::Paused {
-                    self.advance_filter(id, dir, pos, 2, true)?;
+                    self.advance_filter(id, dir, pos, Part::Trailers, true)?;
                 }
             }
             Effect::Close { .. } => {
@@ -1462,18 +1473,14 @@ impl Edge {
                     return Ok(());
                 }
                 f.reset = true;
-                let ex = f.ex.borrow();
-                f.response = Some(Response {
-                    status: 0,
-                    headers: Vec::new(),
-                    body: Vec::new(),
-                    trailers: Vec::new(),
-                    details: ex.code_details.clone(),
-                    reset: true,
-                    worker: f.worker,
-                    fuel: 0,
-                });
-                drop(ex);
+                {
+                    // Envoy names the reset unless something already explained the stream.
+                    let mut ex = f.ex.borrow_mut();
+                    if ex.code_details.is_empty() {
+                        ex.code_details = details::WASM_CLOSE.into();
+                    }
+                }
+                f.response = Some(f.downstream(Vec::new(), true));
                 f.phase = Phase::Log;
             }
             Effect::LocalReply { reply, .. } => {
@@ -1489,7 +1496,8 @@ impl Edge {
         Ok(())
     }
 
-    fn advance_filter_access(&mut self, id: u64, _dir: usize, filter: usize) -> Result<()> {
+    /// The filter let its buffered body go: Envoy no longer shows it that buffer.
+    fn release_body(&mut self, id: u64, filter: usize) -> Result<()> {
         let f = self.flight(id)?;
         let (worker, ctx) = (f.worker, f.contexts[filter]);
         if let Some(b) = self.workers[worker][filter]

@@ -116,6 +116,26 @@ pub struct GrpcReply {
     pub delay: Duration,
 }
 
+impl GrpcReply {
+    /// A successful reply carrying `message`, answered at once.
+    pub fn ok(message: impl Into<Vec<u8>>) -> Self {
+        GrpcReply {
+            status: 0,
+            message: message.into(),
+            delay: Duration::ZERO,
+        }
+    }
+
+    /// A failed call: the plugin sees `proxy_on_grpc_close` with this gRPC status.
+    pub fn error(status: u32, message: &str) -> Self {
+        GrpcReply {
+            status,
+            message: message.as_bytes().to_vec(),
+            delay: Duration::ZERO,
+        }
+    }
+}
+
 pub type CalloutHandler = Box<dyn FnMut(&CalloutRequest) -> CalloutReply>;
 pub type GrpcHandler = Box<dyn FnMut(&GrpcRequest) -> GrpcReply>;
 pub type ForeignFn = Box<dyn FnMut(&[u8]) -> Result<Vec<u8>, Status>>;

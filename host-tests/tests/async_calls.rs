@@ -71,23 +71,29 @@ fn callout_that_never_answers_gets_504_at_its_timeout() -> anyhow::Result<()> {
 }
 
 #[test]
-fn grpc_call_round_trips() -> anyhow::Result<()> {
+fn grpc_call_round_trips_and_failures_close_with_their_status() -> anyhow::Result<()> {
     let mut edge = probe_edge("")
         .grpc_cluster("grpc", |req| {
             assert_eq!(
                 (req.service.as_str(), req.method.as_str()),
                 ("probe.Service", "Ping")
             );
-            GrpcReply {
-                status: 0,
-                message: b"pong".to_vec(),
-                delay: Duration::ZERO,
-            }
+            GrpcReply::ok("pong")
         })
         .build()?;
     edge.send(Request::get("/x").header("x-probe", "grpc"))?;
     assert_eq!(edge.upstream_requests()[0].header("x-grpc"), Some("0:pong"));
     assert_eq!(edge.grpc_sent()[0].message, b"ping");
+
+    let mut down = probe_edge("")
+        .grpc_cluster("grpc", |_| GrpcReply::error(14, "unavailable"))
+        .build()?;
+    down.send(Request::get("/x").header("x-probe", "grpc"))?;
+    assert_eq!(
+        down.upstream_requests()[0].header("x-grpc"),
+        Some("14:"),
+        "a failed call closes with its status and no message"
+    );
     Ok(())
 }
 
@@ -169,11 +175,7 @@ fn foreign_functions_are_served_by_the_test() -> anyhow::Result<()> {
 #[test]
 fn grpc_streams_send_and_cancel_once() -> anyhow::Result<()> {
     let mut edge = probe_edge("")
-        .grpc_cluster("grpc", |_| GrpcReply {
-            status: 0,
-            message: Vec::new(),
-            delay: Duration::ZERO,
-        })
+        .grpc_cluster("grpc", |_| GrpcReply::ok(""))
         .build()?;
     edge.send(Request::get("/x").header("x-probe", "grpc-stream"))?;
     // Stream tokens carry tag 2; a second cancel finds nothing.

@@ -110,6 +110,7 @@ fn plugin_can_reset_the_stream() -> anyhow::Result<()> {
     let mut edge = probe_edge("").build()?;
     let res = edge.send(Request::get("/x").header("x-probe", "close"))?;
     assert!(res.reset);
+    assert_eq!((res.status, res.details.as_str()), (0, details::WASM_CLOSE));
     assert!(edge.upstream_requests().is_empty());
     Ok(())
 }

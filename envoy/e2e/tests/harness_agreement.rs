@@ -83,6 +83,8 @@ fn harness_and_envoy_agree_on_local_replies_and_upstream_failures() -> anyhow::R
             edge_e2e::workspace_root().join("target/modules").display()
         ),
     );
+    // One worker: the comparison reads the order of the filters' log lines, which is only
+    // a total order within one worker thread.
     let envoy = Envoy::start_with(
         "e2e/tests/fixtures/probe-chain.yaml",
         &subs,

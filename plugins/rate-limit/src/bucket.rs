@@ -78,10 +78,17 @@ impl Limit {
         if allowed {
             b.level -= self.cost();
         }
-        let rate = u128::from(self.requests.max(1));
+        let rate = u128::from(self.requests);
+        // With no refill a missing token never comes: u64::MAX stands for "never".
         let ns_until = |target: u128| -> u64 {
             let missing = target.saturating_sub(b.level);
-            u64::try_from(missing.div_ceil(rate)).unwrap_or(u64::MAX)
+            if missing == 0 {
+                0
+            } else if rate == 0 {
+                u64::MAX
+            } else {
+                u64::try_from(missing.div_ceil(rate)).unwrap_or(u64::MAX)
+            }
         };
         Take {
             allowed,
@@ -192,10 +199,8 @@ mod tests {
         };
         let t = zero.take(zero.fresh(0), 10 * S);
         assert!(!t.allowed);
-        assert_eq!(
-            t.retry_after_ns, S,
-            "never refills: reported per unit rate, no panic"
-        );
+        assert_eq!(t.retry_after_ns, u64::MAX, "no refill: a token never comes");
+        assert_eq!(t.full_in_ns, 0, "capacity 0 is already full");
     }
 
     #[test]
