@@ -1,6 +1,7 @@
 //! Configuration errors that name the field, so Envoy's log says exactly what to fix
 //! (`rules[2].limit.requests: must be > 0`) and the plugin refuses the config at load.
 
+use serde::de::DeserializeOwned;
 use std::fmt;
 
 /// A rejected configuration: the JSON path of the field and what is wrong with it.
@@ -32,6 +33,27 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// Parses a plugin configuration; a type or unknown-field error names the JSON path of the
+/// field (`rules[0].limit.requests: invalid type: string "10", expected u64`).
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ConfigError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(ConfigError::new(
+            "configuration",
+            "missing: the filter needs a JSON configuration",
+        ));
+    }
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path.is_empty() || path == "." || path == "?" {
+            "configuration".to_string()
+        } else {
+            path
+        };
+        ConfigError::new(field, e.into_inner().to_string())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -42,16 +64,29 @@ mod tests {
         assert_eq!(e.to_string(), "rules[2].limit.requests: must be > 0");
     }
 
+    #[derive(serde::Deserialize, Debug)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Limit {
+        requests: u64,
+    }
+
+    #[derive(serde::Deserialize, Debug)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct C {
+        rules: Vec<Limit>,
+    }
+
     #[test]
-    fn json_errors_keep_serdes_detail() {
-        #[derive(serde::Deserialize, Debug)]
-        #[serde(deny_unknown_fields)]
-        #[allow(dead_code)]
-        struct C {
-            mode: String,
-        }
-        let err = serde_json::from_str::<C>(r#"{"mdoe":"x"}"#).unwrap_err();
-        let e = ConfigError::from_json(&err);
-        assert!(e.to_string().contains("unknown field `mdoe`"), "{e}");
+    fn json_errors_name_the_path() {
+        let e = parse_json::<C>(br#"{"rules":[{"requests":1},{"requests":"x"}]}"#).unwrap_err();
+        assert_eq!(e.field, "rules[1].requests", "{e}");
+        let e = parse_json::<C>(br#"{"rules":[{"requets":1}]}"#).unwrap_err();
+        assert!(e.to_string().contains("unknown field `requets`"), "{e}");
+        let e = parse_json::<C>(b"  ").unwrap_err();
+        assert!(e.to_string().starts_with("configuration: missing"), "{e}");
+        let e = parse_json::<C>(b"{").unwrap_err();
+        assert_eq!(e.field, "configuration", "{e}");
     }
 }

@@ -1,8 +1,19 @@
-//! Mechanisms every edge plugin shares, written once: durations and configuration errors that
-//! name the offending field. Pure Rust (no hostcalls), so everything here is unit-tested natively.
+//! Mechanisms every edge plugin shares, written once: configuration parsing with errors that
+//! name the field, durations, request matching and keys, the cross-worker slot store, and
+//! problem+json replies. Everything but `host` and `shared_data` is pure Rust, unit-tested
+//! natively; those two are the only hostcall translations.
 
 pub mod config;
 pub mod duration;
+pub mod host;
+pub mod key;
+pub mod problem;
+pub mod request;
+pub mod route;
+pub mod shared_data;
+pub mod store;
 
-pub use config::ConfigError;
+pub use config::{parse_json, ConfigError};
 pub use duration::parse_duration;
+pub use request::{RequestParts, RequestView};
+pub use store::{SlotStore, StoreError};

@@ -78,6 +78,11 @@ impl Limit {
         if allowed {
             b.level -= self.cost();
         }
+        self.describe(allowed, b)
+    }
+
+    /// What a client is told about bucket `b` (already refilled to now).
+    pub fn describe(&self, allowed: bool, b: Bucket) -> Take {
         let rate = u128::from(self.requests);
         // With no refill a missing token never comes: u64::MAX stands for "never".
         let ns_until = |target: u128| -> u64 {
@@ -96,6 +101,16 @@ impl Limit {
             remaining: u64::try_from(b.level / self.cost().max(1)).unwrap_or(u64::MAX),
             retry_after_ns: ns_until(self.cost()),
             full_in_ns: ns_until(self.capacity()),
+        }
+    }
+
+    /// Returns one token taken earlier (a request another rule rejected must not use up this
+    /// rule's quota). Never beyond capacity.
+    pub fn give_back(&self, b: Bucket, now_ns: u64) -> Bucket {
+        let b = self.refill(b, now_ns);
+        Bucket {
+            level: b.level.saturating_add(self.cost()).min(self.capacity()),
+            at_ns: b.at_ns,
         }
     }
 }
@@ -201,6 +216,16 @@ mod tests {
         assert!(!t.allowed);
         assert_eq!(t.retry_after_ns, u64::MAX, "no refill: a token never comes");
         assert_eq!(t.full_in_ns, 0, "capacity 0 is already full");
+    }
+
+    #[test]
+    fn a_returned_token_can_be_taken_again_but_never_overfills() {
+        let l = limit(1, 60, 1);
+        let t = l.take(l.fresh(0), 0);
+        assert!(!l.take(t.bucket, 0).allowed);
+        let back = l.give_back(t.bucket, 0);
+        assert!(l.take(back, 0).allowed);
+        assert_eq!(l.give_back(l.fresh(0), 0), l.fresh(0));
     }
 
     #[test]

@@ -1,3 +1,11 @@
 //! Rate limiting: token buckets per client key, exact across Envoy's worker threads.
 
 pub mod bucket;
+pub mod config;
+pub mod filter;
+pub mod policy;
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Trace);
+    proxy_wasm::set_root_context(|_| Box::new(filter::RateLimitRoot::default()));
+}}

@@ -1,0 +1,193 @@
+//! The cross-worker state store, as one small trait so policies never see a hostcall and a
+//! distributed backend can be added later without touching them.
+//!
+//! The semantics are proxy-wasm shared data's, the weakest store we run on: values carry a
+//! version; a write names the version it read and loses if someone wrote in between; there is
+//! no delete. Envoy's compare-and-swap does not protect a key that does not exist yet, so
+//! creation is its own operation ([`SlotStore::create`]) and policies keep a fixed, bounded set
+//! of keys that they create before use and then only ever compare-and-swap.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+
+/// A stored value and the version to name when replacing it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub value: Vec<u8>,
+    pub version: u32,
+}
+
+/// The outcome of a conditional write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Write {
+    Done,
+    /// Someone else wrote first (or, for `create`, the key already exists): read again.
+    Conflict,
+}
+
+/// The store cannot be read or written; the plugin's `failureMode` decides what happens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreError(pub String);
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+pub trait SlotStore {
+    fn get(&self, key: &str) -> Result<Option<Entry>, StoreError>;
+    /// Replaces the value if the key is still at `version`.
+    fn compare_and_swap(&self, key: &str, value: &[u8], version: u32) -> Result<Write, StoreError>;
+    /// Creates the key with `value` unless it exists (then `Conflict`, value untouched).
+    fn create(&self, key: &str, value: &[u8]) -> Result<Write, StoreError>;
+}
+
+/// Reads `key`, creating it with `initial` first if it does not exist yet.
+pub fn get_or_create(
+    store: &impl SlotStore,
+    key: &str,
+    initial: &[u8],
+) -> Result<Entry, StoreError> {
+    if let Some(e) = store.get(key)? {
+        return Ok(e);
+    }
+    // Losing the creation race is fine: the winner's value is read below.
+    store.create(key, initial)?;
+    store
+        .get(key)?
+        .ok_or_else(|| StoreError(format!("{key} vanished after it was created")))
+}
+
+/// An in-process store with Envoy's rules (versions from one counter that skips 0), for unit
+/// tests. It can inject the failures a policy must survive: a competing write before the next
+/// compare-and-swaps, and an unavailable store.
+#[derive(Default)]
+pub struct MemoryStore {
+    data: RefCell<HashMap<String, Entry>>,
+    next_version: Cell<u32>,
+    /// The next N compare-and-swaps find that another worker wrote first.
+    pub conflicts: Cell<u32>,
+    /// Every operation fails while set.
+    pub broken: Cell<bool>,
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.data.borrow().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn total_bytes(&self) -> usize {
+        self.data
+            .borrow()
+            .iter()
+            .map(|(k, e)| k.len() + e.value.len())
+            .sum()
+    }
+
+    fn version(&self) -> u32 {
+        let v = self.next_version.get().wrapping_add(1).max(1);
+        self.next_version.set(v);
+        v
+    }
+
+    fn check(&self) -> Result<(), StoreError> {
+        if self.broken.get() {
+            Err(StoreError("store unavailable".into()))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl SlotStore for MemoryStore {
+    fn get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
+        self.check()?;
+        Ok(self.data.borrow().get(key).cloned())
+    }
+
+    fn compare_and_swap(&self, key: &str, value: &[u8], version: u32) -> Result<Write, StoreError> {
+        self.check()?;
+        let v = self.version();
+        let mut data = self.data.borrow_mut();
+        let Some(entry) = data.get_mut(key) else {
+            return Err(StoreError(format!("{key} does not exist")));
+        };
+        if self.conflicts.get() > 0 {
+            self.conflicts.set(self.conflicts.get() - 1);
+            entry.version = v;
+            return Ok(Write::Conflict);
+        }
+        if entry.version != version {
+            return Ok(Write::Conflict);
+        }
+        *entry = Entry {
+            value: value.to_vec(),
+            version: v,
+        };
+        Ok(Write::Done)
+    }
+
+    fn create(&self, key: &str, value: &[u8]) -> Result<Write, StoreError> {
+        self.check()?;
+        let v = self.version();
+        let mut data = self.data.borrow_mut();
+        if data.contains_key(key) {
+            return Ok(Write::Conflict);
+        }
+        data.insert(
+            key.to_string(),
+            Entry {
+                value: value.to_vec(),
+                version: v,
+            },
+        );
+        Ok(Write::Done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stale_version_loses_and_the_winner_stays() {
+        let s = MemoryStore::new();
+        let e = get_or_create(&s, "k", b"0").unwrap();
+        assert_eq!(s.compare_and_swap("k", b"1", e.version), Ok(Write::Done));
+        assert_eq!(
+            s.compare_and_swap("k", b"2", e.version),
+            Ok(Write::Conflict)
+        );
+        assert_eq!(s.get("k").unwrap().unwrap().value, b"1");
+    }
+
+    #[test]
+    fn create_never_overwrites() {
+        let s = MemoryStore::new();
+        assert_eq!(s.create("k", b"a"), Ok(Write::Done));
+        assert_eq!(s.create("k", b"b"), Ok(Write::Conflict));
+        assert_eq!(get_or_create(&s, "k", b"c").unwrap().value, b"a");
+    }
+
+    #[test]
+    fn injected_conflicts_and_outages_are_reported() {
+        let s = MemoryStore::new();
+        let e = get_or_create(&s, "k", b"0").unwrap();
+        s.conflicts.set(1);
+        assert_eq!(
+            s.compare_and_swap("k", b"1", e.version),
+            Ok(Write::Conflict)
+        );
+        s.broken.set(true);
+        assert!(s.get("k").is_err());
+    }
+}

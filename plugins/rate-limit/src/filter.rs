@@ -1,0 +1,179 @@
+//! Proxy-wasm glue: reads the request through hostcalls, asks the [`Limiter`], and turns its
+//! decision into a local reply or added headers, counters and log lines.
+
+use crate::config::{Config, Mode};
+use crate::policy::{Action as Verdict, Limiter, Outcome};
+use edge_common::host::{
+    follow_host_log_level, now_ns, plugin_configuration, root_id, HostRequest,
+};
+use edge_common::shared_data::SharedData;
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, ContextType, MetricType};
+use std::rc::Rc;
+
+/// Counter ids per rule, in [`Outcome`] order.
+type RuleMetrics = [Option<u32>; 4];
+
+fn slot(o: Outcome) -> usize {
+    match o {
+        Outcome::Allowed => 0,
+        Outcome::Limited => 1,
+        Outcome::ShadowLimited => 2,
+        Outcome::StoreError => 3,
+    }
+}
+
+const COUNTERS: [&str; 4] = ["allowed", "limited", "shadow_limited", "store_errors"];
+
+#[derive(Default)]
+pub struct RateLimitRoot {
+    limiter: Option<Rc<Limiter>>,
+    metrics: Rc<Vec<RuleMetrics>>,
+}
+
+impl Context for RateLimitRoot {}
+
+impl RootContext for RateLimitRoot {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        follow_host_log_level();
+        let config = match Config::parse(&plugin_configuration()) {
+            Ok(c) => c,
+            Err(e) => {
+                log::error!("rate-limit: configuration rejected: {e}");
+                return false;
+            }
+        };
+        let namespace = format!("rate_limit/{}/", root_id());
+        let random = getrandom::u64().unwrap_or(0x243f_6a88_85a3_08d3);
+        let seed = Limiter::store_seed(&SharedData, &namespace, random).unwrap_or_else(|e| {
+            log::warn!("rate-limit: cannot share the key seed ({e}); using this worker's own");
+            random
+        });
+        let metrics = config
+            .rules
+            .iter()
+            .map(|r| {
+                COUNTERS.map(|c| {
+                    hostcalls::define_metric(
+                        MetricType::Counter,
+                        &format!("rate_limit.{}.{c}", r.name),
+                    )
+                    .ok()
+                })
+            })
+            .collect();
+        log::info!(
+            "rate-limit: {} rule(s), mode {:?}",
+            config.rules.len(),
+            config.mode
+        );
+        self.metrics = Rc::new(metrics);
+        self.limiter = Some(Rc::new(Limiter::new(config, &namespace, seed)));
+        true
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(RateLimitStream {
+            limiter: self.limiter.clone(),
+            metrics: self.metrics.clone(),
+            response_headers: Vec::new(),
+        }))
+    }
+}
+
+pub struct RateLimitStream {
+    limiter: Option<Rc<Limiter>>,
+    metrics: Rc<Vec<RuleMetrics>>,
+    response_headers: Vec<(String, String)>,
+}
+
+impl Context for RateLimitStream {}
+
+impl HttpContext for RateLimitStream {
+    fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        let Some(limiter) = self.limiter.clone() else {
+            return Action::Continue;
+        };
+        let d = limiter.check(&HostRequest, now_ns(), &SharedData);
+        for r in &d.results {
+            if let Some(Some(id)) = self
+                .metrics
+                .get(r.rule)
+                .and_then(|m| m.get(slot(r.outcome)))
+            {
+                let _ = hostcalls::increment_metric(*id, 1);
+            }
+        }
+        for e in &d.errors {
+            log::warn!(
+                "rate-limit: store failed, failureMode {:?} applies: {e}",
+                limiter.config.failure_mode
+            );
+        }
+        if log::log_enabled!(log::Level::Debug) && !d.results.is_empty() {
+            let parts: Vec<String> = d
+                .results
+                .iter()
+                .map(|r| {
+                    let name = limiter
+                        .config
+                        .rules
+                        .get(r.rule)
+                        .map_or("?", |x| x.name.as_str());
+                    format!(
+                        "{name} key={:016x} {:?} remaining={}{}",
+                        r.key,
+                        r.outcome,
+                        r.remaining,
+                        if r.overflow { " (overflow bucket)" } else { "" }
+                    )
+                })
+                .collect();
+            log::debug!("rate-limit: {}", parts.join("; "));
+        }
+        if limiter.config.mode == Mode::Shadow {
+            // Only this plugin may say a request would have been limited.
+            let _ = hostcalls::set_map_value(
+                proxy_wasm::types::MapType::HttpRequestHeaders,
+                "x-ratelimit-shadow",
+                None,
+            );
+        }
+        match d.action {
+            Verdict::Continue {
+                upstream_headers,
+                response_headers,
+            } => {
+                for (k, v) in &upstream_headers {
+                    self.set_http_request_header(k, Some(v));
+                }
+                self.response_headers = response_headers;
+                Action::Continue
+            }
+            Verdict::Reply {
+                status,
+                headers,
+                body,
+            } => {
+                let headers: Vec<(&str, &str)> = headers
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect();
+                self.send_http_response(status, headers, Some(&body));
+                Action::Pause
+            }
+        }
+    }
+
+    fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        for (k, v) in std::mem::take(&mut self.response_headers) {
+            self.set_http_response_header(&k, Some(&v));
+        }
+        Action::Continue
+    }
+}

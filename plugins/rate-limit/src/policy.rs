@@ -1,0 +1,766 @@
+//! The rate-limit decision: which rules apply, whose bucket is empty, what the client and the
+//! upstream are told. Pure: requests come in as a [`RequestView`], state as a [`SlotStore`].
+//!
+//! # State layout
+//! Each rule owns `maxKeys` slots in the store, `<ns><rule>/<i>`, created on first use and never
+//! more. A key hashes to slot `h % maxKeys` and may live in any of the next [`PROBES`] slots.
+//! A slot holds the key's 64-bit hash and its bucket; it is given to another key only when it
+//! is empty or its bucket is full again (so taking it over forgets nothing: no client escapes
+//! its limit by making others evict it). When every probed slot holds an active bucket of
+//! another key, the request is charged to the rule's one overflow bucket, which has the rule's
+//! limit: a flood of new keys shares one bucket instead of each getting a fresh one.
+//! Every write is a compare-and-swap of the version read, retried a bounded number of times,
+//! so two workers can never both take a bucket's last token.
+
+use crate::bucket::{ceil_secs, Bucket, Limit, Take};
+use crate::config::{Config, FailureMode, Mode, Rule};
+use edge_common::key::key_hash;
+use edge_common::problem::{problem_json, CONTENT_TYPE};
+use edge_common::store::{get_or_create, Write};
+use edge_common::{RequestView, SlotStore, StoreError};
+
+/// Slots examined for a key: its home slot and the next three.
+pub const PROBES: u32 = 4;
+/// Read-modify-write attempts before the store counts as failing.
+pub const ATTEMPTS: u32 = 16;
+/// The key hash of the overflow bucket's slot.
+const OVERFLOW: u64 = u64::MAX;
+
+pub const QUOTA_EXCEEDED: &str = "https://iana.org/assignments/http-problem-types#quota-exceeded";
+
+/// What happened for one matched rule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Allowed,
+    Limited,
+    ShadowLimited,
+    /// The store failed; `failureMode` decided.
+    StoreError,
+}
+
+/// One matched rule's result, for metrics and the decision log line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleResult {
+    pub rule: usize,
+    pub outcome: Outcome,
+    pub key: u64,
+    pub remaining: u64,
+    pub overflow: bool,
+}
+
+/// What the filter does with the request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Forward it, adding `upstream_headers` to the request and `response_headers` to the
+    /// response.
+    Continue {
+        upstream_headers: Vec<(String, String)>,
+        response_headers: Vec<(String, String)>,
+    },
+    /// Answer locally.
+    Reply {
+        status: u32,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub results: Vec<RuleResult>,
+    pub action: Action,
+    /// Store failures, for the warning log.
+    pub errors: Vec<String>,
+}
+
+/// The compiled limiter: a config plus the namespace of its keys in the store.
+pub struct Limiter {
+    pub config: Config,
+    namespace: String,
+    seed: u64,
+}
+
+/// A slot's bytes: key hash, limit fingerprint, level, timestamp (40 bytes, little-endian).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Slot {
+    key: u64,
+    limit: u64,
+    bucket: Bucket,
+}
+
+const SLOT_LEN: usize = 40;
+
+impl Slot {
+    fn encode(&self) -> [u8; SLOT_LEN] {
+        let mut out = [0u8; SLOT_LEN];
+        let parts = [
+            &self.key.to_le_bytes()[..],
+            &self.limit.to_le_bytes()[..],
+            &self.bucket.level.to_le_bytes()[..],
+            &self.bucket.at_ns.to_le_bytes()[..],
+        ];
+        let mut at = 0;
+        for p in parts {
+            if let Some(dst) = out.get_mut(at..at + p.len()) {
+                dst.copy_from_slice(p);
+            }
+            at += p.len();
+        }
+        out
+    }
+
+    /// Anything that is not a slot reads as an empty one.
+    fn decode(bytes: &[u8]) -> Slot {
+        fn le<const N: usize>(b: &[u8], at: usize) -> Option<[u8; N]> {
+            b.get(at..at + N)?.try_into().ok()
+        }
+        (|| {
+            if bytes.len() != SLOT_LEN {
+                return None;
+            }
+            Some(Slot {
+                key: u64::from_le_bytes(le(bytes, 0)?),
+                limit: u64::from_le_bytes(le(bytes, 8)?),
+                bucket: Bucket {
+                    level: u128::from_le_bytes(le(bytes, 16)?),
+                    at_ns: u64::from_le_bytes(le(bytes, 32)?),
+                },
+            })
+        })()
+        .unwrap_or_default()
+    }
+}
+
+/// A limit's identity: a slot written under another limit (before a config change) is not
+/// this limit's bucket and reads as fresh.
+fn fingerprint(l: &Limit) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    (l.requests, l.window_ns, l.burst).hash(&mut h);
+    h.finish().max(1)
+}
+
+struct Taken {
+    take: Take,
+    slot_key: String,
+    overflow: bool,
+}
+
+impl Limiter {
+    /// `namespace` prefixes every store key (the store is shared by every plugin of the VM);
+    /// `seed` keys the hash of client keys (shared by all workers, see `store_seed`).
+    pub fn new(config: Config, namespace: &str, seed: u64) -> Self {
+        Limiter {
+            config,
+            namespace: namespace.to_string(),
+            seed,
+        }
+    }
+
+    /// The seed every worker uses, created once in the store from `random`.
+    pub fn store_seed(
+        store: &impl SlotStore,
+        namespace: &str,
+        random: u64,
+    ) -> Result<u64, StoreError> {
+        let e = get_or_create(store, &format!("{namespace}seed"), &random.to_le_bytes())?;
+        Ok(e.value
+            .get(..8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+            .unwrap_or(random))
+    }
+
+    /// Decides on one request at `now_ns` (wall clock, nanoseconds).
+    pub fn check(&self, req: &impl RequestView, now_ns: u64, store: &impl SlotStore) -> Decision {
+        let mut results = Vec::new();
+        let mut errors = Vec::new();
+        let mut taken: Vec<(usize, Taken)> = Vec::new();
+        for (i, rule) in self.config.rules.iter().enumerate() {
+            if !rule.route.matches(req) {
+                continue;
+            }
+            let key = key_hash(self.seed, &rule.name, &rule.key, req);
+            match self.take(rule, key, now_ns, store) {
+                Ok(t) => {
+                    let outcome = match (t.take.allowed, self.config.mode) {
+                        (true, _) => Outcome::Allowed,
+                        (false, Mode::Enforce) => Outcome::Limited,
+                        (false, Mode::Shadow) => Outcome::ShadowLimited,
+                    };
+                    results.push(RuleResult {
+                        rule: i,
+                        outcome,
+                        key,
+                        remaining: t.take.remaining,
+                        overflow: t.overflow,
+                    });
+                    taken.push((i, t));
+                }
+                Err(e) => {
+                    errors.push(format!("rule {}: {e}", rule.name));
+                    results.push(RuleResult {
+                        rule: i,
+                        outcome: Outcome::StoreError,
+                        key,
+                        remaining: 0,
+                        overflow: false,
+                    });
+                }
+            }
+        }
+        let limited = results.iter().any(|r| r.outcome == Outcome::Limited);
+        let deny_on_error = self.config.mode == Mode::Enforce
+            && self.config.failure_mode == FailureMode::Deny
+            && !errors.is_empty();
+
+        if limited || deny_on_error {
+            // The request is not served: the tokens it took from other rules go back.
+            for (i, t) in taken.iter_mut().filter(|(_, t)| t.take.allowed) {
+                let Some(rule) = self.config.rules.get(*i) else {
+                    continue;
+                };
+                if let Ok(b) = self.give_back(rule, t, now_ns, store) {
+                    t.take = rule.limit.describe(true, b);
+                }
+            }
+        }
+        let action = if limited {
+            self.reject(&taken)
+        } else if deny_on_error {
+            Action::Reply {
+                status: 503,
+                headers: vec![("content-type".into(), CONTENT_TYPE.into())],
+                body: problem_json(
+                    "about:blank",
+                    "Service Unavailable",
+                    503,
+                    "rate limit state is unavailable",
+                    Default::default(),
+                ),
+            }
+        } else {
+            let shadow: Vec<&str> = results
+                .iter()
+                .filter(|r| r.outcome == Outcome::ShadowLimited)
+                .filter_map(|r| self.config.rules.get(r.rule).map(|x| x.name.as_str()))
+                .collect();
+            Action::Continue {
+                upstream_headers: if shadow.is_empty() {
+                    Vec::new()
+                } else {
+                    vec![("x-ratelimit-shadow".into(), shadow.join(", "))]
+                },
+                response_headers: if self.config.response_headers
+                    && self.config.mode == Mode::Enforce
+                {
+                    self.quota_headers(&taken)
+                } else {
+                    Vec::new()
+                },
+            }
+        };
+        Decision {
+            results,
+            action,
+            errors,
+        }
+    }
+
+    /// `RateLimit-Policy` and `RateLimit` for the rules that were checked. `t` is the seconds
+    /// until the next token when none is left, else until the bucket is full again.
+    fn quota_headers(&self, taken: &[(usize, Taken)]) -> Vec<(String, String)> {
+        let mut policy = Vec::new();
+        let mut state = Vec::new();
+        for (i, t) in taken {
+            let Some(rule) = self.config.rules.get(*i) else {
+                continue;
+            };
+            let wait = if t.take.remaining == 0 {
+                t.take.retry_after_ns
+            } else {
+                t.take.full_in_ns
+            };
+            policy.push(format!(
+                "\"{}\";q={};w={}",
+                rule.name, rule.limit.requests, rule.window_secs
+            ));
+            state.push(format!(
+                "\"{}\";r={};t={}",
+                rule.name,
+                t.take.remaining,
+                ceil_secs(wait)
+            ));
+        }
+        if policy.is_empty() {
+            return Vec::new();
+        }
+        vec![
+            ("ratelimit-policy".into(), policy.join(", ")),
+            ("ratelimit".into(), state.join(", ")),
+        ]
+    }
+
+    fn reject(&self, taken: &[(usize, Taken)]) -> Action {
+        let limited: Vec<(&Rule, &Taken)> = taken
+            .iter()
+            .filter(|(_, t)| !t.take.allowed)
+            .filter_map(|(i, t)| Some((self.config.rules.get(*i)?, t)))
+            .collect();
+        let retry = limited
+            .iter()
+            .map(|(_, t)| ceil_secs(t.take.retry_after_ns))
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        let status = limited.first().map(|(r, _)| r.status).unwrap_or(429);
+        let names: Vec<&str> = limited.iter().map(|(r, _)| r.name.as_str()).collect();
+        let mut headers = vec![
+            ("content-type".to_string(), CONTENT_TYPE.to_string()),
+            ("retry-after".to_string(), retry.to_string()),
+        ];
+        if self.config.response_headers {
+            headers.extend(self.quota_headers(taken));
+        }
+        let mut extra = serde_json::Map::new();
+        extra.insert("violated-policies".into(), names.clone().into());
+        let body = problem_json(
+            QUOTA_EXCEEDED,
+            "Too Many Requests",
+            status,
+            &format!(
+                "rate limit exceeded ({}); retry in {retry} s",
+                names.join(", ")
+            ),
+            extra,
+        );
+        Action::Reply {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    fn slot_key(&self, rule: &Rule, index: Option<u32>) -> String {
+        match index {
+            Some(i) => format!("{}{}/{i}", self.namespace, rule.name),
+            None => format!("{}{}/overflow", self.namespace, rule.name),
+        }
+    }
+
+    /// Takes a token from the key's bucket (see the module docs for the slot search).
+    fn take(
+        &self,
+        rule: &Rule,
+        key: u64,
+        now: u64,
+        store: &impl SlotStore,
+    ) -> Result<Taken, StoreError> {
+        let fp = fingerprint(&rule.limit);
+        let empty = Slot::default().encode();
+        let n = rule.max_keys.max(1);
+        let home = u32::try_from(key % u64::from(n)).unwrap_or(0);
+        for _ in 0..ATTEMPTS {
+            let mut own = None;
+            let mut free = None;
+            for p in 0..PROBES.min(n) {
+                let idx = (home + p) % n;
+                let slot_key = self.slot_key(rule, Some(idx));
+                let entry = get_or_create(store, &slot_key, &empty)?;
+                let slot = Slot::decode(&entry.value);
+                let current = slot.limit == fp;
+                if slot.key == key && current {
+                    own = Some((slot_key, entry.version, slot.bucket));
+                    break;
+                }
+                if free.is_none()
+                    && (slot.key == 0 || !current || rule.limit.is_full(slot.bucket, now))
+                {
+                    free = Some((slot_key, entry.version));
+                }
+            }
+            let (slot_key, version, bucket, overflow) = match (own, free) {
+                (Some((k, v, b)), _) => (k, v, b, false),
+                (None, Some((k, v))) => (k, v, rule.limit.fresh(now), false),
+                (None, None) => {
+                    let k = self.slot_key(rule, None);
+                    let e = get_or_create(store, &k, &empty)?;
+                    let s = Slot::decode(&e.value);
+                    let b = if s.key == OVERFLOW && s.limit == fp {
+                        s.bucket
+                    } else {
+                        rule.limit.fresh(now)
+                    };
+                    (k, e.version, b, true)
+                }
+            };
+            let take = rule.limit.take(bucket, now);
+            if !take.allowed {
+                // Nothing taken: the stored bucket is still right, no write needed.
+                return Ok(Taken {
+                    take,
+                    slot_key,
+                    overflow,
+                });
+            }
+            let slot = Slot {
+                key: if overflow { OVERFLOW } else { key },
+                limit: fp,
+                bucket: take.bucket,
+            };
+            if store.compare_and_swap(&slot_key, &slot.encode(), version)? == Write::Done {
+                return Ok(Taken {
+                    take,
+                    slot_key,
+                    overflow,
+                });
+            }
+        }
+        Err(StoreError(format!(
+            "gave up after {ATTEMPTS} conflicting writes"
+        )))
+    }
+
+    /// Returns the token `t` took (the slot still belongs to the same key: a slot is only given
+    /// away when full, and a bucket missing the token is not full).
+    fn give_back(
+        &self,
+        rule: &Rule,
+        t: &Taken,
+        now: u64,
+        store: &impl SlotStore,
+    ) -> Result<Bucket, StoreError> {
+        for _ in 0..ATTEMPTS {
+            let Some(e) = store.get(&t.slot_key)? else {
+                return Err(StoreError(format!("{} is missing", t.slot_key)));
+            };
+            let mut slot = Slot::decode(&e.value);
+            slot.bucket = rule.limit.give_back(slot.bucket, now);
+            if store.compare_and_swap(&t.slot_key, &slot.encode(), e.version)? == Write::Done {
+                return Ok(slot.bucket);
+            }
+        }
+        Err(StoreError(format!(
+            "gave up after {ATTEMPTS} conflicting writes"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edge_common::store::MemoryStore;
+    use edge_common::RequestParts;
+
+    const S: u64 = 1_000_000_000;
+
+    fn limiter(json: &str) -> Limiter {
+        Limiter::new(Config::parse(json.as_bytes()).unwrap(), "rl//", 7)
+    }
+
+    fn per_ip(requests: u64, window: &str, extra: &str) -> Limiter {
+        limiter(&format!(
+            r#"{{{extra}"rules":[{{"name":"per-ip","key":[{{"source":"clientIp"}}],
+                "limit":{{"requests":{requests},"window":"{window}"}}}}]}}"#
+        ))
+    }
+
+    fn from(ip: &str) -> RequestParts {
+        RequestParts::new("GET", "/api/x").from_ip(ip)
+    }
+
+    fn status(d: &Decision) -> u32 {
+        match &d.action {
+            Action::Continue { .. } => 200,
+            Action::Reply { status, .. } => *status,
+        }
+    }
+
+    fn header<'a>(d: &'a Decision, name: &str) -> Option<&'a str> {
+        let hs = match &d.action {
+            Action::Continue {
+                response_headers, ..
+            } => response_headers,
+            Action::Reply { headers, .. } => headers,
+        };
+        hs.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn each_client_gets_its_own_bucket() {
+        let l = per_ip(2, "60s", "");
+        let s = MemoryStore::new();
+        let statuses: Vec<u32> = ["10.0.0.1:1", "10.0.0.1:2", "10.0.0.1:3", "10.0.0.2:1"]
+            .iter()
+            .map(|ip| status(&l.check(&from(ip), 0, &s)))
+            .collect();
+        assert_eq!(statuses, [200, 200, 429, 200]);
+    }
+
+    #[test]
+    fn ipv6_clients_are_keyed_by_address_in_any_spelling() {
+        let l = per_ip(1, "60s", "");
+        let s = MemoryStore::new();
+        assert_eq!(status(&l.check(&from("[2001:db8::1]:1000"), 0, &s)), 200);
+        assert_eq!(status(&l.check(&from("[2001:DB8:0::1]:2000"), 0, &s)), 429);
+        assert_eq!(status(&l.check(&from("[2001:db8::2]:1000"), 0, &s)), 200);
+    }
+
+    #[test]
+    fn a_limited_request_gets_retry_after_quota_headers_and_a_problem_body() {
+        let l = per_ip(100, "60s", "");
+        let s = MemoryStore::new();
+        for _ in 0..100 {
+            assert_eq!(status(&l.check(&from("10.0.0.1:1"), 0, &s)), 200);
+        }
+        let d = l.check(&from("10.0.0.1:1"), S / 2, &s);
+        assert_eq!(status(&d), 429);
+        // 100 per 60 s: a token every 600 ms; 100 ms of it left.
+        assert_eq!(header(&d, "retry-after"), Some("1"));
+        assert_eq!(
+            header(&d, "ratelimit-policy"),
+            Some("\"per-ip\";q=100;w=60")
+        );
+        assert_eq!(header(&d, "ratelimit"), Some("\"per-ip\";r=0;t=1"));
+        assert_eq!(header(&d, "content-type"), Some("application/problem+json"));
+        let Action::Reply { body, .. } = &d.action else {
+            unreachable!()
+        };
+        let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+        assert_eq!(v["type"], QUOTA_EXCEEDED);
+        assert_eq!(v["status"], 429);
+        assert_eq!(v["violated-policies"], serde_json::json!(["per-ip"]));
+    }
+
+    #[test]
+    fn allowed_responses_carry_remaining_quota() {
+        let l = per_ip(10, "10s", "");
+        let s = MemoryStore::new();
+        let d = l.check(&from("10.0.0.1:1"), 0, &s);
+        assert_eq!(header(&d, "ratelimit-policy"), Some("\"per-ip\";q=10;w=10"));
+        assert_eq!(header(&d, "ratelimit"), Some("\"per-ip\";r=9;t=1"));
+        let quiet = per_ip(10, "10s", r#""responseHeaders":false,"#);
+        assert_eq!(
+            header(&quiet.check(&from("10.0.0.1:1"), 0, &s), "ratelimit"),
+            None
+        );
+    }
+
+    #[test]
+    fn the_window_refills_exactly() {
+        let l = per_ip(3, "1s", "");
+        let s = MemoryStore::new();
+        let admitted = |from_ns: u64, n: u64| {
+            (0..n)
+                .filter(|k| status(&l.check(&from("10.0.0.1:1"), from_ns + k, &s)) == 200)
+                .count()
+        };
+        assert_eq!(admitted(0, 10), 3);
+        assert_eq!(
+            admitted(S / 3 - 100, 1),
+            0,
+            "a third of a second minus a bit: no token"
+        );
+        assert_eq!(admitted(S, 10), 3);
+    }
+
+    #[test]
+    fn multiple_rules_all_apply_and_a_rejection_uses_up_no_quota() {
+        let l = limiter(
+            r#"{"rules":[
+                {"name":"global","limit":{"requests":3,"window":"60s"}},
+                {"name":"per-key","key":[{"header":"x-api-key"}],"limit":{"requests":1,"window":"60s"}}]}"#,
+        );
+        let s = MemoryStore::new();
+        let key = |k: &str| RequestParts::new("GET", "/").header("x-api-key", k);
+        assert_eq!(status(&l.check(&key("a"), 0, &s)), 200);
+        let d = l.check(&key("a"), 0, &s);
+        assert_eq!(status(&d), 429);
+        assert_eq!(
+            header(&d, "ratelimit"),
+            Some("\"global\";r=2;t=20, \"per-key\";r=0;t=60")
+        );
+        // The rejected requests did not use up the global quota: two more clients fit.
+        for _ in 0..5 {
+            assert_eq!(status(&l.check(&key("a"), 0, &s)), 429);
+        }
+        assert_eq!(status(&l.check(&key("b"), 0, &s)), 200);
+        assert_eq!(status(&l.check(&key("c"), 0, &s)), 200);
+        let d = l.check(&key("d"), 0, &s);
+        assert_eq!(status(&d), 429);
+        let Action::Reply { body, .. } = &d.action else {
+            unreachable!()
+        };
+        let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+        assert_eq!(v["violated-policies"], serde_json::json!(["global"]));
+    }
+
+    #[test]
+    fn only_matching_rules_apply() {
+        let l = limiter(
+            r#"{"rules":[{"name":"posts","match":{"methods":["POST"]},"limit":{"requests":1,"window":"60s"}}]}"#,
+        );
+        let s = MemoryStore::new();
+        for _ in 0..3 {
+            let d = l.check(&RequestParts::new("GET", "/"), 0, &s);
+            assert_eq!(status(&d), 200);
+            assert!(d.results.is_empty());
+            assert_eq!(header(&d, "ratelimit"), None);
+        }
+        assert_eq!(
+            status(&l.check(&RequestParts::new("POST", "/"), 0, &s)),
+            200
+        );
+        assert_eq!(
+            status(&l.check(&RequestParts::new("POST", "/"), 0, &s)),
+            429
+        );
+    }
+
+    #[test]
+    fn shadow_mode_forwards_with_a_marker_and_counts() {
+        let l = per_ip(1, "60s", r#""mode":"shadow","#);
+        let s = MemoryStore::new();
+        assert_eq!(status(&l.check(&from("10.0.0.1:1"), 0, &s)), 200);
+        let d = l.check(&from("10.0.0.1:1"), 0, &s);
+        assert_eq!(d.results[0].outcome, Outcome::ShadowLimited);
+        let Action::Continue {
+            upstream_headers,
+            response_headers,
+        } = &d.action
+        else {
+            panic!("shadow mode rejected: {d:?}")
+        };
+        assert_eq!(
+            upstream_headers,
+            &[("x-ratelimit-shadow".to_string(), "per-ip".to_string())]
+        );
+        assert!(
+            response_headers.is_empty(),
+            "clients see no change in shadow mode"
+        );
+    }
+
+    #[test]
+    fn failure_modes_decide_when_the_store_is_down() {
+        let s = MemoryStore::new();
+        s.broken.set(true);
+        let allow = per_ip(1, "60s", "");
+        let d = allow.check(&from("10.0.0.1:1"), 0, &s);
+        assert_eq!(
+            (status(&d), d.results[0].outcome),
+            (200, Outcome::StoreError)
+        );
+        assert_eq!(d.errors.len(), 1);
+        let deny = per_ip(1, "60s", r#""failureMode":"deny","#);
+        let d = deny.check(&from("10.0.0.1:1"), 0, &s);
+        assert_eq!(status(&d), 503);
+        assert_eq!(header(&d, "content-type"), Some("application/problem+json"));
+    }
+
+    #[test]
+    fn a_lost_compare_and_swap_is_retried_and_bounded() {
+        let l = per_ip(1, "60s", "");
+        let s = MemoryStore::new();
+        // Another worker writes between our read and our write, three times.
+        s.conflicts.set(3);
+        assert_eq!(status(&l.check(&from("10.0.0.1:1"), 0, &s)), 200);
+        assert_eq!(status(&l.check(&from("10.0.0.1:1"), 0, &s)), 429);
+        // Endless contention is a store failure, not a hang.
+        s.conflicts.set(u32::MAX);
+        let d = l.check(&from("10.0.0.2:1"), 0, &s);
+        assert_eq!(d.results[0].outcome, Outcome::StoreError);
+    }
+
+    #[test]
+    fn a_flood_of_new_keys_stays_within_max_keys_and_the_hot_key_stays_limited() {
+        let l = per_ip(5, "60s", "");
+        let l = Limiter::new(
+            Config {
+                rules: vec![Rule {
+                    max_keys: 64,
+                    ..l.config.rules[0].clone()
+                }],
+                ..l.config
+            },
+            "rl//",
+            7,
+        );
+        let s = MemoryStore::new();
+        let hot = from("192.0.2.1:1");
+        for _ in 0..5 {
+            assert_eq!(status(&l.check(&hot, 0, &s)), 200);
+        }
+        for i in 0..20_000u32 {
+            let ip = format!("10.{}.{}.{}:1", i >> 16, (i >> 8) & 255, i & 255);
+            l.check(&from(&ip), u64::from(i), &s);
+            if i % 1000 == 0 {
+                assert_eq!(
+                    status(&l.check(&hot, u64::from(i), &s)),
+                    429,
+                    "after {i} new keys"
+                );
+            }
+        }
+        // 64 slots + the overflow bucket + the seed-free namespace: nothing else.
+        assert!(s.len() <= 65, "{} keys", s.len());
+    }
+
+    #[test]
+    fn a_full_bucket_gives_its_slot_to_a_new_key() {
+        let base = per_ip(1, "1s", "");
+        let l = Limiter::new(
+            Config {
+                rules: vec![Rule {
+                    max_keys: 1,
+                    ..base.config.rules[0].clone()
+                }],
+                ..base.config
+            },
+            "rl//",
+            7,
+        );
+        let s = MemoryStore::new();
+        assert_eq!(status(&l.check(&from("10.0.0.1:1"), 0, &s)), 200);
+        // The one slot is busy: the next client is charged to the overflow bucket.
+        let d = l.check(&from("10.0.0.2:1"), 0, &s);
+        assert!(d.results[0].overflow);
+        // A second later the first bucket is full again and the slot is free for anyone.
+        let d = l.check(&from("10.0.0.3:1"), S, &s);
+        assert!(!d.results[0].overflow);
+        assert_eq!(status(&d), 200);
+    }
+
+    #[test]
+    fn a_changed_limit_starts_from_fresh_buckets() {
+        let s = MemoryStore::new();
+        let old = per_ip(1, "60s", "");
+        assert_eq!(status(&old.check(&from("10.0.0.1:1"), 0, &s)), 200);
+        assert_eq!(status(&old.check(&from("10.0.0.1:1"), 0, &s)), 429);
+        let new = per_ip(2, "60s", "");
+        assert_eq!(status(&new.check(&from("10.0.0.1:1"), 0, &s)), 200);
+        assert_eq!(status(&new.check(&from("10.0.0.1:1"), 0, &s)), 200);
+        assert_eq!(status(&new.check(&from("10.0.0.1:1"), 0, &s)), 429);
+    }
+
+    #[test]
+    fn the_seed_is_created_once_and_shared() {
+        let s = MemoryStore::new();
+        assert_eq!(Limiter::store_seed(&s, "rl//", 11), Ok(11));
+        assert_eq!(Limiter::store_seed(&s, "rl//", 22), Ok(11));
+    }
+
+    #[test]
+    fn slots_round_trip_and_garbage_reads_as_empty() {
+        let slot = Slot {
+            key: 5,
+            limit: 6,
+            bucket: Bucket {
+                level: u128::MAX - 1,
+                at_ns: 7,
+            },
+        };
+        assert_eq!(Slot::decode(&slot.encode()), slot);
+        assert_eq!(Slot::decode(b"short"), Slot::default());
+    }
+}
