@@ -1610,6 +1610,12 @@ impl Edge {
             .cloned()
     }
 
+    /// Makes every shared-data get and set fail with `status` (`None` heals the store): how
+    /// a plugin's `failureMode` is tested. Envoy itself fails these calls only on bad input.
+    pub fn fail_shared_data(&mut self, status: Option<crate::abi::Status>) {
+        self.host.borrow_mut().shared_data_fault = status;
+    }
+
     /// Number of shared-data keys and their total bytes (key + value) in `vm_id`'s scope.
     pub fn shared_data_usage(&self, vm_id: &str) -> (usize, usize) {
         self.host

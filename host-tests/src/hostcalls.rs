@@ -494,6 +494,9 @@ fn set_property(c: &mut C, pp: u32, pl: u32, vp: u32, vl: u32) -> R {
 
 fn get_shared_data(c: &mut C, kp: u32, kl: u32, rp: u32, rs: u32, rc: u32) -> R {
     let key = read(c, kp, kl)?;
+    if let Some(fault) = c.data().host.borrow().shared_data_fault {
+        return Err(fault.into());
+    }
     let found = {
         let s = c.data();
         let host = s.host.borrow();
@@ -512,6 +515,9 @@ fn set_shared_data(c: &mut C, kp: u32, kl: u32, vp: u32, vl: u32, cas: u32) -> R
     let value = read(c, vp, vl)?;
     let s = c.data();
     let mut host = s.host.borrow_mut();
+    if let Some(fault) = host.shared_data_fault {
+        return Err(fault.into());
+    }
     let next = host.take_cas();
     let scope = host.shared_data.entry(s.plugin.vm_id.clone()).or_default();
     match scope.get_mut(&key) {

@@ -202,6 +202,8 @@ pub(crate) struct HostShared {
     pub rng: Rng,
     pub shared_data: HashMap<String, SharedScope>,
     pub next_cas: u32,
+    /// While set, shared-data calls fail with this status (fault injection).
+    pub shared_data_fault: Option<crate::abi::Status>,
     pub queues: Vec<Queue>,
     pub metrics: Vec<Metric>,
     /// (name, id) → index into `metrics`.
@@ -228,6 +230,7 @@ impl HostShared {
             rng: Rng::new(seed),
             shared_data: HashMap::new(),
             next_cas: 1,
+            shared_data_fault: None,
             queues: Vec::new(),
             metrics: Vec::new(),
             metric_ids: HashMap::new(),

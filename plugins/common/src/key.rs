@@ -1,19 +1,10 @@
 //! Request keys as users configure them (`[{"source":"clientIp"},{"header":"x-api-key"}]`) and
 //! their seeded 64-bit hash, the name of a bucket or record in shared state.
 
+use crate::config::Node;
 use crate::request::RequestView;
 use crate::ConfigError;
-use serde::Deserialize;
 use std::hash::{Hash, Hasher};
-
-/// One configured key part, as written in JSON: exactly one of `source`, `header`, `cookie`.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KeyPartSpec {
-    pub source: Option<String>,
-    pub header: Option<String>,
-    pub cookie: Option<String>,
-}
 
 /// Where a key part comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -26,37 +17,34 @@ pub enum KeyPart {
 }
 
 impl KeyPart {
-    /// Validates a spec; `field` is its JSON path for the error.
-    pub fn compile(spec: &KeyPartSpec, field: &str) -> Result<KeyPart, ConfigError> {
-        match (&spec.source, &spec.header, &spec.cookie) {
-            (Some(s), None, None) => match s.as_str() {
-                "clientIp" => Ok(KeyPart::ClientIp),
-                "path" => Ok(KeyPart::Path),
-                "method" => Ok(KeyPart::Method),
-                other => Err(ConfigError::new(
-                    format!("{field}.source"),
-                    format!("unknown source \"{other}\" (use clientIp, path or method)"),
-                )),
-            },
-            (None, Some(h), None) if !h.trim().is_empty() => {
-                Ok(KeyPart::Header(h.trim().to_ascii_lowercase()))
-            }
-            (None, None, Some(c)) if !c.trim().is_empty() => {
-                Ok(KeyPart::Cookie(c.trim().to_string()))
-            }
-            (None, Some(_), None) => Err(ConfigError::new(
-                format!("{field}.header"),
-                "must be a header name",
-            )),
-            (None, None, Some(_)) => Err(ConfigError::new(
-                format!("{field}.cookie"),
-                "must be a cookie name",
-            )),
-            _ => Err(ConfigError::new(
-                field,
-                "give exactly one of \"source\", \"header\" or \"cookie\"",
-            )),
+    /// Reads one part: an object with exactly one of `source`, `header`, `cookie`.
+    pub fn read(n: Node<'_>) -> Result<KeyPart, ConfigError> {
+        let o = n.obj(&["source", "header", "cookie"])?;
+        let given = ["source", "header", "cookie"]
+            .iter()
+            .filter(|f| o.has(f))
+            .count();
+        if given != 1 {
+            return Err(n.err("give exactly one of \"source\", \"header\" or \"cookie\""));
         }
+        let name = |n: Node<'_>| -> Result<String, ConfigError> {
+            let s = n.str()?.trim();
+            if s.is_empty() {
+                Err(n.err("must not be empty"))
+            } else {
+                Ok(s.to_string())
+            }
+        };
+        if let Some(s) = o.opt("source", |n| n.one_of(&["clientIp", "path", "method"]))? {
+            return Ok([KeyPart::ClientIp, KeyPart::Path, KeyPart::Method]
+                .into_iter()
+                .nth(s)
+                .unwrap_or(KeyPart::Path));
+        }
+        if let Some(h) = o.opt("header", name)? {
+            return Ok(KeyPart::Header(h.to_ascii_lowercase()));
+        }
+        Ok(KeyPart::Cookie(o.req("cookie", name)?))
     }
 
     /// The part's value in `req`; `None` when absent.
@@ -69,15 +57,6 @@ impl KeyPart {
             KeyPart::Cookie(name) => req.cookie(name),
         }
     }
-}
-
-/// Compiles a list of key part specs (`field` is the list's JSON path).
-pub fn compile_key(specs: &[KeyPartSpec], field: &str) -> Result<Vec<KeyPart>, ConfigError> {
-    specs
-        .iter()
-        .enumerate()
-        .map(|(i, s)| KeyPart::compile(s, &format!("{field}[{i}]")))
-        .collect()
 }
 
 /// The 64-bit hash of `namespace` and the key's parts, mixed with `seed` so a client cannot
@@ -99,21 +78,38 @@ mod tests {
     use super::*;
     use crate::request::RequestParts;
 
-    fn spec(json: &str) -> KeyPartSpec {
-        serde_json::from_str(json).unwrap()
+    fn part(json: &str) -> Result<KeyPart, String> {
+        let v: serde_json::Value = serde_json::from_str(json).unwrap();
+        let o = crate::config::Node::root(&v).obj(&["k"]).unwrap();
+        o.req("k", KeyPart::read).map_err(|e| e.to_string())
     }
 
     #[test]
-    fn parts_compile_from_json_and_name_the_field_when_wrong() {
+    fn parts_are_read_from_json_and_name_the_field_when_wrong() {
         assert_eq!(
-            KeyPart::compile(&spec(r#"{"header":"X-Api-Key"}"#), "k").unwrap(),
-            KeyPart::Header("x-api-key".into())
+            part(r#"{"k":{"header":"X-Api-Key"}}"#),
+            Ok(KeyPart::Header("x-api-key".into()))
         );
-        let e = KeyPart::compile(&spec(r#"{"source":"ip"}"#), "rules[0].key[1]").unwrap_err();
-        assert_eq!(e.field, "rules[0].key[1].source");
-        let e = KeyPart::compile(&spec(r#"{"source":"path","header":"x"}"#), "k[0]").unwrap_err();
-        assert!(e.to_string().starts_with("k[0]: give exactly one"), "{e}");
-        assert!(serde_json::from_str::<KeyPartSpec>(r#"{"hedaer":"x"}"#).is_err());
+        assert_eq!(
+            part(r#"{"k":{"source":"clientIp"}}"#),
+            Ok(KeyPart::ClientIp)
+        );
+        assert_eq!(
+            part(r#"{"k":{"cookie":"sid"}}"#),
+            Ok(KeyPart::Cookie("sid".into()))
+        );
+        assert!(part(r#"{"k":{"source":"ip"}}"#)
+            .unwrap_err()
+            .starts_with("k.source: unknown value \"ip\""));
+        assert!(part(r#"{"k":{"source":"path","header":"x"}}"#)
+            .unwrap_err()
+            .starts_with("k: give exactly one"));
+        assert!(part(r#"{"k":{"hedaer":"x"}}"#)
+            .unwrap_err()
+            .contains("unknown field `hedaer`"));
+        assert!(part(r#"{"k":{"header":" "}}"#)
+            .unwrap_err()
+            .starts_with("k.header: must not be empty"));
     }
 
     #[test]

@@ -13,7 +13,7 @@ pub mod route;
 pub mod shared_data;
 pub mod store;
 
-pub use config::{parse_json, ConfigError};
+pub use config::{parse_json, ConfigError, Node, Obj};
 pub use duration::parse_duration;
 pub use request::{RequestParts, RequestView};
 pub use store::{SlotStore, StoreError};

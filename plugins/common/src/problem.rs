@@ -1,36 +1,75 @@
 //! RFC 9457 `application/problem+json` bodies, the one error format every plugin answers with.
-
-use serde_json::{Map, Value};
+//! Written by hand: a JSON serializer for five members is not worth its size in every module.
 
 pub const CONTENT_TYPE: &str = "application/problem+json";
 
-/// A problem body with `type`, `title`, `status`, `detail` and any extension members.
+/// `s` as a JSON string literal.
+pub fn json_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// A problem body with `type`, `title`, `status`, `detail` and extension members given as
+/// (name, JSON text) pairs.
 pub fn problem_json(
     kind: &str,
     title: &str,
     status: u32,
     detail: &str,
-    extra: Map<String, Value>,
+    extra: &[(&str, String)],
 ) -> Vec<u8> {
-    let mut m = Map::new();
-    m.insert("type".into(), kind.into());
-    m.insert("title".into(), title.into());
-    m.insert("status".into(), status.into());
-    m.insert("detail".into(), detail.into());
-    m.extend(extra);
-    serde_json::to_vec(&Value::Object(m)).unwrap_or_default()
+    let mut out = format!(
+        "{{\"type\":{},\"title\":{},\"status\":{status},\"detail\":{}",
+        json_string(kind),
+        json_string(title),
+        json_string(detail)
+    );
+    for (name, json) in extra {
+        out.push(',');
+        out.push_str(&json_string(name));
+        out.push(':');
+        out.push_str(json);
+    }
+    out.push('}');
+    out.into_bytes()
+}
+
+/// A JSON list of strings.
+pub fn json_string_list<'a>(items: impl IntoIterator<Item = &'a str>) -> String {
+    let items: Vec<String> = items.into_iter().map(json_string).collect();
+    format!("[{}]", items.join(","))
 }
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn has_the_standard_members_and_extensions() {
-        let mut extra = serde_json::Map::new();
-        extra.insert("violated-policies".into(), serde_json::json!(["a"]));
-        let body = super::problem_json("about:blank", "Too Many Requests", 429, "slow down", extra);
+        let body = problem_json(
+            "about:blank",
+            "Too Many Requests",
+            429,
+            "say \"when\"\n\u{1}",
+            &[("violated-policies", json_string_list(["a", "b\\c"]))],
+        );
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["status"], 429);
         assert_eq!(v["title"], "Too Many Requests");
-        assert_eq!(v["violated-policies"][0], "a");
+        assert_eq!(v["detail"], "say \"when\"\n\u{1}");
+        assert_eq!(v["violated-policies"], serde_json::json!(["a", "b\\c"]));
     }
 }

@@ -1,22 +1,11 @@
 //! Request matching shared by every plugin's `match`/`routes`: `pathPrefix`, `path` (exact),
 //! `methods`, `headers` (exact value). Omitted conditions match anything.
 
+use crate::config::Node;
 use crate::request::RequestView;
 use crate::ConfigError;
-use serde::Deserialize;
-use std::collections::BTreeMap;
 
-/// A route condition as written in JSON.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct RouteSpec {
-    pub path_prefix: Option<String>,
-    pub path: Option<String>,
-    pub methods: Option<Vec<String>>,
-    pub headers: Option<BTreeMap<String, String>>,
-}
-
-/// A validated [`RouteSpec`].
+/// A validated route condition.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Route {
     path_prefix: Option<String>,
@@ -26,43 +15,37 @@ pub struct Route {
 }
 
 impl Route {
-    pub fn compile(spec: &RouteSpec, field: &str) -> Result<Route, ConfigError> {
-        for (name, p) in [("pathPrefix", &spec.path_prefix), ("path", &spec.path)] {
-            if let Some(p) = p {
-                if !p.starts_with('/') {
-                    return Err(ConfigError::new(
-                        format!("{field}.{name}"),
-                        format!("\"{p}\" must start with /"),
-                    ));
-                }
+    /// Reads `{"pathPrefix", "path", "methods", "headers"}`, all optional.
+    pub fn read(n: Node<'_>) -> Result<Route, ConfigError> {
+        let o = n.obj(&["pathPrefix", "path", "methods", "headers"])?;
+        let path = |n: Node<'_>| -> Result<String, ConfigError> {
+            let p = n.str()?;
+            if p.starts_with('/') {
+                Ok(p.to_string())
+            } else {
+                Err(n.err(format!("\"{p}\" must start with /")))
             }
-        }
-        let methods = spec.methods.clone().unwrap_or_default();
-        if spec.methods.is_some() && methods.is_empty() {
-            return Err(ConfigError::new(
-                format!("{field}.methods"),
+        };
+        let methods = o.list("methods", |n| {
+            let m = n.str()?;
+            if m.is_empty() || !m.bytes().all(|b| b.is_ascii_alphabetic()) {
+                return Err(n.err(format!("\"{m}\" is not an HTTP method")));
+            }
+            Ok(m.to_ascii_uppercase())
+        })?;
+        if o.has("methods") && methods.is_empty() {
+            return Err(o.err(
+                "methods",
                 "must list at least one method (omit it to match any)",
             ));
         }
-        if let Some(m) = methods
-            .iter()
-            .find(|m| m.is_empty() || !m.bytes().all(|b| b.is_ascii_alphabetic()))
-        {
-            return Err(ConfigError::new(
-                format!("{field}.methods"),
-                format!("\"{m}\" is not an HTTP method"),
-            ));
-        }
         Ok(Route {
-            path_prefix: spec.path_prefix.clone(),
-            path: spec.path.clone(),
-            methods: methods.iter().map(|m| m.to_ascii_uppercase()).collect(),
-            headers: spec
-                .headers
-                .iter()
-                .flatten()
-                .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
-                .collect(),
+            path_prefix: o.opt("pathPrefix", path)?,
+            path: o.opt("path", path)?,
+            methods,
+            headers: o.entries("headers", |k, n| {
+                Ok((k.to_ascii_lowercase(), n.str()?.to_string()))
+            })?,
         })
     }
 
@@ -98,8 +81,13 @@ mod tests {
     use super::*;
     use crate::request::RequestParts;
 
+    fn read(json: &str) -> Result<Route, ConfigError> {
+        let v: serde_json::Value = serde_json::from_str(&format!(r#"{{"match":{json}}}"#)).unwrap();
+        Node::root(&v).obj(&["match"])?.req("match", Route::read)
+    }
+
     fn route(json: &str) -> Route {
-        Route::compile(&serde_json::from_str(json).unwrap(), "match").unwrap()
+        read(json).unwrap()
     }
 
     #[test]
@@ -124,13 +112,11 @@ mod tests {
 
     #[test]
     fn bad_conditions_name_the_field() {
-        let bad = |json: &str| {
-            Route::compile(&serde_json::from_str(json).unwrap(), "rules[1].match")
-                .unwrap_err()
-                .to_string()
-        };
-        assert!(bad(r#"{"pathPrefix":"api"}"#).starts_with("rules[1].match.pathPrefix:"));
-        assert!(bad(r#"{"methods":[]}"#).starts_with("rules[1].match.methods:"));
+        let bad = |json: &str| read(json).unwrap_err().to_string();
+        assert!(bad(r#"{"pathPrefix":"api"}"#).starts_with("match.pathPrefix:"));
+        assert!(bad(r#"{"methods":[]}"#).starts_with("match.methods:"));
+        assert!(bad(r#"{"methods":["GET",1]}"#).starts_with("match.methods[1]: expected a string"));
+        assert!(bad(r#"{"headers":{"x":1}}"#).starts_with("match.headers.x:"));
         assert!(bad(r#"{"methods":["G T"]}"#).contains("not an HTTP method"));
     }
 }

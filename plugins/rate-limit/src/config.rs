@@ -2,63 +2,22 @@
 //! [`Config`] with errors that name the field.
 
 use crate::bucket::Limit;
-use edge_common::key::{compile_key, KeyPart, KeyPartSpec};
-use edge_common::route::{Route, RouteSpec};
-use edge_common::{parse_duration, parse_json, ConfigError};
-use serde::Deserialize;
+use edge_common::key::KeyPart;
+use edge_common::route::Route;
+use edge_common::{parse_json, ConfigError, Node};
 
 /// The largest `maxKeys`: 16 Mi slots of ~80 bytes is over a GiB of shared memory.
 pub const MAX_KEYS_LIMIT: u64 = 1 << 24;
 pub const DEFAULT_MAX_KEYS: u64 = 65_536;
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct ConfigSpec {
-    #[serde(default)]
-    mode: Mode,
-    #[serde(default)]
-    failure_mode: FailureMode,
-    #[serde(default = "yes")]
-    response_headers: bool,
-    status: Option<u32>,
-    rules: Option<Vec<RuleSpec>>,
-}
-
-fn yes() -> bool {
-    true
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RuleSpec {
-    name: String,
-    #[serde(rename = "match", default)]
-    route: RouteSpec,
-    #[serde(default)]
-    key: Vec<KeyPartSpec>,
-    limit: LimitSpec,
-    max_keys: Option<u64>,
-    status: Option<u32>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct LimitSpec {
-    requests: u64,
-    window: String,
-    burst: Option<u64>,
-}
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Mode {
     #[default]
     Enforce,
     Shadow,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum FailureMode {
     #[default]
     Allow,
@@ -87,14 +46,12 @@ pub struct Rule {
     pub window_secs: u64,
 }
 
-fn check_status(status: Option<u32>, field: &str, default: u32) -> Result<u32, ConfigError> {
-    match status {
-        None => Ok(default),
-        Some(s) if (400..=599).contains(&s) => Ok(s),
-        Some(s) => Err(ConfigError::new(
-            field,
-            format!("{s} is not an error status (use 400-599)"),
-        )),
+fn error_status(n: Node<'_>) -> Result<u32, ConfigError> {
+    let s = n.u64()?;
+    if (400..=599).contains(&s) {
+        Ok(u32::try_from(s).unwrap_or(429))
+    } else {
+        Err(n.err(format!("{s} is not an error status (use 400-599)")))
     }
 }
 
@@ -109,79 +66,104 @@ fn valid_name(name: &str) -> bool {
 
 impl Config {
     pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
-        let spec: ConfigSpec = parse_json(bytes)?;
-        let status = check_status(spec.status, "status", 429)?;
-        let specs = spec
-            .rules
-            .ok_or_else(|| ConfigError::new("rules", "required: list at least one rule"))?;
-        if specs.is_empty() {
-            return Err(ConfigError::new("rules", "must list at least one rule"));
+        let json = parse_json(bytes)?;
+        let root = Node::root(&json);
+        let o = root.obj(&["mode", "failureMode", "responseHeaders", "status", "rules"])?;
+        let status = o.opt("status", error_status)?.unwrap_or(429);
+        let mode = match o.opt("mode", |n| n.one_of(&["enforce", "shadow"]))? {
+            Some(1) => Mode::Shadow,
+            _ => Mode::Enforce,
+        };
+        let failure_mode = match o.opt("failureMode", |n| n.one_of(&["allow", "deny"]))? {
+            Some(1) => FailureMode::Deny,
+            _ => FailureMode::Allow,
+        };
+        let response_headers = o.opt("responseHeaders", |n| n.bool())?.unwrap_or(true);
+        if !o.has("rules") {
+            return Err(o.err("rules", "required: list at least one rule"));
         }
-        let mut rules: Vec<Rule> = Vec::with_capacity(specs.len());
-        for (i, r) in specs.iter().enumerate() {
-            let f = format!("rules[{i}]");
-            if !valid_name(&r.name) {
+        let rules = o.list("rules", |n| read_rule(n, status))?;
+        if rules.is_empty() {
+            return Err(o.err("rules", "must list at least one rule"));
+        }
+        for (i, r) in rules.iter().enumerate() {
+            if rules.iter().take(i).any(|x| x.name == r.name) {
                 return Err(ConfigError::new(
-                    format!("{f}.name"),
-                    format!(
-                        "\"{}\" must be 1-64 characters of A-Z a-z 0-9 - _ .",
-                        r.name
-                    ),
-                ));
-            }
-            if rules.iter().any(|x| x.name == r.name) {
-                return Err(ConfigError::new(
-                    format!("{f}.name"),
+                    format!("rules[{i}].name"),
                     format!("\"{}\" is used by an earlier rule", r.name),
                 ));
             }
-            let window = parse_duration(&r.limit.window)
-                .map_err(|e| ConfigError::new(format!("{f}.limit.window"), e))?;
-            let window_ns = u64::try_from(window.as_nanos()).unwrap_or(u64::MAX);
-            if window_ns == 0 {
-                return Err(ConfigError::new(
-                    format!("{f}.limit.window"),
-                    "must be longer than 0",
-                ));
-            }
-            if r.limit.requests == 0 {
-                return Err(ConfigError::new(
-                    format!("{f}.limit.requests"),
-                    "must be > 0 (to block a route, use an Envoy route)",
-                ));
-            }
-            let burst = r.limit.burst.unwrap_or(r.limit.requests);
-            if burst == 0 {
-                return Err(ConfigError::new(format!("{f}.limit.burst"), "must be > 0"));
-            }
-            let max_keys = r.max_keys.unwrap_or(DEFAULT_MAX_KEYS);
-            if max_keys == 0 || max_keys > MAX_KEYS_LIMIT {
-                return Err(ConfigError::new(
-                    format!("{f}.maxKeys"),
-                    format!("{max_keys} is out of range (1-{MAX_KEYS_LIMIT})"),
-                ));
-            }
-            rules.push(Rule {
-                name: r.name.clone(),
-                route: Route::compile(&r.route, &format!("{f}.match"))?,
-                key: compile_key(&r.key, &format!("{f}.key"))?,
-                limit: Limit {
-                    requests: r.limit.requests,
-                    window_ns,
-                    burst,
-                },
-                max_keys: u32::try_from(max_keys).unwrap_or(u32::MAX),
-                status: check_status(r.status, &format!("{f}.status"), status)?,
-                window_secs: window_ns.div_ceil(1_000_000_000).max(1),
-            });
         }
         Ok(Config {
-            mode: spec.mode,
-            failure_mode: spec.failure_mode,
-            response_headers: spec.response_headers,
+            mode,
+            failure_mode,
+            response_headers,
             rules,
         })
     }
+}
+
+fn read_rule(n: Node<'_>, default_status: u32) -> Result<Rule, ConfigError> {
+    let o = n.obj(&["name", "match", "key", "limit", "maxKeys", "status"])?;
+    let name = o.req("name", |n| {
+        let s = n.str()?;
+        if valid_name(s) {
+            Ok(s.to_string())
+        } else {
+            Err(n.err(format!(
+                "\"{s}\" must be 1-64 characters of A-Z a-z 0-9 - _ ."
+            )))
+        }
+    })?;
+    let (limit, window_secs) = o.req("limit", |n| {
+        let l = n.obj(&["requests", "window", "burst"])?;
+        let requests = l.req("requests", |n| {
+            let r = n.u64()?;
+            if r == 0 {
+                Err(n.err("must be > 0 (to block a route, use an Envoy route)"))
+            } else {
+                Ok(r)
+            }
+        })?;
+        let window = l.req("window", |n| {
+            let w = n.duration()?;
+            if w.is_zero() {
+                Err(n.err("must be longer than 0"))
+            } else {
+                Ok(w)
+            }
+        })?;
+        let burst = l
+            .opt("burst", |n| match n.u64()? {
+                0 => Err(n.err("must be > 0")),
+                b => Ok(b),
+            })?
+            .unwrap_or(requests);
+        let window_ns = u64::try_from(window.as_nanos()).unwrap_or(u64::MAX);
+        Ok((
+            Limit {
+                requests,
+                window_ns,
+                burst,
+            },
+            window_ns.div_ceil(1_000_000_000).max(1),
+        ))
+    })?;
+    let max_keys = o
+        .opt("maxKeys", |n| match n.u64()? {
+            k @ 1..=MAX_KEYS_LIMIT => Ok(k),
+            k => Err(n.err(format!("{k} is out of range (1-{MAX_KEYS_LIMIT})"))),
+        })?
+        .unwrap_or(DEFAULT_MAX_KEYS);
+    Ok(Rule {
+        name,
+        route: o.opt("match", Route::read)?.unwrap_or_default(),
+        key: o.list("key", KeyPart::read)?,
+        limit,
+        max_keys: u32::try_from(max_keys).unwrap_or(u32::MAX),
+        status: o.opt("status", error_status)?.unwrap_or(default_status),
+        window_secs,
+    })
 }
 
 #[cfg(test)]
@@ -262,7 +244,7 @@ mod tests {
                 .starts_with("rules[0].limit.burst:")
         );
         assert!(err(&rule(r#""limit":{"requests":"1","window":"1s"}"#))
-            .starts_with("rules[0].limit.requests: invalid type"));
+            .starts_with("rules[0].limit.requests: expected a whole number"));
         assert!(
             err(&rule(r#""limit":{"requests":1,"window":"1s"},"maxKeys":0"#))
                 .starts_with("rules[0].maxKeys:")
@@ -279,7 +261,7 @@ mod tests {
             err(&rule(r#""limit":{"requests":1,"window":"1s"},"limt":1"#))
                 .contains("unknown field `limt`")
         );
-        assert!(err(r#"{"mode":"log","rules":[]}"#).starts_with("mode: unknown variant"));
+        assert!(err(r#"{"mode":"log","rules":[]}"#).starts_with("mode: unknown value \"log\""));
         assert!(err(
             r#"{"status":200,"rules":[{"name":"a","limit":{"requests":1,"window":"1s"}}]}"#
         )

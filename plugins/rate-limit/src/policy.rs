@@ -15,7 +15,7 @@
 use crate::bucket::{ceil_secs, Bucket, Limit, Take};
 use crate::config::{Config, FailureMode, Mode, Rule};
 use edge_common::key::key_hash;
-use edge_common::problem::{problem_json, CONTENT_TYPE};
+use edge_common::problem::{json_string_list, problem_json, CONTENT_TYPE};
 use edge_common::store::{get_or_create, Write};
 use edge_common::{RequestView, SlotStore, StoreError};
 
@@ -236,7 +236,7 @@ impl Limiter {
                     "Service Unavailable",
                     503,
                     "rate limit state is unavailable",
-                    Default::default(),
+                    &[],
                 ),
             }
         } else {
@@ -322,8 +322,6 @@ impl Limiter {
         if self.config.response_headers {
             headers.extend(self.quota_headers(taken));
         }
-        let mut extra = serde_json::Map::new();
-        extra.insert("violated-policies".into(), names.clone().into());
         let body = problem_json(
             QUOTA_EXCEEDED,
             "Too Many Requests",
@@ -332,7 +330,7 @@ impl Limiter {
                 "rate limit exceeded ({}); retry in {retry} s",
                 names.join(", ")
             ),
-            extra,
+            &[("violated-policies", json_string_list(names.iter().copied()))],
         );
         Action::Reply {
             status,
