@@ -282,6 +282,14 @@ EOF
   #                     /api/flaky still answers from the cache (/admin/recover heals it)
   cat <<EOF
 
+Rate limit: 10 requests to /api/ per client IP at once, then 1 a second. A burst ends in a 429
+with retry-after, RateLimit headers and a problem+json body:
+
+  curl -s -o /dev/null -w '%{http_code} ' "$url/api/flaky?n=[1-10]"; echo; curl -si $url/api/flaky
+  curl -s 127.0.0.1:$DEMO_ADMIN_PORT/stats | grep wasmcustom.rate_limit   # allowed / limited counts
+EOF
+  cat <<EOF
+
 Ctrl-C stops Envoy and the application.
 EOF
 }
