@@ -78,6 +78,11 @@ impl<'a> Node<'a> {
         Node { value, path: "" }
     }
 
+    /// A value read from elsewhere, reported under `path`.
+    pub fn at(value: &'a Value, path: &'a str) -> Node<'a> {
+        Node { value, path }
+    }
+
     pub fn path(&self) -> &str {
         if self.path.is_empty() {
             "configuration"

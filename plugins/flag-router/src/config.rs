@@ -1,0 +1,129 @@
+//! The flag-router configuration: where context values come from, which flags become which
+//! headers, the bootstrap flags and the optional remote flag source.
+
+use crate::flags::FlagSet;
+use edge_common::key::KeyPart;
+use edge_common::{parse_json, ConfigError, Node};
+use std::time::Duration;
+
+/// Where the flag document is fetched from, through an Envoy cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Source {
+    pub cluster: String,
+    pub authority: String,
+    pub path: String,
+    pub poll_interval: Duration,
+    pub timeout: Duration,
+}
+
+pub struct Config {
+    pub targeting_key: Option<KeyPart>,
+    /// Context attribute name → where its value comes from.
+    pub context: Vec<(String, KeyPart)>,
+    /// Flag key → request header it sets (lower-case).
+    pub headers: Vec<(String, String)>,
+    pub flags: FlagSet,
+    pub source: Option<Source>,
+}
+
+fn header_name(n: Node<'_>) -> Result<String, ConfigError> {
+    let h = n.str()?.to_ascii_lowercase();
+    let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    if h.is_empty() || !h.bytes().all(token) {
+        return Err(n.err(format!("\"{h}\" is not a header name")));
+    }
+    Ok(h)
+}
+
+fn positive(n: Node<'_>) -> Result<Duration, ConfigError> {
+    let d = n.duration()?;
+    if d.is_zero() {
+        Err(n.err("must be longer than 0"))
+    } else {
+        Ok(d)
+    }
+}
+
+impl Config {
+    pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
+        let json = parse_json(bytes)?;
+        let o = Node::root(&json).obj(&[
+            "targetingKey",
+            "context",
+            "headers",
+            "flags",
+            "$evaluators",
+            "source",
+        ])?;
+        let targeting_key = o.opt("targetingKey", KeyPart::read)?;
+        let context = o.entries("context", |k, n| {
+            if k == "targetingKey" || k.starts_with("$flagd") {
+                return Err(n.err("is set by the evaluator; use the top-level targetingKey"));
+            }
+            Ok((k.to_string(), KeyPart::read(n)?))
+        })?;
+        let headers = o.entries("headers", |k, n| Ok((k.to_string(), header_name(n)?)))?;
+        if headers.is_empty() {
+            return Err(o.err("headers", "required: map at least one flag to a header"));
+        }
+        if let Some((k, h)) = headers
+            .iter()
+            .find(|(k, h)| headers.iter().any(|(k2, h2)| h2 == h && k2 != k))
+        {
+            return Err(o.err(
+                "headers",
+                format!("\"{h}\" is set by more than one flag (\"{k}\")"),
+            ));
+        }
+        let evaluators = FlagSet::evaluators(&o)?;
+        let flags = o
+            .opt("flags", |n| FlagSet::read(n, &evaluators))?
+            .unwrap_or_default();
+        let source = o.opt("source", |n| {
+            let s = n.obj(&["cluster", "authority", "path", "pollInterval", "timeout"])?;
+            let cluster = s.req("cluster", |n| {
+                let c = n.str()?;
+                if c.is_empty() {
+                    Err(n.err("must name an Envoy cluster"))
+                } else {
+                    Ok(c.to_string())
+                }
+            })?;
+            Ok(Source {
+                authority: s
+                    .opt("authority", |n| n.str().map(str::to_string))?
+                    .unwrap_or_else(|| cluster.clone()),
+                cluster,
+                path: s.req("path", |n| {
+                    let p = n.str()?;
+                    if p.starts_with('/') {
+                        Ok(p.to_string())
+                    } else {
+                        Err(n.err(format!("\"{p}\" must start with /")))
+                    }
+                })?,
+                poll_interval: s
+                    .opt("pollInterval", positive)?
+                    .unwrap_or(Duration::from_secs(30)),
+                timeout: s
+                    .opt("timeout", positive)?
+                    .unwrap_or(Duration::from_secs(5)),
+            })
+        })?;
+        if source.is_none() {
+            if let Some((k, _)) = headers.iter().find(|(k, _)| !flags.flags.contains_key(k)) {
+                return Err(ConfigError::new(
+                    format!("headers.{k}"),
+                    "no such flag in `flags` (and no `source` to fetch it from)",
+                ));
+            }
+        }
+        Ok(Config {
+            targeting_key,
+            context,
+            headers,
+            flags,
+            source,
+        })
+    }
+}

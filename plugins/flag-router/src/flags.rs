@@ -1,0 +1,185 @@
+//! flagd flag definitions: the same JSON as a flagd flag-definition file, compiled once (at
+//! load for inline flags, per fetch for a remote source) and evaluated per request.
+
+use crate::logic::Expr;
+use edge_common::{ConfigError, Node, Obj};
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+
+/// One compiled flag.
+pub struct Flag {
+    pub enabled: bool,
+    /// Variant name → the header value it becomes.
+    pub variants: BTreeMap<String, String>,
+    pub default_variant: Option<String>,
+    pub targeting: Option<Expr>,
+}
+
+/// A compiled flag set, replaced as a whole when a new document arrives.
+#[derive(Default)]
+pub struct FlagSet {
+    pub flags: BTreeMap<String, Flag>,
+}
+
+/// Why a variant was chosen (flagd's reasons), or why none was.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// No targeting: the default variant.
+    Static,
+    /// Targeting chose the variant.
+    TargetingMatch,
+    /// Targeting returned null: the default variant.
+    Default,
+    /// The flag is DISABLED: no header.
+    Disabled,
+    /// No such flag: no header.
+    NotFound,
+    /// Targeting failed or chose an unknown variant: no header.
+    Error,
+}
+
+/// The result of evaluating one flag.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resolution<'a> {
+    pub reason: Reason,
+    pub variant: Option<&'a str>,
+    pub value: Option<&'a str>,
+    pub error: Option<String>,
+}
+
+/// A variant's value as a header: strings as they are, anything else as JSON text.
+fn header_value(n: Node<'_>) -> Result<String, ConfigError> {
+    let text = match n.value {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    if text.bytes().any(|b| b < 0x20 && b != b'\t' || b == 0x7f) {
+        return Err(n.err("a header value cannot hold control characters"));
+    }
+    Ok(text)
+}
+
+impl FlagSet {
+    /// Reads a `flags` object, compiling targeting against flagd's `$evaluators`.
+    pub fn read(flags: Node<'_>, evaluators: &Map<String, Value>) -> Result<FlagSet, ConfigError> {
+        let mut set = FlagSet::default();
+        let map = flags
+            .value
+            .as_object()
+            .ok_or_else(|| flags.err("expected an object"))?;
+        // Every key is allowed: this only gives each flag's errors its path.
+        let names: Vec<&str> = map.keys().map(String::as_str).collect();
+        let holder = flags.obj(&names)?;
+        for name in map.keys() {
+            let flag = holder.req(name, |n| read_flag(n, evaluators))?;
+            set.flags.insert(name.clone(), flag);
+        }
+        Ok(set)
+    }
+
+    /// Reads `$evaluators` from an object (absent = none).
+    pub fn evaluators(o: &Obj<'_>) -> Result<Map<String, Value>, ConfigError> {
+        Ok(o.opt("$evaluators", |n| {
+            n.value
+                .as_object()
+                .cloned()
+                .ok_or_else(|| n.err("expected an object"))
+        })?
+        .unwrap_or_default())
+    }
+
+    /// Reads a flagd flag-definition document (`flags`, `$evaluators`, `$schema`, `metadata`).
+    pub fn from_document(bytes: &[u8]) -> Result<FlagSet, ConfigError> {
+        let doc = edge_common::parse_json(bytes)?;
+        let o = Node::root(&doc).obj(&["$schema", "flags", "$evaluators", "metadata"])?;
+        let evaluators = FlagSet::evaluators(&o)?;
+        o.req("flags", |n| FlagSet::read(n, &evaluators))
+    }
+
+    /// Evaluates `key` for a request whose context is `data` (see [`crate::policy`]).
+    pub fn resolve<'a>(&'a self, key: &str, data: &Value) -> Resolution<'a> {
+        let none = |reason, error| Resolution {
+            reason,
+            variant: None,
+            value: None,
+            error,
+        };
+        let Some(flag) = self.flags.get(key) else {
+            return none(Reason::NotFound, None);
+        };
+        if !flag.enabled {
+            return none(Reason::Disabled, None);
+        }
+        let chosen = match &flag.targeting {
+            None => Ok((flag.default_variant.as_deref(), Reason::Static)),
+            Some(expr) => match expr.eval(data) {
+                Ok(Value::Null) => Ok((flag.default_variant.as_deref(), Reason::Default)),
+                Ok(Value::String(s)) => flag
+                    .variants
+                    .get_key_value(s.as_str())
+                    .map(|(k, _)| (Some(k.as_str()), Reason::TargetingMatch))
+                    .ok_or_else(|| format!("targeting chose unknown variant \"{s}\"")),
+                // flagd turns a boolean result into the variant named "true"/"false".
+                Ok(Value::Bool(b)) => {
+                    let name = if b { "true" } else { "false" };
+                    flag.variants
+                        .get_key_value(name)
+                        .map(|(k, _)| (Some(k.as_str()), Reason::TargetingMatch))
+                        .ok_or_else(|| format!("targeting chose unknown variant \"{name}\""))
+                }
+                Ok(other) => Err(format!("targeting returned {other}, not a variant name")),
+                Err(e) => Err(e),
+            },
+        };
+        match chosen {
+            Ok((Some(v), reason)) => Resolution {
+                reason,
+                variant: Some(v),
+                value: flag.variants.get(v).map(String::as_str),
+                error: None,
+            },
+            Ok((None, reason)) => none(reason, None),
+            Err(e) => none(Reason::Error, Some(e)),
+        }
+    }
+}
+
+fn read_flag(n: Node<'_>, evaluators: &Map<String, Value>) -> Result<Flag, ConfigError> {
+    let o = n.obj(&[
+        "state",
+        "variants",
+        "defaultVariant",
+        "targeting",
+        "metadata",
+    ])?;
+    let enabled = o.req("state", |n| n.one_of(&["ENABLED", "DISABLED"]))? == 0;
+    let variants: BTreeMap<String, String> = o
+        .entries("variants", |k, n| Ok((k.to_string(), header_value(n)?)))?
+        .into_iter()
+        .collect();
+    if variants.is_empty() {
+        return Err(o.err("variants", "must name at least one variant"));
+    }
+    let default_variant = o.opt("defaultVariant", |n| {
+        let v = n.str()?;
+        if variants.contains_key(v) {
+            Ok(v.to_string())
+        } else {
+            Err(n.err(format!("\"{v}\" is not one of the variants")))
+        }
+    })?;
+    let targeting = o.opt("targeting", |n| {
+        if n.value.as_object().is_some_and(Map::is_empty) {
+            return Ok(None);
+        }
+        Expr::compile(n.value, evaluators)
+            .map(Some)
+            .map_err(|e| n.err(e))
+    })?;
+    Ok(Flag {
+        enabled,
+        variants,
+        default_variant,
+        targeting: targeting.flatten(),
+    })
+}

@@ -1,0 +1,14 @@
+//! Feature-flag header routing: flagd flag definitions evaluated at the edge, the result sent
+//! upstream as request headers that Envoy's routes match on.
+
+pub mod config;
+pub mod filter;
+pub mod flags;
+pub mod logic;
+pub mod policy;
+pub mod source;
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Trace);
+    proxy_wasm::set_root_context(|_| Box::new(filter::FlagRouterRoot::default()));
+}}

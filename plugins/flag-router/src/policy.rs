@@ -1,0 +1,266 @@
+//! Per request: strip the mapped headers a client sent, build the flagd evaluation context,
+//! resolve each mapped flag and say which headers to set. Pure: no hostcalls.
+
+use crate::config::Config;
+use crate::flags::{FlagSet, Reason};
+use edge_common::RequestView;
+use serde_json::{Map, Value};
+
+/// One flag's outcome, for metrics and the debug log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Evaluation {
+    pub flag: String,
+    pub variant: Option<String>,
+    pub reason: Reason,
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Decision {
+    /// Headers to remove first (every mapped header: a client never picks its own route).
+    pub remove: Vec<String>,
+    pub set: Vec<(String, String)>,
+    pub evaluations: Vec<Evaluation>,
+}
+
+fn text(bytes: Vec<u8>) -> Value {
+    Value::String(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// The evaluation context: configured attributes that are present, and `targetingKey`.
+pub fn context(config: &Config, req: &impl RequestView) -> Map<String, Value> {
+    let mut data = Map::new();
+    for (name, part) in &config.context {
+        if let Some(v) = part.value(req) {
+            data.insert(name.clone(), text(v));
+        }
+    }
+    if let Some(v) = config.targeting_key.as_ref().and_then(|p| p.value(req)) {
+        data.insert("targetingKey".into(), text(v));
+    }
+    data
+}
+
+pub fn decide(config: &Config, flags: &FlagSet, req: &impl RequestView, now_secs: u64) -> Decision {
+    let mut data = context(config, req);
+    let mut d = Decision {
+        remove: config.headers.iter().map(|(_, h)| h.clone()).collect(),
+        ..Decision::default()
+    };
+    for (flag, header) in &config.headers {
+        let mut flagd = Map::new();
+        flagd.insert("flagKey".into(), Value::String(flag.clone()));
+        flagd.insert("timestamp".into(), Value::from(now_secs));
+        data.insert("$flagd".into(), Value::Object(flagd));
+        let ctx = Value::Object(std::mem::take(&mut data));
+        let r = flags.resolve(flag, &ctx);
+        if let Value::Object(m) = ctx {
+            data = m;
+        }
+        if let Some(value) = r.value {
+            d.set.push((header.clone(), value.to_string()));
+        }
+        d.evaluations.push(Evaluation {
+            flag: flag.clone(),
+            variant: r.variant.map(str::to_string),
+            reason: r.reason,
+            error: r.error,
+        });
+    }
+    d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edge_common::RequestParts;
+
+    const CONFIG: &str = r#"{
+      "targetingKey": { "header": "x-user-id" },
+      "context": {
+        "email":   { "header": "x-user-email" },
+        "tier":    { "header": "x-tier" },
+        "country": { "cookie": "country" },
+        "path":    { "source": "path" }
+      },
+      "headers": { "new-checkout": "x-route-checkout", "search-v2": "x-route-search", "dark": "x-dark" },
+      "flags": {
+        "new-checkout": {
+          "state": "ENABLED",
+          "variants": { "on": "v2", "off": "v1" },
+          "defaultVariant": "off",
+          "targeting": { "if": [ { "==": [ { "var": "tier" }, "beta" ] }, "on",
+                         { "fractional": [ ["on", 10], ["off", 90] ] } ] }
+        },
+        "search-v2": {
+          "state": "DISABLED",
+          "variants": { "on": true, "off": false },
+          "defaultVariant": "off"
+        },
+        "dark": {
+          "state": "ENABLED",
+          "variants": { "on": 1, "off": 0 },
+          "defaultVariant": "off",
+          "targeting": { "if": [ { "$ref": "is-staff" }, "on", null ] }
+        }
+      },
+      "$evaluators": { "is-staff": { "ends_with": [ { "var": "email" }, "@example.com" ] } }
+    }"#;
+
+    fn config() -> Config {
+        Config::parse(CONFIG.as_bytes()).unwrap()
+    }
+
+    fn header<'a>(d: &'a Decision, name: &str) -> Option<&'a str> {
+        d.set
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn targeting_picks_variants_and_values_become_headers() {
+        let c = config();
+        let beta = RequestParts::new("GET", "/")
+            .header("x-tier", "beta")
+            .header("x-user-id", "u1");
+        let d = decide(&c, &c.flags, &beta, 0);
+        assert_eq!(header(&d, "x-route-checkout"), Some("v2"));
+        assert_eq!(d.evaluations[1].reason, Reason::TargetingMatch);
+        let staff = RequestParts::new("GET", "/").header("x-user-email", "ann@example.com");
+        let d = decide(&c, &c.flags, &staff, 0);
+        assert_eq!(header(&d, "x-dark"), Some("1"), "numbers become JSON text");
+        let other = RequestParts::new("GET", "/").header("x-user-email", "bob@other.org");
+        let d = decide(&c, &c.flags, &other, 0);
+        assert_eq!(
+            header(&d, "x-dark"),
+            Some("0"),
+            "null from targeting is the default"
+        );
+        assert_eq!(
+            d.evaluations
+                .iter()
+                .find(|e| e.flag == "dark")
+                .unwrap()
+                .reason,
+            Reason::Default
+        );
+    }
+
+    #[test]
+    fn every_mapped_header_is_removed_and_disabled_flags_set_none() {
+        let c = config();
+        let d = decide(&c, &c.flags, &RequestParts::new("GET", "/"), 0);
+        let mut removed = d.remove.clone();
+        removed.sort();
+        assert_eq!(removed, ["x-dark", "x-route-checkout", "x-route-search"]);
+        assert_eq!(header(&d, "x-route-search"), None);
+        let e = d
+            .evaluations
+            .iter()
+            .find(|e| e.flag == "search-v2")
+            .unwrap();
+        assert_eq!((e.reason, e.variant.as_deref()), (Reason::Disabled, None));
+    }
+
+    #[test]
+    fn fractional_rollout_is_sticky_per_user_and_near_the_weights() {
+        let c = config();
+        let mut on = 0;
+        for i in 0..2000 {
+            let user = format!("user-{i}");
+            let req = RequestParts::new("GET", "/").header("x-user-id", &user);
+            let first = decide(&c, &c.flags, &req, 0);
+            let again = decide(&c, &c.flags, &req, 999);
+            assert_eq!(
+                header(&first, "x-route-checkout"),
+                header(&again, "x-route-checkout")
+            );
+            on += usize::from(header(&first, "x-route-checkout") == Some("v2"));
+        }
+        assert!((120..=280).contains(&on), "{on} of 2000 in the 10% bucket");
+        // Without a targeting key fractional yields null: the default variant.
+        let d = decide(&c, &c.flags, &RequestParts::new("GET", "/"), 0);
+        assert_eq!(header(&d, "x-route-checkout"), Some("v1"));
+    }
+
+    #[test]
+    fn absent_context_values_are_absent_not_empty() {
+        let c = config();
+        let ctx = context(
+            &c,
+            &RequestParts::new("GET", "/p?q=1").header("cookie", "country=NL"),
+        );
+        assert_eq!(ctx.get("country"), Some(&Value::from("NL")));
+        assert_eq!(ctx.get("path"), Some(&Value::from("/p")));
+        assert!(!ctx.contains_key("email"));
+        assert!(!ctx.contains_key("targetingKey"));
+    }
+
+    #[test]
+    fn a_targeting_error_leaves_the_header_absent() {
+        let c = Config::parse(
+            br#"{"headers":{"f":"x-f"},"flags":{"f":{"state":"ENABLED","variants":{"a":"A"},
+                "defaultVariant":"a","targeting":{"if":[true,"nope"]}}}}"#,
+        )
+        .unwrap();
+        let d = decide(&c, &c.flags, &RequestParts::new("GET", "/"), 0);
+        assert_eq!(header(&d, "x-f"), None);
+        assert_eq!(d.evaluations[0].reason, Reason::Error);
+        assert!(d.evaluations[0]
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("nope"));
+    }
+
+    #[test]
+    fn bad_configs_name_the_field() {
+        let err = |json: &str| {
+            Config::parse(json.as_bytes())
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        let flag = r#""flags":{"f":{"state":"ENABLED","variants":{"a":"A"},"defaultVariant":"a"}}"#;
+        assert!(err(&format!(r#"{{"headers":{{}},{flag}}}"#)).starts_with("headers: required"));
+        assert!(err(&format!(r#"{{"headers":{{"g":"x-g"}},{flag}}}"#))
+            .starts_with("headers.g: no such flag"));
+        assert!(err(&format!(r#"{{"headers":{{"f":"x f"}},{flag}}}"#)).starts_with("headers.f:"));
+        assert!(err(
+            r#"{"headers":{"f":"x-f"},"flags":{"f":{"state":"ON","variants":{"a":"A"}}}}"#
+        )
+        .starts_with("flags.f.state: unknown value"));
+        assert!(err(r#"{"headers":{"f":"x-f"},"flags":{"f":{"state":"ENABLED","variants":{"a":"A"},"defaultVariant":"b"}}}"#)
+            .starts_with("flags.f.defaultVariant:"));
+        assert!(err(r#"{"headers":{"f":"x-f"},"flags":{"f":{"state":"ENABLED","variants":{"a":"A"},"targeting":{"regex":["a","b"]}}}}"#)
+            .starts_with("flags.f.targeting:"));
+        assert!(err(&format!(r#"{{"headers":{{"f":"x-f"}},{flag},"source":{{"cluster":"flags","path":"flags.json"}}}}"#))
+            .starts_with("source.path:"));
+        assert!(err(&format!(r#"{{"headers":{{"f":"x-f"}},{flag},"source":{{"cluster":"c","path":"/f","pollInterval":"0s"}}}}"#))
+            .starts_with("source.pollInterval:"));
+        assert!(err(&format!(
+            r#"{{"headers":{{"f":"x-f"}},{flag},"context":{{"targetingKey":{{"header":"a"}}}}}}"#
+        ))
+        .starts_with("context.targetingKey:"));
+    }
+
+    #[test]
+    fn with_a_source_flags_may_arrive_later() {
+        let c = Config::parse(
+            br#"{"headers":{"f":"x-f"},"source":{"cluster":"flags","path":"/flags.json"}}"#,
+        )
+        .unwrap();
+        let s = c.source.as_ref().unwrap();
+        assert_eq!(
+            (
+                s.authority.as_str(),
+                s.poll_interval.as_secs(),
+                s.timeout.as_secs()
+            ),
+            ("flags", 30, 5)
+        );
+        let d = decide(&c, &c.flags, &RequestParts::new("GET", "/"), 0);
+        assert_eq!(d.evaluations[0].reason, Reason::NotFound);
+    }
+}
