@@ -78,6 +78,8 @@ pub struct Limiter {
     pub config: Config,
     namespace: String,
     seed: u64,
+    /// Each rule's limit fingerprint, computed once.
+    fingerprints: Vec<u64>,
 }
 
 /// A slot's bytes: key hash, limit fingerprint, level, timestamp (40 bytes, little-endian).
@@ -151,6 +153,7 @@ impl Limiter {
     /// `seed` keys the hash of client keys (shared by all workers, see `store_seed`).
     pub fn new(config: Config, namespace: &str, seed: u64) -> Self {
         Limiter {
+            fingerprints: config.rules.iter().map(|r| fingerprint(&r.limit)).collect(),
             config,
             namespace: namespace.to_string(),
             seed,
@@ -181,7 +184,8 @@ impl Limiter {
                 continue;
             }
             let key = key_hash(self.seed, &rule.name, &rule.key, req);
-            match self.take(rule, key, now_ns, store) {
+            let fp = self.fingerprints.get(i).copied().unwrap_or(1);
+            match self.take(rule, fp, key, now_ns, store) {
                 Ok(t) => {
                     let outcome = match (t.take.allowed, self.config.mode) {
                         (true, _) => Outcome::Allowed,
@@ -350,11 +354,11 @@ impl Limiter {
     fn take(
         &self,
         rule: &Rule,
+        fp: u64,
         key: u64,
         now: u64,
         store: &impl SlotStore,
     ) -> Result<Taken, StoreError> {
-        let fp = fingerprint(&rule.limit);
         let empty = Slot::default().encode();
         let n = rule.max_keys.max(1);
         let home = u32::try_from(key % u64::from(n)).unwrap_or(0);
