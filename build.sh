@@ -290,6 +290,21 @@ with retry-after, RateLimit headers and a problem+json body:
 EOF
   cat <<EOF
 
+Flag router: the flag new-checkout (in the application's /flags.json, polled every 5 s) sets
+x-route-checkout: v2 for beta testers and a sticky 20 % of users, else v1; Envoy routes v2 to
+/v2/checkout. A client-sent x-route-checkout is replaced:
+
+  curl -s $url/checkout; echo                            # /checkout (v1)
+  curl -s -H 'x-tier: beta' $url/checkout; echo          # /v2/checkout (v2)
+  curl -s -H 'x-route-checkout: v2' $url/checkout; echo  # forged: still /checkout (v1)
+  for i in \$(seq 10); do curl -s -H "x-user-id: user-\$i" $url/checkout; echo; done  # 8, 9: v2
+  curl -s -X POST 127.0.0.1:$DEMO_UPSTREAM_PORT/admin/checkout/disable; echo   # the kill switch;
+  curl -s -H 'x-tier: beta' $url/checkout; echo          # within 5 s: /checkout, no header
+  curl -s -X POST 127.0.0.1:$DEMO_UPSTREAM_PORT/admin/checkout/enable; echo    # and back
+  curl -s 127.0.0.1:$DEMO_ADMIN_PORT/stats | grep wasmcustom.flag_router  # variants, fetches
+EOF
+  cat <<EOF
+
 Ctrl-C stops Envoy and the application.
 EOF
 }
