@@ -839,7 +839,17 @@ impl Edge {
                         trailers,
                         ..
                     } => (Some(headers), body, Some(trailers), (0, Vec::new())),
-                    CalloutReply::Fail { .. } => (None, Vec::new(), None, (11, b"reset".to_vec())),
+                    // Envoy 1.40 answers a refused or reset callout with its own 503 reply, not
+                    // with a failure (seen in the real-Envoy rig).
+                    CalloutReply::Fail { .. } => (
+                        Some(vec![
+                            (b":status".to_vec(), b"503".to_vec()),
+                            (b"content-type".to_vec(), b"text/plain".to_vec()),
+                        ]),
+                        b"upstream connect error or disconnect/reset before headers. reset reason: connection failure".to_vec(),
+                        Some(Vec::new()),
+                        (0, Vec::new()),
+                    ),
                     CalloutReply::Hang => (
                         Some(vec![
                             (b":status".to_vec(), b"504".to_vec()),

@@ -54,7 +54,8 @@ pub enum CalloutReply {
         trailers: HeaderMap,
         delay: Duration,
     },
-    /// The connection fails after `delay`: the plugin sees zero headers and a broken connection.
+    /// The connection is refused or reset after `delay`: as in Envoy 1.40, the plugin gets
+    /// Envoy's local 503 reply (`upstream connect error or disconnect/reset before headers`).
     Fail { delay: Duration },
     /// No answer: the callout's own timeout fires (and never, when the timeout is 0).
     Hang,
