@@ -47,7 +47,9 @@ fn failed_callout_gets_envoys_local_503_reply() -> anyhow::Result<()> {
         })
         .build()?;
     edge.send(Request::get("/x").header("x-probe", "callout"))?;
-    let got = edge.upstream_requests()[0].header("x-callout").unwrap_or("");
+    let got = edge.upstream_requests()[0]
+        .header("x-callout")
+        .unwrap_or("");
     assert!(got.starts_with("503:upstream connect error"), "{got}");
     Ok(())
 }

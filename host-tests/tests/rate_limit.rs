@@ -119,7 +119,7 @@ fn allowed_responses_say_what_is_left() -> Result<()> {
 fn the_bucket_refills_at_the_configured_rate() -> Result<()> {
     let mut edge =
         edge(r#"{"rules":[{"name":"r","limit":{"requests":2,"window":"1s"}}]}"#).build()?;
-    let mut run = |edge: &mut Edge, n: usize| -> Result<usize> {
+    let run = |edge: &mut Edge, n: usize| -> Result<usize> {
         let mut ok = 0;
         for _ in 0..n {
             ok += usize::from(edge.get("/")?.status == 200);
