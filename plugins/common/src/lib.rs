@@ -1,5 +1,6 @@
 //! Mechanisms every edge plugin shares, written once: configuration parsing with errors that
-//! name the field, durations, request matching and keys, the cross-worker slot store, and
+//! name the field, durations, request matching and keys, the cross-worker slot store, stored
+//! responses (with hop-by-hop filtering and Cache-Control), and
 //! problem+json replies. Everything but `host` and `shared_data` is pure Rust, unit-tested
 //! natively; those two are the only hostcall translations.
 
@@ -12,6 +13,7 @@ pub mod request;
 pub mod route;
 pub mod shared_data;
 pub mod store;
+pub mod stored;
 
 pub use config::{parse_json, ConfigError, Node, Obj};
 pub use duration::parse_duration;
