@@ -1626,6 +1626,20 @@ impl Edge {
         self.host.borrow_mut().shared_data_fault = status;
     }
 
+    /// Stages the race Envoy's worker threads run *inside* a callback, between a plugin's read
+    /// and its write, which interleaving at callback boundaries cannot reach: each of the next
+    /// `n` compare-and-swaps that would succeed instead finds that another worker made the very
+    /// same write first (the value lands, with a new cas) and gets CasMismatch. A plugin that
+    /// re-reads and decides again stays exact; one that ignores the mismatch double-spends.
+    pub fn stage_races(&mut self, n: u32) {
+        self.host.borrow_mut().staged_races = n;
+    }
+
+    /// How many staged races have been run (0 means the plugin never compare-and-swapped).
+    pub fn races_run(&self) -> u32 {
+        self.host.borrow().races_run
+    }
+
     /// Number of shared-data keys and their total bytes (key + value) in `vm_id`'s scope.
     pub fn shared_data_usage(&self, vm_id: &str) -> (usize, usize) {
         self.host

@@ -519,11 +519,19 @@ fn set_shared_data(c: &mut C, kp: u32, kl: u32, vp: u32, vl: u32, cas: u32) -> R
         return Err(fault.into());
     }
     let next = host.take_cas();
+    let staged = host.staged_races > 0;
     let scope = host.shared_data.entry(s.plugin.vm_id.clone()).or_default();
     match scope.get_mut(&key) {
         // A stale cas on an existing key loses; a new key accepts any cas (Envoy's rule).
         Some(entry) => {
             if cas != 0 && cas != entry.1 {
+                return Err(Status::CasMismatch.into());
+            }
+            if cas != 0 && staged {
+                // Another worker wrote the very same update first; this write loses.
+                *entry = (value, next);
+                host.staged_races -= 1;
+                host.races_run += 1;
                 return Err(Status::CasMismatch.into());
             }
             *entry = (value, next);

@@ -1,14 +1,15 @@
 //! dist/flag_router.wasm in the harness: headers from flags, sticky rollouts on every worker,
 //! and the polled flag source as the kill switch.
+mod common;
 use anyhow::Result;
-use host_tests::{module_path, CalloutReply, Edge, EdgeBuilder, Module, Plugin, Request};
+use common::assert_rejected;
+use host_tests::{CalloutReply, Edge, EdgeBuilder, Module, Plugin, Request};
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Duration;
 
 fn module() -> Module {
-    Module::from_file(module_path("flag_router"))
-        .expect("dist/flag_router.wasm (run ./build.sh build first)")
+    common::plugin_module("flag_router")
 }
 
 fn edge(config: &str) -> EdgeBuilder {
@@ -244,15 +245,6 @@ fn bad_configs_are_rejected_at_load_naming_the_field() {
             "source.timeout:",
         ),
     ] {
-        let err = edge(config)
-            .build()
-            .err()
-            .map(|e| format!("{e:#}"))
-            .unwrap_or_default();
-        assert!(
-            err.contains("rejected its configuration"),
-            "{config}: {err}"
-        );
-        assert!(err.contains(field), "{config}: expected {field:?} in {err}");
+        assert_rejected(edge(config), field);
     }
 }

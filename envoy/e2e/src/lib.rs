@@ -61,3 +61,35 @@ pub fn wait_until<T>(
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Checks that Envoy refused to start because plugin `plugin` (the filter's `name`) rejected
+/// its configuration with `reason` (typically `field.path: message`), and did so while loading
+/// rather than at the ready timeout. `start` starts that Envoy.
+pub fn assert_refused(
+    start: impl FnOnce() -> Result<Envoy>,
+    plugin: &str,
+    reason: &str,
+) -> Result<()> {
+    let begun = Instant::now();
+    let err = match start() {
+        Ok(_) => bail!("Envoy started; expected it to refuse {plugin}'s configuration ({reason})"),
+        Err(e) => format!("{e:#}"),
+    };
+    let took = begun.elapsed();
+    if took >= Duration::from_secs(10) {
+        bail!("Envoy took {took:?} to refuse the configuration: it should fail while loading");
+    }
+    // Envoy 1.40 logs the plugin's own line, then gives up on the filter:
+    //   wasm log <plugin>: <plugin>: configuration rejected: <field>: <message>
+    //   error `Unable to create Wasm plugin <plugin>` initializing config ...
+    for needle in [
+        "exited before becoming ready".to_string(),
+        format!("configuration rejected: {reason}"),
+        format!("Unable to create Wasm plugin {plugin}"),
+    ] {
+        if !err.contains(&needle) {
+            bail!("expected {needle:?} in Envoy's failure:\n{err}");
+        }
+    }
+    Ok(())
+}

@@ -142,6 +142,36 @@ impl<'a> Node<'a> {
         parse_duration(self.str()?).map_err(|e| self.err(e))
     }
 
+    /// A duration that must be longer than zero (windows, intervals, timeouts).
+    pub fn positive_duration(&self) -> Result<Duration, ConfigError> {
+        let d = self.duration()?;
+        if d.is_zero() {
+            Err(self.err("must be longer than 0"))
+        } else {
+            Ok(d)
+        }
+    }
+
+    /// A URL path, which must start with `/`.
+    pub fn url_path(&self) -> Result<String, ConfigError> {
+        let p = self.str()?;
+        if p.starts_with('/') {
+            Ok(p.to_string())
+        } else {
+            Err(self.err(format!("\"{p}\" must start with /")))
+        }
+    }
+
+    /// An HTTP header name (an RFC 9110 token), lower-cased as Envoy keeps them.
+    pub fn header_name(&self) -> Result<String, ConfigError> {
+        let h = self.str()?.trim().to_ascii_lowercase();
+        let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+        if h.is_empty() || !h.bytes().all(token) {
+            return Err(self.err(format!("\"{h}\" is not a header name")));
+        }
+        Ok(h)
+    }
+
     /// One of the given words.
     pub fn one_of(&self, words: &[&str]) -> Result<usize, ConfigError> {
         let s = self.str()?;
@@ -300,6 +330,28 @@ mod tests {
         assert_eq!(e("[]"), "configuration: expected an object, found a list");
         assert!(e("  ").starts_with("configuration: missing"));
         assert!(e("{").starts_with("configuration: EOF"));
+    }
+
+    #[test]
+    fn shared_field_kinds_check_their_values() {
+        let read = |v: serde_json::Value| {
+            let n = Node::root(&v);
+            (
+                n.positive_duration().map_err(|e| e.message),
+                n.url_path().map_err(|e| e.message),
+                n.header_name().map_err(|e| e.message),
+            )
+        };
+        assert_eq!(
+            read(serde_json::json!("0s")).0,
+            Err("must be longer than 0".into())
+        );
+        assert_eq!(read(serde_json::json!("2s")).0, Ok(Duration::from_secs(2)));
+        assert_eq!(read(serde_json::json!("/f")).1, Ok("/f".into()));
+        assert!(read(serde_json::json!("f.json")).1.is_err());
+        assert_eq!(read(serde_json::json!("X-Route")).2, Ok("x-route".into()));
+        assert!(read(serde_json::json!("x route")).2.is_err());
+        assert!(read(serde_json::json!("")).2.is_err());
     }
 
     #[test]

@@ -1,19 +1,19 @@
 //! The few hostcall translations every plugin's glue needs, written once.
 
+use crate::ffi::{self, REQUEST_HEADERS};
 use crate::request::{client_ip, RequestView};
 use proxy_wasm::hostcalls;
-use proxy_wasm::types::MapType;
 use std::time::UNIX_EPOCH;
 
-/// The request being filtered, read through hostcalls. Valid only during
-/// `on_http_request_headers` (Envoy refuses request-header reads later on).
+/// The request being filtered, read through hostcalls. Meaningful only during
+/// `on_http_request_headers` (later, Envoy refuses request-header reads: they read as absent).
 pub struct HostRequest;
 
 impl RequestView for HostRequest {
     fn header(&self, name: &str) -> Option<Vec<u8>> {
-        hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
-            .ok()
-            .flatten()
+        // Any status but OK (including Envoy's BadArgument outside the request-header phase)
+        // reads as "absent" instead of trapping.
+        ffi::get_header(REQUEST_HEADERS, name)
     }
     fn method(&self) -> Vec<u8> {
         self.header(":method").unwrap_or_default()
@@ -22,7 +22,7 @@ impl RequestView for HostRequest {
         self.header(":path").unwrap_or_default()
     }
     fn client_ip(&self) -> Option<String> {
-        let raw = hostcalls::get_property(vec!["source", "address"]).ok()??;
+        let raw = ffi::get_property(&["source", "address"])?;
         client_ip(&String::from_utf8_lossy(&raw))
     }
 }
@@ -63,4 +63,10 @@ pub fn root_id() -> String {
         .flatten()
         .map(|b| String::from_utf8_lossy(&b).into_owned())
         .unwrap_or_default()
+}
+
+/// A header of the response to this root context's callout (`None` when absent or unreadable).
+pub fn callout_response_header(name: &str) -> Option<String> {
+    ffi::get_header(ffi::HTTP_CALL_RESPONSE_HEADERS, name)
+        .map(|v| String::from_utf8_lossy(&v).into_owned())
 }

@@ -1,11 +1,12 @@
 //! Mechanisms every edge plugin shares, written once: configuration parsing with errors that
-//! name the field, durations, request matching and keys, the cross-worker slot store, stored
-//! responses (with hop-by-hop filtering and Cache-Control), and
-//! problem+json replies. Everything but `host` and `shared_data` is pure Rust, unit-tested
-//! natively; those two are the only hostcall translations.
+//! name the field, durations, request matching and keys, the cross-worker slot store (and its
+//! bounded read-modify-write), stored responses with Cache-Control, and problem+json replies.
+//! Everything but `ffi`, `host` and `shared_data` is pure Rust, unit-tested natively; those
+//! three are the only hostcall translations, and `ffi` holds the only `unsafe`.
 
 pub mod config;
 pub mod duration;
+pub mod ffi;
 pub mod host;
 pub mod key;
 pub mod problem;

@@ -18,14 +18,6 @@ impl Route {
     /// Reads `{"pathPrefix", "path", "methods", "headers"}`, all optional.
     pub fn read(n: Node<'_>) -> Result<Route, ConfigError> {
         let o = n.obj(&["pathPrefix", "path", "methods", "headers"])?;
-        let path = |n: Node<'_>| -> Result<String, ConfigError> {
-            let p = n.str()?;
-            if p.starts_with('/') {
-                Ok(p.to_string())
-            } else {
-                Err(n.err(format!("\"{p}\" must start with /")))
-            }
-        };
         let methods = o.list("methods", |n| {
             let m = n.str()?;
             if m.is_empty() || !m.bytes().all(|b| b.is_ascii_alphabetic()) {
@@ -40,8 +32,8 @@ impl Route {
             ));
         }
         Ok(Route {
-            path_prefix: o.opt("pathPrefix", path)?,
-            path: o.opt("path", path)?,
+            path_prefix: o.opt("pathPrefix", |n| n.url_path())?,
+            path: o.opt("path", |n| n.url_path())?,
             methods,
             headers: o.entries("headers", |k, n| {
                 Ok((k.to_ascii_lowercase(), n.str()?.to_string()))

@@ -59,6 +59,34 @@ pub fn get_or_create(
         .ok_or_else(|| StoreError(format!("{key} vanished after it was created")))
 }
 
+/// Read-modify-write of one existing key: `change` gets the current value and returns the new
+/// one (`None`: leave it as it is); a lost compare-and-swap re-reads and tries again, at most
+/// `attempts` times, after which the store counts as failing. Returns the value written.
+pub fn update(
+    store: &impl SlotStore,
+    key: &str,
+    attempts: u32,
+    mut change: impl FnMut(&[u8]) -> Option<Vec<u8>>,
+) -> Result<Option<Vec<u8>>, StoreError> {
+    for _ in 0..attempts {
+        let Some(e) = store.get(key)? else {
+            return Err(StoreError(format!("{key} is missing")));
+        };
+        let Some(new) = change(&e.value) else {
+            return Ok(None);
+        };
+        if store.compare_and_swap(key, &new, e.version)? == Write::Done {
+            return Ok(Some(new));
+        }
+    }
+    Err(contended(attempts))
+}
+
+/// The error for a key that stayed contended through every attempt.
+pub fn contended(attempts: u32) -> StoreError {
+    StoreError(format!("gave up after {attempts} conflicting writes"))
+}
+
 /// An in-process store with Envoy's rules (versions from one counter that skips 0), for unit
 /// tests. It can inject the failures a policy must survive: a competing write before the next
 /// compare-and-swaps, and an unavailable store.
@@ -168,6 +196,24 @@ mod tests {
             Ok(Write::Conflict)
         );
         assert_eq!(s.get("k").unwrap().unwrap().value, b"1");
+    }
+
+    #[test]
+    fn update_retries_a_lost_write_and_gives_up_when_bounded() {
+        let s = MemoryStore::new();
+        get_or_create(&s, "n", &[1]).unwrap();
+        let inc = |v: &[u8]| Some(vec![v.first().copied().unwrap_or(0) + 1]);
+        s.conflicts.set(2);
+        assert_eq!(update(&s, "n", 3, inc), Ok(Some(vec![2])));
+        assert_eq!(update(&s, "n", 3, |_| None), Ok(None));
+        s.conflicts.set(3);
+        assert!(update(&s, "n", 3, inc).is_err());
+        assert_eq!(
+            s.get("n").unwrap().unwrap().value,
+            vec![2],
+            "nothing half-written"
+        );
+        assert!(update(&s, "absent", 3, inc).is_err());
     }
 
     #[test]

@@ -26,24 +26,6 @@ pub struct Config {
     pub source: Option<Source>,
 }
 
-fn header_name(n: Node<'_>) -> Result<String, ConfigError> {
-    let h = n.str()?.to_ascii_lowercase();
-    let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
-    if h.is_empty() || !h.bytes().all(token) {
-        return Err(n.err(format!("\"{h}\" is not a header name")));
-    }
-    Ok(h)
-}
-
-fn positive(n: Node<'_>) -> Result<Duration, ConfigError> {
-    let d = n.duration()?;
-    if d.is_zero() {
-        Err(n.err("must be longer than 0"))
-    } else {
-        Ok(d)
-    }
-}
-
 impl Config {
     pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
         let json = parse_json(bytes)?;
@@ -62,7 +44,7 @@ impl Config {
             }
             Ok((k.to_string(), KeyPart::read(n)?))
         })?;
-        let headers = o.entries("headers", |k, n| Ok((k.to_string(), header_name(n)?)))?;
+        let headers = o.entries("headers", |k, n| Ok((k.to_string(), n.header_name()?)))?;
         if headers.is_empty() {
             return Err(o.err("headers", "required: map at least one flag to a header"));
         }
@@ -94,19 +76,12 @@ impl Config {
                     .opt("authority", |n| n.str().map(str::to_string))?
                     .unwrap_or_else(|| cluster.clone()),
                 cluster,
-                path: s.req("path", |n| {
-                    let p = n.str()?;
-                    if p.starts_with('/') {
-                        Ok(p.to_string())
-                    } else {
-                        Err(n.err(format!("\"{p}\" must start with /")))
-                    }
-                })?,
+                path: s.req("path", |n| n.url_path())?,
                 poll_interval: s
-                    .opt("pollInterval", positive)?
+                    .opt("pollInterval", |n| n.positive_duration())?
                     .unwrap_or(Duration::from_secs(30)),
                 timeout: s
-                    .opt("timeout", positive)?
+                    .opt("timeout", |n| n.positive_duration())?
                     .unwrap_or(Duration::from_secs(5)),
             })
         })?;

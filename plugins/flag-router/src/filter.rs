@@ -2,13 +2,15 @@
 //! the source; each request context evaluates against the flags current when it began.
 
 use crate::config::Config;
-use crate::flags::{FlagSet, Reason};
-use crate::policy::decide;
+use crate::flags::FlagSet;
+use crate::policy::{decide, Reporter};
 use crate::source::{Fetched, Poller};
-use edge_common::host::{follow_host_log_level, now_ns, plugin_configuration, HostRequest};
+use edge_common::host::{
+    callout_response_header, follow_host_log_level, now_ns, plugin_configuration, HostRequest,
+};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, MapType, MetricType};
+use proxy_wasm::types::{Action, ContextType, MetricType};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -17,22 +19,7 @@ use std::rc::Rc;
 #[derive(Default)]
 pub struct Metrics {
     ids: HashMap<String, Option<u32>>,
-    /// Flags whose evaluation error was logged at warning level (then at debug: one broken
-    /// flag must not flood the log at request rate).
-    warned: std::collections::HashSet<String>,
-}
-
-/// Stat names keep to characters Envoy's stat tags do not split on.
-fn stat_part(s: &str) -> String {
-    s.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
+    reporter: Reporter,
 }
 
 impl Metrics {
@@ -52,7 +39,6 @@ pub struct FlagRouterRoot {
     config: Option<Rc<Config>>,
     flags: Rc<FlagSet>,
     poller: Poller,
-    in_flight: Option<u32>,
     metrics: Rc<RefCell<Metrics>>,
 }
 
@@ -61,10 +47,9 @@ impl FlagRouterRoot {
         let Some(source) = self.config.as_ref().and_then(|c| c.source.clone()) else {
             return;
         };
-        if self.in_flight.is_some() {
+        let Some(headers) = self.poller.next(&source) else {
             return;
-        }
-        let headers = self.poller.request(&source);
+        };
         let headers: Vec<(&str, &str)> = headers
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
@@ -72,7 +57,7 @@ impl FlagRouterRoot {
         self.metrics.borrow_mut().inc("flag_router.source_fetches");
         match hostcalls::dispatch_http_call(&source.cluster, headers, None, vec![], source.timeout)
         {
-            Ok(token) => self.in_flight = Some(token),
+            Ok(token) => self.poller.sent(token),
             Err(status) => {
                 self.metrics.borrow_mut().inc("flag_router.source_errors");
                 log::warn!(
@@ -92,18 +77,8 @@ impl Context for FlagRouterRoot {
         body_size: usize,
         _trailers: usize,
     ) {
-        if self.in_flight != Some(token) {
-            return;
-        }
-        self.in_flight = None;
-        let header = |name: &str| {
-            hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, name)
-                .ok()
-                .flatten()
-                .map(|v| String::from_utf8_lossy(&v).into_owned())
-        };
-        let status = header(":status").and_then(|s| s.parse::<u32>().ok());
-        let etag = header("etag");
+        let status = callout_response_header(":status").and_then(|s| s.parse::<u32>().ok());
+        let etag = callout_response_header("etag");
         let body = if body_size > 0 {
             hostcalls::get_buffer(
                 proxy_wasm::types::BufferType::HttpCallResponseBody,
@@ -116,7 +91,10 @@ impl Context for FlagRouterRoot {
         } else {
             Vec::new()
         };
-        match self.poller.reply(status, etag, &body) {
+        let Some(fetched) = self.poller.reply_to(token, status, etag, &body) else {
+            return;
+        };
+        match fetched {
             Fetched::Updated(set) => {
                 log::info!("flag-router: flags updated ({} flags)", set.flags.len());
                 self.flags = Rc::new(set);
@@ -190,27 +168,12 @@ impl HttpContext for FlagRouterStream {
         }
         let mut metrics = self.metrics.borrow_mut();
         for e in &d.evaluations {
-            let outcome = match (&e.variant, e.reason) {
-                (Some(v), _) => format!("variant.{}", stat_part(v)),
-                (None, Reason::Disabled) => "disabled".into(),
-                (None, Reason::NotFound) => "not_found".into(),
-                (None, Reason::Error) => "error".into(),
-                (None, _) => "no_default".into(),
-            };
-            metrics.inc(&format!("flag_router.{}.{outcome}", stat_part(&e.flag)));
-            if let Some(err) = &e.error {
-                if metrics.warned.insert(e.flag.clone()) {
-                    log::warn!("flag-router: flag {} failed to evaluate: {err}", e.flag);
-                } else {
-                    log::debug!("flag-router: flag {} failed to evaluate: {err}", e.flag);
-                }
+            let report = metrics.reporter.report(e);
+            metrics.inc(&report.counter);
+            if let Some(w) = &report.warning {
+                log::warn!("flag-router: {w}");
             }
-            log::debug!(
-                "flag-router: flag {} variant {} reason {:?}",
-                e.flag,
-                e.variant.as_deref().unwrap_or("-"),
-                e.reason
-            );
+            log::debug!("flag-router: {}", report.debug);
         }
         Action::Continue
     }

@@ -23,6 +23,68 @@ pub struct Decision {
     pub evaluations: Vec<Evaluation>,
 }
 
+/// What to count and log for one evaluation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Report {
+    /// The counter to increment (`flag_router.<flag>.<outcome>`).
+    pub counter: String,
+    /// A warning, the first time a flag fails on this worker.
+    pub warning: Option<String>,
+    pub debug: String,
+}
+
+/// Turns evaluations into counters and log lines. A broken flag warns once per worker, then at
+/// debug: it must not flood the log at request rate. The set is bounded by the flag names.
+#[derive(Default)]
+pub struct Reporter {
+    warned: std::collections::HashSet<String>,
+}
+
+/// A name part Envoy's stat tags do not split on.
+pub fn stat_part(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+impl Reporter {
+    pub fn report(&mut self, e: &Evaluation) -> Report {
+        let outcome = match (&e.variant, e.reason) {
+            (Some(v), _) => format!("variant.{}", stat_part(v)),
+            (None, Reason::Disabled) => "disabled".into(),
+            (None, Reason::NotFound) => "not_found".into(),
+            (None, Reason::Error) => "error".into(),
+            (None, _) => "no_default".into(),
+        };
+        let warning = match &e.error {
+            Some(err) if self.warned.insert(e.flag.clone()) => {
+                Some(format!("flag {} failed to evaluate: {err}", e.flag))
+            }
+            _ => None,
+        };
+        Report {
+            counter: format!("flag_router.{}.{outcome}", stat_part(&e.flag)),
+            warning,
+            debug: format!(
+                "flag {} variant {} reason {:?}{}",
+                e.flag,
+                e.variant.as_deref().unwrap_or("-"),
+                e.reason,
+                e.error
+                    .as_deref()
+                    .map(|x| format!(" error: {x}"))
+                    .unwrap_or_default()
+            ),
+        }
+    }
+}
+
 fn text(bytes: Vec<u8>) -> Value {
     Value::String(String::from_utf8_lossy(&bytes).into_owned())
 }
@@ -212,6 +274,47 @@ mod tests {
             .as_deref()
             .unwrap_or("")
             .contains("nope"));
+    }
+
+    #[test]
+    fn reports_name_the_counter_and_warn_once_per_broken_flag() {
+        let mut r = Reporter::default();
+        let ok = Evaluation {
+            flag: "new.checkout".into(),
+            variant: Some("on v2".into()),
+            reason: Reason::TargetingMatch,
+            error: None,
+        };
+        let rep = r.report(&ok);
+        assert_eq!(rep.counter, "flag_router.new_checkout.variant.on_v2");
+        assert_eq!(rep.warning, None);
+        let broken = Evaluation {
+            flag: "f".into(),
+            variant: None,
+            reason: Reason::Error,
+            error: Some("boom".into()),
+        };
+        let first = r.report(&broken);
+        assert_eq!(first.counter, "flag_router.f.error");
+        assert_eq!(
+            first.warning.as_deref(),
+            Some("flag f failed to evaluate: boom")
+        );
+        assert_eq!(r.report(&broken).warning, None, "warned once");
+        assert!(r.report(&broken).debug.contains("boom"), "then at debug");
+        for (reason, name) in [
+            (Reason::Disabled, "disabled"),
+            (Reason::NotFound, "not_found"),
+            (Reason::Default, "no_default"),
+        ] {
+            let e = Evaluation {
+                flag: "f".into(),
+                variant: None,
+                reason,
+                error: None,
+            };
+            assert_eq!(r.report(&e).counter, format!("flag_router.f.{name}"));
+        }
     }
 
     #[test]

@@ -17,11 +17,37 @@ pub enum Fetched {
 #[derive(Default)]
 pub struct Poller {
     etag: Option<String>,
+    /// The token of the fetch on its way: one at a time, so a slow source is not piled on.
+    in_flight: Option<u32>,
 }
 
 impl Poller {
-    /// The request headers of the next fetch.
-    pub fn request(&self, s: &Source) -> Vec<(String, String)> {
+    /// The request headers of the next fetch, or `None` while one is still on its way.
+    pub fn next(&self, s: &Source) -> Option<Vec<(String, String)>> {
+        self.in_flight.is_none().then(|| self.request(s))
+    }
+
+    /// The fetch was dispatched with `token`.
+    pub fn sent(&mut self, token: u32) {
+        self.in_flight = Some(token);
+    }
+
+    /// A reply to callout `token`: `None` when it is not the fetch this poller waits for.
+    pub fn reply_to(
+        &mut self,
+        token: u32,
+        status: Option<u32>,
+        etag: Option<String>,
+        body: &[u8],
+    ) -> Option<Fetched> {
+        if self.in_flight != Some(token) {
+            return None;
+        }
+        self.in_flight = None;
+        Some(self.reply(status, etag, body))
+    }
+
+    fn request(&self, s: &Source) -> Vec<(String, String)> {
         let mut h = vec![
             (":method".into(), "GET".into()),
             (":path".into(), s.path.clone()),
@@ -35,7 +61,7 @@ impl Poller {
     }
 
     /// Interprets a reply; `status` is `None` when the call failed (reset, timeout, no host).
-    pub fn reply(&mut self, status: Option<u32>, etag: Option<String>, body: &[u8]) -> Fetched {
+    fn reply(&mut self, status: Option<u32>, etag: Option<String>, body: &[u8]) -> Fetched {
         match status {
             None => Fetched::Failed("no response (connection failure or timeout)".into()),
             Some(304) => Fetched::NotModified,
@@ -90,6 +116,27 @@ mod tests {
             p.reply(Some(304), None, b""),
             Fetched::NotModified
         ));
+    }
+
+    #[test]
+    fn one_fetch_at_a_time_and_only_its_reply_counts() {
+        let mut p = Poller::default();
+        assert!(p.next(&source()).is_some());
+        p.sent(7);
+        assert!(p.next(&source()).is_none(), "a fetch is on its way");
+        assert!(
+            p.reply_to(6, Some(200), None, DOC).is_none(),
+            "a stale token is ignored"
+        );
+        assert!(matches!(
+            p.reply_to(7, Some(304), None, b""),
+            Some(Fetched::NotModified)
+        ));
+        assert!(p.next(&source()).is_some());
+        assert!(
+            p.reply_to(7, Some(200), None, DOC).is_none(),
+            "answered once only"
+        );
     }
 
     #[test]

@@ -125,14 +125,7 @@ fn read_rule(n: Node<'_>, default_status: u32) -> Result<Rule, ConfigError> {
                 Ok(r)
             }
         })?;
-        let window = l.req("window", |n| {
-            let w = n.duration()?;
-            if w.is_zero() {
-                Err(n.err("must be longer than 0"))
-            } else {
-                Ok(w)
-            }
-        })?;
+        let window = l.req("window", |n| n.positive_duration())?;
         let burst = l
             .opt("burst", |n| match n.u64()? {
                 0 => Err(n.err("must be > 0")),

@@ -1,7 +1,7 @@
 //! Proxy-wasm glue: reads the request through hostcalls, asks the [`Limiter`], and turns its
 //! decision into a local reply or added headers, counters and log lines.
 
-use crate::config::{Config, Mode};
+use crate::config::Config;
 use crate::policy::{Action as Verdict, Limiter, Outcome};
 use edge_common::host::{
     follow_host_log_level, now_ns, plugin_configuration, root_id, HostRequest,
@@ -12,19 +12,12 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, MetricType};
 use std::rc::Rc;
 
-/// Counter ids per rule, in [`Outcome`] order.
+/// Counter ids per rule, in [`Outcome::ALL`] order.
 type RuleMetrics = [Option<u32>; 4];
 
 fn slot(o: Outcome) -> usize {
-    match o {
-        Outcome::Allowed => 0,
-        Outcome::Limited => 1,
-        Outcome::ShadowLimited => 2,
-        Outcome::StoreError => 3,
-    }
+    Outcome::ALL.iter().position(|x| *x == o).unwrap_or(0)
 }
-
-const COUNTERS: [&str; 4] = ["allowed", "limited", "shadow_limited", "store_errors"];
 
 #[derive(Default)]
 pub struct RateLimitRoot {
@@ -46,20 +39,17 @@ impl RootContext for RateLimitRoot {
         };
         let namespace = format!("rate_limit/{}/", root_id());
         let random = getrandom::u64().unwrap_or(0x243f_6a88_85a3_08d3);
-        let seed = Limiter::store_seed(&SharedData, &namespace, random).unwrap_or_else(|e| {
+        let (seed, failed) = Limiter::shared_seed(&SharedData, &namespace, random);
+        if let Some(e) = failed {
             log::warn!("rate-limit: cannot share the key seed ({e}); using this worker's own");
-            random
-        });
+        }
         let metrics = config
             .rules
             .iter()
             .map(|r| {
-                COUNTERS.map(|c| {
-                    hostcalls::define_metric(
-                        MetricType::Counter,
-                        &format!("rate_limit.{}.{c}", r.name),
-                    )
-                    .ok()
+                Outcome::ALL.map(|o| {
+                    let name = format!("rate_limit.{}.{}", r.name, o.counter());
+                    hostcalls::define_metric(MetricType::Counter, &name).ok()
                 })
             })
             .collect();
@@ -136,19 +126,15 @@ impl HttpContext for RateLimitStream {
                 .collect();
             log::debug!("rate-limit: {}", parts.join("; "));
         }
-        if limiter.config.mode == Mode::Shadow {
-            // Only this plugin may say a request would have been limited.
-            let _ = hostcalls::set_map_value(
-                proxy_wasm::types::MapType::HttpRequestHeaders,
-                "x-ratelimit-shadow",
-                None,
-            );
-        }
         match d.action {
             Verdict::Continue {
+                remove_upstream,
                 upstream_headers,
                 response_headers,
             } => {
+                for k in &remove_upstream {
+                    self.set_http_request_header(k, None);
+                }
                 for (k, v) in &upstream_headers {
                     self.set_http_request_header(k, Some(v));
                 }

@@ -16,7 +16,7 @@ use crate::bucket::{ceil_secs, Bucket, Limit, Take};
 use crate::config::{Config, FailureMode, Mode, Rule};
 use edge_common::key::key_hash;
 use edge_common::problem::{json_string_list, problem_json, CONTENT_TYPE};
-use edge_common::store::{get_or_create, Write};
+use edge_common::store::{contended, get_or_create, update, Write};
 use edge_common::{RequestView, SlotStore, StoreError};
 
 /// Slots examined for a key: its home slot and the next three.
@@ -38,6 +38,29 @@ pub enum Outcome {
     StoreError,
 }
 
+impl Outcome {
+    /// Every outcome, in the order of [`Outcome::counter`] names.
+    pub const ALL: [Outcome; 4] = [
+        Outcome::Allowed,
+        Outcome::Limited,
+        Outcome::ShadowLimited,
+        Outcome::StoreError,
+    ];
+
+    /// The rule's counter this outcome increments (`rate_limit.<rule>.<counter>`).
+    pub fn counter(self) -> &'static str {
+        match self {
+            Outcome::Allowed => "allowed",
+            Outcome::Limited => "limited",
+            Outcome::ShadowLimited => "shadow_limited",
+            Outcome::StoreError => "store_errors",
+        }
+    }
+}
+
+/// The marker shadow mode sends upstream; only this plugin may set it.
+pub const SHADOW_HEADER: &str = "x-ratelimit-shadow";
+
 /// One matched rule's result, for metrics and the decision log line.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RuleResult {
@@ -51,9 +74,10 @@ pub struct RuleResult {
 /// What the filter does with the request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
-    /// Forward it, adding `upstream_headers` to the request and `response_headers` to the
-    /// response.
+    /// Forward it: remove `remove_upstream`, then add `upstream_headers` to the request; add
+    /// `response_headers` to the response.
     Continue {
+        remove_upstream: Vec<String>,
         upstream_headers: Vec<(String, String)>,
         response_headers: Vec<(String, String)>,
     },
@@ -146,11 +170,13 @@ struct Taken {
     take: Take,
     slot_key: String,
     overflow: bool,
+    key: u64,
+    fp: u64,
 }
 
 impl Limiter {
     /// `namespace` prefixes every store key (the store is shared by every plugin of the VM);
-    /// `seed` keys the hash of client keys (shared by all workers, see `store_seed`).
+    /// `seed` keys the hash of client keys (shared by all workers, see `shared_seed`).
     pub fn new(config: Config, namespace: &str, seed: u64) -> Self {
         Limiter {
             fingerprints: config.rules.iter().map(|r| fingerprint(&r.limit)).collect(),
@@ -160,18 +186,26 @@ impl Limiter {
         }
     }
 
-    /// The seed every worker uses, created once in the store from `random`.
-    pub fn store_seed(
+    /// The seed every worker uses, created once in the store from `random`. When the store
+    /// fails, this worker uses `random` and says why: its keys then hash apart from the other
+    /// workers' until a reload, but requests still get a decision (and `failureMode` applies
+    /// to every request while the store stays down).
+    pub fn shared_seed(
         store: &impl SlotStore,
         namespace: &str,
         random: u64,
-    ) -> Result<u64, StoreError> {
-        let e = get_or_create(store, &format!("{namespace}seed"), &random.to_le_bytes())?;
-        Ok(e.value
-            .get(..8)
-            .and_then(|b| b.try_into().ok())
-            .map(u64::from_le_bytes)
-            .unwrap_or(random))
+    ) -> (u64, Option<StoreError>) {
+        match get_or_create(store, &format!("{namespace}seed"), &random.to_le_bytes()) {
+            Ok(e) => (
+                e.value
+                    .get(..8)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u64::from_le_bytes)
+                    .unwrap_or(random),
+                None,
+            ),
+            Err(e) => (random, Some(e)),
+        }
     }
 
     /// Decides on one request at `now_ns` (wall clock, nanoseconds).
@@ -224,7 +258,7 @@ impl Limiter {
                 let Some(rule) = self.config.rules.get(*i) else {
                     continue;
                 };
-                if let Ok(b) = self.give_back(rule, t, now_ns, store) {
+                if let Ok(Some(b)) = self.give_back(rule, t, now_ns, store) {
                     t.take = rule.limit.describe(true, b);
                 }
             }
@@ -250,10 +284,16 @@ impl Limiter {
                 .filter_map(|r| self.config.rules.get(r.rule).map(|x| x.name.as_str()))
                 .collect();
             Action::Continue {
+                // In shadow mode a client-sent marker is always dropped: it could fake a verdict.
+                remove_upstream: if self.config.mode == Mode::Shadow {
+                    vec![SHADOW_HEADER.into()]
+                } else {
+                    Vec::new()
+                },
                 upstream_headers: if shadow.is_empty() {
                     Vec::new()
                 } else {
-                    vec![("x-ratelimit-shadow".into(), shadow.join(", "))]
+                    vec![(SHADOW_HEADER.into(), shadow.join(", "))]
                 },
                 response_headers: if self.config.response_headers
                     && self.config.mode == Mode::Enforce
@@ -403,6 +443,8 @@ impl Limiter {
                     take,
                     slot_key,
                     overflow,
+                    key,
+                    fp,
                 });
             }
             let slot = Slot {
@@ -415,12 +457,12 @@ impl Limiter {
                     take,
                     slot_key,
                     overflow,
+                    key,
+                    fp,
                 });
             }
         }
-        Err(StoreError(format!(
-            "gave up after {ATTEMPTS} conflicting writes"
-        )))
+        Err(contended(ATTEMPTS))
     }
 
     /// Returns the token `t` took (the slot still belongs to the same key: a slot is only given
@@ -431,20 +473,23 @@ impl Limiter {
         t: &Taken,
         now: u64,
         store: &impl SlotStore,
-    ) -> Result<Bucket, StoreError> {
-        for _ in 0..ATTEMPTS {
-            let Some(e) = store.get(&t.slot_key)? else {
-                return Err(StoreError(format!("{} is missing", t.slot_key)));
-            };
-            let mut slot = Slot::decode(&e.value);
-            slot.bucket = rule.limit.give_back(slot.bucket, now);
-            if store.compare_and_swap(&t.slot_key, &slot.encode(), e.version)? == Write::Done {
-                return Ok(slot.bucket);
-            }
-        }
-        Err(StoreError(format!(
-            "gave up after {ATTEMPTS} conflicting writes"
-        )))
+    ) -> Result<Option<Bucket>, StoreError> {
+        let owner = self.slot_owner(t);
+        let written = update(store, &t.slot_key, ATTEMPTS, |bytes| {
+            let mut slot = Slot::decode(bytes);
+            // Only into the bucket the token came from: if the slot has meanwhile refilled
+            // and passed to another key, there is nothing to give back.
+            (slot.key == owner.0 && slot.limit == owner.1).then(|| {
+                slot.bucket = rule.limit.give_back(slot.bucket, now);
+                slot.encode().to_vec()
+            })
+        })?;
+        Ok(written.map(|bytes| Slot::decode(&bytes).bucket))
+    }
+
+    /// The (key, fingerprint) a taken slot was written with.
+    fn slot_owner(&self, t: &Taken) -> (u64, u64) {
+        (if t.overflow { OVERFLOW } else { t.key }, t.fp)
     }
 }
 
@@ -627,12 +672,14 @@ mod tests {
         let d = l.check(&from("10.0.0.1:1"), 0, &s);
         assert_eq!(d.results[0].outcome, Outcome::ShadowLimited);
         let Action::Continue {
+            remove_upstream,
             upstream_headers,
             response_headers,
         } = &d.action
         else {
             panic!("shadow mode rejected: {d:?}")
         };
+        assert_eq!(remove_upstream, &["x-ratelimit-shadow".to_string()]);
         assert_eq!(
             upstream_headers,
             &[("x-ratelimit-shadow".to_string(), "per-ip".to_string())]
@@ -640,6 +687,56 @@ mod tests {
         assert!(
             response_headers.is_empty(),
             "clients see no change in shadow mode"
+        );
+    }
+
+    #[test]
+    fn enforce_mode_leaves_client_headers_alone() {
+        let l = per_ip(1, "60s", "");
+        let d = l.check(&from("10.0.0.1:1"), 0, &MemoryStore::new());
+        let Action::Continue {
+            remove_upstream, ..
+        } = &d.action
+        else {
+            panic!("{d:?}")
+        };
+        assert!(remove_upstream.is_empty());
+    }
+
+    #[test]
+    fn outcomes_name_the_documented_counters() {
+        let names: Vec<&str> = Outcome::ALL.iter().map(|o| o.counter()).collect();
+        assert_eq!(
+            names,
+            ["allowed", "limited", "shadow_limited", "store_errors"]
+        );
+    }
+
+    #[test]
+    fn a_token_is_only_given_back_to_the_bucket_it_came_from() {
+        // 1e9 per second refills in a nanosecond: by the time another rule rejects, the slot
+        // may already belong to someone else.
+        let l = limiter(
+            r#"{"rules":[{"name":"fast","limit":{"requests":1000000000,"window":"1s","burst":1}}]}"#,
+        );
+        let s = MemoryStore::new();
+        let t = l
+            .take(&l.config.rules[0], l.fingerprints[0], 5, 0, &s)
+            .unwrap();
+        assert!(t.take.allowed);
+        // Another key takes the slot over once the bucket is full again.
+        let other = Slot {
+            key: 6,
+            limit: l.fingerprints[0],
+            bucket: l.config.rules[0].limit.fresh(10),
+        };
+        let e = s.get(&t.slot_key).unwrap().unwrap();
+        s.compare_and_swap(&t.slot_key, &other.encode(), e.version)
+            .unwrap();
+        assert_eq!(l.give_back(&l.config.rules[0], &t, 10, &s), Ok(None));
+        assert_eq!(
+            Slot::decode(&s.get(&t.slot_key).unwrap().unwrap().value),
+            other
         );
     }
 
@@ -748,8 +845,13 @@ mod tests {
     #[test]
     fn the_seed_is_created_once_and_shared() {
         let s = MemoryStore::new();
-        assert_eq!(Limiter::store_seed(&s, "rl//", 11), Ok(11));
-        assert_eq!(Limiter::store_seed(&s, "rl//", 22), Ok(11));
+        assert_eq!(Limiter::shared_seed(&s, "rl//", 11), (11, None));
+        assert_eq!(Limiter::shared_seed(&s, "rl//", 22), (11, None));
+        let down = MemoryStore::new();
+        down.broken.set(true);
+        let (seed, err) = Limiter::shared_seed(&down, "rl//", 33);
+        assert_eq!(seed, 33);
+        assert!(err.is_some());
     }
 
     #[test]
