@@ -274,6 +274,22 @@ impl Envoy {
     }
 
     /// Every counter and gauge, from the admin `/stats`.
+    /// Downstream connections each of the first `workers` worker threads accepted (from the
+    /// listener's per-worker stats), to show that a test's traffic really used them all.
+    pub fn connections_per_worker(&self, workers: usize) -> Result<Vec<u64>> {
+        let stats = self.stats()?;
+        Ok((0..workers)
+            .map(|w| {
+                let suffix = format!(".worker_{w}.downstream_cx_total");
+                stats
+                    .with_prefix("listener.")
+                    .filter(|(name, _)| name.ends_with(&suffix))
+                    .map(|(_, n)| n)
+                    .sum()
+            })
+            .collect())
+    }
+
     pub fn stats(&self) -> Result<Stats> {
         let res = self.admin("/stats")?;
         if res.status != 200 {

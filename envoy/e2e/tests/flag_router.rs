@@ -231,21 +231,6 @@ fn wait_for_each_context(envoy: &Envoy, what: &str, before: u64) -> Result<Durat
     Ok(started.elapsed())
 }
 
-/// Connections per worker since start, from the listener's per-worker stats.
-fn connections_per_worker(envoy: &Envoy) -> Result<Vec<u64>> {
-    let stats = envoy.stats()?;
-    Ok((0..2)
-        .map(|w| {
-            let suffix = format!(".worker_{w}.downstream_cx_total");
-            stats
-                .with_prefix("listener.")
-                .filter(|(name, _)| name.ends_with(&suffix))
-                .map(|(_, n)| n)
-                .sum()
-        })
-        .collect())
-}
-
 #[test]
 fn requests_are_routed_by_the_flag_and_a_forged_route_header_is_stripped() -> Result<()> {
     let apps = Apps::start()?;
@@ -296,7 +281,7 @@ fn requests_are_routed_by_the_flag_and_a_forged_route_header_is_stripped() -> Re
         assert_eq!(values, ["v1"], "{}", req.path);
     }
 
-    let per_worker = connections_per_worker(&envoy)?;
+    let per_worker = envoy.connections_per_worker(2)?;
     // All 40 on one worker happens with probability 2^-39; then this test proves less.
     assert!(
         per_worker.iter().all(|n| *n > 0),

@@ -216,17 +216,7 @@ fn the_limit_is_exact_while_both_workers_take_the_burst() -> Result<()> {
         statuses(&burst(&envoy, "k1", LIMIT + rejected)?),
         limit_then_429s(rejected)
     );
-    let stats = envoy.stats()?;
-    let per_worker: Vec<u64> = (0..2)
-        .map(|w| {
-            let suffix = format!(".worker_{w}.downstream_cx_total");
-            stats
-                .with_prefix("listener.")
-                .filter(|(name, _)| name.ends_with(&suffix))
-                .map(|(_, n)| n)
-                .sum()
-        })
-        .collect();
+    let per_worker = envoy.connections_per_worker(2)?;
     // All 20 on one worker happens with probability 2^-19; then this test proves less.
     assert!(
         per_worker.iter().all(|n| *n > 0),

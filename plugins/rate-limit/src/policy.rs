@@ -506,9 +506,13 @@ mod tests {
     }
 
     fn per_ip(requests: u64, window: &str, extra: &str) -> Limiter {
+        per_ip_keys(requests, window, extra, 65_536)
+    }
+
+    fn per_ip_keys(requests: u64, window: &str, extra: &str, max_keys: u32) -> Limiter {
         limiter(&format!(
             r#"{{{extra}"rules":[{{"name":"per-ip","key":[{{"source":"clientIp"}}],
-                "limit":{{"requests":{requests},"window":"{window}"}}}}]}}"#
+                "limit":{{"requests":{requests},"window":"{window}"}},"maxKeys":{max_keys}}}]}}"#
         ))
     }
 
@@ -773,18 +777,7 @@ mod tests {
 
     #[test]
     fn a_flood_of_new_keys_stays_within_max_keys_and_the_hot_key_stays_limited() {
-        let l = per_ip(5, "60s", "");
-        let l = Limiter::new(
-            Config {
-                rules: vec![Rule {
-                    max_keys: 64,
-                    ..l.config.rules[0].clone()
-                }],
-                ..l.config
-            },
-            "rl//",
-            7,
-        );
+        let l = per_ip_keys(5, "60s", "", 64);
         let s = MemoryStore::new();
         let hot = from("192.0.2.1:1");
         for _ in 0..5 {
@@ -807,18 +800,7 @@ mod tests {
 
     #[test]
     fn a_full_bucket_gives_its_slot_to_a_new_key() {
-        let base = per_ip(1, "1s", "");
-        let l = Limiter::new(
-            Config {
-                rules: vec![Rule {
-                    max_keys: 1,
-                    ..base.config.rules[0].clone()
-                }],
-                ..base.config
-            },
-            "rl//",
-            7,
-        );
+        let l = per_ip_keys(1, "1s", "", 1);
         let s = MemoryStore::new();
         assert_eq!(status(&l.check(&from("10.0.0.1:1"), 0, &s)), 200);
         // The one slot is busy: the next client is charged to the overflow bucket.
