@@ -15,6 +15,7 @@ pub mod route;
 pub mod shared_data;
 pub mod store;
 pub mod stored;
+pub mod table;
 
 pub use config::{parse_json, ConfigError, Node, Obj};
 pub use duration::parse_duration;
