@@ -526,11 +526,13 @@ mod tests {
         assert_eq!(t.put_body(&s, &f, rec(200, 201), &[0; 101]).unwrap(), None);
     }
 
+    type Hook = Box<dyn FnOnce(&MemoryStore)>;
+
     /// A store where another worker writes right after this worker's first successful
     /// compare-and-swap (between its claim and its check).
     struct Racing {
         inner: MemoryStore,
-        then: std::cell::RefCell<Option<Box<dyn FnOnce(&MemoryStore)>>>,
+        then: std::cell::RefCell<Option<Hook>>,
     }
 
     impl SlotStore for Racing {
