@@ -9,7 +9,11 @@ pub const NOT_FOUND: u32 = 1;
 pub const CAS_MISMATCH: u32 = 8;
 /// Header map types of the ABI.
 pub const REQUEST_HEADERS: u32 = 0;
+pub const RESPONSE_HEADERS: u32 = 2;
 pub const HTTP_CALL_RESPONSE_HEADERS: u32 = 6;
+/// Buffer types of the ABI.
+pub const REQUEST_BODY: u32 = 0;
+pub const RESPONSE_BODY: u32 = 1;
 /// What native builds (unit tests, tools) answer: there is no host.
 #[cfg(not(target_arch = "wasm32"))]
 const UNIMPLEMENTED: u32 = 12;
@@ -44,6 +48,34 @@ extern "C" {
         return_value_data: *mut *mut u8,
         return_value_size: *mut usize,
     ) -> u32;
+    fn proxy_get_header_map_pairs(
+        map_type: u32,
+        return_map_data: *mut *mut u8,
+        return_map_size: *mut usize,
+    ) -> u32;
+    fn proxy_get_buffer_bytes(
+        buffer_type: u32,
+        start: usize,
+        max_size: usize,
+        return_buffer_data: *mut *mut u8,
+        return_buffer_size: *mut usize,
+    ) -> u32;
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+unsafe fn proxy_get_header_map_pairs(_: u32, _: *mut *mut u8, _: *mut usize) -> u32 {
+    UNIMPLEMENTED
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+unsafe fn proxy_get_buffer_bytes(
+    _: u32,
+    _: usize,
+    _: usize,
+    _: *mut *mut u8,
+    _: *mut usize,
+) -> u32 {
+    UNIMPLEMENTED
 }
 
 #[cfg(not(target_arch = "wasm32"))]
@@ -129,4 +161,78 @@ pub fn get_property(path: &[&str]) -> Option<Vec<u8>> {
     let status = unsafe { proxy_get_property(joined.as_ptr(), joined.len(), &mut data, &mut size) };
     // SAFETY: see `owned`.
     (status == OK).then(|| unsafe { owned(data, size) })
+}
+
+/// `proxy_get_header_map_pairs` on map `map`: every (name, value), or `None` for any status
+/// but OK (or a malformed answer).
+pub fn get_header_pairs(map: u32) -> Option<Vec<(String, Vec<u8>)>> {
+    let (mut data, mut size) = (std::ptr::null_mut(), 0usize);
+    // SAFETY: out-pointers to locals.
+    let status = unsafe { proxy_get_header_map_pairs(map, &mut data, &mut size) };
+    if status != OK {
+        return None;
+    }
+    // SAFETY: see `owned`.
+    decode_pairs(&unsafe { owned(data, size) })
+}
+
+/// `proxy_get_buffer_bytes`: up to `max` bytes from `start`, or `None` for any status but OK.
+pub fn get_buffer(buffer: u32, start: usize, max: usize) -> Option<Vec<u8>> {
+    let (mut data, mut size) = (std::ptr::null_mut(), 0usize);
+    // SAFETY: out-pointers to locals.
+    let status = unsafe { proxy_get_buffer_bytes(buffer, start, max, &mut data, &mut size) };
+    // SAFETY: see `owned`.
+    (status == OK).then(|| unsafe { owned(data, size) })
+}
+
+/// The ABI's serialised header map: a count, then (name length, value length) pairs, then
+/// each name and value followed by a NUL.
+pub fn decode_pairs(bytes: &[u8]) -> Option<Vec<(String, Vec<u8>)>> {
+    if bytes.is_empty() {
+        return Some(Vec::new());
+    }
+    let word = |at: usize| -> Option<usize> {
+        let b: [u8; 4] = bytes.get(at..at + 4)?.try_into().ok()?;
+        usize::try_from(u32::from_le_bytes(b)).ok()
+    };
+    let n = word(0)?;
+    let mut sizes = 4;
+    let mut at = 4usize.checked_add(n.checked_mul(8)?)?;
+    let mut out = Vec::with_capacity(n.min(256));
+    for _ in 0..n {
+        let (k, v) = (word(sizes)?, word(sizes + 4)?);
+        sizes += 8;
+        let name = bytes.get(at..at.checked_add(k)?)?;
+        at = at.checked_add(k)?.checked_add(1)?;
+        let value = bytes.get(at..at.checked_add(v)?)?;
+        at = at.checked_add(v)?.checked_add(1)?;
+        out.push((String::from_utf8_lossy(name).into_owned(), value.to_vec()));
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_pairs_decode_and_malformed_ones_do_not() {
+        let mut b = Vec::new();
+        b.extend_from_slice(&2u32.to_le_bytes());
+        for n in [1u32, 2, 2, 0] {
+            b.extend_from_slice(&n.to_le_bytes());
+        }
+        b.extend_from_slice(b"a\0xy\0ok\0\0");
+        assert_eq!(
+            decode_pairs(&b),
+            Some(vec![
+                ("a".into(), b"xy".to_vec()),
+                ("ok".into(), Vec::new())
+            ])
+        );
+        for cut in 1..b.len() - 1 {
+            assert_eq!(decode_pairs(&b[..cut]), None, "cut at {cut}");
+        }
+        assert_eq!(decode_pairs(&[255, 255, 255, 255]), None);
+    }
 }

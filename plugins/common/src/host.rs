@@ -70,3 +70,28 @@ pub fn callout_response_header(name: &str) -> Option<String> {
     ffi::get_header(ffi::HTTP_CALL_RESPONSE_HEADERS, name)
         .map(|v| String::from_utf8_lossy(&v).into_owned())
 }
+
+/// A header of the response being filtered (`None` when absent or unreadable).
+pub fn response_header(name: &str) -> Option<Vec<u8>> {
+    ffi::get_header(ffi::RESPONSE_HEADERS, name)
+}
+
+/// Every header of the response being filtered (empty when unreadable).
+pub fn response_headers() -> Vec<(String, Vec<u8>)> {
+    ffi::get_header_pairs(ffi::RESPONSE_HEADERS).unwrap_or_default()
+}
+
+/// The bytes of the current request body chunk (`size` as the body callback reported it).
+pub fn request_body_chunk(size: usize) -> Vec<u8> {
+    ffi::get_buffer(ffi::REQUEST_BODY, 0, size).unwrap_or_default()
+}
+
+/// The bytes of the current response body chunk.
+pub fn response_body_chunk(size: usize) -> Vec<u8> {
+    ffi::get_buffer(ffi::RESPONSE_BODY, 0, size).unwrap_or_default()
+}
+
+/// A property as text (`None` when absent or unreadable), e.g. `["response", "code_details"]`.
+pub fn property(path: &[&str]) -> Option<String> {
+    ffi::get_property(path).map(|v| String::from_utf8_lossy(&v).into_owned())
+}
