@@ -3,6 +3,7 @@
 
 use crate::config::Node;
 use crate::request::RequestView;
+use crate::store::{get_or_create, SlotStore, StoreError};
 use crate::ConfigError;
 use std::hash::{Hash, Hasher};
 
@@ -71,6 +72,23 @@ pub fn key_hash(seed: u64, namespace: &str, parts: &[KeyPart], req: &impl Reques
         part.value(req).unwrap_or_default().hash(&mut h);
     }
     h.finish().max(1)
+}
+
+/// The seed every worker uses (kept at `key` in the store, created from `random` by whichever
+/// worker comes first). When the store fails, this worker uses `random` and says why: its keys
+/// then hash apart from the other workers' until a reload.
+pub fn shared_seed(store: &impl SlotStore, key: &str, random: u64) -> (u64, Option<StoreError>) {
+    match get_or_create(store, key, &random.to_le_bytes()) {
+        Ok(e) => (
+            e.value
+                .get(..8)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_le_bytes)
+                .unwrap_or(random),
+            None,
+        ),
+        Err(e) => (random, Some(e)),
+    }
 }
 
 #[cfg(test)]

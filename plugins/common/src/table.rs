@@ -96,6 +96,7 @@ pub struct Table {
     ns: String,
     slots: u32,
     max_bytes: u64,
+    evictions: std::cell::Cell<u64>,
 }
 
 fn mix(mut x: u64) -> u64 {
@@ -113,6 +114,7 @@ impl Table {
             ns: ns.to_string(),
             slots: slots.max(1),
             max_bytes,
+            evictions: std::cell::Cell::new(0),
         }
     }
 
@@ -218,6 +220,7 @@ impl Table {
                 continue;
             }
             if let Some(v) = victim {
+                self.evicted();
                 self.free_body(store, slot, &v)?;
             }
             let won = Found {
@@ -338,6 +341,15 @@ impl Table {
             .then(|| e.value.get(16..).unwrap_or_default().to_vec()))
     }
 
+    fn evicted(&self) {
+        self.evictions.set(self.evictions.get().saturating_add(1));
+    }
+
+    /// Records this table removed to make room since the last call (for a metric).
+    pub fn take_evictions(&self) -> u64 {
+        self.evictions.replace(0)
+    }
+
     /// Body bytes held now.
     pub fn used_bytes(&self, store: &impl SlotStore) -> Result<u64, StoreError> {
         Ok(store
@@ -418,7 +430,9 @@ impl Table {
                 }
             }
             if let Some(v) = victim {
-                self.release(store, &v)?;
+                if self.release(store, &v)? {
+                    self.evicted();
+                }
             }
         }
         Ok(false)
@@ -501,6 +515,8 @@ mod tests {
         t.put_body(&s, &a, rec(1, 10), b"aaaa").unwrap().unwrap();
         won(t.claim(&s, rec(2, 20), |_| true).unwrap());
         assert!(t.find(&s, 1).unwrap().is_none(), "evicted");
+        assert_eq!(t.take_evictions(), 1);
+        assert_eq!(t.take_evictions(), 0);
         assert_eq!(t.used_bytes(&s).unwrap(), 0, "its body was freed");
         let pinned = Record::new(3, 30, true, vec![]);
         won(t.claim(&s, pinned, |_| true).unwrap());

@@ -195,17 +195,7 @@ impl Limiter {
         namespace: &str,
         random: u64,
     ) -> (u64, Option<StoreError>) {
-        match get_or_create(store, &format!("{namespace}seed"), &random.to_le_bytes()) {
-            Ok(e) => (
-                e.value
-                    .get(..8)
-                    .and_then(|b| b.try_into().ok())
-                    .map(u64::from_le_bytes)
-                    .unwrap_or(random),
-                None,
-            ),
-            Err(e) => (random, Some(e)),
-        }
+        edge_common::key::shared_seed(store, &format!("{namespace}seed"), random)
     }
 
     /// Decides on one request at `now_ns` (wall clock, nanoseconds).
