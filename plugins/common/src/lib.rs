@@ -12,6 +12,7 @@ pub mod key;
 pub mod problem;
 pub mod request;
 pub mod route;
+pub mod sha256;
 pub mod shared_data;
 pub mod store;
 pub mod stored;
