@@ -48,6 +48,16 @@ extern "C" {
         return_value_data: *mut *mut u8,
         return_value_size: *mut usize,
     ) -> u32;
+    fn proxy_send_local_response(
+        status_code: u32,
+        status_details_data: *const u8,
+        status_details_size: usize,
+        body_data: *const u8,
+        body_size: usize,
+        headers_data: *const u8,
+        headers_size: usize,
+        grpc_status: i32,
+    ) -> u32;
     fn proxy_get_header_map_pairs(
         map_type: u32,
         return_map_data: *mut *mut u8,
@@ -60,6 +70,21 @@ extern "C" {
         return_buffer_data: *mut *mut u8,
         return_buffer_size: *mut usize,
     ) -> u32;
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn proxy_send_local_response(
+    _: u32,
+    _: *const u8,
+    _: usize,
+    _: *const u8,
+    _: usize,
+    _: *const u8,
+    _: usize,
+    _: i32,
+) -> u32 {
+    UNIMPLEMENTED
 }
 
 #[cfg(not(target_arch = "wasm32"))]
@@ -185,6 +210,43 @@ pub fn get_buffer(buffer: u32, start: usize, max: usize) -> Option<Vec<u8>> {
     (status == OK).then(|| unsafe { owned(data, size) })
 }
 
+/// `proxy_send_local_response` (no details, not gRPC): the status. Header values may be any
+/// bytes, as stored responses carry them.
+pub fn send_local_response(status: u32, headers: &[(&str, &[u8])], body: &[u8]) -> u32 {
+    let map = encode_pairs(headers);
+    // SAFETY: live slices; the host only reads them.
+    unsafe {
+        proxy_send_local_response(
+            status,
+            std::ptr::null(),
+            0,
+            body.as_ptr(),
+            body.len(),
+            map.as_ptr(),
+            map.len(),
+            -1,
+        )
+    }
+}
+
+/// The ABI's serialised header map (see [`decode_pairs`]).
+pub fn encode_pairs(pairs: &[(&str, &[u8])]) -> Vec<u8> {
+    let word = |n: usize| u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes();
+    let mut out = Vec::new();
+    out.extend_from_slice(&word(pairs.len()));
+    for (k, v) in pairs {
+        out.extend_from_slice(&word(k.len()));
+        out.extend_from_slice(&word(v.len()));
+    }
+    for (k, v) in pairs {
+        out.extend_from_slice(k.as_bytes());
+        out.push(0);
+        out.extend_from_slice(v);
+        out.push(0);
+    }
+    out
+}
+
 /// The ABI's serialised header map: a count, then (name length, value length) pairs, then
 /// each name and value followed by a NUL.
 pub fn decode_pairs(bytes: &[u8]) -> Option<Vec<(String, Vec<u8>)>> {
@@ -234,5 +296,7 @@ mod tests {
             assert_eq!(decode_pairs(&b[..cut]), None, "cut at {cut}");
         }
         assert_eq!(decode_pairs(&[255, 255, 255, 255]), None);
+        let pairs: [(&str, &[u8]); 2] = [("a", b"xy"), ("ok", b"")];
+        assert_eq!(encode_pairs(&pairs), b);
     }
 }

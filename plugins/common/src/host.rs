@@ -95,3 +95,9 @@ pub fn response_body_chunk(size: usize) -> Vec<u8> {
 pub fn property(path: &[&str]) -> Option<String> {
     ffi::get_property(path).map(|v| String::from_utf8_lossy(&v).into_owned())
 }
+
+/// Sends a local reply (any header value bytes). False when the host refused it (the SDK's
+/// wrapper would trap instead), e.g. when the response has already started.
+pub fn send_response(status: u32, headers: &[(&str, &[u8])], body: &[u8]) -> bool {
+    ffi::send_local_response(status, headers, body) == ffi::OK
+}
