@@ -1,0 +1,232 @@
+//! The plugin configuration, read and checked once at load; every error names its field.
+
+use edge_common::key::KeyPart;
+use edge_common::route::Route;
+use edge_common::{parse_json, ConfigError, Node};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Covered requests: any route matches (empty: every path), and the method is listed.
+    pub routes: Vec<Route>,
+    pub methods: Vec<String>,
+    pub header: String,
+    pub required: bool,
+    pub scope: Vec<KeyPart>,
+    pub ttl_ns: u64,
+    pub in_flight_timeout_ns: u64,
+    pub fingerprint: bool,
+    pub max_key_length: usize,
+    pub max_body_bytes: u64,
+    pub max_entries: u32,
+    pub max_total_bytes: u64,
+    pub store_statuses: Statuses,
+}
+
+/// Status ranges whose responses are kept, e.g. `"2xx-4xx"` or `"200-299, 409"`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Statuses(pub Vec<(u16, u16)>);
+
+impl Statuses {
+    pub fn contains(&self, status: u16) -> bool {
+        self.0.iter().any(|(lo, hi)| (*lo..=*hi).contains(&status))
+    }
+
+    /// Terms separated by commas: `NNN`, `Nxx`, or a range of either (`2xx-4xx`, `200-204`).
+    pub fn parse(text: &str) -> Result<Statuses, String> {
+        let bound = |t: &str, high: bool| -> Result<u16, String> {
+            let t = t.trim();
+            let lower = t.to_ascii_lowercase();
+            let n = if let Some(d) = lower.strip_suffix("xx").filter(|d| d.len() == 1) {
+                d.parse::<u16>()
+                    .map(|d| d * 100 + if high { 99 } else { 0 })
+            } else if t.len() == 3 {
+                t.parse::<u16>()
+            } else {
+                return Err(format!("\"{t}\" is not a status (NNN) or class (Nxx)"));
+            }
+            .map_err(|_| format!("\"{t}\" is not a status (NNN) or class (Nxx)"))?;
+            if (100..=599).contains(&n) {
+                Ok(n)
+            } else {
+                Err(format!("\"{t}\" is outside 100-599"))
+            }
+        };
+        let mut out = Vec::new();
+        for term in text.split(',') {
+            let (lo, hi) = match term.split_once('-') {
+                Some((a, b)) => (bound(a, false)?, bound(b, true)?),
+                None => (bound(term, false)?, bound(term, true)?),
+            };
+            if lo > hi {
+                return Err(format!("\"{}\" is an empty range", term.trim()));
+            }
+            out.push((lo, hi));
+        }
+        Ok(Statuses(out))
+    }
+}
+
+const FIELDS: &[&str] = &[
+    "routes",
+    "methods",
+    "header",
+    "required",
+    "scope",
+    "ttl",
+    "inFlightTimeout",
+    "fingerprint",
+    "maxKeyLength",
+    "maxBodyBytes",
+    "maxEntries",
+    "maxTotalBytes",
+    "storeStatuses",
+];
+
+fn nanos(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+fn positive(n: Node<'_>, max: u64) -> Result<u64, ConfigError> {
+    let v = n.u64()?;
+    if v == 0 || v > max {
+        return Err(n.err(format!("must be between 1 and {max}, got {v}")));
+    }
+    Ok(v)
+}
+
+impl Config {
+    pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
+        let json = parse_json(bytes)?;
+        let o = Node::root(&json).obj(FIELDS)?;
+        let methods = o.list("methods", |n| {
+            let m = n.str()?;
+            if m.is_empty() || !m.bytes().all(|b| b.is_ascii_alphabetic()) {
+                return Err(n.err(format!("\"{m}\" is not an HTTP method")));
+            }
+            Ok(m.to_ascii_uppercase())
+        })?;
+        if o.has("methods") && methods.is_empty() {
+            return Err(o.err("methods", "must list at least one method"));
+        }
+        let methods = if methods.is_empty() {
+            vec!["POST".to_string(), "PATCH".to_string()]
+        } else {
+            methods
+        };
+        let scope = if o.has("scope") {
+            o.list("scope", KeyPart::read)?
+        } else {
+            vec![KeyPart::Header("authorization".into())]
+        };
+        let ttl_ns = nanos(o.opt("ttl", |n| n.positive_duration())?.unwrap_or(DAY));
+        let in_flight_timeout_ns = nanos(
+            o.opt("inFlightTimeout", |n| n.positive_duration())?
+                .unwrap_or(std::time::Duration::from_secs(30)),
+        );
+        Ok(Config {
+            routes: o.list("routes", Route::read)?,
+            methods,
+            header: o
+                .opt("header", |n| n.header_name())?
+                .unwrap_or_else(|| "idempotency-key".into()),
+            required: o.opt("required", |n| n.bool())?.unwrap_or(false),
+            scope,
+            ttl_ns,
+            in_flight_timeout_ns,
+            fingerprint: o.opt("fingerprint", |n| n.one_of(&["body", "none"]))? != Some(1),
+            max_key_length: o
+                .opt("maxKeyLength", |n| positive(n, 8192))?
+                .map_or(255, |v| usize::try_from(v).unwrap_or(255)),
+            max_body_bytes: o
+                .opt("maxBodyBytes", |n| positive(n, u64::from(u32::MAX)))?
+                .unwrap_or(1 << 20),
+            max_entries: o
+                .opt("maxEntries", |n| positive(n, 1 << 24))?
+                .map_or(100_000, |v| u32::try_from(v).unwrap_or(100_000)),
+            max_total_bytes: o
+                .opt("maxTotalBytes", |n| positive(n, 1 << 40))?
+                .unwrap_or(128 << 20),
+            store_statuses: o
+                .opt("storeStatuses", |n| {
+                    Statuses::parse(n.str()?).map_err(|m| n.err(m))
+                })?
+                .unwrap_or_else(|| Statuses(vec![(200, 499)])),
+        })
+    }
+}
+
+const DAY: std::time::Duration = std::time::Duration::from_secs(86_400);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(json: &str) -> String {
+        Config::parse(json.as_bytes()).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let c = Config::parse(b"{}").unwrap();
+        assert!(c.routes.is_empty());
+        assert_eq!(c.methods, ["POST", "PATCH"]);
+        assert_eq!(c.header, "idempotency-key");
+        assert!(!c.required);
+        assert_eq!(c.scope, [KeyPart::Header("authorization".into())]);
+        assert_eq!(c.ttl_ns, 86_400_000_000_000);
+        assert_eq!(c.in_flight_timeout_ns, 30_000_000_000);
+        assert!(c.fingerprint);
+        assert_eq!(
+            (
+                c.max_key_length,
+                c.max_body_bytes,
+                c.max_entries,
+                c.max_total_bytes
+            ),
+            (255, 1 << 20, 100_000, 128 << 20)
+        );
+        assert!(c.store_statuses.contains(200) && c.store_statuses.contains(499));
+        assert!(!c.store_statuses.contains(500) && !c.store_statuses.contains(199));
+    }
+
+    #[test]
+    fn the_example_from_the_readme_is_read_as_written() {
+        let c = Config::parse(
+            br#"{"routes":[{"pathPrefix":"/payments"}],"methods":["post","PATCH"],
+            "header":"Idempotency-Key","required":true,"scope":[{"source":"clientIp"}],
+            "ttl":"1h","inFlightTimeout":"5s","fingerprint":"none","maxKeyLength":64,
+            "maxBodyBytes":1000,"maxEntries":10,"maxTotalBytes":5000,
+            "storeStatuses":"200-204, 409"}"#,
+        )
+        .unwrap();
+        assert_eq!(c.routes.len(), 1);
+        assert_eq!(c.methods, ["POST", "PATCH"]);
+        assert_eq!(c.header, "idempotency-key");
+        assert!(c.required && !c.fingerprint);
+        assert_eq!(c.scope, [KeyPart::ClientIp]);
+        assert_eq!(
+            (c.ttl_ns, c.in_flight_timeout_ns),
+            (3_600_000_000_000, 5_000_000_000)
+        );
+        assert_eq!(c.store_statuses, Statuses(vec![(200, 204), (409, 409)]));
+        assert_eq!(Config::parse(br#"{"scope":[]}"#).unwrap().scope, []);
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        assert!(err(r#"{"ttl":"0s"}"#).starts_with("ttl:"));
+        assert!(err(r#"{"inFlightTimeout":"soon"}"#).starts_with("inFlightTimeout:"));
+        assert!(err(r#"{"fingerprint":"sha1"}"#).starts_with("fingerprint:"));
+        assert!(err(r#"{"maxEntries":0}"#).starts_with("maxEntries: must be between"));
+        assert!(err(r#"{"storeStatuses":"2xx-1xx"}"#)
+            .starts_with("storeStatuses: \"2xx-1xx\" is an empty range"));
+        assert!(err(r#"{"storeStatuses":"20x"}"#).starts_with("storeStatuses:"));
+        assert!(err(r#"{"storeStatuses":"700"}"#).contains("outside 100-599"));
+        assert!(err(r#"{"methods":[]}"#).starts_with("methods:"));
+        assert!(err(r#"{"header":"bad header"}"#).starts_with("header:"));
+        assert!(err(r#"{"scope":[{"source":"ip"}]}"#).starts_with("scope[0].source"));
+        assert!(err(r#"{"routes":[{"prefix":"/x"}]}"#).starts_with("routes[0]"));
+        assert!(err(r#"{"ttl":"1h","tll":"1h"}"#).contains("unknown field `tll`"));
+        assert!(err("[").starts_with("configuration"), "{}", err("["));
+    }
+}

@@ -1,0 +1,368 @@
+//! Proxy-wasm glue: reads the request (and its body, for the fingerprint), asks the policy,
+//! answers or forwards, then copies the response as it streams and keeps it when complete.
+
+use crate::config::Config;
+use crate::policy::{Begin, Claim, Completion, Idempotency, Identify, Problem, Reply};
+use edge_common::host::{
+    follow_host_log_level, now_ns, plugin_configuration, property, response_body_chunk,
+    response_header, response_headers, root_id, send_response, HostRequest,
+};
+use edge_common::sha256::Sha256;
+use edge_common::shared_data::SharedData;
+use edge_common::stored::StoredResponse;
+use edge_common::{ffi, RequestView};
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, ContextType, MetricType};
+use std::rc::Rc;
+
+/// Counters, `idempotency.<name>` (in Envoy: `wasmcustom.idempotency.<name>`).
+const COUNTERS: [&str; 11] = [
+    "forwarded",
+    "replayed",
+    "stored",
+    "released",
+    "evicted",
+    "conflict_409",
+    "mismatch_422",
+    "rejected_400",
+    "rejected_413",
+    "unavailable_503",
+    "lost",
+];
+
+#[derive(Default)]
+struct Metrics([Option<u32>; COUNTERS.len()]);
+
+impl Metrics {
+    fn define() -> Metrics {
+        Metrics(COUNTERS.map(|n| {
+            hostcalls::define_metric(MetricType::Counter, &format!("idempotency.{n}")).ok()
+        }))
+    }
+
+    fn add(&self, name: &str, n: u64) {
+        let id = COUNTERS
+            .iter()
+            .position(|c| *c == name)
+            .and_then(|i| self.0.get(i).copied().flatten());
+        if let (Some(id), true) = (id, n > 0) {
+            let _ = hostcalls::increment_metric(id, i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct IdempotencyRoot {
+    policy: Option<Rc<Idempotency>>,
+    metrics: Rc<Metrics>,
+}
+
+impl Context for IdempotencyRoot {}
+
+impl RootContext for IdempotencyRoot {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        follow_host_log_level();
+        let config = match Config::parse(&plugin_configuration()) {
+            Ok(c) => c,
+            Err(e) => {
+                log::error!("idempotency: configuration rejected: {e}");
+                return false;
+            }
+        };
+        let namespace = format!("idempotency/{}/", root_id());
+        let random = getrandom::u64().unwrap_or(0x1357_9bdf_2468_ace0);
+        let (seed, failed) =
+            edge_common::key::shared_seed(&SharedData, &format!("{namespace}seed"), random);
+        if let Some(e) = failed {
+            log::warn!("idempotency: cannot share the key seed ({e}); using this worker's own");
+        }
+        log::info!(
+            "idempotency: header {}, {} route(s), up to {} records",
+            config.header,
+            config.routes.len(),
+            config.max_entries
+        );
+        self.metrics = Rc::new(Metrics::define());
+        self.policy = Some(Rc::new(Idempotency::new(config, &namespace, seed)));
+        true
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(IdempotencyStream {
+            policy: self.policy.clone(),
+            metrics: self.metrics.clone(),
+            phase: Phase::Idle,
+        }))
+    }
+}
+
+enum Phase {
+    /// Not ours (or already answered).
+    Idle,
+    /// Hashing the request body before deciding.
+    Reading {
+        key: u64,
+        hash: Box<Sha256>,
+        seen: u64,
+    },
+    /// Forwarded under a claim; waiting for the response.
+    Claimed(Claim),
+    /// Copying the response as it streams (`None`: larger than `maxBodyBytes`).
+    Copying {
+        claim: Claim,
+        response: Option<StoredResponse>,
+    },
+}
+
+pub struct IdempotencyStream {
+    policy: Option<Rc<Idempotency>>,
+    metrics: Rc<Metrics>,
+    phase: Phase,
+}
+
+impl Context for IdempotencyStream {}
+
+impl IdempotencyStream {
+    fn reply(&mut self, r: &Reply) -> Action {
+        let headers: Vec<(&str, &[u8])> = r
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_slice()))
+            .collect();
+        if !send_response(r.status, &headers, &r.body) {
+            log::warn!("idempotency: the host refused a local reply ({})", r.status);
+        }
+        self.phase = Phase::Idle;
+        Action::Pause
+    }
+
+    fn refuse(&mut self, policy: &Idempotency, problem: Problem, detail: &str) -> Action {
+        self.metrics.add(problem.counter(), 1);
+        if problem == Problem::Unavailable {
+            log::warn!("idempotency: 503: {detail}");
+        }
+        self.reply(&problem.reply(&policy.config.header, detail))
+    }
+
+    fn decide(&mut self, policy: &Idempotency, key: u64, fingerprint: Option<[u8; 32]>) -> Action {
+        let begin = policy.begin(&SharedData, key, fingerprint, now_ns());
+        self.metrics.add("evicted", policy.table().take_evictions());
+        match begin {
+            Begin::Forward(claim) => {
+                self.metrics.add("forwarded", 1);
+                self.phase = Phase::Claimed(claim);
+                Action::Continue
+            }
+            Begin::Replay(reply) => {
+                self.metrics.add("replayed", 1);
+                self.reply(&reply)
+            }
+            Begin::Refuse(problem, detail) => self.refuse(policy, problem, &detail),
+        }
+    }
+
+    fn release(&mut self, why: &str) {
+        let (Some(policy), Phase::Claimed(claim) | Phase::Copying { claim, .. }) = (
+            self.policy.clone(),
+            std::mem::replace(&mut self.phase, Phase::Idle),
+        ) else {
+            return;
+        };
+        match policy.release(&SharedData, &claim) {
+            Ok(true) => {
+                self.metrics.add("released", 1);
+                log::debug!("idempotency: key released: {why}");
+            }
+            Ok(false) => self.metrics.add("lost", 1),
+            Err(e) => log::warn!("idempotency: cannot release a key ({why}): {e}"),
+        }
+    }
+
+    fn finish_reading(&mut self) -> Action {
+        let (Some(policy), Phase::Reading { key, hash, .. }) = (
+            self.policy.clone(),
+            std::mem::replace(&mut self.phase, Phase::Idle),
+        ) else {
+            return Action::Continue;
+        };
+        self.decide(&policy, key, Some(hash.finish()))
+    }
+
+    fn finish_response(&mut self) {
+        let (Some(policy), Phase::Copying { claim, response }) = (
+            self.policy.clone(),
+            std::mem::replace(&mut self.phase, Phase::Idle),
+        ) else {
+            return;
+        };
+        let response = response.map(|mut r| {
+            r.stored_at_ns = now_ns();
+            r
+        });
+        match policy.complete(&SharedData, &claim, response.as_ref(), now_ns()) {
+            Ok(Completion::Stored) => self.metrics.add("stored", 1),
+            Ok(Completion::StoredWithoutResponse) => {
+                self.metrics.add("stored", 1);
+                log::warn!(
+                    "idempotency: a response was too large to keep (maxBodyBytes or \
+                     maxTotalBytes); duplicates of its key get 409"
+                );
+            }
+            Ok(Completion::Lost) => {
+                self.metrics.add("lost", 1);
+                log::warn!(
+                    "idempotency: a request outlived inFlightTimeout and its key was taken by a retry"
+                );
+            }
+            Err(e) => {
+                log::warn!("idempotency: cannot keep a response: {e}");
+                self.phase = Phase::Claimed(claim);
+                self.release("the response could not be kept");
+            }
+        }
+        self.metrics.add("evicted", policy.table().take_evictions());
+    }
+}
+
+impl HttpContext for IdempotencyStream {
+    fn on_http_request_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
+        let Some(policy) = self.policy.clone() else {
+            return Action::Continue;
+        };
+        let key = match policy.identify(&HostRequest) {
+            Identify::Skip => return Action::Continue,
+            Identify::Refuse(problem, detail) => return self.refuse(&policy, problem, &detail),
+            Identify::Key(k) => k,
+        };
+        if !policy.config.fingerprint {
+            return self.decide(&policy, key, None);
+        }
+        if end_of_stream {
+            return self.decide(&policy, key, Some(Sha256::new().finish()));
+        }
+        let declared = HostRequest
+            .header("content-length")
+            .and_then(|v| String::from_utf8(v).ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if declared.is_some_and(|n| n > policy.config.max_body_bytes) {
+            return self.too_large(&policy);
+        }
+        self.phase = Phase::Reading {
+            key,
+            hash: Box::new(Sha256::new()),
+            seen: 0,
+        };
+        Action::Pause
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let Some(policy) = self.policy.clone() else {
+            return Action::Continue;
+        };
+        let Phase::Reading { hash, seen, .. } = &mut self.phase else {
+            return Action::Continue;
+        };
+        // While buffering, the host hands over everything received so far.
+        let start = usize::try_from(*seen).unwrap_or(usize::MAX);
+        if body_size > start {
+            let new =
+                ffi::get_buffer(ffi::REQUEST_BODY, start, body_size - start).unwrap_or_default();
+            hash.update(&new);
+            *seen += new.len() as u64;
+        }
+        if *seen > policy.config.max_body_bytes {
+            return self.too_large(&policy);
+        }
+        if end_of_stream {
+            return self.finish_reading();
+        }
+        Action::Pause
+    }
+
+    fn on_http_request_trailers(&mut self, _trailers: usize) -> Action {
+        if matches!(self.phase, Phase::Reading { .. }) {
+            return self.finish_reading();
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
+        let (Some(policy), Phase::Claimed(_)) = (self.policy.clone(), &self.phase) else {
+            return Action::Continue;
+        };
+        // Only the upstream's own answers are kept: a local reply (Envoy's 503 for a reset,
+        // another filter's 429, ...) says nothing about whether the request ran.
+        let details = property(&["response", "code_details"]);
+        if details.as_deref().is_some_and(|d| d != "via_upstream") {
+            self.release("local reply");
+            return Action::Continue;
+        }
+        let status = response_header(":status")
+            .and_then(|v| String::from_utf8(v).ok())
+            .and_then(|v| v.parse::<u16>().ok())
+            .unwrap_or(0);
+        if !policy.config.store_statuses.contains(status) {
+            self.release("status not in storeStatuses");
+            return Action::Continue;
+        }
+        let Phase::Claimed(claim) = std::mem::replace(&mut self.phase, Phase::Idle) else {
+            return Action::Continue;
+        };
+        self.phase = Phase::Copying {
+            claim,
+            response: Some(StoredResponse {
+                status,
+                headers: response_headers(),
+                body: Vec::new(),
+                stored_at_ns: 0,
+            }),
+        };
+        if end_of_stream {
+            self.finish_response();
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let Some(policy) = self.policy.clone() else {
+            return Action::Continue;
+        };
+        let Phase::Copying { response, .. } = &mut self.phase else {
+            return Action::Continue;
+        };
+        if let Some(r) = response {
+            r.body.extend_from_slice(&response_body_chunk(body_size));
+            if r.body.len() as u64 > policy.config.max_body_bytes {
+                *response = None;
+            }
+        }
+        if end_of_stream {
+            self.finish_response();
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_trailers(&mut self, _trailers: usize) -> Action {
+        self.finish_response();
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        self.release("the stream ended before its response was complete");
+    }
+}
+
+impl IdempotencyStream {
+    fn too_large(&mut self, policy: &Idempotency) -> Action {
+        let detail = format!(
+            "the body is larger than {} bytes, the most this route reads",
+            policy.config.max_body_bytes
+        );
+        self.refuse(policy, Problem::TooLarge, &detail)
+    }
+}

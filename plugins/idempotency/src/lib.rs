@@ -1,0 +1,12 @@
+//! Idempotency keys: the first request with a key is forwarded, duplicates get its stored
+//! response (or 409 while it runs, 422 for a different payload), exactly once across workers.
+
+pub mod config;
+pub mod filter;
+pub mod policy;
+pub mod record;
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Trace);
+    proxy_wasm::set_root_context(|_| Box::new(filter::IdempotencyRoot::default()));
+}}

@@ -1,0 +1,670 @@
+//! The decisions: which requests are covered, what their key is, and what a request with a
+//! key gets (forwarded under a claim, 409, 422, or the stored response), over the shared record
+//! table. No hostcalls: the glue reads inputs and acts on the answers.
+
+use crate::config::Config;
+use crate::record::{age, Age, Meta, State};
+use edge_common::key::{key_hash, KeyPart};
+use edge_common::problem::problem_json;
+use edge_common::stored::StoredResponse;
+use edge_common::table::{Claim as TableClaim, Found, Record, Table};
+use edge_common::{RequestView, SlotStore, StoreError};
+use std::hash::{Hash, Hasher};
+
+/// The header marking a replayed response.
+pub const REPLAYED_HEADER: &str = "idempotent-replayed";
+
+/// Reads a key header: the structured-field string form (`"abc"`, with `\"` and `\\`
+/// escapes) or the bare form (`abc`). Printable ASCII only, 1 to `max_len` characters.
+pub fn parse_key(raw: &[u8], max_len: usize) -> Result<Vec<u8>, String> {
+    let raw = raw.trim_ascii();
+    let key = match raw.strip_prefix(b"\"") {
+        Some(inner) => {
+            let Some(inner) = inner.strip_suffix(b"\"") else {
+                return Err("a quoted key must end with a quote".into());
+            };
+            let mut out = Vec::with_capacity(inner.len());
+            let mut it = inner.iter();
+            while let Some(&b) = it.next() {
+                match b {
+                    b'\\' => match it.next() {
+                        Some(&e @ (b'"' | b'\\')) => out.push(e),
+                        _ => return Err("a quoted key may escape only \\\" and \\\\".into()),
+                    },
+                    b'"' => return Err("a quoted key has an unescaped quote inside".into()),
+                    _ => out.push(b),
+                }
+            }
+            out
+        }
+        None => raw.to_vec(),
+    };
+    if key.is_empty() {
+        return Err("the key is empty".into());
+    }
+    if key.len() > max_len {
+        return Err(format!("the key is longer than {max_len} characters"));
+    }
+    if !key.iter().all(|b| (0x20..0x7f).contains(b)) {
+        return Err("the key has characters outside printable ASCII".into());
+    }
+    Ok(key)
+}
+
+/// A local reply.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    pub status: u32,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub body: Vec<u8>,
+}
+
+/// Why a request is refused before it reaches the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Problem {
+    Missing,
+    Invalid,
+    TooLarge,
+    InFlight,
+    Mismatch,
+    Unreplayable,
+    Unavailable,
+}
+
+impl Problem {
+    pub fn status(self) -> u32 {
+        match self {
+            Problem::Missing | Problem::Invalid => 400,
+            Problem::TooLarge => 413,
+            Problem::InFlight | Problem::Unreplayable => 409,
+            Problem::Mismatch => 422,
+            Problem::Unavailable => 503,
+        }
+    }
+
+    /// The counter it adds to.
+    pub fn counter(self) -> &'static str {
+        match self {
+            Problem::Missing | Problem::Invalid => "rejected_400",
+            Problem::TooLarge => "rejected_413",
+            Problem::InFlight | Problem::Unreplayable => "conflict_409",
+            Problem::Mismatch => "mismatch_422",
+            Problem::Unavailable => "unavailable_503",
+        }
+    }
+
+    /// The problem+json reply; `detail` says what exactly, `header` names the key header.
+    pub fn reply(self, header: &str, detail: &str) -> Reply {
+        let (kind, title) = match self {
+            Problem::Missing => ("key-missing", format!("{header} is missing")),
+            Problem::Invalid => ("key-invalid", format!("{header} is invalid")),
+            Problem::TooLarge => (
+                "body-too-large",
+                "Request body too large to fingerprint".to_string(),
+            ),
+            Problem::InFlight => (
+                "request-in-flight",
+                format!("A request is outstanding for this {header}"),
+            ),
+            Problem::Mismatch => ("key-reused", format!("{header} is already used")),
+            Problem::Unreplayable => (
+                "response-not-kept",
+                format!("The request with this {header} completed; its response was not kept"),
+            ),
+            Problem::Unavailable => (
+                "store-unavailable",
+                "Idempotency records are unavailable".to_string(),
+            ),
+        };
+        let status = self.status();
+        let mut headers = vec![(
+            "content-type".to_string(),
+            edge_common::problem::CONTENT_TYPE.as_bytes().to_vec(),
+        )];
+        if matches!(self, Problem::InFlight | Problem::Unavailable) {
+            headers.push(("retry-after".into(), b"1".to_vec()));
+        }
+        Reply {
+            status,
+            headers,
+            body: problem_json(
+                &format!("urn:edge-plugins:idempotency:{kind}"),
+                &title,
+                status,
+                detail,
+                &[],
+            ),
+        }
+    }
+}
+
+/// What to do with a request before its body is read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Identify {
+    /// Not covered, or covered without a key while keys are optional: pass it on untouched.
+    Skip,
+    Refuse(Problem, String),
+    /// The record key (a hash of scope, method, path and idempotency key).
+    Key(u64),
+}
+
+/// A request's claim on its key, held until its response is kept or the claim is released.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Claim {
+    found: Found,
+    fingerprint: Option<[u8; 32]>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Begin {
+    Forward(Claim),
+    Replay(Reply),
+    Refuse(Problem, String),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Completion {
+    Stored,
+    /// Kept as completed without its response (too large, or no room could be made).
+    StoredWithoutResponse,
+    /// The claim had been abandoned (past `inFlightTimeout`) and taken by a retry.
+    Lost,
+}
+
+/// Claims retried after clearing a record that was over its time.
+const ATTEMPTS: u32 = 4;
+
+pub struct Idempotency {
+    pub config: Config,
+    table: Table,
+    seed: u64,
+    parts: Vec<KeyPart>,
+}
+
+impl Idempotency {
+    /// `namespace` prefixes the shared-data keys; `seed` keys record hashes (shared by every
+    /// worker, see `edge_common::key::shared_seed`).
+    pub fn new(config: Config, namespace: &str, seed: u64) -> Idempotency {
+        let mut parts = config.scope.clone();
+        parts.push(KeyPart::Method);
+        Idempotency {
+            table: Table::new(namespace, config.max_entries, config.max_total_bytes),
+            seed,
+            parts,
+            config,
+        }
+    }
+
+    pub fn table(&self) -> &Table {
+        &self.table
+    }
+
+    pub fn covered(&self, req: &impl RequestView) -> bool {
+        let method = req.method();
+        self.config.methods.iter().any(|m| m.as_bytes() == method)
+            && (self.config.routes.is_empty() || self.config.routes.iter().any(|r| r.matches(req)))
+    }
+
+    pub fn identify(&self, req: &impl RequestView) -> Identify {
+        if !self.covered(req) {
+            return Identify::Skip;
+        }
+        let header = &self.config.header;
+        let Some(raw) = req.header(header) else {
+            return if self.config.required {
+                Identify::Refuse(
+                    Problem::Missing,
+                    format!("{} {} requires the {header} header", m(req), p(req)),
+                )
+            } else {
+                Identify::Skip
+            };
+        };
+        match parse_key(&raw, self.config.max_key_length) {
+            Err(why) => Identify::Refuse(Problem::Invalid, why),
+            Ok(key) => {
+                let mut h = std::hash::DefaultHasher::new();
+                key_hash(self.seed, "idempotency", &self.parts, req).hash(&mut h);
+                // The full path, query included: another URL is another operation.
+                req.raw_path().hash(&mut h);
+                key.hash(&mut h);
+                Identify::Key(h.finish().max(1))
+            }
+        }
+    }
+
+    fn meta_of(r: &Record) -> Option<Meta> {
+        Meta::decode(&r.meta)
+    }
+
+    /// Whether another key's record may make room for a new claim: completed ones (the
+    /// oldest go first) and abandoned claims; never a live claim.
+    fn evictable(&self, r: &Record, now_ns: u64) -> bool {
+        match Self::meta_of(r) {
+            None => true,
+            Some(m) => {
+                m.state != State::InFlight
+                    || age(
+                        m.state,
+                        r.at_ns,
+                        now_ns,
+                        0,
+                        self.config.in_flight_timeout_ns,
+                    ) == Age::Over
+            }
+        }
+    }
+
+    /// The request with record key `key` and body fingerprint `fingerprint` is ready to go.
+    pub fn begin(
+        &self,
+        store: &impl SlotStore,
+        key: u64,
+        fingerprint: Option<[u8; 32]>,
+        now_ns: u64,
+    ) -> Begin {
+        match self.try_begin(store, key, fingerprint, now_ns) {
+            Ok(b) => b,
+            Err(e) => Begin::Refuse(Problem::Unavailable, e.0),
+        }
+    }
+
+    fn try_begin(
+        &self,
+        store: &impl SlotStore,
+        key: u64,
+        fingerprint: Option<[u8; 32]>,
+        now_ns: u64,
+    ) -> Result<Begin, StoreError> {
+        let meta = Meta {
+            state: State::InFlight,
+            fingerprint,
+        };
+        for _ in 0..ATTEMPTS {
+            let record = Record::new(key, now_ns, false, meta.encode());
+            let found = match self
+                .table
+                .claim(store, record, |r| self.evictable(r, now_ns))?
+            {
+                TableClaim::Won(found) => return Ok(Begin::Forward(Claim { found, fingerprint })),
+                TableClaim::Full => {
+                    return Ok(Begin::Refuse(
+                        Problem::Unavailable,
+                        "every record slot for this key holds a request in flight".into(),
+                    ))
+                }
+                TableClaim::Exists(found) => found,
+            };
+            let Some(theirs) = Self::meta_of(&found.record) else {
+                self.table.release(store, &found)?;
+                continue;
+            };
+            let c = &self.config;
+            if age(
+                theirs.state,
+                found.record.at_ns,
+                now_ns,
+                c.ttl_ns,
+                c.in_flight_timeout_ns,
+            ) == Age::Over
+            {
+                self.table.release(store, &found)?;
+                continue;
+            }
+            if theirs.state == State::InFlight {
+                return Ok(Begin::Refuse(
+                    Problem::InFlight,
+                    "the first request with this key has not completed yet; retry later".into(),
+                ));
+            }
+            if let (true, Some(a), Some(b)) = (c.fingerprint, theirs.fingerprint, fingerprint) {
+                if a != b {
+                    return Ok(Begin::Refuse(
+                        Problem::Mismatch,
+                        "this key was used for a request with a different body".into(),
+                    ));
+                }
+            }
+            if theirs.state == State::DoneWithoutResponse {
+                return Ok(Begin::Refuse(
+                    Problem::Unreplayable,
+                    "the response was too large to keep; use a new key to repeat the request"
+                        .into(),
+                ));
+            }
+            match self
+                .table
+                .body(store, &found)?
+                .and_then(|b| StoredResponse::decode(&b))
+            {
+                Some(r) => return Ok(Begin::Replay(replay(r))),
+                None => {
+                    self.table.release(store, &found)?;
+                }
+            }
+        }
+        Err(StoreError("records for this key kept changing".into()))
+    }
+
+    /// The claimed request's response is complete; `response` is `None` when it could not
+    /// be kept (larger than `maxBodyBytes`).
+    pub fn complete(
+        &self,
+        store: &impl SlotStore,
+        claim: &Claim,
+        response: Option<&StoredResponse>,
+        now_ns: u64,
+    ) -> Result<Completion, StoreError> {
+        let done = |state| Meta {
+            state,
+            fingerprint: claim.fingerprint,
+        };
+        if let Some(r) = response {
+            let record = Record::new(
+                claim.found.record.key,
+                now_ns,
+                false,
+                done(State::Done).encode(),
+            );
+            if self
+                .table
+                .put_body(store, &claim.found, record, &r.encode())?
+                .is_some()
+            {
+                return Ok(Completion::Stored);
+            }
+        }
+        let record = Record::new(
+            claim.found.record.key,
+            now_ns,
+            false,
+            done(State::DoneWithoutResponse).encode(),
+        );
+        Ok(match self.table.replace(store, &claim.found, record)? {
+            Some(_) => Completion::StoredWithoutResponse,
+            None => Completion::Lost,
+        })
+    }
+
+    /// Gives the key back (the response is not kept, or never came): a retry runs again.
+    pub fn release(&self, store: &impl SlotStore, claim: &Claim) -> Result<bool, StoreError> {
+        self.table.release(store, &claim.found)
+    }
+}
+
+fn m(req: &impl RequestView) -> String {
+    String::from_utf8_lossy(&req.method()).into_owned()
+}
+
+fn p(req: &impl RequestView) -> String {
+    String::from_utf8_lossy(&req.path()).into_owned()
+}
+
+/// The stored response as it is replayed.
+fn replay(r: StoredResponse) -> Reply {
+    let mut headers = r.headers;
+    headers.retain(|(k, _)| !k.eq_ignore_ascii_case(REPLAYED_HEADER));
+    headers.push((REPLAYED_HEADER.into(), b"true".to_vec()));
+    Reply {
+        status: u32::from(r.status),
+        headers,
+        body: r.body,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edge_common::store::MemoryStore;
+    use edge_common::RequestParts;
+
+    const S: u64 = 1_000_000_000;
+
+    fn policy(json: &str) -> Idempotency {
+        Idempotency::new(Config::parse(json.as_bytes()).unwrap(), "idem/", 42)
+    }
+
+    fn pay(key: &str, auth: &str) -> RequestParts {
+        RequestParts::new("POST", "/payments?x=1")
+            .header("idempotency-key", key)
+            .header("authorization", auth)
+    }
+
+    fn key(p: &Idempotency, req: &RequestParts) -> u64 {
+        match p.identify(req) {
+            Identify::Key(k) => k,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn response(body: &str) -> StoredResponse {
+        StoredResponse {
+            status: 201,
+            headers: vec![("content-type".into(), b"application/json".to_vec())],
+            body: body.as_bytes().to_vec(),
+            stored_at_ns: 0,
+        }
+    }
+
+    fn forward(b: Begin) -> Claim {
+        match b {
+            Begin::Forward(c) => c,
+            other => panic!("expected a forward, got {other:?}"),
+        }
+    }
+
+    fn refused(b: Begin) -> Problem {
+        match b {
+            Begin::Refuse(p, _) => p,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn keys_are_read_in_both_forms_within_limits() {
+        assert_eq!(parse_key(b"8e03-978e", 255).unwrap(), b"8e03-978e");
+        assert_eq!(parse_key(b" \"8e03-978e\" ", 255).unwrap(), b"8e03-978e");
+        assert_eq!(parse_key(br#""a\"b\\c""#, 255).unwrap(), br#"a"b\c"#);
+        assert_eq!(parse_key(b"a b", 255).unwrap(), b"a b");
+        for (bad, why) in [
+            (&b""[..], "empty"),
+            (b"\"\"", "empty"),
+            (b"\"abc", "end with a quote"),
+            (b"\"a\"b\"", "unescaped quote"),
+            (b"\"a\\nb\"", "escape only"),
+            (b"caf\xc3\xa9", "printable ASCII"),
+            (b"a\x01b", "printable ASCII"),
+        ] {
+            let e = parse_key(bad, 255).unwrap_err();
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
+        assert!(parse_key(&[b'k'; 10], 10).is_ok());
+        assert!(parse_key(&[b'k'; 11], 10)
+            .unwrap_err()
+            .contains("longer than 10"));
+    }
+
+    #[test]
+    fn only_covered_requests_with_keys_are_handled() {
+        let p = policy(r#"{"routes":[{"pathPrefix":"/payments"}]}"#);
+        assert_eq!(
+            p.identify(&RequestParts::new("GET", "/payments").header("idempotency-key", "k")),
+            Identify::Skip
+        );
+        assert_eq!(
+            p.identify(&RequestParts::new("POST", "/orders").header("idempotency-key", "k")),
+            Identify::Skip
+        );
+        assert_eq!(
+            p.identify(&RequestParts::new("POST", "/payments")),
+            Identify::Skip,
+            "optional by default"
+        );
+        let p = policy(r#"{"required":true}"#);
+        assert!(matches!(
+            p.identify(&RequestParts::new("POST", "/payments")),
+            Identify::Refuse(Problem::Missing, _)
+        ));
+        assert!(matches!(
+            p.identify(&pay("", "a")),
+            Identify::Refuse(Problem::Invalid, _)
+        ));
+        let r = Problem::Missing.reply("idempotency-key", "d");
+        assert_eq!(r.status, 400);
+        assert!(String::from_utf8(r.body)
+            .unwrap()
+            .contains("\"title\":\"idempotency-key is missing\""));
+    }
+
+    #[test]
+    fn records_are_scoped_by_client_method_path_and_key() {
+        let p = policy("{}");
+        let base = key(&p, &pay("k1", "Bearer alice"));
+        assert_eq!(
+            base,
+            key(&p, &pay("\"k1\"", "Bearer alice")),
+            "both forms are one key"
+        );
+        assert_ne!(base, key(&p, &pay("k1", "Bearer bob")), "another client");
+        assert_ne!(base, key(&p, &pay("k2", "Bearer alice")));
+        let patch = RequestParts::new("PATCH", "/payments?x=1")
+            .header("idempotency-key", "k1")
+            .header("authorization", "Bearer alice");
+        assert_ne!(base, key(&p, &patch));
+        let other_path = RequestParts::new("POST", "/payments?x=2")
+            .header("idempotency-key", "k1")
+            .header("authorization", "Bearer alice");
+        assert_ne!(base, key(&p, &other_path));
+        let by_ip = policy(r#"{"scope":[{"source":"clientIp"}]}"#);
+        let from = |ip| pay("k1", "same").from_ip(ip);
+        assert_ne!(
+            key(&by_ip, &from("10.0.0.1:1")),
+            key(&by_ip, &from("10.0.0.2:1"))
+        );
+    }
+
+    #[test]
+    fn first_forwards_duplicate_conflicts_then_replays_after_completion() {
+        let (p, s) = (policy("{}"), MemoryStore::new());
+        let k = key(&p, &pay("k", "a"));
+        let fp = Some([1; 32]);
+        let claim = forward(p.begin(&s, k, fp, S));
+        assert_eq!(refused(p.begin(&s, k, fp, S)), Problem::InFlight);
+        assert_eq!(
+            p.complete(&s, &claim, Some(&response("{\"id\":1}")), 2 * S),
+            Ok(Completion::Stored)
+        );
+        let Begin::Replay(r) = p.begin(&s, k, fp, 3 * S) else {
+            panic!()
+        };
+        assert_eq!((r.status, r.body.as_slice()), (201, &b"{\"id\":1}"[..]));
+        assert!(r
+            .headers
+            .contains(&("idempotent-replayed".into(), b"true".to_vec())));
+        assert!(r
+            .headers
+            .contains(&("content-type".into(), b"application/json".to_vec())));
+        assert_eq!(
+            refused(p.begin(&s, k, Some([2; 32]), 3 * S)),
+            Problem::Mismatch
+        );
+    }
+
+    #[test]
+    fn without_fingerprints_another_body_replays() {
+        let (p, s) = (policy(r#"{"fingerprint":"none"}"#), MemoryStore::new());
+        let claim = forward(p.begin(&s, 5, None, S));
+        p.complete(&s, &claim, Some(&response("x")), S).unwrap();
+        assert!(matches!(p.begin(&s, 5, None, S), Begin::Replay(_)));
+    }
+
+    #[test]
+    fn released_keys_run_again_and_records_expire() {
+        let (p, s) = (
+            policy(r#"{"ttl":"10s","inFlightTimeout":"2s"}"#),
+            MemoryStore::new(),
+        );
+        let claim = forward(p.begin(&s, 5, None, 0));
+        assert_eq!(p.release(&s, &claim), Ok(true));
+        let claim = forward(p.begin(&s, 5, None, S));
+        // A claim whose worker vanished blocks the key only until inFlightTimeout.
+        assert_eq!(refused(p.begin(&s, 5, None, 2 * S)), Problem::InFlight);
+        let retry = forward(p.begin(&s, 5, None, 3 * S));
+        assert_eq!(
+            p.complete(&s, &claim, Some(&response("late")), 4 * S),
+            Ok(Completion::Lost)
+        );
+        p.complete(&s, &retry, Some(&response("retry")), 4 * S)
+            .unwrap();
+        let Begin::Replay(r) = p.begin(&s, 5, None, 13 * S) else {
+            panic!()
+        };
+        assert_eq!(r.body, b"retry");
+        forward(p.begin(&s, 5, None, 14 * S));
+    }
+
+    #[test]
+    fn a_response_too_large_to_keep_refuses_duplicates_instead_of_running_them() {
+        let (p, s) = (policy(r#"{"maxTotalBytes":100}"#), MemoryStore::new());
+        let claim = forward(p.begin(&s, 5, None, 0));
+        let big = response(&"x".repeat(200));
+        assert_eq!(
+            p.complete(&s, &claim, Some(&big), 0),
+            Ok(Completion::StoredWithoutResponse)
+        );
+        assert_eq!(refused(p.begin(&s, 5, None, 0)), Problem::Unreplayable);
+        let claim = forward(p.begin(&s, 6, None, 0));
+        assert_eq!(
+            p.complete(&s, &claim, None, 0),
+            Ok(Completion::StoredWithoutResponse)
+        );
+    }
+
+    #[test]
+    fn live_claims_are_never_evicted_and_completed_records_make_room() {
+        let (p, s) = (policy(r#"{"maxEntries":1}"#), MemoryStore::new());
+        let first = forward(p.begin(&s, 1, None, 0));
+        assert_eq!(refused(p.begin(&s, 2, None, 0)), Problem::Unavailable);
+        p.complete(&s, &first, Some(&response("1")), 0).unwrap();
+        forward(p.begin(&s, 2, None, 0));
+        assert_eq!(p.table().take_evictions(), 1);
+        // The evicted key is forgotten: it would run again, once a slot is free.
+        assert_eq!(refused(p.begin(&s, 1, None, 0)), Problem::Unavailable);
+    }
+
+    #[test]
+    fn a_flood_of_keys_stays_within_the_bounds() {
+        let (p, s) = (
+            policy(r#"{"maxEntries":64,"maxTotalBytes":2000}"#),
+            MemoryStore::new(),
+        );
+        let keep = forward(p.begin(&s, u64::MAX, None, 0));
+        for k in 1..5000u64 {
+            if let Begin::Forward(c) = p.begin(&s, k, None, k) {
+                p.complete(&s, &c, Some(&response("0123456789")), k)
+                    .unwrap();
+            }
+            assert!(p.table().used_bytes(&s).unwrap() <= 2000);
+        }
+        assert!(s.len() <= 2 * 64 + 2, "shared keys: {}", s.len());
+        assert_eq!(
+            refused(p.begin(&s, u64::MAX, None, 10)),
+            Problem::InFlight,
+            "the live claim survived"
+        );
+        p.complete(&s, &keep, Some(&response("kept")), 10).unwrap();
+    }
+
+    #[test]
+    fn a_broken_store_answers_503_and_never_forwards() {
+        let (p, s) = (policy("{}"), MemoryStore::new());
+        s.broken.set(true);
+        let Begin::Refuse(Problem::Unavailable, detail) = p.begin(&s, 5, None, 0) else {
+            panic!()
+        };
+        assert!(detail.contains("unavailable"), "{detail}");
+        let r = Problem::Unavailable.reply("idempotency-key", &detail);
+        assert_eq!(r.status, 503);
+        assert!(r.headers.contains(&("retry-after".into(), b"1".to_vec())));
+    }
+}
