@@ -1,0 +1,318 @@
+//! Proxy-wasm glue: captures the covered request, asks the [`Fallback`] policy at request time
+//! (circuit) and at response time (failure or storable), copies a storable body chunk by chunk
+//! as it streams (never pausing it), keeps it once the stream has ended, and counts.
+
+use crate::config::Config;
+use crate::policy::{Fallback, Pending, Reply, RequestAction, ResponseAction, Served};
+use edge_common::ffi;
+use edge_common::host::{
+    follow_host_log_level, now_ns, plugin_configuration, property, response_body_chunk,
+    response_header, response_headers, root_id, HostRequest,
+};
+use edge_common::request::RequestParts;
+use edge_common::shared_data::SharedData;
+use edge_common::StoreError;
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, ContextType, MetricType};
+use std::rc::Rc;
+
+/// The counters, `cached_fallback.<name>` (Envoy: `wasmcustom.cached_fallback.<name>`).
+#[derive(Clone, Copy)]
+enum Counter {
+    Stored,
+    StoreSkipped,
+    ServedStale,
+    ServedStatic,
+    PassedThrough,
+    CircuitOpened,
+    CircuitShortCircuited,
+}
+
+const COUNTERS: [&str; 7] = [
+    "cached_fallback.stored",
+    "cached_fallback.store_skipped",
+    "cached_fallback.served_stale",
+    "cached_fallback.served_static",
+    "cached_fallback.passed_through",
+    "cached_fallback.circuit_opened",
+    "cached_fallback.circuit_short_circuited",
+];
+
+#[derive(Default)]
+struct Metrics([Option<u32>; 7]);
+
+impl Metrics {
+    fn define() -> Metrics {
+        Metrics(COUNTERS.map(|n| hostcalls::define_metric(MetricType::Counter, n).ok()))
+    }
+
+    fn add(&self, c: Counter) {
+        if let Some(Some(id)) = self.0.get(c as usize) {
+            let _ = hostcalls::increment_metric(*id, 1);
+        }
+    }
+
+    fn served(&self, s: Served) {
+        match s {
+            Served::Stale => self.add(Counter::ServedStale),
+            Served::Static => self.add(Counter::ServedStatic),
+            Served::Unavailable => {}
+        }
+    }
+}
+
+fn warn(errors: &[StoreError]) {
+    for e in errors {
+        log::warn!("cached-fallback: shared state unavailable, acting as if empty: {e}");
+    }
+}
+
+#[derive(Default)]
+pub struct FallbackRoot {
+    policy: Option<Rc<Fallback>>,
+    metrics: Rc<Metrics>,
+}
+
+impl Context for FallbackRoot {}
+
+impl RootContext for FallbackRoot {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        follow_host_log_level();
+        let config = match Config::parse(&plugin_configuration()) {
+            Ok(c) => c,
+            Err(e) => {
+                log::error!("cached-fallback: configuration rejected: {e}");
+                return false;
+            }
+        };
+        let namespace = format!("cached_fallback/{}/", root_id());
+        let random = getrandom::u64().unwrap_or(0x1319_8a2e_0370_7344);
+        let (seed, failed) = Fallback::shared_seed(&SharedData, &namespace, random);
+        if let Some(e) = failed {
+            log::warn!("cached-fallback: cannot share the key seed ({e}); using this worker's own");
+        }
+        log::info!(
+            "cached-fallback: {} route(s), {} entries, {} bytes, circuit breaker {}",
+            config.routes.len(),
+            config.max_entries,
+            config.max_total_bytes,
+            if config.circuit_breaker.is_some() {
+                "on"
+            } else {
+                "off"
+            }
+        );
+        self.metrics = Rc::new(Metrics::define());
+        self.policy = Some(Rc::new(Fallback::new(config, &namespace, seed)));
+        true
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(FallbackStream {
+            policy: self.policy.clone(),
+            metrics: self.metrics.clone(),
+            request: None,
+            base: 0,
+            probe: None,
+            answered: false,
+            pending: None,
+            complete: false,
+        }))
+    }
+}
+
+pub struct FallbackStream {
+    policy: Option<Rc<Fallback>>,
+    metrics: Rc<Metrics>,
+    /// The covered request as captured (request headers cannot be read later).
+    request: Option<RequestParts>,
+    base: u64,
+    /// This stream is the circuit's half-open probe and has not reported yet.
+    probe: Option<u64>,
+    /// This plugin answered; later callbacks see its own reply.
+    answered: bool,
+    /// The response being copied, and whether it has all arrived.
+    pending: Option<Box<Pending>>,
+    complete: bool,
+}
+
+impl Context for FallbackStream {}
+
+impl FallbackStream {
+    fn reply(&mut self, r: &Reply) {
+        let headers: Vec<(&str, &str)> = r
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        self.send_http_response(r.status, headers, Some(&r.body));
+        self.answered = true;
+    }
+}
+
+/// The request as plain data: method, `:path` and every header (pseudo-headers included).
+fn capture() -> RequestParts {
+    let headers = ffi::get_header_pairs(ffi::REQUEST_HEADERS).unwrap_or_default();
+    let find = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+            .unwrap_or_default()
+    };
+    RequestParts {
+        method: find(":method"),
+        path: find(":path"),
+        headers,
+        client_ip: None,
+    }
+}
+
+impl HttpContext for FallbackStream {
+    fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        let Some(policy) = self.policy.clone() else {
+            return Action::Continue;
+        };
+        if !policy.covers(&HostRequest) {
+            return Action::Continue;
+        }
+        let req = capture();
+        self.base = policy.base_key(&req);
+        let mut errors = Vec::new();
+        let action = policy.on_request(&req, self.base, now_ns(), &SharedData, &mut errors);
+        warn(&errors);
+        self.request = Some(req);
+        match action {
+            RequestAction::Forward { probe } => {
+                if probe.is_some() {
+                    log::debug!("cached-fallback: circuit half-open, probing the upstream");
+                }
+                self.probe = probe;
+                Action::Continue
+            }
+            RequestAction::Answer { reply, served } => {
+                self.metrics.add(Counter::CircuitShortCircuited);
+                self.metrics.served(served);
+                self.reply(&reply);
+                Action::Pause
+            }
+        }
+    }
+
+    fn on_http_response_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
+        let (Some(policy), Some(req)) = (self.policy.clone(), self.request.as_ref()) else {
+            return Action::Continue;
+        };
+        if self.answered {
+            return Action::Continue;
+        }
+        let Some(status) = response_header(":status")
+            .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u16>().ok())
+        else {
+            return Action::Continue;
+        };
+        let details = property(&["response", "code_details"]);
+        let headers = if policy.wants_headers(status, details.as_deref()) {
+            response_headers()
+        } else {
+            Vec::new()
+        };
+        let now = now_ns();
+        let d = policy.on_response(
+            req,
+            self.base,
+            self.probe,
+            status,
+            details.as_deref(),
+            &headers,
+            now,
+            &SharedData,
+        );
+        warn(&d.errors);
+        if d.settled {
+            self.probe = None;
+        }
+        if d.circuit_opened {
+            log::info!("cached-fallback: circuit opened");
+            self.metrics.add(Counter::CircuitOpened);
+        }
+        match d.action {
+            ResponseAction::Replace { reply, served } => {
+                log::debug!(
+                    "cached-fallback: replaced a failed answer ({status}, {})",
+                    details.as_deref().unwrap_or("-")
+                );
+                self.metrics.served(served);
+                self.reply(&reply);
+                return Action::Pause;
+            }
+            ResponseAction::PassThrough => self.metrics.add(Counter::PassedThrough),
+            ResponseAction::Collect(p) => {
+                self.pending = Some(p);
+                self.complete = end_of_stream;
+            }
+            ResponseAction::Skipped(why) => {
+                log::debug!("cached-fallback: not kept: {}", why.reason());
+                self.metrics.add(Counter::StoreSkipped);
+            }
+            ResponseAction::Ignore => {}
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if let Some(p) = self.pending.as_mut() {
+            let fits = body_size == 0 || p.push(&response_body_chunk(body_size));
+            if !fits {
+                log::debug!("cached-fallback: not kept: body over maxBodyBytes");
+                self.pending = None;
+                self.metrics.add(Counter::StoreSkipped);
+            } else if end_of_stream {
+                self.complete = true;
+            }
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_trailers(&mut self, _trailers: usize) -> Action {
+        if self.pending.is_some() {
+            self.complete = true;
+        }
+        Action::Continue
+    }
+
+    /// After the client has the whole response: keep it (the shared-data writes never delay
+    /// it), and hand back a probe that never reported.
+    fn on_log(&mut self) {
+        let Some(policy) = self.policy.clone() else {
+            return;
+        };
+        let now = now_ns();
+        if let Some(token) = self.probe.take() {
+            if let Err(e) = policy.abandon_probe(token, now, &SharedData) {
+                warn(&[e]);
+            }
+        }
+        let Some(p) = self.pending.take() else {
+            return;
+        };
+        if !self.complete {
+            log::debug!("cached-fallback: not kept: the response did not complete");
+            self.metrics.add(Counter::StoreSkipped);
+            return;
+        }
+        match policy.store(*p, now, &SharedData) {
+            Ok(true) => self.metrics.add(Counter::Stored),
+            Ok(false) => self.metrics.add(Counter::StoreSkipped),
+            Err(e) => {
+                warn(&[e]);
+                self.metrics.add(Counter::StoreSkipped);
+            }
+        }
+    }
+}

@@ -1,0 +1,12 @@
+//! Cached fallback: keeps the last good response per request key in shared data and serves it
+//! when the upstream fails (status, reset, timeout), with a circuit breaker across workers.
+
+pub mod circuit;
+pub mod config;
+pub mod filter;
+pub mod policy;
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Trace);
+    proxy_wasm::set_root_context(|_| Box::new(filter::FallbackRoot::default()));
+}}

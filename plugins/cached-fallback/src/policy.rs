@@ -1,0 +1,1385 @@
+//! The cached-fallback decisions: which requests are covered, what their key is, whether a
+//! response may be kept, whether an answer is a failure, and what replaces it. Pure: requests
+//! come in as [`RequestParts`] (captured by the glue at request time), state as a
+//! [`SlotStore`], time as nanoseconds.
+//!
+//! # State layout (namespace `cached_fallback/<root_id>/`)
+//! - an [`edge_common::table::Table`] of `maxEntries` records with at most `maxTotalBytes` of
+//!   bodies. A response without `Vary` is one record under the request's base key (method,
+//!   host, path, query, listed headers). A response with `Vary` is two: under the base key a
+//!   record naming the `Vary` headers (no body), and under the variant key (base key plus the
+//!   request's values of those headers) the response. A lookup reads the base record and, if it
+//!   names `Vary` headers, the variant's.
+//! - `circuit`: the circuit breaker's [`State`] (21 bytes).
+//! - `seed`: the 64-bit key seed, random per Envoy, so clients cannot craft colliding keys.
+
+use crate::circuit::{self, Admit, State};
+use crate::config::{Config, FailOn};
+use edge_common::problem::{problem_json, CONTENT_TYPE};
+use edge_common::request::{RequestParts, RequestView};
+use edge_common::store::{get_or_create, update};
+use edge_common::stored::{CacheControl, StoredResponse};
+use edge_common::table::{Claim, Found, Record, Table};
+use edge_common::{SlotStore, StoreError};
+use std::hash::{Hash, Hasher};
+
+/// Read-modify-write attempts on the circuit before the store counts as failing.
+pub const ATTEMPTS: u32 = 16;
+/// A response that varies on more request headers than this is not kept.
+pub const MAX_VARY_NAMES: usize = 16;
+const NS_PER_SEC: u64 = 1_000_000_000;
+const KIND_RESPONSE: u8 = 1;
+const KIND_VARY: u8 = 2;
+
+/// Why an answer was replaced: the `detail` of `Cache-Status`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// A status listed in `failOn.statuses`, from the upstream.
+    Status,
+    /// The upstream reset the stream before answering.
+    Reset,
+    /// Envoy could not connect (refused, connect timeout, no healthy host, overflow).
+    ConnectionFailure,
+    /// The route's timeout fired.
+    Timeout,
+    /// The circuit is open: the request was answered without the upstream.
+    CircuitOpen,
+}
+
+impl Reason {
+    pub fn detail(self) -> &'static str {
+        match self {
+            Reason::Status => "upstream-status",
+            Reason::Reset => "upstream-reset",
+            Reason::ConnectionFailure => "connection-failure",
+            Reason::Timeout => "timeout",
+            Reason::CircuitOpen => "circuit-open",
+        }
+    }
+}
+
+/// What an answer says about the upstream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Failure(Reason),
+    /// The upstream answered, and not with a failure.
+    Success,
+    /// Nothing about the upstream: another filter's local reply, or a failure kind that
+    /// `failOn` leaves alone.
+    Neutral,
+}
+
+/// Classifies an answer by its status and Envoy's `response.code_details`: `via_upstream` is
+/// the upstream's own status; `upstream_reset_before_response_started{…}` a reset or (with
+/// `connection_failure`, `connection_timeout`, `overflow`) a failure to connect;
+/// `no_healthy_upstream` too; `…timeout` (`response_timeout`, `upstream_per_try_timeout`) the
+/// route timeout. Other local replies are [`Verdict::Neutral`]. Without details (a host that
+/// does not report them) the status decides.
+pub fn classify(fail_on: &FailOn, status: u16, details: Option<&str>) -> Verdict {
+    let d = details.unwrap_or("");
+    if d.is_empty() || d == "via_upstream" {
+        return if fail_on.statuses.contains(&status) {
+            Verdict::Failure(Reason::Status)
+        } else {
+            Verdict::Success
+        };
+    }
+    let gate = |on: bool, r: Reason| {
+        if on {
+            Verdict::Failure(r)
+        } else {
+            Verdict::Neutral
+        }
+    };
+    if d.starts_with("upstream_reset_before_response_started") || d == "no_healthy_upstream" {
+        let connect = d == "no_healthy_upstream"
+            || ["connection_failure", "connection_timeout", "overflow"]
+                .iter()
+                .any(|w| d.contains(w));
+        let reason = if connect {
+            Reason::ConnectionFailure
+        } else {
+            Reason::Reset
+        };
+        return gate(fail_on.upstream_reset, reason);
+    }
+    if d.contains("timeout") {
+        return gate(fail_on.timeout, Reason::Timeout);
+    }
+    Verdict::Neutral
+}
+
+/// Why a response with a storable status was not kept (the `store_skipped` counter).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Skip {
+    NoStore,
+    Private,
+    Authorization,
+    SetCookie,
+    VaryStar,
+    /// `must-revalidate`, `proxy-revalidate` or `no-cache`: it could never be served stale.
+    NoStale,
+    TooManyVary,
+    TooLarge,
+    /// No room could be made, or the store failed.
+    NotWritten,
+}
+
+impl Skip {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Skip::NoStore => "no-store",
+            Skip::Private => "private",
+            Skip::Authorization => "authorization",
+            Skip::SetCookie => "set-cookie",
+            Skip::VaryStar => "vary-star",
+            Skip::NoStale => "must-revalidate",
+            Skip::TooManyVary => "too-many-vary",
+            Skip::TooLarge => "too-large",
+            Skip::NotWritten => "not-written",
+        }
+    }
+}
+
+fn values<'a>(
+    headers: &'a [(String, Vec<u8>)],
+    name: &'a str,
+) -> impl Iterator<Item = &'a [u8]> + 'a {
+    headers
+        .iter()
+        .filter(move |(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_slice())
+}
+
+/// Comma-separated list items of every value of `name`, trimmed and lower-cased.
+fn list_items(headers: &[(String, Vec<u8>)], name: &str) -> Vec<String> {
+    values(headers, name)
+        .flat_map(|v| v.split(|&b| b == b','))
+        .map(|item| String::from_utf8_lossy(item.trim_ascii()).to_ascii_lowercase())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+fn has_directive(headers: &[(String, Vec<u8>)], directive: &str) -> bool {
+    list_items(headers, "cache-control")
+        .iter()
+        .any(|d| d.split('=').next().map(str::trim) == Some(directive))
+}
+
+/// What a storable response needs to be kept.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Storable {
+    /// The `Vary` header names, sorted, lower-case.
+    pub vary: Vec<String>,
+    pub stale_if_error: Option<u64>,
+}
+
+/// RFC 9111's rules for a shared cache, plus this plugin's own: may this response to this
+/// request be kept? (The status was checked by the caller.)
+pub fn storability(
+    req: &RequestParts,
+    response: &[(String, Vec<u8>)],
+    max_body: u64,
+) -> Result<Storable, Skip> {
+    let cc = CacheControl::parse(values(response, "cache-control"));
+    if cc.no_store || has_directive(&req.headers, "no-store") {
+        return Err(Skip::NoStore);
+    }
+    if cc.private {
+        return Err(Skip::Private);
+    }
+    if req.header("authorization").is_some() && !cc.public && cc.s_maxage.is_none() {
+        return Err(Skip::Authorization);
+    }
+    if values(response, "set-cookie").next().is_some() {
+        return Err(Skip::SetCookie);
+    }
+    let mut vary = list_items(response, "vary");
+    if vary.iter().any(|v| v == "*") {
+        return Err(Skip::VaryStar);
+    }
+    if cc.must_revalidate || has_directive(response, "no-cache") {
+        return Err(Skip::NoStale);
+    }
+    vary.sort();
+    vary.dedup();
+    if vary.len() > MAX_VARY_NAMES {
+        return Err(Skip::TooManyVary);
+    }
+    let declared = values(response, "content-length")
+        .next()
+        .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max_body) {
+        return Err(Skip::TooLarge);
+    }
+    Ok(Storable {
+        vary,
+        stale_if_error: cc.stale_if_error,
+    })
+}
+
+/// A local answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    pub status: u32,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+/// What was served instead of the upstream's answer (for the counters).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Served {
+    /// A stored response.
+    Stale,
+    /// `staticFallback`.
+    Static,
+    /// The circuit is open and there was nothing to serve: a 503.
+    Unavailable,
+}
+
+/// What the request phase does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RequestAction {
+    /// Forward it; `probe` is its token when it is the circuit's half-open probe.
+    Forward { probe: Option<u64> },
+    /// Answer it now (the circuit is open).
+    Answer { reply: Reply, served: Served },
+}
+
+/// A response being copied as it streams, to be kept when it is complete.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pending {
+    /// The record's key: the base key, or the variant key when it varies.
+    pub key: u64,
+    pub base: u64,
+    pub vary: Vec<String>,
+    pub stale_if_error: Option<u64>,
+    pub response: StoredResponse,
+    max_body: u64,
+}
+
+impl Pending {
+    /// Appends a body chunk; false (and the copy is dropped) once it exceeds `maxBodyBytes`.
+    pub fn push(&mut self, chunk: &[u8]) -> bool {
+        let len =
+            u64::try_from(self.response.body.len().saturating_add(chunk.len())).unwrap_or(u64::MAX);
+        if len > self.max_body {
+            self.response.body = Vec::new();
+            return false;
+        }
+        self.response.body.extend_from_slice(chunk);
+        true
+    }
+}
+
+/// What the response-headers phase does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ResponseAction {
+    /// Replace the failed answer.
+    Replace { reply: Reply, served: Served },
+    /// A failure with nothing to serve: the answer goes through untouched.
+    PassThrough,
+    /// Copy the body as it streams, then keep it.
+    Collect(Box<Pending>),
+    /// A storable status that may not be kept.
+    Skipped(Skip),
+    /// Nothing to do (a status that is neither kept nor a failure, another filter's reply).
+    Ignore,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResponseDecision {
+    pub action: ResponseAction,
+    /// This answer opened the circuit (the `circuit_opened` counter).
+    pub circuit_opened: bool,
+    /// The answer told the circuit something (a probe's outcome is then settled).
+    pub settled: bool,
+    /// Store failures, for the warning log; the decision was made as if nothing were stored.
+    pub errors: Vec<StoreError>,
+}
+
+/// A lookup's result.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Lookup {
+    Hit {
+        response: StoredResponse,
+        age_secs: u64,
+    },
+    /// There is an entry, older than `maxStale` or its `stale-if-error`.
+    TooOld,
+    Miss,
+}
+
+/// The compiled policy: a config plus where its state lives.
+pub struct Fallback {
+    pub config: Config,
+    table: Table,
+    circuit_key: String,
+    seed: u64,
+}
+
+fn meta_response(stale_if_error: Option<u64>) -> Vec<u8> {
+    let mut m = vec![KIND_RESPONSE];
+    m.extend_from_slice(&stale_if_error.unwrap_or(u64::MAX).to_le_bytes());
+    m
+}
+
+fn meta_vary(names: &[String]) -> Vec<u8> {
+    let mut m = vec![KIND_VARY];
+    m.extend_from_slice(names.join(",").as_bytes());
+    m
+}
+
+enum Meta {
+    Response { stale_if_error: Option<u64> },
+    Vary(Vec<String>),
+}
+
+fn read_meta(m: &[u8]) -> Option<Meta> {
+    match m.first()? {
+        &KIND_RESPONSE => {
+            let s = u64::from_le_bytes(m.get(1..9)?.try_into().ok()?);
+            Some(Meta::Response {
+                stale_if_error: (s != u64::MAX).then_some(s),
+            })
+        }
+        &KIND_VARY => {
+            let names = String::from_utf8_lossy(m.get(1..)?);
+            Some(Meta::Vary(names.split(',').map(str::to_string).collect()))
+        }
+        _ => None,
+    }
+}
+
+/// `Cache-Status` (RFC 9211) for an answer this plugin made.
+pub fn cache_status(hit: bool, fwd: Option<(&str, u16)>, reason: Reason) -> String {
+    let mut s = String::from("cached-fallback");
+    if hit {
+        s.push_str("; hit");
+    }
+    if let Some((why, status)) = fwd {
+        s.push_str("; fwd=");
+        s.push_str(why);
+        s.push_str("; fwd-status=");
+        s.push_str(&status.to_string());
+    }
+    s.push_str("; detail=");
+    s.push_str(reason.detail());
+    s
+}
+
+impl Fallback {
+    /// `namespace` prefixes every store key (`cached_fallback/<root_id>/`); `seed` keys the
+    /// hash of request keys (see [`Fallback::shared_seed`]).
+    pub fn new(config: Config, namespace: &str, seed: u64) -> Fallback {
+        Fallback {
+            table: Table::new(namespace, config.max_entries, config.max_total_bytes),
+            circuit_key: format!("{namespace}circuit"),
+            config,
+            seed,
+        }
+    }
+
+    /// The seed every worker uses, created once in the store from `random`; when the store
+    /// fails, `random` (this worker's keys then differ from the others' until a reload) and
+    /// the error.
+    pub fn shared_seed(
+        store: &impl SlotStore,
+        namespace: &str,
+        random: u64,
+    ) -> (u64, Option<StoreError>) {
+        match get_or_create(store, &format!("{namespace}seed"), &random.to_le_bytes()) {
+            Ok(e) => (
+                e.value
+                    .get(..8)
+                    .and_then(|b| b.try_into().ok())
+                    .map_or(random, u64::from_le_bytes),
+                None,
+            ),
+            Err(e) => (random, Some(e)),
+        }
+    }
+
+    /// Whether `routes` and `methods` cover the request.
+    pub fn covers(&self, req: &impl RequestView) -> bool {
+        let m = req.method();
+        self.config.methods.iter().any(|x| x.as_bytes() == m)
+            && (self.config.routes.is_empty() || self.config.routes.iter().any(|r| r.matches(req)))
+    }
+
+    /// The key of method, host, path (with the query if `key.query`) and the listed headers.
+    pub fn base_key(&self, req: &RequestParts) -> u64 {
+        let mut h = std::hash::DefaultHasher::new();
+        (self.seed, "cached_fallback").hash(&mut h);
+        req.method.hash(&mut h);
+        let host = req
+            .header(":authority")
+            .or_else(|| req.header("host"))
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        host.hash(&mut h);
+        if self.config.key.query {
+            req.raw_path().hash(&mut h);
+        } else {
+            req.path().hash(&mut h);
+        }
+        for name in &self.config.key.headers {
+            name.hash(&mut h);
+            values(&req.headers, name).collect::<Vec<_>>().hash(&mut h);
+        }
+        h.finish().max(1)
+    }
+
+    /// The key of one variant of a response that varies on `names`.
+    pub fn variant_key(&self, base: u64, names: &[String], req: &RequestParts) -> u64 {
+        let mut h = std::hash::DefaultHasher::new();
+        (self.seed, base).hash(&mut h);
+        for name in names {
+            name.hash(&mut h);
+            values(&req.headers, name).collect::<Vec<_>>().hash(&mut h);
+        }
+        h.finish().max(1)
+    }
+
+    /// How old an entry may be, given its `stale-if-error`.
+    pub fn stale_limit_ns(&self, stale_if_error: Option<u64>) -> u64 {
+        let own = stale_if_error.map_or(u64::MAX, |s| s.saturating_mul(NS_PER_SEC));
+        self.config.max_stale_ns.min(own)
+    }
+
+    /// Whether an entry stored at `at_ns` may still be served at `now`.
+    pub fn usable(&self, at_ns: u64, stale_if_error: Option<u64>, now: u64) -> bool {
+        now.saturating_sub(at_ns) <= self.stale_limit_ns(stale_if_error)
+    }
+
+    /// The stored response for the request, if one may be served at `now`.
+    pub fn lookup(
+        &self,
+        req: &RequestParts,
+        base: u64,
+        now: u64,
+        store: &impl SlotStore,
+    ) -> Result<Lookup, StoreError> {
+        let Some(found) = self.table.find(store, base)? else {
+            return Ok(Lookup::Miss);
+        };
+        let (found, stale_if_error) = match read_meta(&found.record.meta) {
+            Some(Meta::Response { stale_if_error }) => (found, stale_if_error),
+            Some(Meta::Vary(names)) => {
+                let key = self.variant_key(base, &names, req);
+                let Some(v) = self.table.find(store, key)? else {
+                    return Ok(Lookup::Miss);
+                };
+                match read_meta(&v.record.meta) {
+                    Some(Meta::Response { stale_if_error }) => (v, stale_if_error),
+                    _ => return Ok(Lookup::Miss),
+                }
+            }
+            None => return Ok(Lookup::Miss),
+        };
+        if !self.usable(found.record.at_ns, stale_if_error, now) {
+            return Ok(Lookup::TooOld);
+        }
+        let Some(response) = self
+            .table
+            .body(store, &found)?
+            .and_then(|b| StoredResponse::decode(&b))
+        else {
+            // Claimed but not written yet, or replaced meanwhile.
+            return Ok(Lookup::Miss);
+        };
+        let upstream_age = response
+            .header("age")
+            .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        let age_secs = now
+            .saturating_sub(found.record.at_ns)
+            .checked_div(NS_PER_SEC)
+            .unwrap_or(0)
+            .saturating_add(upstream_age);
+        Ok(Lookup::Hit { response, age_secs })
+    }
+
+    /// The answer that replaces a failure (`fwd` the forwarded status, `None` when the
+    /// circuit kept the request from the upstream), or `None` for "pass it through".
+    fn fallback(
+        &self,
+        req: &RequestParts,
+        base: u64,
+        reason: Reason,
+        fwd: Option<u16>,
+        now: u64,
+        store: &impl SlotStore,
+        errors: &mut Vec<StoreError>,
+    ) -> Option<(Reply, Served)> {
+        let found = self.lookup(req, base, now, store).unwrap_or_else(|e| {
+            errors.push(e);
+            Lookup::Miss
+        });
+        let too_old = match found {
+            Lookup::Hit { response, age_secs } => {
+                let status_line = cache_status(true, fwd.map(|s| ("stale", s)), reason);
+                return Some((stale_reply(response, age_secs, &status_line), Served::Stale));
+            }
+            Lookup::TooOld => true,
+            Lookup::Miss => false,
+        };
+        let fwd = fwd.map(|s| (if too_old { "stale" } else { "uri-miss" }, s));
+        let status_line = cache_status(false, fwd, reason);
+        let s = self.config.static_fallback.as_ref()?;
+        let mut headers = s.headers.clone();
+        headers.push(("cache-status".into(), status_line));
+        Some((
+            Reply {
+                status: u32::from(s.status),
+                headers,
+                body: s.body.clone(),
+            },
+            Served::Static,
+        ))
+    }
+
+    /// The request phase: with the circuit open, the answer; else forward (maybe as probe).
+    pub fn on_request(
+        &self,
+        req: &RequestParts,
+        base: u64,
+        now: u64,
+        store: &impl SlotStore,
+        errors: &mut Vec<StoreError>,
+    ) -> RequestAction {
+        let Some(b) = self.config.circuit_breaker else {
+            return RequestAction::Forward { probe: None };
+        };
+        let admitted = (|| -> Result<Admit, StoreError> {
+            let e = get_or_create(store, &self.circuit_key, &State::default().encode())?;
+            let (a, next) = circuit::admit(&b, State::decode(&e.value), now);
+            if next.is_none() {
+                return Ok(a);
+            }
+            let mut decided = a;
+            update(store, &self.circuit_key, ATTEMPTS, |v| {
+                let (a, next) = circuit::admit(&b, State::decode(v), now);
+                decided = a;
+                next.map(|s| s.encode())
+            })?;
+            Ok(decided)
+        })();
+        let retry_after_ns = match admitted {
+            Ok(Admit::Pass) => return RequestAction::Forward { probe: None },
+            Ok(Admit::Probe(token)) => return RequestAction::Forward { probe: Some(token) },
+            Ok(Admit::Reject { retry_after_ns }) => retry_after_ns,
+            Err(e) => {
+                // Without the circuit's state, the upstream decides.
+                errors.push(e);
+                return RequestAction::Forward { probe: None };
+            }
+        };
+        if let Some((reply, served)) =
+            self.fallback(req, base, Reason::CircuitOpen, None, now, store, errors)
+        {
+            return RequestAction::Answer { reply, served };
+        }
+        let retry = retry_after_ns.div_ceil(NS_PER_SEC).max(1);
+        RequestAction::Answer {
+            reply: Reply {
+                status: 503,
+                headers: vec![
+                    ("content-type".into(), CONTENT_TYPE.into()),
+                    ("retry-after".into(), retry.to_string()),
+                    (
+                        "cache-status".into(),
+                        cache_status(false, None, Reason::CircuitOpen),
+                    ),
+                ],
+                body: problem_json(
+                    "about:blank",
+                    "Service Unavailable",
+                    503,
+                    "the upstream is failing and no earlier response is stored; retry later",
+                    &[],
+                ),
+            },
+            served: Served::Unavailable,
+        }
+    }
+
+    /// Whether the response phase needs the response headers (only to keep the response).
+    pub fn wants_headers(&self, status: u16, details: Option<&str>) -> bool {
+        classify(&self.config.fail_on, status, details) == Verdict::Success
+            && self.config.stores_status(status)
+    }
+
+    /// The response-headers phase: report to the circuit, then replace a failure, start
+    /// copying a response to keep, or leave it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn on_response(
+        &self,
+        req: &RequestParts,
+        base: u64,
+        probe: Option<u64>,
+        status: u16,
+        details: Option<&str>,
+        headers: &[(String, Vec<u8>)],
+        now: u64,
+        store: &impl SlotStore,
+    ) -> ResponseDecision {
+        let verdict = classify(&self.config.fail_on, status, details);
+        let mut errors = Vec::new();
+        let mut circuit_opened = false;
+        let settled = verdict != Verdict::Neutral;
+        if let Some(b) = self.config.circuit_breaker {
+            let failure = matches!(verdict, Verdict::Failure(_));
+            // Only failures and the probe's outcome can change the state.
+            if settled && (failure || probe.is_some()) {
+                let r = (|| -> Result<(), StoreError> {
+                    get_or_create(store, &self.circuit_key, &State::default().encode())?;
+                    update(store, &self.circuit_key, ATTEMPTS, |v| {
+                        let (next, opened) =
+                            circuit::report(&b, State::decode(v), now, failure, probe);
+                        circuit_opened = opened;
+                        next.map(|s| s.encode())
+                    })?;
+                    Ok(())
+                })();
+                if let Err(e) = r {
+                    errors.push(e);
+                }
+            }
+        }
+        let action = match verdict {
+            Verdict::Failure(reason) => {
+                match self.fallback(req, base, reason, Some(status), now, store, &mut errors) {
+                    Some((reply, served)) => ResponseAction::Replace { reply, served },
+                    None => ResponseAction::PassThrough,
+                }
+            }
+            Verdict::Success if self.config.stores_status(status) => {
+                match storability(req, headers, self.config.max_body_bytes) {
+                    Ok(s) => {
+                        let key = if s.vary.is_empty() {
+                            base
+                        } else {
+                            self.variant_key(base, &s.vary, req)
+                        };
+                        ResponseAction::Collect(Box::new(Pending {
+                            key,
+                            base,
+                            vary: s.vary,
+                            stale_if_error: s.stale_if_error,
+                            response: StoredResponse {
+                                status,
+                                headers: headers.to_vec(),
+                                body: Vec::new(),
+                                stored_at_ns: 0,
+                            },
+                            max_body: self.config.max_body_bytes,
+                        }))
+                    }
+                    Err(skip) => ResponseAction::Skipped(skip),
+                }
+            }
+            Verdict::Success | Verdict::Neutral => ResponseAction::Ignore,
+        };
+        ResponseDecision {
+            action,
+            circuit_opened,
+            settled,
+            errors,
+        }
+    }
+
+    /// The probe's stream ended without reporting: let the next request probe.
+    pub fn abandon_probe(
+        &self,
+        probe: u64,
+        now: u64,
+        store: &impl SlotStore,
+    ) -> Result<(), StoreError> {
+        let Some(b) = self.config.circuit_breaker else {
+            return Ok(());
+        };
+        update(store, &self.circuit_key, ATTEMPTS, |v| {
+            circuit::abandon(&b, State::decode(v), now, probe).map(|s| s.encode())
+        })?;
+        Ok(())
+    }
+
+    /// Keeps a complete response at `now`. False when no room could be made or a concurrent
+    /// writer won the slot.
+    pub fn store(
+        &self,
+        pending: Pending,
+        now: u64,
+        store: &impl SlotStore,
+    ) -> Result<bool, StoreError> {
+        if !pending.vary.is_empty() && !self.mark_vary(pending.base, &pending.vary, now, store)? {
+            return Ok(false);
+        }
+        let mut response = pending.response;
+        response.stored_at_ns = now;
+        let record = Record::new(
+            pending.key,
+            now,
+            false,
+            meta_response(pending.stale_if_error),
+        );
+        let Some(found) = self.slot_for(&record, store)? else {
+            return Ok(false);
+        };
+        Ok(self
+            .table
+            .put_body(store, &found, record, &response.encode())?
+            .is_some())
+    }
+
+    /// The record for `record.key`: the existing one, or a newly claimed slot.
+    fn slot_for(
+        &self,
+        record: &Record,
+        store: &impl SlotStore,
+    ) -> Result<Option<Found>, StoreError> {
+        if let Some(f) = self.table.find(store, record.key)? {
+            return Ok(Some(f));
+        }
+        Ok(match self.table.claim(store, record.clone(), |_| true)? {
+            Claim::Won(f) | Claim::Exists(f) => Some(f),
+            Claim::Full => None,
+        })
+    }
+
+    /// Makes the base record name `names` as the response's `Vary` headers. The base record is
+    /// rewritten when it says something else, and refreshed (so eviction, oldest first, does
+    /// not take it before its variants) once it is half `maxStale` old.
+    fn mark_vary(
+        &self,
+        base: u64,
+        names: &[String],
+        now: u64,
+        store: &impl SlotStore,
+    ) -> Result<bool, StoreError> {
+        let meta = meta_vary(names);
+        let record = Record::new(base, now, false, meta.clone());
+        let Some(found) = self.slot_for(&record, store)? else {
+            return Ok(false);
+        };
+        let current = found.record.meta == meta
+            && now.saturating_sub(found.record.at_ns) <= self.config.max_stale_ns / 2;
+        if current {
+            return Ok(true);
+        }
+        Ok(self.table.put_body(store, &found, record, &[])?.is_some())
+    }
+
+    /// Body bytes held now (for tests and logs).
+    pub fn used_bytes(&self, store: &impl SlotStore) -> Result<u64, StoreError> {
+        self.table.used_bytes(store)
+    }
+}
+
+/// The stored response with `Age` and `Cache-Status` (appended to any the upstream sent).
+fn stale_reply(response: StoredResponse, age_secs: u64, status_line: &str) -> Reply {
+    let mut headers: Vec<(String, String)> = Vec::with_capacity(response.headers.len() + 2);
+    let mut cache_status = String::new();
+    for (k, v) in &response.headers {
+        let v = String::from_utf8_lossy(v);
+        if k.eq_ignore_ascii_case("age") {
+            continue;
+        }
+        if k.eq_ignore_ascii_case("cache-status") {
+            cache_status.push_str(&v);
+            cache_status.push_str(", ");
+            continue;
+        }
+        headers.push((k.clone(), v.into_owned()));
+    }
+    cache_status.push_str(status_line);
+    headers.push(("age".into(), age_secs.to_string()));
+    headers.push(("cache-status".into(), cache_status));
+    Reply {
+        status: u32::from(response.status),
+        headers,
+        body: response.body,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edge_common::store::MemoryStore;
+
+    const S: u64 = NS_PER_SEC;
+    const T0: u64 = 1_000 * S;
+
+    fn fallback(json: &str) -> Fallback {
+        Fallback::new(Config::parse(json.as_bytes()).unwrap(), "cf/", 42)
+    }
+
+    fn get(path: &str) -> RequestParts {
+        RequestParts::new("GET", path).header(":authority", "example.com")
+    }
+
+    fn hdrs(pairs: &[(&str, &str)]) -> Vec<(String, Vec<u8>)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+            .collect()
+    }
+
+    /// Runs the response phase for a 200 with `headers` and `body`, and stores it.
+    fn keep(
+        f: &Fallback,
+        req: &RequestParts,
+        headers: &[(&str, &str)],
+        body: &[u8],
+        now: u64,
+        s: &MemoryStore,
+    ) -> ResponseAction {
+        let base = f.base_key(req);
+        let d = f.on_response(
+            req,
+            base,
+            None,
+            200,
+            Some("via_upstream"),
+            &hdrs(headers),
+            now,
+            s,
+        );
+        if let ResponseAction::Collect(mut p) = d.action.clone() {
+            assert!(p.push(body));
+            assert!(f.store(*p, now, s).unwrap());
+        }
+        d.action
+    }
+
+    fn fail(
+        f: &Fallback,
+        req: &RequestParts,
+        status: u16,
+        details: &str,
+        now: u64,
+        s: &MemoryStore,
+    ) -> ResponseDecision {
+        f.on_response(
+            req,
+            f.base_key(req),
+            None,
+            status,
+            Some(details),
+            &[],
+            now,
+            s,
+        )
+    }
+
+    fn replaced(d: &ResponseDecision) -> &Reply {
+        match &d.action {
+            ResponseAction::Replace { reply, .. } => reply,
+            other => panic!("expected a replacement, got {other:?}"),
+        }
+    }
+
+    fn header<'a>(r: &'a Reply, name: &str) -> Option<&'a str> {
+        r.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn storability_follows_rfc_9111_for_shared_caches() {
+        let req = get("/a");
+        let auth = get("/a").header("authorization", "Bearer x");
+        let ok = |req: &RequestParts, h: &[(&str, &str)]| storability(req, &hdrs(h), 100);
+        assert!(ok(&req, &[("content-type", "text/plain")]).is_ok());
+        assert_eq!(
+            ok(&req, &[("cache-control", "max-age=5, No-Store")]),
+            Err(Skip::NoStore)
+        );
+        assert_eq!(
+            ok(&req, &[("cache-control", "private")]),
+            Err(Skip::Private)
+        );
+        assert_eq!(ok(&auth, &[]), Err(Skip::Authorization));
+        assert!(ok(&auth, &[("cache-control", "public")]).is_ok());
+        assert!(ok(&auth, &[("cache-control", "s-maxage=60")]).is_ok());
+        assert_eq!(ok(&req, &[("set-cookie", "sid=1")]), Err(Skip::SetCookie));
+        assert_eq!(ok(&req, &[("vary", "accept, *")]), Err(Skip::VaryStar));
+        assert_eq!(
+            ok(&req, &[("cache-control", "must-revalidate")]),
+            Err(Skip::NoStale)
+        );
+        assert_eq!(
+            ok(&req, &[("cache-control", "no-cache")]),
+            Err(Skip::NoStale)
+        );
+        assert_eq!(ok(&req, &[("content-length", "101")]), Err(Skip::TooLarge));
+        assert!(ok(&req, &[("content-length", "100")]).is_ok());
+        let no_store_request = get("/a").header("cache-control", "no-store");
+        assert_eq!(ok(&no_store_request, &[]), Err(Skip::NoStore));
+        let s = ok(
+            &req,
+            &[
+                ("vary", "Accept-Language, accept"),
+                ("vary", "accept"),
+                ("cache-control", "stale-if-error=30"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.vary, ["accept", "accept-language"]);
+        assert_eq!(s.stale_if_error, Some(30));
+    }
+
+    #[test]
+    fn failures_are_told_apart_by_envoys_code_details() {
+        let f = Config::parse(b"{}").unwrap().fail_on;
+        let v = |status, d: &str| classify(&f, status, Some(d));
+        assert_eq!(v(503, "via_upstream"), Verdict::Failure(Reason::Status));
+        assert_eq!(v(501, "via_upstream"), Verdict::Success);
+        assert_eq!(v(200, "via_upstream"), Verdict::Success);
+        assert_eq!(classify(&f, 502, None), Verdict::Failure(Reason::Status));
+        assert_eq!(
+            v(
+                503,
+                "upstream_reset_before_response_started{connection_termination}"
+            ),
+            Verdict::Failure(Reason::Reset)
+        );
+        assert_eq!(
+            v(503, "upstream_reset_before_response_started{remote_reset}"),
+            Verdict::Failure(Reason::Reset)
+        );
+        assert_eq!(
+            v(503, "upstream_reset_before_response_started{remote_connection_failure|delayed_connect_error:_Connection_refused}"),
+            Verdict::Failure(Reason::ConnectionFailure)
+        );
+        assert_eq!(
+            v(503, "no_healthy_upstream"),
+            Verdict::Failure(Reason::ConnectionFailure)
+        );
+        assert_eq!(
+            v(504, "response_timeout"),
+            Verdict::Failure(Reason::Timeout)
+        );
+        assert_eq!(
+            v(504, "upstream_per_try_timeout"),
+            Verdict::Failure(Reason::Timeout)
+        );
+        // Another filter's local reply says nothing about the upstream.
+        assert_eq!(v(503, "wasm_fail_stream"), Verdict::Neutral);
+        assert_eq!(v(429, "rate_limited"), Verdict::Neutral);
+        let off = Config::parse(br#"{"failOn":{"upstreamReset":false,"timeout":false}}"#)
+            .unwrap()
+            .fail_on;
+        assert_eq!(
+            classify(
+                &off,
+                503,
+                Some("upstream_reset_before_response_started{remote_reset}")
+            ),
+            Verdict::Neutral
+        );
+        assert_eq!(
+            classify(&off, 504, Some("response_timeout")),
+            Verdict::Neutral
+        );
+    }
+
+    #[test]
+    fn keys_separate_method_host_path_query_and_listed_headers() {
+        let f = fallback(r#"{"key":{"headers":["accept-language"]}}"#);
+        let k = |r: &RequestParts| f.base_key(r);
+        let a = get("/p?x=1").header("accept-language", "nl");
+        assert_eq!(
+            k(&a),
+            k(&get("/p?x=1")
+                .header("accept-language", "nl")
+                .header("x-other", "1"))
+        );
+        assert_ne!(k(&a), k(&get("/p?x=2").header("accept-language", "nl")));
+        assert_ne!(k(&a), k(&get("/p?x=1").header("accept-language", "en")));
+        assert_ne!(k(&a), k(&get("/p?x=1")));
+        let head = RequestParts::new("HEAD", "/p?x=1")
+            .header(":authority", "example.com")
+            .header("accept-language", "nl");
+        assert_ne!(k(&a), k(&head));
+        let other_host = RequestParts::new("GET", "/p?x=1")
+            .header(":authority", "other.example")
+            .header("accept-language", "nl");
+        assert_ne!(k(&a), k(&other_host));
+        let upper_host = RequestParts::new("GET", "/p?x=1")
+            .header(":authority", "EXAMPLE.com")
+            .header("accept-language", "nl");
+        assert_eq!(k(&a), k(&upper_host), "host names are case-insensitive");
+        // Without the query in the key, ?x=1 and ?x=2 are one entry.
+        let nq = fallback(r#"{"key":{"query":false}}"#);
+        assert_eq!(nq.base_key(&get("/p?x=1")), nq.base_key(&get("/p?x=2")));
+        // Another seed, other keys.
+        let other = Fallback::new(Config::parse(b"{}").unwrap(), "cf/", 43);
+        assert_ne!(
+            other.base_key(&get("/p")),
+            fallback("{}").base_key(&get("/p"))
+        );
+        // Variants differ by the Vary headers' values only.
+        let names = vec!["accept".to_string()];
+        let base = k(&a);
+        let v1 = f.variant_key(base, &names, &get("/p").header("accept", "text/html"));
+        let v2 = f.variant_key(
+            base,
+            &names,
+            &get("/p").header("accept", "application/json"),
+        );
+        assert_ne!(v1, v2);
+        assert_eq!(
+            v1,
+            f.variant_key(base, &names, &get("/q").header("accept", "text/html"))
+        );
+    }
+
+    #[test]
+    fn staleness_is_bounded_by_max_stale_or_a_smaller_stale_if_error() {
+        let f = fallback(r#"{"maxStale":"60s"}"#);
+        assert_eq!(f.stale_limit_ns(None), 60 * S);
+        assert_eq!(f.stale_limit_ns(Some(10)), 10 * S);
+        assert_eq!(f.stale_limit_ns(Some(600)), 60 * S, "the smaller wins");
+        assert_eq!(f.stale_limit_ns(Some(u64::MAX)), 60 * S);
+        assert!(f.usable(T0, None, T0 + 60 * S));
+        assert!(!f.usable(T0, None, T0 + 60 * S + 1));
+        assert!(f.usable(T0, Some(0), T0));
+        assert!(!f.usable(T0, Some(0), T0 + 1));
+        assert!(
+            f.usable(T0, None, T0 - S),
+            "a clock that went back counts as age 0"
+        );
+    }
+
+    #[test]
+    fn a_kept_response_replaces_a_later_failure_with_age_and_cache_status() {
+        let f = fallback("{}");
+        let s = MemoryStore::new();
+        let req = get("/a");
+        let a = keep(
+            &f,
+            &req,
+            &[
+                ("content-type", "text/plain"),
+                ("connection", "close"),
+                ("age", "3"),
+            ],
+            b"hello",
+            T0,
+            &s,
+        );
+        assert!(matches!(a, ResponseAction::Collect(_)));
+        let d = fail(&f, &req, 503, "via_upstream", T0 + 10 * S, &s);
+        let r = replaced(&d);
+        assert_eq!((r.status, r.body.as_slice()), (200, &b"hello"[..]));
+        assert_eq!(header(r, "content-type"), Some("text/plain"));
+        assert_eq!(
+            header(r, "connection"),
+            None,
+            "hop-by-hop headers are not kept"
+        );
+        assert_eq!(
+            header(r, "age"),
+            Some("13"),
+            "the upstream's age plus the time kept"
+        );
+        assert_eq!(
+            header(r, "cache-status"),
+            Some("cached-fallback; hit; fwd=stale; fwd-status=503; detail=upstream-status")
+        );
+        let reset = fail(
+            &f,
+            &req,
+            503,
+            "upstream_reset_before_response_started{remote_reset}",
+            T0,
+            &s,
+        );
+        assert!(header(replaced(&reset), "cache-status")
+            .unwrap()
+            .ends_with("detail=upstream-reset"));
+        let timeout = fail(&f, &req, 504, "response_timeout", T0, &s);
+        assert!(header(replaced(&timeout), "cache-status")
+            .unwrap()
+            .ends_with("fwd-status=504; detail=timeout"));
+    }
+
+    #[test]
+    fn too_old_serves_static_and_nothing_passes_through() {
+        let f = fallback(
+            r#"{"maxStale":"60s","staticFallback":{"headers":{"content-type":"application/json"},"body":"{}"}}"#,
+        );
+        let s = MemoryStore::new();
+        let req = get("/a");
+        keep(&f, &req, &[], b"old", T0, &s);
+        let d = fail(&f, &req, 502, "via_upstream", T0 + 61 * S, &s);
+        assert!(matches!(
+            d.action,
+            ResponseAction::Replace {
+                served: Served::Static,
+                ..
+            }
+        ));
+        let r = replaced(&d);
+        assert_eq!((r.status, r.body.as_slice()), (503, &b"{}"[..]));
+        assert_eq!(
+            header(r, "cache-status"),
+            Some("cached-fallback; fwd=stale; fwd-status=502; detail=upstream-status")
+        );
+        let d = fail(&f, &get("/never"), 502, "via_upstream", T0, &s);
+        assert_eq!(
+            header(replaced(&d), "cache-status"),
+            Some("cached-fallback; fwd=uri-miss; fwd-status=502; detail=upstream-status")
+        );
+        // Without staticFallback (and nothing stored), the failure goes through.
+        let bare = fallback("{}");
+        let s = MemoryStore::new();
+        assert_eq!(
+            fail(&bare, &req, 502, "via_upstream", T0, &s).action,
+            ResponseAction::PassThrough
+        );
+        assert_eq!(
+            fail(&bare, &req, 404, "via_upstream", T0, &s).action,
+            ResponseAction::Ignore
+        );
+    }
+
+    #[test]
+    fn stale_if_error_shortens_the_window() {
+        let f = fallback("{}");
+        let s = MemoryStore::new();
+        let req = get("/a");
+        keep(
+            &f,
+            &req,
+            &[("cache-control", "max-age=1, stale-if-error=5")],
+            b"x",
+            T0,
+            &s,
+        );
+        assert!(matches!(
+            f.lookup(&req, f.base_key(&req), T0 + 5 * S, &s).unwrap(),
+            Lookup::Hit { .. }
+        ));
+        assert_eq!(
+            f.lookup(&req, f.base_key(&req), T0 + 6 * S, &s).unwrap(),
+            Lookup::TooOld
+        );
+    }
+
+    #[test]
+    fn variants_are_kept_apart_by_the_response_vary_headers() {
+        let f = fallback("{}");
+        let s = MemoryStore::new();
+        let html = get("/a").header("accept", "text/html");
+        let json = get("/a").header("accept", "application/json");
+        keep(&f, &html, &[("vary", "Accept")], b"<p>", T0, &s);
+        keep(&f, &json, &[("vary", "Accept")], b"{}", T0, &s);
+        let body = |req: &RequestParts| match f.lookup(req, f.base_key(req), T0, &s).unwrap() {
+            Lookup::Hit { response, .. } => Some(response.body),
+            _ => None,
+        };
+        assert_eq!(body(&html), Some(b"<p>".to_vec()));
+        assert_eq!(body(&json), Some(b"{}".to_vec()));
+        assert_eq!(body(&get("/a").header("accept", "text/plain")), None);
+        // The resource stops varying: the plain response replaces the vary record.
+        keep(&f, &html, &[], b"plain", T0 + S, &s);
+        assert_eq!(body(&json), Some(b"plain".to_vec()));
+    }
+
+    #[test]
+    fn bodies_over_max_body_bytes_are_dropped_while_streaming() {
+        let f = fallback(r#"{"maxBodyBytes":4}"#);
+        let s = MemoryStore::new();
+        let req = get("/a");
+        let d = f.on_response(
+            &req,
+            f.base_key(&req),
+            None,
+            200,
+            Some("via_upstream"),
+            &[],
+            T0,
+            &s,
+        );
+        let ResponseAction::Collect(mut p) = d.action else {
+            panic!()
+        };
+        assert!(p.push(b"ab"));
+        assert!(p.push(b"cd"));
+        assert!(!p.push(b"e"));
+        assert!(p.response.body.is_empty(), "the copy is freed");
+    }
+
+    #[test]
+    fn bytes_and_entries_stay_bounded_under_many_urls() {
+        let f = fallback(r#"{"maxEntries":8,"maxTotalBytes":2000}"#);
+        let s = MemoryStore::new();
+        for i in 0..300 {
+            keep(
+                &f,
+                &get(&format!("/u/{i}")),
+                &[],
+                &[b'x'; 100],
+                T0 + i * S,
+                &s,
+            );
+            assert!(f.used_bytes(&s).unwrap() <= 2000);
+        }
+        assert!(s.len() <= 2 * 8 + 1 + 1, "keys: {}", s.len());
+        let last = get("/u/299");
+        assert!(matches!(
+            f.lookup(&last, f.base_key(&last), T0 + 300 * S, &s)
+                .unwrap(),
+            Lookup::Hit { .. }
+        ));
+    }
+
+    #[test]
+    fn the_circuit_opens_answers_locally_probes_and_closes() {
+        let f = fallback(
+            r#"{"circuitBreaker":{"failures":2,"window":"10s","openFor":"30s"},"staticFallback":{"body":"down"}}"#,
+        );
+        let s = MemoryStore::new();
+        let req = get("/a");
+        let base = f.base_key(&req);
+        let mut errs = Vec::new();
+        keep(&f, &req, &[], b"good", T0, &s);
+        assert!(!fail(&f, &req, 503, "via_upstream", T0 + S, &s).circuit_opened);
+        assert!(fail(&f, &req, 503, "via_upstream", T0 + 2 * S, &s).circuit_opened);
+        // Open: answered from the store without the upstream, or with the static answer.
+        match f.on_request(&req, base, T0 + 3 * S, &s, &mut errs) {
+            RequestAction::Answer {
+                reply,
+                served: Served::Stale,
+            } => {
+                assert_eq!(reply.body, b"good");
+                assert_eq!(
+                    header(&reply, "cache-status"),
+                    Some("cached-fallback; hit; detail=circuit-open")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let other = get("/b");
+        match f.on_request(&other, f.base_key(&other), T0 + 3 * S, &s, &mut errs) {
+            RequestAction::Answer {
+                reply,
+                served: Served::Static,
+            } => assert_eq!(reply.body, b"down"),
+            other => panic!("{other:?}"),
+        }
+        // After openFor: one probe, the others still answered locally.
+        let t = T0 + 32 * S;
+        let RequestAction::Forward { probe: Some(token) } =
+            f.on_request(&req, base, t, &s, &mut errs)
+        else {
+            panic!()
+        };
+        assert!(matches!(
+            f.on_request(&req, base, t, &s, &mut errs),
+            RequestAction::Answer { .. }
+        ));
+        let d = f.on_response(
+            &req,
+            base,
+            Some(token),
+            200,
+            Some("via_upstream"),
+            &[],
+            t,
+            &s,
+        );
+        assert!(d.settled);
+        assert_eq!(
+            f.on_request(&req, base, t, &s, &mut errs),
+            RequestAction::Forward { probe: None }
+        );
+        assert!(errs.is_empty());
+    }
+
+    #[test]
+    fn with_the_circuit_open_and_nothing_to_serve_the_answer_is_a_503_with_retry_after() {
+        let f = fallback(r#"{"circuitBreaker":{"failures":1,"openFor":"30s"}}"#);
+        let s = MemoryStore::new();
+        let req = get("/a");
+        assert!(fail(&f, &req, 500, "via_upstream", T0, &s).circuit_opened);
+        let RequestAction::Answer {
+            reply,
+            served: Served::Unavailable,
+        } = f.on_request(&req, f.base_key(&req), T0 + 10 * S, &s, &mut Vec::new())
+        else {
+            panic!()
+        };
+        assert_eq!(reply.status, 503);
+        assert_eq!(header(&reply, "retry-after"), Some("20"));
+        assert_eq!(
+            header(&reply, "cache-status"),
+            Some("cached-fallback; detail=circuit-open")
+        );
+    }
+
+    #[test]
+    fn an_abandoned_probe_lets_the_next_request_probe() {
+        let f = fallback(r#"{"circuitBreaker":{"failures":1,"openFor":"30s"}}"#);
+        let s = MemoryStore::new();
+        let req = get("/a");
+        let base = f.base_key(&req);
+        fail(&f, &req, 500, "via_upstream", T0, &s);
+        let RequestAction::Forward { probe: Some(token) } =
+            f.on_request(&req, base, T0 + 30 * S, &s, &mut Vec::new())
+        else {
+            panic!()
+        };
+        // Another filter answered it: nothing learnt about the upstream.
+        let d = f.on_response(
+            &req,
+            base,
+            Some(token),
+            429,
+            Some("rate_limited"),
+            &[],
+            T0 + 30 * S,
+            &s,
+        );
+        assert!(!d.settled);
+        f.abandon_probe(token, T0 + 31 * S, &s).unwrap();
+        assert!(matches!(
+            f.on_request(&req, base, T0 + 31 * S, &s, &mut Vec::new()),
+            RequestAction::Forward { probe: Some(_) }
+        ));
+    }
+
+    #[test]
+    fn a_broken_store_forwards_and_passes_through() {
+        let f = fallback(r#"{"circuitBreaker":{},"staticFallback":{}}"#);
+        let s = MemoryStore::new();
+        s.broken.set(true);
+        let req = get("/a");
+        let mut errs = Vec::new();
+        assert_eq!(
+            f.on_request(&req, f.base_key(&req), T0, &s, &mut errs),
+            RequestAction::Forward { probe: None }
+        );
+        assert_eq!(errs.len(), 1);
+        let d = fail(&f, &req, 503, "via_upstream", T0, &s);
+        assert!(matches!(
+            d.action,
+            ResponseAction::Replace {
+                served: Served::Static,
+                ..
+            }
+        ));
+        assert!(!d.errors.is_empty());
+    }
+
+    #[test]
+    fn seeds_are_shared_through_the_store() {
+        let s = MemoryStore::new();
+        assert_eq!(Fallback::shared_seed(&s, "cf/", 7), (7, None));
+        assert_eq!(Fallback::shared_seed(&s, "cf/", 9), (7, None));
+    }
+}
