@@ -725,6 +725,24 @@ impl Edge {
             .ok_or_else(|| anyhow::anyhow!("stream ended without a response"))
     }
 
+    /// The client goes away (or the upstream resets mid-response): the stream ends where it
+    /// stands, and as in Envoy every filter that saw it gets `proxy_on_log`, `proxy_on_done`
+    /// and `proxy_on_delete`, with no further header or body callbacks.
+    pub fn reset(&mut self, id: FlightId) -> Result<Response> {
+        let f = self.flight(id.0)?;
+        if f.phase != Phase::Complete {
+            f.reset = true;
+            self.end_stream(id.0)?;
+        }
+        let f = self
+            .flights
+            .remove(&id.0)
+            .ok_or_else(|| anyhow::anyhow!("unknown stream"))?;
+        self.owners.retain(|_, v| *v != id.0);
+        f.response
+            .ok_or_else(|| anyhow::anyhow!("stream ended without a response"))
+    }
+
     // ---- time and events --------------------------------------------------------------
 
     /// Moves the host clock forward, running in time order what falls due: `proxy_on_tick`,

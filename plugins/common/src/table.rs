@@ -289,6 +289,10 @@ impl Table {
     /// Stores `body` for the record read as `found` and replaces the record with `record`
     /// (whose `at_ns` the body is bound to). `None` when the record changed meanwhile or no
     /// room can be made within `max_bytes`; the table is unchanged then.
+    ///
+    /// The record is replaced first (that is what proves ownership), then the body is written,
+    /// only while the record is still ours: a writer that lost its slot never overwrites the
+    /// new owner's body. Between the two writes a reader finds the record without its body.
     pub fn put_body(
         &self,
         store: &impl SlotStore,
@@ -304,24 +308,26 @@ impl Table {
         value.extend_from_slice(&record.key.to_le_bytes());
         value.extend_from_slice(&record.at_ns.to_le_bytes());
         value.extend_from_slice(body);
-        let body_key = self.body_key(found.slot);
-        get_or_create(store, &body_key, &[])?;
-        update(store, &body_key, ATTEMPTS, |_| Some(value.clone()))?;
         record.body_len = len;
-        match self.write(store, found, record)? {
-            Some(f) => {
-                self.add_bytes(store, -i64::from(found.record.body_len))?;
-                Ok(Some(f))
+        let Some(mine) = self.write(store, found, record)? else {
+            self.add_bytes(store, -i64::from(len))?;
+            return Ok(None);
+        };
+        // The old body's bytes are no longer the record's.
+        self.add_bytes(store, -i64::from(found.record.body_len))?;
+        let body_key = self.body_key(found.slot);
+        for _ in 0..ATTEMPTS {
+            let current = get_or_create(store, &body_key, &[])?;
+            let owner = store.get(&self.index_key(found.slot))?;
+            if owner.map(|e| e.version) != Some(mine.version) {
+                // Evicted meanwhile: whoever evicted it gave its bytes back.
+                return Ok(None);
             }
-            None => {
-                // Someone else owns the slot now; their body (if any) was written after ours.
-                update(store, &body_key, ATTEMPTS, |old| {
-                    bound_to(old, &found.record.key, value.get(8..16)).then(Vec::new)
-                })?;
-                self.add_bytes(store, -i64::from(len))?;
-                Ok(None)
+            if store.compare_and_swap(&body_key, &value, current.version)? == Write::Done {
+                return Ok(Some(mine));
             }
         }
+        Err(contended(ATTEMPTS))
     }
 
     /// The body stored for the record read as `found`.
@@ -505,6 +511,19 @@ mod tests {
         assert!(!t.release(&s, &f).unwrap());
         assert_eq!(t.used_bytes(&s).unwrap(), 0);
         assert!(t.release(&s, &newer).unwrap());
+    }
+
+    #[test]
+    fn a_writer_that_lost_its_slot_never_overwrites_the_new_owners_body() {
+        let s = MemoryStore::new();
+        let t = Table::new("t/", 1, 1000);
+        let stale = won(t.claim(&s, rec(7, 1), |_| true).unwrap());
+        assert!(t.release(&s, &stale).unwrap());
+        let owner = won(t.claim(&s, rec(7, 2), |_| true).unwrap());
+        let owner = t.put_body(&s, &owner, rec(7, 3), b"new").unwrap().unwrap();
+        assert_eq!(t.put_body(&s, &stale, rec(7, 4), b"old").unwrap(), None);
+        assert_eq!(t.body(&s, &owner).unwrap().unwrap(), b"new");
+        assert_eq!(t.used_bytes(&s).unwrap(), 3);
     }
 
     #[test]

@@ -252,12 +252,15 @@ impl HttpContext for IdempotencyStream {
         if declared.is_some_and(|n| n > policy.config.max_body_bytes) {
             return self.too_large(&policy);
         }
+        // Headers go on (a paused filter gets no body in Envoy); the body is held here until
+        // it is complete, and Envoy's buffer filter placed after this one keeps the upstream
+        // from seeing even the headers before the decision.
         self.phase = Phase::Reading {
             key,
             hash: Box::new(Sha256::new()),
             seen: 0,
         };
-        Action::Pause
+        Action::Continue
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {

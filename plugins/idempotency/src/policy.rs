@@ -338,6 +338,13 @@ impl Idempotency {
                 .and_then(|b| StoredResponse::decode(&b))
             {
                 Some(r) => return Ok(Begin::Replay(replay(r))),
+                // Another worker is between writing the record and its body.
+                None if now_ns.saturating_sub(found.record.at_ns) < c.in_flight_timeout_ns => {
+                    return Ok(Begin::Refuse(
+                        Problem::InFlight,
+                        "the first request with this key is completing; retry later".into(),
+                    ))
+                }
                 None => {
                     self.table.release(store, &found)?;
                 }

@@ -1,0 +1,357 @@
+//! dist/idempotency.wasm in the harness, on two workers sharing one store, as in Envoy.
+mod common;
+use anyhow::Result;
+use common::assert_rejected;
+use host_tests::{Edge, EdgeBuilder, FlightId, Module, Plugin, Request, Step, Upstream};
+use std::time::Duration;
+
+fn module() -> Module {
+    common::plugin_module("idempotency")
+}
+
+const PAYMENTS: &str = r#"{"routes":[{"pathPrefix":"/payments"}],"required":true,
+    "ttl":"1h","inFlightTimeout":"30s"}"#;
+
+fn edge(config: &str) -> EdgeBuilder {
+    Edge::builder()
+        .plugin(Plugin::new(&module(), config).name("idempotency"))
+        .workers(2)
+        .upstream(|req| {
+            Upstream::status(201)
+                .header("content-type", "application/json")
+                .header("x-payment-id", "pay_1")
+                .header("set-cookie", "s=1")
+                .chunks(vec![
+                    b"{\"id\":\"pay_1\",".to_vec(),
+                    format!("\"bytes\":{}", req.body.len()).into_bytes(),
+                    b"}".to_vec(),
+                ])
+        })
+}
+
+fn pay(key: &str, body: &str) -> Request {
+    Request::post("/payments")
+        .header("idempotency-key", key)
+        .header("authorization", "Bearer alice")
+        .header("content-type", "application/json")
+        .body(body.as_bytes().to_vec())
+}
+
+/// Steps `id` until it has run the callback `name`.
+fn run_until(edge: &mut Edge, id: FlightId, name: &str) -> Result<()> {
+    loop {
+        match edge.step(id)? {
+            Step::Ran(n) if n == name => return Ok(()),
+            Step::Ran(_) => {}
+            other => anyhow::bail!("stream stopped ({other:?}) before {name}"),
+        }
+    }
+}
+
+fn problem(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+}
+
+#[test]
+fn duplicates_arriving_on_both_workers_at_once_reach_the_upstream_once() -> Result<()> {
+    let mut edge = edge(PAYMENTS).build()?;
+    let a = edge.begin(pay("k1", "{\"amount\":10}").worker(0))?;
+    let b = edge.begin(pay("k1", "{\"amount\":10}").worker(1))?;
+    // Both have their headers read before either has its body read and decides.
+    run_until(&mut edge, a, "proxy_on_request_headers")?;
+    run_until(&mut edge, b, "proxy_on_request_headers")?;
+    run_until(&mut edge, a, "proxy_on_request_body")?;
+    run_until(&mut edge, b, "proxy_on_request_body")?;
+    let (rb, ra) = (edge.finish(b)?, edge.finish(a)?);
+    assert_eq!(ra.status, 201);
+    assert_eq!(rb.status, 409);
+    assert_eq!(rb.header("retry-after"), Some("1"));
+    assert_eq!(rb.header("content-type"), Some("application/problem+json"));
+    let p = problem(rb.body_str());
+    assert_eq!(p["status"], 409);
+    assert!(p["type"].is_string() && p["title"].is_string() && p["detail"].is_string());
+    assert_eq!(edge.upstream_requests().len(), 1);
+    assert_eq!(edge.metric("idempotency.forwarded"), Some(1));
+    assert_eq!(edge.metric("idempotency.conflict_409"), Some(1));
+    Ok(())
+}
+
+#[test]
+fn a_worker_that_loses_the_claim_inside_its_callback_does_not_forward() -> Result<()> {
+    let mut edge = edge(PAYMENTS).build()?;
+    // The other worker writes the same claim between this worker's read and its write.
+    edge.stage_races(1);
+    let r = edge.send(pay("k1", "{}"))?;
+    assert_eq!(edge.races_run(), 1);
+    assert_eq!(r.status, 409, "{}", r.body_str());
+    assert!(edge.upstream_requests().is_empty());
+    Ok(())
+}
+
+#[test]
+fn a_completed_request_is_replayed_byte_for_byte_without_reaching_the_upstream() -> Result<()> {
+    let mut edge = edge(PAYMENTS).build()?;
+    let first = edge.send(pay("k1", "{\"amount\":10}").worker(0))?;
+    assert_eq!(first.status, 201);
+    assert_eq!(first.header("idempotent-replayed"), None);
+    for worker in [0, 1] {
+        let again = edge.send(pay("k1", "{\"amount\":10}").worker(worker))?;
+        assert_eq!(again.status, 201);
+        assert_eq!(again.body, first.body, "byte-identical");
+        assert_eq!(again.header("idempotent-replayed"), Some("true"));
+        for h in ["content-type", "x-payment-id", "set-cookie"] {
+            assert_eq!(again.header(h), first.header(h), "{h}");
+        }
+    }
+    assert_eq!(edge.upstream_requests().len(), 1);
+    assert_eq!(edge.metric("idempotency.replayed"), Some(2));
+    assert_eq!(edge.metric("idempotency.stored"), Some(1));
+    Ok(())
+}
+
+#[test]
+fn the_same_key_with_another_payload_gets_422() -> Result<()> {
+    let mut edge = edge(PAYMENTS).build()?;
+    assert_eq!(edge.send(pay("k1", "{\"amount\":10}"))?.status, 201);
+    let r = edge.send(pay("k1", "{\"amount\":99}"))?;
+    assert_eq!(r.status, 422);
+    assert_eq!(problem(r.body_str())["status"], 422);
+    assert_eq!(edge.upstream_requests().len(), 1);
+    // Fingerprints off: the stored response is replayed whatever the body.
+    let mut edge = edge_with(r#"{"fingerprint":"none"}"#)?;
+    edge.send(pay("k1", "{\"amount\":10}"))?;
+    let r = edge.send(pay("k1", "{\"amount\":99}"))?;
+    assert_eq!(r.header("idempotent-replayed"), Some("true"));
+    Ok(())
+}
+
+fn edge_with(config: &str) -> Result<Edge> {
+    edge(config).build()
+}
+
+#[test]
+fn a_5xx_is_not_kept_so_the_retry_runs_again() -> Result<()> {
+    let mut edge = edge(PAYMENTS).build()?;
+    edge.set_upstream(|_| Upstream::status(503).body("busy"));
+    assert_eq!(edge.send(pay("k1", "{}"))?.status, 503);
+    assert_eq!(edge.metric("idempotency.released"), Some(1));
+    edge.set_upstream(|_| Upstream::status(201).body("made"));
+    let r = edge.send(pay("k1", "{}"))?;
+    assert_eq!((r.status, r.body_str()), (201, "made"));
+    assert_eq!(
+        edge.send(pay("k1", "{}"))?.header("idempotent-replayed"),
+        Some("true")
+    );
+    assert_eq!(edge.upstream_requests().len(), 2);
+    Ok(())
+}
+
+#[test]
+fn an_upstream_reset_or_a_client_gone_mid_response_releases_the_key() -> Result<()> {
+    let mut edge = edge(PAYMENTS).build()?;
+    edge.set_upstream(|_| Upstream::Reset);
+    let r = edge.send(pay("k1", "{}"))?;
+    assert_eq!(r.status, 503, "Envoy's own reply to the reset");
+    assert_eq!(edge.metric("idempotency.released"), Some(1));
+
+    edge.set_upstream(|_| Upstream::status(201).chunks(vec![b"a".to_vec(), b"b".to_vec()]));
+    let id = edge.begin(pay("k2", "{}"))?;
+    run_until(&mut edge, id, "proxy_on_response_body")?;
+    assert!(edge.reset(id)?.reset);
+    assert_eq!(edge.metric("idempotency.released"), Some(2));
+    // Both keys run again.
+    assert_eq!(
+        edge.send(pay("k1", "{}"))?.header("idempotent-replayed"),
+        None
+    );
+    assert_eq!(
+        edge.send(pay("k2", "{}"))?.header("idempotent-replayed"),
+        None
+    );
+    assert_eq!(edge.upstream_requests().len(), 4);
+    Ok(())
+}
+
+#[test]
+fn local_replies_of_other_filters_are_not_kept() -> Result<()> {
+    let mut edge = edge(PAYMENTS).build()?;
+    edge.set_upstream(|_| Upstream::Hang);
+    let r = edge.send(pay("k1", "{}"))?;
+    assert_eq!(r.status, 504);
+    assert_eq!(edge.metric("idempotency.released"), Some(1));
+    edge.set_upstream(|_| Upstream::status(409).body("upstream says conflict"));
+    let r = edge.send(pay("k1", "{}"))?;
+    assert_eq!(r.status, 409);
+    // A 4xx from the application itself is kept (storeStatuses 2xx-4xx) and replayed.
+    let r = edge.send(pay("k1", "{}"))?;
+    assert_eq!(
+        (r.status, r.header("idempotent-replayed")),
+        (409, Some("true"))
+    );
+    assert_eq!(r.body_str(), "upstream says conflict");
+    Ok(())
+}
+
+#[test]
+fn a_claim_whose_request_hangs_past_the_in_flight_timeout_is_abandoned() -> Result<()> {
+    let mut edge = edge(PAYMENTS).build()?;
+    let stuck = edge.begin(pay("k1", "{}").worker(0))?;
+    run_until(&mut edge, stuck, "proxy_on_request_body")?;
+    assert_eq!(edge.send(pay("k1", "{}").worker(1))?.status, 409);
+    edge.advance(Duration::from_secs(29))?;
+    assert_eq!(edge.send(pay("k1", "{}").worker(1))?.status, 409);
+    edge.advance(Duration::from_secs(2))?;
+    let retry = edge.send(pay("k1", "{}").worker(1))?;
+    assert_eq!(retry.status, 201, "{}", retry.body_str());
+    // The stuck request finishes late: its response does not replace the retry's record.
+    assert_eq!(edge.finish(stuck)?.status, 201);
+    assert_eq!(edge.metric("idempotency.lost"), Some(1));
+    assert_eq!(
+        edge.send(pay("k1", "{}"))?.header("idempotent-replayed"),
+        Some("true")
+    );
+    Ok(())
+}
+
+#[test]
+fn one_client_never_receives_another_clients_response() -> Result<()> {
+    let mut edge = edge(PAYMENTS).build()?;
+    edge.set_upstream(|req| {
+        Upstream::ok(format!(
+            "for {}",
+            req.header("authorization").unwrap_or("?")
+        ))
+    });
+    let as_user = |who: &str| {
+        Request::post("/payments")
+            .header("idempotency-key", "same-key")
+            .header("authorization", who)
+            .body("{}")
+    };
+    assert_eq!(
+        edge.send(as_user("Bearer alice"))?.body_str(),
+        "for Bearer alice"
+    );
+    let bob = edge.send(as_user("Bearer bob"))?;
+    assert_eq!(
+        (bob.body_str(), bob.header("idempotent-replayed")),
+        ("for Bearer bob", None)
+    );
+    assert_eq!(
+        edge.send(as_user("Bearer alice"))?.body_str(),
+        "for Bearer alice"
+    );
+    assert_eq!(
+        edge.send(as_user("Bearer bob"))?.body_str(),
+        "for Bearer bob"
+    );
+    assert_eq!(edge.upstream_requests().len(), 2);
+    Ok(())
+}
+
+#[test]
+fn bad_keys_missing_keys_and_large_bodies_get_problem_replies() -> Result<()> {
+    let mut edge = edge(PAYMENTS).build()?;
+    let missing = edge.send(Request::post("/payments").body("{}"))?;
+    let quoted_ok = edge.send(pay("\"k-quoted\"", "{}"))?;
+    let empty = edge.send(pay("", "{}"))?;
+    let long = edge.send(pay(&"k".repeat(256), "{}"))?;
+    let binary = edge.send(
+        Request::post("/payments")
+            .header_bytes(b"idempotency-key", b"k\x01\xff")
+            .body("{}"),
+    )?;
+    assert_eq!(quoted_ok.status, 201);
+    for (r, title) in [
+        (&missing, "idempotency-key is missing"),
+        (&empty, "idempotency-key is invalid"),
+        (&long, "idempotency-key is invalid"),
+        (&binary, "idempotency-key is invalid"),
+    ] {
+        assert_eq!(r.status, 400);
+        assert_eq!(r.header("content-type"), Some("application/problem+json"));
+        assert_eq!(problem(r.body_str())["title"], title);
+    }
+    assert_eq!(edge.metric("idempotency.rejected_400"), Some(4));
+
+    let mut edge = edge_with(r#"{"maxBodyBytes":16}"#)?;
+    let big = edge.send(pay("k", &"x".repeat(17)))?;
+    assert_eq!(big.status, 413);
+    assert_eq!(problem(big.body_str())["status"], 413);
+    let streamed =
+        edge.send(pay("k2", "").chunks(vec![b"0123456789".to_vec(), b"0123456789".to_vec()]))?;
+    assert_eq!(streamed.status, 413);
+    assert_eq!(edge.send(pay("k3", &"x".repeat(16)))?.status, 201);
+    assert_eq!(edge.upstream_requests().len(), 1);
+    // Not covered: other methods, and (keys being optional by default) requests without one.
+    assert_eq!(edge.send(Request::get("/payments"))?.status, 201);
+    assert_eq!(
+        edge.send(Request::post("/payments").body("{}"))?.status,
+        201
+    );
+    Ok(())
+}
+
+#[test]
+fn a_body_streamed_in_chunks_has_the_same_fingerprint_as_in_one_piece() -> Result<()> {
+    let mut edge = edge(PAYMENTS).build()?;
+    assert_eq!(edge.send(pay("k", "{\"amount\":10}"))?.status, 201);
+    let chunked = pay("k", "").chunks(vec![b"{\"amo".to_vec(), b"unt\":10}".to_vec()]);
+    assert_eq!(
+        edge.send(chunked)?.header("idempotent-replayed"),
+        Some("true")
+    );
+    Ok(())
+}
+
+#[test]
+fn a_flood_of_keys_stays_within_the_configured_bounds() -> Result<()> {
+    let mut edge = edge(r#"{"maxEntries":50,"maxTotalBytes":4000}"#).build()?;
+    let hot = edge.begin(pay("hot", "{}"))?;
+    run_until(&mut edge, hot, "proxy_on_request_body")?;
+    for i in 0..2000 {
+        edge.send(pay(&format!("key-{i}"), "{}"))?;
+        if i % 100 == 0 {
+            let (keys, _) = edge.shared_data_usage("");
+            assert!(keys <= 2 * 50 + 2, "{keys} shared-data keys");
+        }
+    }
+    let (keys, bytes) = edge.shared_data_usage("");
+    assert!(keys <= 2 * 50 + 2, "{keys} shared-data keys");
+    // Records (50 × a few dozen bytes) + bodies (≤ 4000) + key names.
+    assert!(bytes < 4000 + 50 * 200, "{bytes} shared-data bytes");
+    assert!(edge.metric("idempotency.evicted").unwrap_or(0) > 1000);
+    // The in-flight claim was never evicted to make room.
+    assert_eq!(edge.send(pay("hot", "{}"))?.status, 409);
+    assert_eq!(edge.finish(hot)?.status, 201);
+    // Recent records are still replayed.
+    assert_eq!(
+        edge.send(pay("key-1999", "{}"))?
+            .header("idempotent-replayed"),
+        Some("true")
+    );
+    Ok(())
+}
+
+#[test]
+fn bad_configurations_are_refused_naming_the_field() {
+    assert_rejected(edge(r#"{"ttl":"forever"}"#), "ttl");
+    assert_rejected(edge(r#"{"storeStatuses":"2xx-9xx"}"#), "storeStatuses");
+    assert_rejected(edge(r#"{"scope":[{"cookie":""}]}"#), "scope[0].cookie");
+    assert_rejected(edge(r#"{"maxEntries":-1}"#), "maxEntries");
+}
+
+#[test]
+fn instructions_per_request_stay_near_what_was_measured() -> Result<()> {
+    let mut edge = edge(PAYMENTS).build()?;
+    let first = edge.send(pay("k1", "{\"amount\":10}"))?;
+    let replay = edge.send(pay("k1", "{\"amount\":10}"))?;
+    let ignored = edge.send(Request::get("/payments"))?;
+    eprintln!(
+        "wasm instructions: first {}, replay {}, not covered {}",
+        first.fuel, replay.fuel, ignored.fuel
+    );
+    // Guards against a regression of several times; the figures are in the README.
+    assert!(first.fuel < 200_000 && replay.fuel < 200_000 && ignored.fuel < 20_000);
+    Ok(())
+}
