@@ -309,6 +309,16 @@ x-route-checkout: v2 for beta testers and a sticky 20 % of users, else v1; Envoy
 EOF
   cat <<EOF
 
+Idempotency: POST /payments needs an idempotency-key; a repeat with the same key (and body)
+gets the first answer again, with the same payment id, and the application is not called:
+
+  for i in 1 2; do curl -si -X POST -H 'idempotency-key: order-1' -d '{"amount":10}' $url/payments; echo; done
+  curl -si -X POST -H 'idempotency-key: order-1' -d '{"amount":99}' $url/payments; echo   # 422
+  curl -si -X POST -d '{"amount":10}' $url/payments; echo                                  # 400
+  curl -s 127.0.0.1:$DEMO_ADMIN_PORT/stats | grep wasmcustom.idempotency   # forwarded / replayed
+EOF
+  cat <<EOF
+
 Ctrl-C stops Envoy and the application.
 EOF
 }

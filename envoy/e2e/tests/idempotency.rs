@@ -192,3 +192,36 @@ fn envoy_refuses_a_bad_configuration_naming_the_field() -> Result<()> {
         "storeStatuses: \"9xx\" is outside 100-599",
     )
 }
+
+#[test]
+fn the_edge_chain_runs_a_repeated_payment_once() -> Result<()> {
+    // envoy/edge.yaml: keys required on /payments, scoped by `authorization` (absent here,
+    // so every client without one shares a scope).
+    let upstream = TestUpstream::start()?;
+    let made = payments_app(&upstream, Duration::ZERO);
+    let envoy = Envoy::start_with(
+        "edge.yaml",
+        &Substitutions::upstream(&upstream),
+        &["--concurrency", "2"],
+    )?;
+    let post = |body: &str| {
+        envoy.request(
+            "POST",
+            "/payments",
+            &[("idempotency-key", "\"order-1\"")],
+            body.as_bytes(),
+        )
+    };
+    let first = post("{\"amount\":10}")?;
+    assert_eq!(first.status, 201, "{}", first.text());
+    let again = post("{\"amount\":10}")?;
+    assert_eq!(
+        (again.status, again.body.clone()),
+        (201, first.body.clone())
+    );
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    assert_eq!(post("{\"amount\":99}")?.status, 422);
+    assert_eq!(envoy.request("POST", "/payments", &[], b"{}")?.status, 400);
+    assert_eq!(made.load(Ordering::SeqCst), 1);
+    Ok(())
+}
