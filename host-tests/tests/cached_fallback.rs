@@ -393,6 +393,22 @@ fn after_open_for_one_probe_reaches_the_upstream_a_failure_reopens_a_success_clo
 }
 
 #[test]
+fn a_worker_that_loses_the_probe_race_inside_its_callback_answers_locally() -> Result<()> {
+    let mut edge = open_circuit()?;
+    edge.advance(Duration::from_secs(30))?;
+    // The other worker becomes the probe between this worker's read and its write.
+    edge.stage_races(1);
+    assert_circuit_hit(&edge.send(recs(0))?);
+    assert_eq!(edge.races_run(), 1, "the plugin must compare-and-swap");
+    assert_eq!(
+        edge.upstream_requests().len(),
+        4,
+        "only one probe, and it was not this one"
+    );
+    Ok(())
+}
+
+#[test]
 fn a_probe_that_never_reports_does_not_wedge_the_circuit() -> Result<()> {
     let mut edge = open_circuit()?;
     edge.advance(Duration::from_secs(30))?;

@@ -349,14 +349,14 @@ enum Meta {
 }
 
 fn read_meta(m: &[u8]) -> Option<Meta> {
-    match m.first()? {
-        &KIND_RESPONSE => {
+    match *m.first()? {
+        KIND_RESPONSE => {
             let s = u64::from_le_bytes(m.get(1..9)?.try_into().ok()?);
             Some(Meta::Response {
                 stale_if_error: (s != u64::MAX).then_some(s),
             })
         }
-        &KIND_VARY => {
+        KIND_VARY => {
             let names = String::from_utf8_lossy(m.get(1..)?);
             Some(Meta::Vary(names.split(',').map(str::to_string).collect()))
         }
@@ -513,14 +513,13 @@ impl Fallback {
         Ok(Lookup::Hit { response, age_secs })
     }
 
-    /// The answer that replaces a failure (`fwd` the forwarded status, `None` when the
-    /// circuit kept the request from the upstream), or `None` for "pass it through".
+    /// The answer that replaces a failure (`why`: its reason and the forwarded status, `None`
+    /// when the circuit kept the request from the upstream), or `None` for "pass it through".
     fn fallback(
         &self,
         req: &RequestParts,
         base: u64,
-        reason: Reason,
-        fwd: Option<u16>,
+        (reason, fwd): (Reason, Option<u16>),
         now: u64,
         store: &impl SlotStore,
         errors: &mut Vec<StoreError>,
@@ -589,7 +588,7 @@ impl Fallback {
             }
         };
         if let Some((reply, served)) =
-            self.fallback(req, base, Reason::CircuitOpen, None, now, store, errors)
+            self.fallback(req, base, (Reason::CircuitOpen, None), now, store, errors)
         {
             return RequestAction::Answer { reply, served };
         }
@@ -662,7 +661,7 @@ impl Fallback {
         }
         let action = match verdict {
             Verdict::Failure(reason) => {
-                match self.fallback(req, base, reason, Some(status), now, store, &mut errors) {
+                match self.fallback(req, base, (reason, Some(status)), now, store, &mut errors) {
                     Some((reply, served)) => ResponseAction::Replace { reply, served },
                     None => ResponseAction::PassThrough,
                 }
