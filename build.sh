@@ -10,7 +10,7 @@ ENVOY_VERSION=1.40.0
 ENVOY_TOOLS=.tools/envoy
 # Test-only wasm modules (package names): built with the plugins, copied to target/modules/,
 # never to dist/.
-TEST_MODULES=(probe)
+TEST_MODULES=(probe empty-filter)
 # `-O` plus the features rustc's wasm32-wasip1 target enables by default (the ones binaryen 108
 # knows). rustc records them in the module's target_features section, which wasm-opt reads;
 # naming them here keeps wasm-opt working if that section is ever missing (binaryen's own
@@ -44,7 +44,11 @@ usage: ./build.sh [command]
           cargo fmt --check, cargo clippy -D warnings
   demo    build, then run the demo upstream and Envoy on envoy/edge.yaml
           (http://127.0.0.1:$DEMO_LISTENER_PORT) until Ctrl-C
-  bench   not available yet (lands with the benchmark issue)
+  bench   build, then measure (about 10 minutes, not part of test): module sizes, wasm
+          instructions per request in the harness, Envoy CPU per request, throughput and
+          latency for each plugin beside bare Envoy, its native local_ratelimit and an empty
+          wasm filter; writes bench/results.md and bench/results.svg. Needs wrk (Debian
+          package wrk, installed with apt when missing and run as root) and 2 CPUs
   help    this text
 EOF
 }
@@ -319,6 +323,20 @@ gets the first answer again, with the same payment id, and the application is no
 EOF
   cat <<EOF
 
+Cached fallback: the last good answer to each GET under /api/ is kept; while the application
+fails it is served instead, with age and cache-status; 5 failures in 10 s open the circuit and
+/api/ is answered for 10 s without asking the application (wait 10 s after the rate-limit burst):
+
+  curl -s $url/api/flaky; echo                                      # a good answer, kept
+  curl -s -X POST 127.0.0.1:$DEMO_UPSTREAM_PORT/admin/fail; echo    # the application now answers 503
+  curl -si $url/api/flaky      # 200, the kept body; age; cache-status: cached-fallback; hit; fwd=stale; fwd-status=503
+  for i in 1 2 3 4; do curl -s -o /dev/null -w '%{http_code} ' $url/api/flaky; done; echo   # 200s; the circuit opens
+  curl -si $url/api/flaky | grep -i cache-status                    # detail=circuit-open: the application was not asked
+  curl -s -X POST 127.0.0.1:$DEMO_UPSTREAM_PORT/admin/recover; echo # healed; after 10 s one probe closes the circuit
+  curl -s 127.0.0.1:$DEMO_ADMIN_PORT/stats | grep wasmcustom.cached_fallback
+EOF
+  cat <<EOF
+
 Ctrl-C stops Envoy and the application.
 EOF
 }
@@ -365,16 +383,68 @@ cmd_demo() {
   die "Envoy or the demo upstream exited with status $status (see above); stopping the demo"
 }
 
+# --- bench -----------------------------------------------------------------------------------
+
+ensure_apt_package() { # command package
+  command -v "$1" >/dev/null && return 0
+  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+    header "installing $2 (apt)"
+    apt-get install -y -qq "$2" >/dev/null || { apt-get update -qq && apt-get install -y -qq "$2" >/dev/null; } ||
+      die "could not install $2 with apt"
+  else
+    die "$1 is missing: install the Debian package $2 (sudo apt-get install $2)"
+  fi
+}
+
+cmd_bench() {
+  ensure_apt_package wrk wrk
+  ensure_apt_package wasm-opt binaryen
+  ensure_apt_package taskset util-linux
+  cmd_build
+  local out=bench/out
+  mkdir -p "$out"
+  {
+    echo "## Module sizes"
+    echo
+    echo "| module | built | after wasm-opt | target ≤ 200 KB (204,800 B) |"
+    echo "|---|---|---|---|"
+    local artifact before after
+    for artifact in "${PLUGIN_ARTIFACTS[@]}"; do
+      before=$(wc -c <"$CARGO_OUT/$TARGET/release/$artifact.wasm")
+      after=$(wc -c <"dist/$artifact.wasm")
+      echo "| $artifact.wasm | $before B | $after B | $( ((after <= 204800)) && echo pass || echo missed) |"
+    done
+  } >"$out/sizes.md"
+  header "harness: wasm instructions per request (cargo bench -p host-tests)"
+  cargo bench -q -p host-tests --bench plugins | tee "$out/fuel.md"
+  cargo bench -q -p host-tests --bench harness | tee "$out/harness.txt"
+  header "Envoy: CPU per request, interleaved rounds"
+  python3 bench/envoy_bench.py "$ENVOY_BIN" dist target/modules/empty_filter.wasm "$out"
+  {
+    cat "$out/envoy.md"
+    echo
+    echo "![Envoy CPU per request](results.svg)"
+    echo
+    echo "## Wasm instructions per request (harness fuel, deterministic)"
+    echo
+    cat "$out/fuel.md"
+    echo
+    sed 's/^harness: /- /' "$out/harness.txt"
+    echo
+    cat "$out/sizes.md"
+  } >bench/results.md
+  mv -f -- "$out/results.svg" bench/results.svg
+  header "wrote bench/results.md and bench/results.svg"
+  cat "$out/sizes.md"
+}
+
 # --- main ------------------------------------------------------------------------------------
 
 case ${1:-build} in
   build) cmd_build ;;
   test) cmd_test ;;
   demo) cmd_demo ;;
-  bench)
-    echo "error: no benchmarks yet: the benchmark suite lands with the benchmark issue; nothing was measured" >&2
-    exit 1
-    ;;
+  bench) cmd_bench ;;
   help | -h | --help) usage ;;
   *)
     usage >&2

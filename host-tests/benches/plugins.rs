@@ -1,0 +1,164 @@
+//! Wasm instructions per request for each plugin and path, from the harness's fuel metering
+//! (deterministic, so comparable across commits), and request lifecycles per second through
+//! each plugin in the harness. Run by `./build.sh bench`; prints a Markdown table.
+
+use host_tests::{module_path, Edge, Module, Plugin, Request, Upstream};
+use std::time::Instant;
+
+struct Case {
+    plugin: &'static str,
+    path: &'static str,
+    config: &'static str,
+    /// Sets the edge up (e.g. stores a response first); returns the request to measure.
+    setup: fn(&mut Edge) -> anyhow::Result<()>,
+    request: fn(u64) -> Request,
+}
+
+const RATE: &str = r#"{"rules":[{"name":"api","match":{"pathPrefix":"/api/"},
+  "key":[{"source":"clientIp"}],"limit":{"requests":1000000000,"window":"1s"}}]}"#;
+const RATE_TIGHT: &str = r#"{"rules":[{"name":"api","match":{"pathPrefix":"/api/"},
+  "key":[{"source":"clientIp"}],"limit":{"requests":1,"window":"1h"}}]}"#;
+const FLAGS: &str = r#"{"targetingKey":{"header":"x-user-id"},"context":{"tier":{"header":"x-tier"}},
+  "headers":{"new-checkout":"x-route-checkout"},"flags":{"new-checkout":{"state":"ENABLED",
+  "variants":{"v1":"v1","v2":"v2"},"defaultVariant":"v1","targeting":{"if":[
+  {"==":[{"var":"tier"},"beta"]},"v2",{"fractional":[["v1",80],["v2",20]]}]}}}}"#;
+const CACHED: &str = r#"{"routes":[{"pathPrefix":"/api/"}],"maxEntries":10000}"#;
+const IDEM: &str = r#"{"routes":[{"pathPrefix":"/payments"}],"required":true,"scope":[]}"#;
+
+fn none(_: &mut Edge) -> anyhow::Result<()> {
+    Ok(())
+}
+
+fn api(_: u64) -> Request {
+    Request::get("/api/items").from("10.0.0.1:1000")
+}
+
+fn pay(n: u64) -> Request {
+    Request::post("/payments")
+        .header("idempotency-key", &format!("key-{n}"))
+        .body("{\"amount\":10}")
+}
+
+fn cases() -> Vec<Case> {
+    vec![
+        Case {
+            plugin: "rate_limit",
+            path: "allowed, known client",
+            config: RATE,
+            setup: |e| e.send(api(0)).map(drop),
+            request: api,
+        },
+        Case {
+            plugin: "rate_limit",
+            path: "allowed, new client",
+            config: RATE,
+            setup: none,
+            request: |n| {
+                Request::get("/api/items").from(&format!(
+                    "10.{}.{}.{}:1000",
+                    (n >> 16) & 255,
+                    (n >> 8) & 255,
+                    n & 255
+                ))
+            },
+        },
+        Case {
+            plugin: "rate_limit",
+            path: "limited (local 429)",
+            config: RATE_TIGHT,
+            setup: |e| e.send(api(0)).map(drop),
+            request: api,
+        },
+        Case {
+            plugin: "rate_limit",
+            path: "not matched",
+            config: RATE,
+            setup: none,
+            request: |_| Request::get("/health"),
+        },
+        Case {
+            plugin: "flag_router",
+            path: "fractional rollout",
+            config: FLAGS,
+            setup: none,
+            request: |n| Request::get("/checkout").header("x-user-id", &format!("user-{n}")),
+        },
+        Case {
+            plugin: "flag_router",
+            path: "targeting match",
+            config: FLAGS,
+            setup: none,
+            request: |_| Request::get("/checkout").header("x-tier", "beta"),
+        },
+        Case {
+            plugin: "cached_fallback",
+            path: "store (200 kept)",
+            config: CACHED,
+            setup: none,
+            request: api,
+        },
+        Case {
+            plugin: "cached_fallback",
+            path: "serve (503 replaced)",
+            config: CACHED,
+            setup: |e| {
+                e.send(api(0))?;
+                e.set_upstream(|_| Upstream::status(503));
+                Ok(())
+            },
+            request: api,
+        },
+        Case {
+            plugin: "cached_fallback",
+            path: "not covered",
+            config: CACHED,
+            setup: none,
+            request: |_| Request::get("/health"),
+        },
+        Case {
+            plugin: "idempotency",
+            path: "first POST (fresh key)",
+            config: IDEM,
+            setup: none,
+            request: pay,
+        },
+        Case {
+            plugin: "idempotency",
+            path: "replay",
+            config: IDEM,
+            setup: |e| e.send(pay(0)).map(drop),
+            request: |_| pay(0),
+        },
+        Case {
+            plugin: "idempotency",
+            path: "GET (ignored)",
+            config: IDEM,
+            setup: none,
+            request: |_| Request::get("/payments"),
+        },
+    ]
+}
+
+fn main() -> anyhow::Result<()> {
+    println!("| plugin | path | wasm instructions / request | harness lifecycles/s |");
+    println!("|---|---|---|---|");
+    for case in cases() {
+        let module = Module::from_file(module_path(case.plugin))?;
+        let mut edge = Edge::builder()
+            .plugin(Plugin::new(&module, case.config))
+            .upstream(|_| {
+                Upstream::ok("{\"items\":[1,2,3]}").header("content-type", "application/json")
+            })
+            .build()?;
+        (case.setup)(&mut edge)?;
+        let fuel = edge.send((case.request)(1))?.fuel;
+        let n = 2000u64;
+        let t = Instant::now();
+        for i in 0..n {
+            edge.send((case.request)(i + 2))?;
+        }
+        let rate = n as f64 / t.elapsed().as_secs_f64();
+        println!("| {} | {} | {fuel} | {rate:.0} |", case.plugin, case.path);
+    }
+    Ok(())
+}
