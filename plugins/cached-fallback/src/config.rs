@@ -128,23 +128,12 @@ impl Config {
                 "must list at least one route (omit it to cover every path)",
             ));
         }
-        let mut methods = o.list("methods", |n| {
-            let m = n.str()?.to_ascii_uppercase();
-            if DEFAULT_METHODS.contains(&m.as_str()) {
-                Ok(m)
-            } else {
-                Err(n.err(format!(
-                    "\"{m}\" cannot be covered: only GET and HEAD responses can be replayed \
-                     (the key has no request body)"
-                )))
-            }
-        })?;
-        if o.has("methods") && methods.is_empty() {
-            return Err(o.err("methods", "must list GET, HEAD or both"));
-        }
-        if methods.is_empty() {
-            methods = DEFAULT_METHODS.iter().map(|m| m.to_string()).collect();
-        }
+        let methods = o.methods(
+            "methods",
+            &DEFAULT_METHODS,
+            &DEFAULT_METHODS,
+            "only GET and HEAD responses can be replayed (the key has no request body)",
+        )?;
         let fail_on = o
             .opt("failOn", |n| {
                 let f = n.obj(&["statuses", "upstreamReset", "timeout"])?;

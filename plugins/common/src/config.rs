@@ -260,6 +260,38 @@ impl<'a> Obj<'a> {
         .map(Option::unwrap_or_default)
     }
 
+    /// Reads list field `name` of HTTP methods (upper-cased). Absent: `default`; present, it
+    /// must not be empty. A non-empty `allowed` limits the methods accepted, naming `why`.
+    pub fn methods(
+        &self,
+        name: &str,
+        default: &[&str],
+        allowed: &[&str],
+        why: &str,
+    ) -> Result<Vec<String>, ConfigError> {
+        let methods = self.list(name, |n| {
+            let m = n.str()?.to_ascii_uppercase();
+            if m.is_empty() || !m.bytes().all(|b| b.is_ascii_alphabetic()) {
+                return Err(n.err(format!("\"{m}\" is not an HTTP method")));
+            }
+            if !allowed.is_empty() && !allowed.contains(&m.as_str()) {
+                return Err(n.err(format!("\"{m}\" cannot be covered: {why}")));
+            }
+            Ok(m)
+        })?;
+        if self.has(name) && methods.is_empty() {
+            return Err(self.err(
+                name,
+                "must list at least one method (omit it for the default)",
+            ));
+        }
+        Ok(if methods.is_empty() {
+            default.iter().map(|m| m.to_string()).collect()
+        } else {
+            methods
+        })
+    }
+
     pub fn has(&self, name: &str) -> bool {
         self.map.get(name).is_some_and(|v| !v.is_null())
     }

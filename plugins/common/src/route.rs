@@ -18,19 +18,8 @@ impl Route {
     /// Reads `{"pathPrefix", "path", "methods", "headers"}`, all optional.
     pub fn read(n: Node<'_>) -> Result<Route, ConfigError> {
         let o = n.obj(&["pathPrefix", "path", "methods", "headers"])?;
-        let methods = o.list("methods", |n| {
-            let m = n.str()?;
-            if m.is_empty() || !m.bytes().all(|b| b.is_ascii_alphabetic()) {
-                return Err(n.err(format!("\"{m}\" is not an HTTP method")));
-            }
-            Ok(m.to_ascii_uppercase())
-        })?;
-        if o.has("methods") && methods.is_empty() {
-            return Err(o.err(
-                "methods",
-                "must list at least one method (omit it to match any)",
-            ));
-        }
+        // Omitted: any method.
+        let methods = o.methods("methods", &[], &[], "")?;
         Ok(Route {
             path_prefix: o.opt("pathPrefix", |n| n.url_path())?,
             path: o.opt("path", |n| n.url_path())?,

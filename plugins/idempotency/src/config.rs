@@ -98,21 +98,7 @@ impl Config {
     pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
         let json = parse_json(bytes)?;
         let o = Node::root(&json).obj(FIELDS)?;
-        let methods = o.list("methods", |n| {
-            let m = n.str()?;
-            if m.is_empty() || !m.bytes().all(|b| b.is_ascii_alphabetic()) {
-                return Err(n.err(format!("\"{m}\" is not an HTTP method")));
-            }
-            Ok(m.to_ascii_uppercase())
-        })?;
-        if o.has("methods") && methods.is_empty() {
-            return Err(o.err("methods", "must list at least one method"));
-        }
-        let methods = if methods.is_empty() {
-            vec!["POST".to_string(), "PATCH".to_string()]
-        } else {
-            methods
-        };
+        let methods = o.methods("methods", &["POST", "PATCH"], &[], "")?;
         let scope = if o.has("scope") {
             o.list("scope", KeyPart::read)?
         } else {
