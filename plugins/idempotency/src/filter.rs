@@ -2,7 +2,7 @@
 //! answers or forwards, then copies the response as it streams and keeps it when complete.
 
 use crate::config::Config;
-use crate::policy::{Begin, Claim, Completion, Idempotency, Identify, Problem, Reply};
+use crate::policy::{Begin, Claim, Completion, Fate, Idempotency, Identify, Problem, Reply};
 use edge_common::host::{
     follow_host_log_level, now_ns, plugin_configuration, property, response_body_chunk,
     response_header, response_headers, root_id, send_response, HostRequest,
@@ -245,11 +245,7 @@ impl HttpContext for IdempotencyStream {
         if end_of_stream {
             return self.decide(&policy, key, Some(Sha256::new().finish()));
         }
-        let declared = HostRequest
-            .header("content-length")
-            .and_then(|v| String::from_utf8(v).ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
-        if declared.is_some_and(|n| n > policy.config.max_body_bytes) {
+        if policy.declared_too_large(HostRequest.header("content-length").as_deref()) {
             return self.too_large(&policy);
         }
         // Headers go on (a paused filter gets no body in Envoy); the body is held here until
@@ -298,19 +294,13 @@ impl HttpContext for IdempotencyStream {
         let (Some(policy), Phase::Claimed(_)) = (self.policy.clone(), &self.phase) else {
             return Action::Continue;
         };
-        // Only the upstream's own answers are kept: a local reply (Envoy's 503 for a reset,
-        // another filter's 429, ...) says nothing about whether the request ran.
-        let details = property(&["response", "code_details"]);
-        if details.as_deref().is_some_and(|d| d != "via_upstream") {
-            self.release("local reply");
-            return Action::Continue;
-        }
         let status = response_header(":status")
             .and_then(|v| String::from_utf8(v).ok())
             .and_then(|v| v.parse::<u16>().ok())
             .unwrap_or(0);
-        if !policy.config.store_statuses.contains(status) {
-            self.release("status not in storeStatuses");
+        let details = property(&["response", "code_details"]);
+        if let Fate::Release(why) = policy.response_fate(status, details.as_deref()) {
+            self.release(why);
             return Action::Continue;
         }
         let Phase::Claimed(claim) = std::mem::replace(&mut self.phase, Phase::Idle) else {

@@ -162,6 +162,14 @@ pub enum Begin {
     Refuse(Problem, String),
 }
 
+/// What becomes of a claimed request's response.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fate {
+    Keep,
+    /// Give the key back, for this reason (logged).
+    Release(&'static str),
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Completion {
     Stored,
@@ -351,6 +359,29 @@ impl Idempotency {
             }
         }
         Err(StoreError("records for this key kept changing".into()))
+    }
+
+    /// What to do with the claimed request's response, from its status and Envoy's
+    /// `response.code_details`: keep it only when the upstream itself answered with a status
+    /// in `storeStatuses`. A local reply (Envoy's 503 for a reset, its 504, another filter's
+    /// 429) says nothing about whether the request ran, so the key is given back.
+    pub fn response_fate(&self, status: u16, details: Option<&str>) -> Fate {
+        if details.is_some_and(|d| d != "via_upstream") {
+            Fate::Release("local reply")
+        } else if self.config.store_statuses.contains(status) {
+            Fate::Keep
+        } else {
+            Fate::Release("status not in storeStatuses")
+        }
+    }
+
+    /// Whether a declared `content-length` already exceeds `maxBodyBytes` (answer 413 before
+    /// reading anything).
+    pub fn declared_too_large(&self, content_length: Option<&[u8]>) -> bool {
+        content_length
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .is_some_and(|n| n > self.config.max_body_bytes)
     }
 
     /// The claimed request's response is complete; `response` is `None` when it could not
@@ -660,6 +691,49 @@ mod tests {
             "the live claim survived"
         );
         p.complete(&s, &keep, Some(&response("kept")), 10).unwrap();
+    }
+
+    #[test]
+    fn only_the_upstreams_own_answers_in_store_statuses_are_kept() {
+        let p = policy(r#"{"storeStatuses":"2xx-4xx"}"#);
+        assert_eq!(p.response_fate(201, Some("via_upstream")), Fate::Keep);
+        assert_eq!(p.response_fate(409, Some("via_upstream")), Fate::Keep);
+        assert_eq!(
+            p.response_fate(201, None),
+            Fate::Keep,
+            "no details: trust the status"
+        );
+        assert!(matches!(
+            p.response_fate(503, Some("via_upstream")),
+            Fate::Release(_)
+        ));
+        for local in [
+            "upstream_reset_before_response_started{connection_termination}",
+            "response_timeout",
+            "rate_limited",
+        ] {
+            assert!(
+                matches!(p.response_fate(503, Some(local)), Fate::Release(_)),
+                "{local}"
+            );
+            assert!(
+                matches!(p.response_fate(200, Some(local)), Fate::Release(_)),
+                "{local}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_declared_length_over_the_bound_is_refused_before_reading() {
+        let p = policy(r#"{"maxBodyBytes":10}"#);
+        assert!(!p.declared_too_large(Some(b"10")));
+        assert!(p.declared_too_large(Some(b" 11 ")));
+        assert!(!p.declared_too_large(None));
+        assert!(
+            !p.declared_too_large(Some(b"ten")),
+            "unreadable: the streamed size decides"
+        );
+        assert!(!p.declared_too_large(Some(b"\xff")));
     }
 
     #[test]
