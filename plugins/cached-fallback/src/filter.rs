@@ -7,7 +7,7 @@ use crate::policy::{Fallback, Pending, Reply, RequestAction, ResponseAction, Ser
 use edge_common::ffi;
 use edge_common::host::{
     follow_host_log_level, now_ns, plugin_configuration, property, response_body_chunk,
-    response_header, response_headers, root_id, HostRequest,
+    response_header, response_headers, root_id, send_response, HostRequest,
 };
 use edge_common::request::RequestParts;
 use edge_common::shared_data::SharedData;
@@ -88,7 +88,8 @@ impl RootContext for FallbackRoot {
         };
         let namespace = format!("cached_fallback/{}/", root_id());
         let random = getrandom::u64().unwrap_or(0x1319_8a2e_0370_7344);
-        let (seed, failed) = Fallback::shared_seed(&SharedData, &namespace, random);
+        let (seed, failed) =
+            edge_common::key::shared_seed(&SharedData, &format!("{namespace}seed"), random);
         if let Some(e) = failed {
             log::warn!("cached-fallback: cannot share the key seed ({e}); using this worker's own");
         }
@@ -144,14 +145,22 @@ pub struct FallbackStream {
 impl Context for FallbackStream {}
 
 impl FallbackStream {
-    fn reply(&mut self, r: &Reply) {
-        let headers: Vec<(&str, &str)> = r
+    /// Sends `r` as a local reply; false (logged) when Envoy refuses it, and the stream then
+    /// goes on untouched rather than trapping the VM.
+    fn reply(&mut self, r: &Reply) -> bool {
+        let headers: Vec<(&str, &[u8])> = r
             .headers
             .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .map(|(k, v)| (k.as_str(), v.as_slice()))
             .collect();
-        self.send_http_response(r.status, headers, Some(&r.body));
-        self.answered = true;
+        self.answered = send_response(r.status, &headers, &r.body);
+        if !self.answered {
+            log::warn!(
+                "cached-fallback: Envoy refused a local reply ({})",
+                r.status
+            );
+        }
+        self.answered
     }
 }
 
@@ -198,8 +207,11 @@ impl HttpContext for FallbackStream {
             RequestAction::Answer { reply, served } => {
                 self.metrics.add(Counter::CircuitShortCircuited);
                 self.metrics.served(served);
-                self.reply(&reply);
-                Action::Pause
+                if self.reply(&reply) {
+                    Action::Pause
+                } else {
+                    Action::Continue
+                }
             }
         }
     }
@@ -248,8 +260,10 @@ impl HttpContext for FallbackStream {
                     details.as_deref().unwrap_or("-")
                 );
                 self.metrics.served(served);
-                self.reply(&reply);
-                return Action::Pause;
+                if self.reply(&reply) {
+                    return Action::Pause;
+                }
+                return Action::Continue;
             }
             ResponseAction::PassThrough => self.metrics.add(Counter::PassedThrough),
             ResponseAction::Collect(p) => {

@@ -235,7 +235,8 @@ pub fn storability(
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Reply {
     pub status: u32,
-    pub headers: Vec<(String, String)>,
+    /// Values as bytes: a stored response is replayed exactly as the upstream sent it.
+    pub headers: Vec<(String, Vec<u8>)>,
     pub body: Vec<u8>,
 }
 
@@ -383,33 +384,13 @@ pub fn cache_status(hit: bool, fwd: Option<(&str, u16)>, reason: Reason) -> Stri
 
 impl Fallback {
     /// `namespace` prefixes every store key (`cached_fallback/<root_id>/`); `seed` keys the
-    /// hash of request keys (see [`Fallback::shared_seed`]).
+    /// hash of request keys (see `edge_common::key::shared_seed`).
     pub fn new(config: Config, namespace: &str, seed: u64) -> Fallback {
         Fallback {
             table: Table::new(namespace, config.max_entries, config.max_total_bytes),
             circuit_key: format!("{namespace}circuit"),
             config,
             seed,
-        }
-    }
-
-    /// The seed every worker uses, created once in the store from `random`; when the store
-    /// fails, `random` (this worker's keys then differ from the others' until a reload) and
-    /// the error.
-    pub fn shared_seed(
-        store: &impl SlotStore,
-        namespace: &str,
-        random: u64,
-    ) -> (u64, Option<StoreError>) {
-        match get_or_create(store, &format!("{namespace}seed"), &random.to_le_bytes()) {
-            Ok(e) => (
-                e.value
-                    .get(..8)
-                    .and_then(|b| b.try_into().ok())
-                    .map_or(random, u64::from_le_bytes),
-                None,
-            ),
-            Err(e) => (random, Some(e)),
         }
     }
 
@@ -539,8 +520,12 @@ impl Fallback {
         let fwd = fwd.map(|s| (if too_old { "stale" } else { "uri-miss" }, s));
         let status_line = cache_status(false, fwd, reason);
         let s = self.config.static_fallback.as_ref()?;
-        let mut headers = s.headers.clone();
-        headers.push(("cache-status".into(), status_line));
+        let mut headers: Vec<(String, Vec<u8>)> = s
+            .headers
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone().into_bytes()))
+            .collect();
+        headers.push(("cache-status".into(), status_line.into_bytes()));
         Some((
             Reply {
                 status: u32::from(s.status),
@@ -597,11 +582,11 @@ impl Fallback {
             reply: Reply {
                 status: 503,
                 headers: vec![
-                    ("content-type".into(), CONTENT_TYPE.into()),
-                    ("retry-after".into(), retry.to_string()),
+                    ("content-type".into(), CONTENT_TYPE.as_bytes().to_vec()),
+                    ("retry-after".into(), retry.to_string().into_bytes()),
                     (
                         "cache-status".into(),
-                        cache_status(false, None, Reason::CircuitOpen),
+                        cache_status(false, None, Reason::CircuitOpen).into_bytes(),
                     ),
                 ],
                 body: problem_json(
@@ -791,22 +776,21 @@ impl Fallback {
 
 /// The stored response with `Age` and `Cache-Status` (appended to any the upstream sent).
 fn stale_reply(response: StoredResponse, age_secs: u64, status_line: &str) -> Reply {
-    let mut headers: Vec<(String, String)> = Vec::with_capacity(response.headers.len() + 2);
-    let mut cache_status = String::new();
-    for (k, v) in &response.headers {
-        let v = String::from_utf8_lossy(v);
+    let mut headers: Vec<(String, Vec<u8>)> = Vec::with_capacity(response.headers.len() + 2);
+    let mut cache_status = Vec::new();
+    for (k, v) in response.headers {
         if k.eq_ignore_ascii_case("age") {
             continue;
         }
         if k.eq_ignore_ascii_case("cache-status") {
-            cache_status.push_str(&v);
-            cache_status.push_str(", ");
+            cache_status.extend_from_slice(&v);
+            cache_status.extend_from_slice(b", ");
             continue;
         }
-        headers.push((k.clone(), v.into_owned()));
+        headers.push((k, v));
     }
-    cache_status.push_str(status_line);
-    headers.push(("age".into(), age_secs.to_string()));
+    cache_status.extend_from_slice(status_line.as_bytes());
+    headers.push(("age".into(), age_secs.to_string().into_bytes()));
     headers.push(("cache-status".into(), cache_status));
     Reply {
         status: u32::from(response.status),
@@ -896,7 +880,7 @@ mod tests {
         r.headers
             .iter()
             .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+            .and_then(|(_, v)| std::str::from_utf8(v).ok())
     }
 
     #[test]
@@ -1386,12 +1370,5 @@ mod tests {
             }
         ));
         assert!(!d.errors.is_empty());
-    }
-
-    #[test]
-    fn seeds_are_shared_through_the_store() {
-        let s = MemoryStore::new();
-        assert_eq!(Fallback::shared_seed(&s, "cf/", 7), (7, None));
-        assert_eq!(Fallback::shared_seed(&s, "cf/", 9), (7, None));
     }
 }

@@ -92,6 +92,21 @@ pub fn shared_seed(store: &impl SlotStore, key: &str, random: u64) -> (u64, Opti
 }
 
 #[cfg(test)]
+mod seed_tests {
+    use super::*;
+    use crate::store::MemoryStore;
+
+    #[test]
+    fn the_first_seed_written_is_everyones() {
+        let s = MemoryStore::new();
+        assert_eq!(shared_seed(&s, "ns/seed", 7), (7, None));
+        assert_eq!(shared_seed(&s, "ns/seed", 9), (7, None));
+        s.broken.set(true);
+        assert!(matches!(shared_seed(&s, "ns/seed", 9), (9, Some(_))));
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::request::RequestParts;

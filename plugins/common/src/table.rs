@@ -405,7 +405,9 @@ impl Table {
         for round in 0..u64::from(SAMPLE) {
             let taken = update(store, &key, ATTEMPTS, |v| {
                 let used = read_u64(v);
-                (used + n <= self.max_bytes).then(|| (used + n).to_le_bytes().to_vec())
+                used.checked_add(n)
+                    .filter(|t| *t <= self.max_bytes)
+                    .map(|t| t.to_le_bytes().to_vec())
             })?;
             if taken.is_some() {
                 return Ok(true);
