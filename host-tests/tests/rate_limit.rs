@@ -371,3 +371,23 @@ fn a_rule_rejecting_a_request_does_not_use_up_the_other_rules_quota() -> Result<
     );
     Ok(())
 }
+
+#[test]
+fn binary_header_values_are_keys_like_any_other_and_never_trap() -> Result<()> {
+    let mut edge = edge(PER_CLIENT).build()?;
+    let odd = |v: &[u8]| {
+        Request::get("/api/orders")
+            .from("10.1.1.1:4000")
+            .header_bytes(b"x-api-key", v)
+    };
+    let mut statuses = Vec::new();
+    for _ in 0..21 {
+        statuses.push(edge.send(odd(b"\xff\xfe\x00k"))?.status);
+    }
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 20);
+    assert_eq!(statuses.last(), Some(&429));
+    // Another binary key is another client.
+    assert_eq!(edge.send(odd(b"\xff\xfd"))?.status, 200);
+    assert!(!edge.vm_failed(0, 0) && !edge.vm_failed(1, 0));
+    Ok(())
+}

@@ -48,6 +48,14 @@ extern "C" {
         return_value_data: *mut *mut u8,
         return_value_size: *mut usize,
     ) -> u32;
+    fn proxy_replace_header_map_value(
+        map_type: u32,
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+    ) -> u32;
+    fn proxy_remove_header_map_value(map_type: u32, key_data: *const u8, key_size: usize) -> u32;
     fn proxy_send_local_response(
         status_code: u32,
         status_details_data: *const u8,
@@ -70,6 +78,22 @@ extern "C" {
         return_buffer_data: *mut *mut u8,
         return_buffer_size: *mut usize,
     ) -> u32;
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+unsafe fn proxy_replace_header_map_value(
+    _: u32,
+    _: *const u8,
+    _: usize,
+    _: *const u8,
+    _: usize,
+) -> u32 {
+    UNIMPLEMENTED
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+unsafe fn proxy_remove_header_map_value(_: u32, _: *const u8, _: usize) -> u32 {
+    UNIMPLEMENTED
 }
 
 #[cfg(not(target_arch = "wasm32"))]
@@ -208,6 +232,20 @@ pub fn get_buffer(buffer: u32, start: usize, max: usize) -> Option<Vec<u8>> {
     let status = unsafe { proxy_get_buffer_bytes(buffer, start, max, &mut data, &mut size) };
     // SAFETY: see `owned`.
     (status == OK).then(|| unsafe { owned(data, size) })
+}
+
+/// Sets header `name` of map `map` to `value` (replacing every value), or removes it for
+/// `None`: the status.
+pub fn set_header(map: u32, name: &str, value: Option<&[u8]>) -> u32 {
+    // SAFETY: live slices; the host only reads them.
+    unsafe {
+        match value {
+            Some(v) => {
+                proxy_replace_header_map_value(map, name.as_ptr(), name.len(), v.as_ptr(), v.len())
+            }
+            None => proxy_remove_header_map_value(map, name.as_ptr(), name.len()),
+        }
+    }
 }
 
 /// `proxy_send_local_response` (no details, not gRPC): the status. Header values may be any

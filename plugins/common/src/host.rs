@@ -101,3 +101,14 @@ pub fn property(path: &[&str]) -> Option<String> {
 pub fn send_response(status: u32, headers: &[(&str, &[u8])], body: &[u8]) -> bool {
     ffi::send_local_response(status, headers, body) == ffi::OK
 }
+
+/// Sets (or, with `None`, removes) a request header. False when the host refused, e.g. after
+/// the headers went on; the SDK's wrapper would trap instead.
+pub fn set_request_header(name: &str, value: Option<&[u8]>) -> bool {
+    ffi::set_header(ffi::REQUEST_HEADERS, name, value) == ffi::OK
+}
+
+/// Sets (or removes) a response header; false when the host refused.
+pub fn set_response_header(name: &str, value: Option<&[u8]>) -> bool {
+    ffi::set_header(ffi::RESPONSE_HEADERS, name, value) == ffi::OK
+}

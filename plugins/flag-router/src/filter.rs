@@ -6,7 +6,8 @@ use crate::flags::FlagSet;
 use crate::policy::{decide, Reporter};
 use crate::source::{Fetched, Poller};
 use edge_common::host::{
-    callout_response_header, follow_host_log_level, now_ns, plugin_configuration, HostRequest,
+    callout_response_header, follow_host_log_level, now_ns, plugin_configuration,
+    set_request_header, HostRequest,
 };
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -161,10 +162,10 @@ impl HttpContext for FlagRouterStream {
         };
         let d = decide(&config, &self.flags, &HostRequest, now_ns() / 1_000_000_000);
         for h in &d.remove {
-            self.set_http_request_header(h, None);
+            set_request_header(h, None);
         }
         for (h, v) in &d.set {
-            self.set_http_request_header(h, Some(v));
+            set_request_header(h, Some(v.as_bytes()));
         }
         let mut metrics = self.metrics.borrow_mut();
         for e in &d.evaluations {

@@ -4,7 +4,8 @@
 use crate::config::Config;
 use crate::policy::{Action as Verdict, Limiter, Outcome};
 use edge_common::host::{
-    follow_host_log_level, now_ns, plugin_configuration, root_id, HostRequest,
+    follow_host_log_level, now_ns, plugin_configuration, root_id, send_response,
+    set_request_header, set_response_header, HostRequest,
 };
 use edge_common::shared_data::SharedData;
 use proxy_wasm::hostcalls;
@@ -133,10 +134,10 @@ impl HttpContext for RateLimitStream {
                 response_headers,
             } => {
                 for k in &remove_upstream {
-                    self.set_http_request_header(k, None);
+                    set_request_header(k, None);
                 }
                 for (k, v) in &upstream_headers {
-                    self.set_http_request_header(k, Some(v));
+                    set_request_header(k, Some(v.as_bytes()));
                 }
                 self.response_headers = response_headers;
                 Action::Continue
@@ -146,19 +147,23 @@ impl HttpContext for RateLimitStream {
                 headers,
                 body,
             } => {
-                let headers: Vec<(&str, &str)> = headers
+                let headers: Vec<(&str, &[u8])> = headers
                     .iter()
-                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .map(|(k, v)| (k.as_str(), v.as_bytes()))
                     .collect();
-                self.send_http_response(status, headers, Some(&body));
-                Action::Pause
+                if send_response(status, &headers, &body) {
+                    Action::Pause
+                } else {
+                    log::warn!("rate-limit: Envoy refused the local reply ({status})");
+                    Action::Continue
+                }
             }
         }
     }
 
     fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
         for (k, v) in std::mem::take(&mut self.response_headers) {
-            self.set_http_response_header(&k, Some(&v));
+            set_response_header(&k, Some(v.as_bytes()));
         }
         Action::Continue
     }
