@@ -140,12 +140,19 @@ impl Expr {
     /// `data["targetingKey"]`, and flag key and timestamp at `data["$flagd"]["flagKey"]` and
     /// `data["$flagd"]["timestamp"]` (unix seconds).
     ///
-    /// Evaluation itself cannot fail today: like flagd, an operator given operands it cannot use
-    /// (`sem_ver` on a non-version, `fractional` without a targeting key) yields `null`, and
-    /// arithmetic that JSON cannot represent (`1/0`) is `null` too. The `Result` is kept for
-    /// limits that may be added later.
+    /// Like flagd, an operator given operands it cannot use (`sem_ver` on a non-version,
+    /// `fractional` without a targeting key) yields `null`, and arithmetic that JSON cannot
+    /// represent (`1/0`) is `null` too. The one error is a rule that spends more than its
+    /// budget of steps and built values (see [`BUDGET`]).
     pub fn eval(&self, data: &Value) -> Result<Value, String> {
-        Ok(ev(&self.0, data).into_owned())
+        let b = Budget(std::cell::Cell::new(BUDGET));
+        let v = ev(&self.0, data, &b).into_owned();
+        if b.exhausted() {
+            return Err(format!(
+                "evaluation stopped after {BUDGET} steps (a rule that loops over or builds large lists)"
+            ));
+        }
+        Ok(v)
     }
 }
 
@@ -304,12 +311,56 @@ fn arg<'v>(v: &'v [Cow<'_, Value>], i: usize) -> &'v Value {
     v.get(i).map_or(&NULL, |c| c)
 }
 
-fn ev<'a>(n: &'a Node, data: &'a Value) -> Cow<'a, Value> {
+/// What one evaluation may spend: every node evaluated costs a step, and every array
+/// element or 8 string bytes an operator builds costs one more. A flag file can nest `map`s or
+/// double a list in a `reduce`; the budget turns that into an error instead of exhausting
+/// memory (a trap in Envoy).
+struct Budget(std::cell::Cell<u64>);
+
+/// Steps per evaluation: far above any real targeting rule (the fractional rollouts in
+/// flagd's test vectors take under 50), far below what would strain a worker.
+const BUDGET: u64 = 50_000;
+
+impl Budget {
+    /// Spends `n`; false once the budget is gone.
+    fn spend(&self, n: usize) -> bool {
+        let left = self.0.get();
+        let n = u64::try_from(n).unwrap_or(u64::MAX);
+        self.0.set(left.saturating_sub(n));
+        left >= n
+    }
+
+    fn exhausted(&self) -> bool {
+        self.0.get() == 0
+    }
+}
+
+/// What an operator's result costs: its elements, or its bytes / 8.
+fn size(v: &Value) -> usize {
+    match v {
+        Value::Array(a) => a.len(),
+        Value::String(s) => s.len() / 8,
+        _ => 0,
+    }
+}
+
+fn ev<'a>(n: &'a Node, data: &'a Value, b: &Budget) -> Cow<'a, Value> {
+    if !b.spend(1) {
+        return Cow::Borrowed(&NULL);
+    }
+    let out = ev_node(n, data, b);
+    if !b.spend(size(&out)) {
+        return Cow::Borrowed(&NULL);
+    }
+    out
+}
+
+fn ev_node<'a>(n: &'a Node, data: &'a Value, b: &Budget) -> Cow<'a, Value> {
     let (op, args) = match n {
         Node::Lit(v) => return Cow::Borrowed(v),
         Node::List(items) => {
             return Cow::Owned(Value::Array(
-                items.iter().map(|i| ev(i, data).into_owned()).collect(),
+                items.iter().map(|i| ev(i, data, b).into_owned()).collect(),
             ))
         }
         Node::Op(op, args) => (*op, args.as_slice()),
@@ -319,17 +370,19 @@ fn ev<'a>(n: &'a Node, data: &'a Value) -> Cow<'a, Value> {
         Op::If => {
             let mut rest = args;
             while let [cond, then, tail @ ..] = rest {
-                if truthy(&ev(cond, data)) {
-                    return ev(then, data);
+                if truthy(&ev(cond, data, b)) {
+                    return ev(then, data, b);
                 }
                 rest = tail;
             }
-            return rest.first().map_or(Cow::Borrowed(&NULL), |e| ev(e, data));
+            return rest
+                .first()
+                .map_or(Cow::Borrowed(&NULL), |e| ev(e, data, b));
         }
         Op::And | Op::Or => {
             let mut last = Cow::Borrowed(&NULL);
             for a in args {
-                last = ev(a, data);
+                last = ev(a, data, b);
                 if truthy(&last) != (op == Op::And) {
                     break;
                 }
@@ -337,10 +390,10 @@ fn ev<'a>(n: &'a Node, data: &'a Value) -> Cow<'a, Value> {
             return last;
         }
         Op::Var => {
-            let path = args.first().map(|p| ev(p, data));
+            let path = args.first().map(|p| ev(p, data, b));
             return match lookup(data, path.as_deref().unwrap_or(&NULL)) {
                 Some(v) => Cow::Borrowed(v),
-                None => args.get(1).map_or(Cow::Borrowed(&NULL), |d| ev(d, data)),
+                None => args.get(1).map_or(Cow::Borrowed(&NULL), |d| ev(d, data, b)),
             };
         }
         // Array operators see each element as their data; a non-array is an empty list.
@@ -348,11 +401,13 @@ fn ev<'a>(n: &'a Node, data: &'a Value) -> Cow<'a, Value> {
             let (Some(list), Some(logic)) = (args.first(), args.get(1)) else {
                 return Cow::Borrowed(&NULL);
             };
-            let list = ev(list, data);
+            let list = ev(list, data, b);
             let items = list.as_array().map_or(&[][..], Vec::as_slice);
-            let test = |v: &Value| truthy(&ev(logic, v));
+            let test = |v: &Value| truthy(&ev(logic, v, b));
             return Cow::Owned(match op {
-                Op::Map => Value::Array(items.iter().map(|v| ev(logic, v).into_owned()).collect()),
+                Op::Map => {
+                    Value::Array(items.iter().map(|v| ev(logic, v, b).into_owned()).collect())
+                }
                 Op::Filter => Value::Array(items.iter().filter(|v| test(v)).cloned().collect()),
                 Op::All => Value::Bool(!items.is_empty() && items.iter().all(test)),
                 Op::Some => Value::Bool(items.iter().any(test)),
@@ -360,19 +415,19 @@ fn ev<'a>(n: &'a Node, data: &'a Value) -> Cow<'a, Value> {
                 _ => {
                     let init = args
                         .get(2)
-                        .map_or(Value::Null, |i| ev(i, data).into_owned());
+                        .map_or(Value::Null, |i| ev(i, data, b).into_owned());
                     items.iter().fold(init, |acc, cur| {
                         let mut scope = Map::new();
                         scope.insert("current".into(), cur.clone());
                         scope.insert("accumulator".into(), acc);
-                        ev(logic, &Value::Object(scope)).into_owned()
+                        ev(logic, &Value::Object(scope), b).into_owned()
                     })
                 }
             });
         }
         _ => {}
     }
-    let v: Vec<Cow<Value>> = args.iter().map(|a| ev(a, data)).collect();
+    let v: Vec<Cow<Value>> = args.iter().map(|a| ev(a, data, b)).collect();
     let (x, y) = (arg(&v, 0), arg(&v, 1));
     Cow::Owned(match op {
         Op::Not => Value::Bool(!truthy(x)),
@@ -1703,6 +1758,31 @@ mod tests {
         assert!(compile_err(nest(1_000)).contains("nested more than 64 levels"));
         let arrays = (0..100).fold(json!(1), |inner, _| json!([inner]));
         assert!(compile_err(arrays).contains("nested"));
+    }
+
+    #[test]
+    fn rules_that_explode_at_evaluation_time_stop_with_an_error() {
+        let doubling = json!({"reduce": [
+            (0..40).collect::<Vec<_>>(),
+            {"merge": [{"var": "accumulator"}, {"var": "accumulator"}]},
+            [0]
+        ]});
+        let cat = json!({"reduce": [
+            (0..40).collect::<Vec<_>>(),
+            {"cat": [{"var": "accumulator"}, {"var": "accumulator"}]},
+            "xxxxxxxx"
+        ]});
+        let list: Vec<u32> = (0..1000).collect();
+        let nested = json!({"map": [list, {"map": [list, {"map": [list, {"+": [1, 1]}]}]}]});
+        for rule in [doubling, cat, nested] {
+            let expr = Expr::compile(&rule, &Map::new()).unwrap();
+            let err = expr.eval(&json!({})).unwrap_err();
+            assert!(err.contains("steps"), "{err}");
+        }
+        // A long but reasonable rule is unaffected.
+        let fine = json!({"reduce": [(0..1000).collect::<Vec<_>>(), {"+": [{"var": "accumulator"}, 1]}, 0]});
+        let expr = Expr::compile(&fine, &Map::new()).unwrap();
+        assert_eq!(expr.eval(&json!({})).unwrap(), json!(1000));
     }
 
     #[test]
