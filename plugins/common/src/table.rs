@@ -223,9 +223,15 @@ impl Table {
                 self.evicted();
                 self.free_body(store, slot, &v)?;
             }
+            // The version to act on later must be that of our own write: if another worker
+            // already replaced it, the claim is lost and is tried again.
+            let now = self.read(store, slot)?;
+            if now.value != mine.encode() {
+                continue;
+            }
             let won = Found {
                 slot,
-                version: self.read(store, slot)?.version,
+                version: now.version,
                 record: mine,
             };
             // A racing claim of the same key in another probed slot: the later check yields.
@@ -265,14 +271,19 @@ impl Table {
         record: Record,
     ) -> Result<Option<Found>, StoreError> {
         let key = self.index_key(found.slot);
-        if store.compare_and_swap(&key, &record.encode(), found.version)? == Write::Conflict {
+        let encoded = record.encode();
+        if store.compare_and_swap(&key, &encoded, found.version)? == Write::Conflict {
             return Ok(None);
         }
-        Ok(store.get(&key)?.map(|e| Found {
-            slot: found.slot,
-            record,
-            version: e.version,
-        }))
+        // Only a read-back of our own bytes proves the version is ours to act on.
+        Ok(store
+            .get(&key)?
+            .filter(|e| e.value == encoded)
+            .map(|e| Found {
+                slot: found.slot,
+                record,
+                version: e.version,
+            }))
     }
 
     /// Empties the slot if it still holds what was read as `found`; frees its body.
@@ -620,6 +631,40 @@ mod tests {
         // Without the race the same claim wins.
         let s = MemoryStore::new();
         won(t.claim(&s, rec(9, 2), |_| true).unwrap());
+    }
+
+    #[test]
+    fn a_record_replaced_right_after_its_write_is_not_handed_out_as_ours() {
+        let t = Table::new("t/", 1, 1000);
+        let index_key = t.index_key(0);
+        let overwrite = |m: &MemoryStore| {
+            let e = m.get("t/i/0").unwrap().unwrap();
+            let theirs = Record::new(99, 5, false, b"theirs".to_vec());
+            m.compare_and_swap("t/i/0", &theirs.encode(), e.version)
+                .unwrap();
+        };
+        // A claim whose slot is taken by another worker between its write and read-back.
+        let s = Racing {
+            inner: MemoryStore::new(),
+            then: std::cell::RefCell::new(Some(Box::new(overwrite))),
+        };
+        assert_eq!(
+            t.claim(&s, rec(7, 1), |r| r.key != 99).unwrap(),
+            Claim::Full
+        );
+        assert_eq!(t.find(&s, 99).unwrap().unwrap().record.meta, b"theirs");
+        // A replace likewise: the handle it returns would act on the other record.
+        let s = Racing {
+            inner: MemoryStore::new(),
+            then: std::cell::RefCell::new(None),
+        };
+        let f = won(t.claim(&s, rec(7, 1), |_| true).unwrap());
+        *s.then.borrow_mut() = Some(Box::new(overwrite));
+        assert_eq!(t.replace(&s, &f, rec(7, 1)).unwrap(), None);
+        assert!(
+            t.find(&s, 99).unwrap().is_some(),
+            "{index_key} kept the other record"
+        );
     }
 
     #[test]
