@@ -49,7 +49,7 @@ impl Metrics {
 
     fn add(&self, c: Counter) {
         if let Some(Some(id)) = self.0.get(c as usize) {
-            let _ = hostcalls::increment_metric(*id, 1);
+            edge_common::host::count(*id, 1);
         }
     }
 

@@ -48,6 +48,8 @@ extern "C" {
         return_value_data: *mut *mut u8,
         return_value_size: *mut usize,
     ) -> u32;
+    fn proxy_get_current_time_nanoseconds(return_time: *mut u64) -> u32;
+    fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
     fn proxy_replace_header_map_value(
         map_type: u32,
         key_data: *const u8,
@@ -78,6 +80,16 @@ extern "C" {
         return_buffer_data: *mut *mut u8,
         return_buffer_size: *mut usize,
     ) -> u32;
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+unsafe fn proxy_get_current_time_nanoseconds(_: *mut u64) -> u32 {
+    UNIMPLEMENTED
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+unsafe fn proxy_increment_metric(_: u32, _: i64) -> u32 {
+    UNIMPLEMENTED
 }
 
 #[cfg(not(target_arch = "wasm32"))]
@@ -232,6 +244,19 @@ pub fn get_buffer(buffer: u32, start: usize, max: usize) -> Option<Vec<u8>> {
     let status = unsafe { proxy_get_buffer_bytes(buffer, start, max, &mut data, &mut size) };
     // SAFETY: see `owned`.
     (status == OK).then(|| unsafe { owned(data, size) })
+}
+
+/// The host's wall clock in nanoseconds, or `None` for any status but OK.
+pub fn current_time_ns() -> Option<u64> {
+    let mut t = 0u64;
+    // SAFETY: out-pointer to a local.
+    (unsafe { proxy_get_current_time_nanoseconds(&mut t) } == OK).then_some(t)
+}
+
+/// Adds `offset` to metric `id`: the status.
+pub fn increment_metric(id: u32, offset: i64) -> u32 {
+    // SAFETY: plain values.
+    unsafe { proxy_increment_metric(id, offset) }
 }
 
 /// Sets header `name` of map `map` to `value` (replacing every value), or removes it for

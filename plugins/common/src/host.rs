@@ -3,7 +3,6 @@
 use crate::ffi::{self, REQUEST_HEADERS};
 use crate::request::{client_ip, RequestView};
 use proxy_wasm::hostcalls;
-use std::time::UNIX_EPOCH;
 
 /// The request being filtered, read through hostcalls. Meaningful only during
 /// `on_http_request_headers` (later, Envoy refuses request-header reads: they read as absent).
@@ -29,11 +28,12 @@ impl RequestView for HostRequest {
 
 /// The host's wall clock in nanoseconds since the epoch (0 if the host cannot say).
 pub fn now_ns() -> u64 {
-    hostcalls::get_current_time()
-        .ok()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .and_then(|d| u64::try_from(d.as_nanos()).ok())
-        .unwrap_or(0)
+    ffi::current_time_ns().unwrap_or(0)
+}
+
+/// Adds `n` to counter `id` (defined at configure time); a refusal is ignored, never a trap.
+pub fn count(id: u32, n: u64) {
+    let _ = ffi::increment_metric(id, i64::try_from(n).unwrap_or(i64::MAX));
 }
 
 /// The plugin's configuration bytes (empty when none was given).

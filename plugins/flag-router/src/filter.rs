@@ -30,7 +30,7 @@ impl Metrics {
             .entry(name.to_string())
             .or_insert_with(|| hostcalls::define_metric(MetricType::Counter, name).ok());
         if let Some(id) = id {
-            let _ = hostcalls::increment_metric(id, 1);
+            edge_common::host::count(id, 1);
         }
     }
 }

@@ -47,7 +47,7 @@ impl Metrics {
             .position(|c| *c == name)
             .and_then(|i| self.0.get(i).copied().flatten());
         if let (Some(id), true) = (id, n > 0) {
-            let _ = hostcalls::increment_metric(id, i64::try_from(n).unwrap_or(i64::MAX));
+            edge_common::host::count(id, n);
         }
     }
 }
@@ -269,8 +269,13 @@ impl HttpContext for IdempotencyStream {
         // While buffering, the host hands over everything received so far.
         let start = usize::try_from(*seen).unwrap_or(usize::MAX);
         if body_size > start {
-            let new =
-                ffi::get_buffer(ffi::REQUEST_BODY, start, body_size - start).unwrap_or_default();
+            let want = body_size - start;
+            let new = ffi::get_buffer(ffi::REQUEST_BODY, start, want).unwrap_or_default();
+            if new.len() != want {
+                // A fingerprint of part of the body could match another body: fail closed.
+                let detail = "the request body could not be read for its fingerprint";
+                return self.refuse(&policy, Problem::Unavailable, detail);
+            }
             hash.update(&new);
             *seen += new.len() as u64;
         }

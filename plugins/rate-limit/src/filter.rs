@@ -97,7 +97,7 @@ impl HttpContext for RateLimitStream {
                 .get(r.rule)
                 .and_then(|m| m.get(slot(r.outcome)))
             {
-                let _ = hostcalls::increment_metric(*id, 1);
+                edge_common::host::count(*id, 1);
             }
         }
         for e in &d.errors {
