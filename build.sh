@@ -49,6 +49,12 @@ usage: ./build.sh [command]
           latency for each plugin beside bare Envoy, its native local_ratelimit and an empty
           wasm filter; writes bench/results.md and bench/results.svg. Needs wrk (Debian
           package wrk, installed with apt when missing and run as root) and 2 CPUs
+  soak [SECONDS]
+          build, then run envoy/edge.yaml in Envoy (--concurrency 2) for SECONDS (default 60)
+          under wrk with mixed traffic: allowed, rate-limited, flag-routed, failing-upstream
+          and idempotent requests. Prints requests, the status mix, Envoy's RSS at start and
+          end and wasm failures, writes bench/out/soak.md; fails on any plugin failure or
+          unexpected answer. Needs wrk
   help    this text
 EOF
 }
@@ -438,6 +444,17 @@ cmd_bench() {
   cat "$out/sizes.md"
 }
 
+# --- soak ------------------------------------------------------------------------------------
+
+cmd_soak() {
+  local seconds=${1:-60}
+  [[ $seconds =~ ^[1-9][0-9]*$ ]] || die "soak: SECONDS must be a whole number above 0, not '$seconds'"
+  ensure_apt_package wrk wrk
+  cmd_build
+  header "soak: envoy/edge.yaml in Envoy for $seconds s"
+  python3 bench/soak.py "$ENVOY_BIN" envoy/edge.yaml "$seconds" bench/out
+}
+
 # --- main ------------------------------------------------------------------------------------
 
 case ${1:-build} in
@@ -445,6 +462,7 @@ case ${1:-build} in
   test) cmd_test ;;
   demo) cmd_demo ;;
   bench) cmd_bench ;;
+  soak) cmd_soak "${2:-}" ;;
   help | -h | --help) usage ;;
   *)
     usage >&2

@@ -24,6 +24,7 @@ pub mod abi;
 mod edge;
 mod hostcalls;
 mod properties;
+pub mod scenario;
 mod state;
 mod vm;
 mod wasi;

@@ -18,6 +18,7 @@
 pub mod client;
 mod envoy;
 mod http;
+pub mod scenario;
 mod upstream;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,812 @@
+//! Scenario files: one description of a plugin chain, a scripted upstream and a request
+//! sequence with expected answers, run by two runners — this harness ([`run_in_harness`]) and
+//! real Envoy (`edge_e2e::scenario`) — that produce the same normalised [`Transcript`].
+//!
+//! The format (YAML) is documented in `envoy/scenarios/README.md`.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+use crate::{CalloutReply, Edge, Module, Plugin, Request, Upstream};
+
+/// A parsed scenario file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    /// What the scenario shows, one sentence.
+    pub about: String,
+    /// Filters in order; the router comes last implicitly.
+    pub chain: Vec<Filter>,
+    /// Envoy's route timeout (default 15s).
+    #[serde(default)]
+    pub route_timeout: Option<String>,
+    /// Routes `x-route-<name>: <value>` requests to `<prefix>` rewrites, as the flag router's
+    /// configs do in Envoy: `{header: x-route-checkout, value: v2, prefix: /checkout, rewrite: /v2/checkout}`.
+    #[serde(default)]
+    pub rewrites: Vec<Rewrite>,
+    /// The application's answers by path (exact, or a prefix ending in `*`; longest wins).
+    #[serde(default)]
+    pub upstream: BTreeMap<String, Answer>,
+    /// The `flags` cluster's answers (plugins' background fetches), same form.
+    #[serde(default)]
+    pub flags: BTreeMap<String, Answer>,
+    /// Upstream request headers to record in the transcript.
+    #[serde(default)]
+    pub upstream_headers: Vec<String>,
+    /// Expected: the chain is refused at load, with an error containing this text.
+    #[serde(default)]
+    pub load_error: Option<String>,
+    #[serde(default)]
+    pub steps: Vec<Step>,
+    /// Why the harness copies an Envoy oddity here, if it does (shown in the transcript).
+    #[serde(default)]
+    pub note: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Filter {
+    /// A module of `dist/` (`rate_limit`, ...); its filter name and root id.
+    #[serde(default)]
+    pub plugin: Option<String>,
+    /// The plugin configuration as YAML (sent as JSON text).
+    #[serde(default)]
+    pub config: Option<serde_json::Value>,
+    /// The configuration as raw text instead (for malformed JSON).
+    #[serde(default)]
+    pub config_text: Option<String>,
+    /// Envoy's buffer filter with this `max_request_bytes` (the harness passes bodies whole).
+    #[serde(default)]
+    pub buffer: Option<u64>,
+}
+
+impl Filter {
+    /// The plugin's configuration text.
+    pub fn config_string(&self) -> String {
+        match (&self.config_text, &self.config) {
+            (Some(text), _) => text.clone(),
+            (None, Some(v)) => v.to_string(),
+            (None, None) => String::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rewrite {
+    pub header: String,
+    pub value: String,
+    pub prefix: String,
+    pub rewrite: String,
+}
+
+/// How the upstream (or the flags cluster) answers one path.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Answer {
+    #[serde(default = "ok")]
+    pub status: u16,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    #[serde(default)]
+    pub body: String,
+    /// Send the body in this many chunks (chunked encoding).
+    #[serde(default)]
+    pub chunks: Option<usize>,
+    /// Answer after this long (`300ms`); past the route timeout the client gets 504.
+    #[serde(default)]
+    pub delay: Option<String>,
+    /// Reset the connection instead of answering.
+    #[serde(default)]
+    pub reset: bool,
+}
+
+fn ok() -> u16 {
+    200
+}
+
+impl Answer {
+    /// The body split into the scripted number of chunks (at least one byte each).
+    pub fn body_chunks(&self) -> Vec<Vec<u8>> {
+        let body = self.body.as_bytes();
+        if body.is_empty() {
+            return Vec::new();
+        }
+        let n = self.chunks.unwrap_or(1).clamp(1, body.len());
+        let size = body.len().div_ceil(n);
+        body.chunks(size).map(<[u8]>::to_vec).collect()
+    }
+
+    pub fn delay(&self) -> Result<Duration> {
+        self.delay.as_deref().map_or(Ok(Duration::ZERO), parse_duration)
+    }
+}
+
+/// One request of a step.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Send {
+    #[serde(default = "get")]
+    pub method: String,
+    pub path: String,
+    #[serde(default)]
+    pub headers: Vec<(String, String)>,
+    #[serde(default)]
+    pub body: String,
+    /// Send the body in this many chunks (chunked encoding).
+    #[serde(default)]
+    pub chunks: Option<usize>,
+    /// The client's address (a 127.0.0.0/8 address: Envoy's client binds it).
+    #[serde(default)]
+    pub from: Option<String>,
+}
+
+fn get() -> String {
+    "GET".into()
+}
+
+impl Send {
+    pub fn body_chunks(&self) -> Vec<Vec<u8>> {
+        Answer {
+            body: self.body.clone(),
+            chunks: self.chunks,
+            ..Answer::default()
+        }
+        .body_chunks()
+    }
+
+    fn label(&self) -> String {
+        format!("{} {}", self.method, self.path)
+    }
+}
+
+/// What one response must be; headers map to a value or `null` (absent).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Expect {
+    #[serde(default)]
+    pub status: Option<u16>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, Option<String>>,
+    #[serde(default)]
+    pub body: Option<String>,
+    #[serde(default)]
+    pub body_contains: Option<String>,
+}
+
+/// One step: exactly one of `send`, `together`, `wait`, `answer`, `upstream_down`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Step {
+    /// One request, sent `times` times in a row.
+    #[serde(default)]
+    pub send: Option<Send>,
+    #[serde(default)]
+    pub times: Option<usize>,
+    /// Requests in flight at once.
+    #[serde(default)]
+    pub together: Option<Vec<Send>>,
+    /// Let time pass (`1500ms`): the harness advances its clock, Envoy's runner sleeps.
+    #[serde(default)]
+    pub wait: Option<String>,
+    /// Replaces upstream answers from here on (same form as `upstream`).
+    #[serde(default)]
+    pub answer: Option<BTreeMap<String, Answer>>,
+    /// Replaces flag-file answers from here on.
+    #[serde(default)]
+    pub flags: Option<BTreeMap<String, Answer>>,
+    /// `true`: the application stops listening (connections refused); `false`: it is back.
+    #[serde(default)]
+    pub upstream_down: Option<bool>,
+    /// For a single response (also each of `times`).
+    #[serde(default)]
+    pub expect: Option<Expect>,
+    /// Statuses in order (`times`) or as a multiset (`together`).
+    #[serde(default)]
+    pub statuses: Option<Vec<u16>>,
+    /// Requests the application received during this step, `METHOD /path`, in any order.
+    #[serde(default)]
+    pub reached: Option<Vec<String>>,
+}
+
+impl Scenario {
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Scenario> {
+        let path = path.as_ref();
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let s: Scenario =
+            serde_yaml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        s.validate().with_context(|| format!("in {}", path.display()))?;
+        Ok(s)
+    }
+
+    fn validate(&self) -> Result<()> {
+        for (i, f) in self.chain.iter().enumerate() {
+            if f.plugin.is_some() == f.buffer.is_some() {
+                bail!("chain[{i}]: give either `plugin` or `buffer`");
+            }
+        }
+        for (i, s) in self.steps.iter().enumerate() {
+            let kinds = [
+                s.send.is_some(),
+                s.together.is_some(),
+                s.wait.is_some(),
+                s.answer.is_some() || s.flags.is_some(),
+                s.upstream_down.is_some(),
+            ];
+            if kinds.iter().filter(|k| **k).count() != 1 {
+                bail!("steps[{i}]: give exactly one of send, together, wait, answer/flags, upstream_down");
+            }
+            if let Some(w) = &s.wait {
+                parse_duration(w).with_context(|| format!("steps[{i}].wait"))?;
+            }
+        }
+        if let Some(t) = &self.route_timeout {
+            parse_duration(t).context("route_timeout")?;
+        }
+        Ok(())
+    }
+
+    pub fn route_timeout(&self) -> Duration {
+        self.route_timeout
+            .as_deref()
+            .and_then(|t| parse_duration(t).ok())
+            .unwrap_or(Duration::from_secs(15))
+    }
+
+    /// Response headers every runner records: every header any expectation names.
+    pub fn recorded_headers(&self) -> Vec<String> {
+        let names: BTreeSet<String> = self
+            .steps
+            .iter()
+            .filter_map(|s| s.expect.as_ref())
+            .flat_map(|e| e.headers.keys().map(|k| k.to_ascii_lowercase()))
+            .collect();
+        names.into_iter().collect()
+    }
+
+    /// Checks a runner's transcript against the expectations; returns what differs.
+    pub fn check(&self, t: &Transcript) -> Vec<String> {
+        let mut wrong = Vec::new();
+        match (&self.load_error, &t.refused) {
+            (Some(want), Some(got)) => {
+                if !got.contains(want.as_str()) {
+                    wrong.push(format!("refused at load, but without {want:?}: {got}"));
+                }
+                return wrong;
+            }
+            (Some(want), None) => {
+                wrong.push(format!("loaded; expected a refusal naming {want:?}"));
+                return wrong;
+            }
+            (None, Some(got)) => {
+                wrong.push(format!("refused at load: {got}"));
+                return wrong;
+            }
+            (None, None) => {}
+        }
+        for (i, (step, rec)) in self.steps.iter().zip(&t.steps).enumerate() {
+            let at = |what: String| format!("step {} ({}): {what}", i + 1, rec.label);
+            if let Some(e) = &step.expect {
+                for r in &rec.responses {
+                    for w in expect_one(e, r) {
+                        wrong.push(at(w));
+                    }
+                }
+            }
+            if let Some(want) = &step.statuses {
+                let mut got: Vec<u16> = rec.responses.iter().map(|r| r.status).collect();
+                let mut want = want.clone();
+                if step.together.is_some() {
+                    got.sort_unstable();
+                    want.sort_unstable();
+                }
+                if got != want {
+                    wrong.push(at(format!("statuses {got:?}, expected {want:?}")));
+                }
+            }
+            if let Some(want) = &step.reached {
+                let mut want = want.clone();
+                want.sort();
+                let got: Vec<String> = rec
+                    .upstream
+                    .iter()
+                    .map(|u| u.split(" [").next().unwrap_or(u).to_string())
+                    .collect();
+                if got != want {
+                    wrong.push(at(format!(
+                        "the application received {got:?}, expected {want:?}"
+                    )));
+                }
+            }
+        }
+        if t.steps.len() != self.steps.len() {
+            wrong.push(format!(
+                "ran {} of {} steps",
+                t.steps.len(),
+                self.steps.len()
+            ));
+        }
+        wrong
+    }
+}
+
+fn expect_one(e: &Expect, r: &Seen) -> Vec<String> {
+    let mut wrong = Vec::new();
+    if let Some(s) = e.status {
+        if r.status != s {
+            wrong.push(format!("status {}, expected {s} (body {:?})", r.status, r.body));
+        }
+    }
+    for (name, want) in &e.headers {
+        let got = r
+            .headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .and_then(|(_, v)| v.clone());
+        if &got != want {
+            wrong.push(format!("header {name}: {got:?}, expected {want:?}"));
+        }
+    }
+    if let Some(b) = &e.body {
+        if &r.body != b {
+            wrong.push(format!("body {:?}, expected {b:?}", r.body));
+        }
+    }
+    if let Some(b) = &e.body_contains {
+        if !r.body.contains(b.as_str()) {
+            wrong.push(format!("body {:?} lacks {b:?}", r.body));
+        }
+    }
+    wrong
+}
+
+/// `250ms`, `1.5s`, `2m`.
+pub fn parse_duration(text: &str) -> Result<Duration> {
+    let t = text.trim();
+    let (num, unit) = t
+        .find(|c: char| c.is_ascii_alphabetic())
+        .map(|i| t.split_at(i))
+        .with_context(|| format!("{text:?} has no unit (ms, s, m)"))?;
+    let n: f64 = num
+        .trim()
+        .parse()
+        .with_context(|| format!("{text:?} is not a number"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => bail!("{text:?}: unknown unit {unit:?} (ms, s, m)"),
+    };
+    if !(0.0..=3600.0).contains(&secs) {
+        bail!("{text:?} is out of range");
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// What a client saw, normalised: status, the recorded headers (absent as `None`), body text.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Seen {
+    pub status: u16,
+    pub headers: Vec<(String, Option<String>)>,
+    pub body: String,
+}
+
+/// One step's record: responses (sorted for `together`) and the application's requests
+/// (sorted), each `METHOD /path [header=value ...] body=<n>B`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StepRecord {
+    pub label: String,
+    pub responses: Vec<Seen>,
+    pub upstream: Vec<String>,
+}
+
+/// A runner's normalised account of a scenario: identical across runners when they agree.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Transcript {
+    /// Set when the chain was refused at load (the runner's message).
+    pub refused: Option<String>,
+    pub steps: Vec<StepRecord>,
+}
+
+impl Transcript {
+    /// The text two runners must agree on: a load refusal compares as a refusal (the two hosts
+    /// word it differently; [`Scenario::check`] looks for the plugin's reason in each).
+    pub fn normalised(&self) -> String {
+        let mut out = String::new();
+        if self.refused.is_some() {
+            out.push_str("refused at load\n");
+        }
+        for (i, s) in self.steps.iter().enumerate() {
+            let _ = writeln!(out, "{:>2}. {}", i + 1, s.label);
+            for r in &s.responses {
+                let _ = write!(out, "    -> {}", r.status);
+                for (k, v) in &r.headers {
+                    match v {
+                        Some(v) => {
+                            let _ = write!(out, " {k}={v:?}");
+                        }
+                        None => {
+                            let _ = write!(out, " {k}=-");
+                        }
+                    }
+                }
+                let _ = writeln!(out, " body={:?}", short(&r.body));
+            }
+            for u in &s.upstream {
+                let _ = writeln!(out, "    app <- {u}");
+            }
+        }
+        out
+    }
+
+    /// The normalised text, plus the refusal message.
+    pub fn render(&self) -> String {
+        match &self.refused {
+            Some(msg) => format!("refused at load: {msg}\n"),
+            None => self.normalised(),
+        }
+    }
+}
+
+fn short(body: &str) -> String {
+    if body.len() <= 160 {
+        return body.to_string();
+    }
+    let mut end = 160;
+    while !body.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…({} bytes)", &body[..end], body.len())
+}
+
+/// Formats what the application received, the same way in both runners.
+pub fn upstream_line(method: &str, path: &str, headers: &[(String, Option<String>)], body_len: usize) -> String {
+    let mut line = format!("{method} {path}");
+    if !headers.is_empty() {
+        line.push_str(" [");
+        let parts: Vec<String> = headers
+            .iter()
+            .map(|(k, v)| format!("{k}={}", v.as_deref().unwrap_or("-")))
+            .collect();
+        line.push_str(&parts.join(" "));
+        line.push(']');
+    }
+    if body_len > 0 {
+        let _ = write!(line, " body={body_len}B");
+    }
+    line
+}
+
+/// Finds the answer for a path: exact match (query ignored) first, then the longest `*` prefix.
+pub fn answer_for<'a>(routes: &'a BTreeMap<String, Answer>, target: &str) -> Option<&'a Answer> {
+    let path = target.split_once('?').map_or(target, |(p, _)| p);
+    if let Some(a) = routes.get(path).or_else(|| routes.get(target)) {
+        return Some(a);
+    }
+    routes
+        .iter()
+        .filter_map(|(p, a)| {
+            let prefix = p.strip_suffix('*')?;
+            path.starts_with(prefix).then_some((prefix.len(), a))
+        })
+        .max_by_key(|(n, _)| *n)
+        .map(|(_, a)| a)
+}
+
+/// Compiled modules by name, loaded once from a directory (`dist/`).
+pub struct Modules {
+    dir: PathBuf,
+    files: HashMap<String, PathBuf>,
+    loaded: HashMap<String, Module>,
+}
+
+impl Modules {
+    pub fn new(dir: impl Into<PathBuf>) -> Modules {
+        Modules {
+            dir: dir.into(),
+            files: HashMap::new(),
+            loaded: HashMap::new(),
+        }
+    }
+
+    /// Loads plugin `name` from `file` instead of the directory.
+    pub fn set_file(&mut self, name: &str, file: impl Into<PathBuf>) {
+        self.loaded.remove(name);
+        self.files.insert(name.to_string(), file.into());
+    }
+
+    pub fn get(&mut self, name: &str) -> Result<Module> {
+        if let Some(m) = self.loaded.get(name) {
+            return Ok(m.clone());
+        }
+        let path = match self.files.get(name) {
+            Some(file) => file.clone(),
+            None => self.dir.join(format!("{name}.wasm")),
+        };
+        let m = Module::from_file(&path)?;
+        self.loaded.insert(name.to_string(), m.clone());
+        Ok(m)
+    }
+}
+
+struct Script {
+    upstream: BTreeMap<String, Answer>,
+    flags: BTreeMap<String, Answer>,
+    down: bool,
+}
+
+const AUTHORITY: &str = "edge.test";
+
+/// Runs a scenario in the harness: 2 workers (new requests alternate, as Envoy's connections
+/// do), the clock advanced for `wait`s and delays.
+pub fn run_in_harness(s: &Scenario, modules: &mut Modules) -> Result<Transcript> {
+    let script = Rc::new(RefCell::new(Script {
+        upstream: s.upstream.clone(),
+        flags: s.flags.clone(),
+        down: false,
+    }));
+    let timeout = s.route_timeout();
+    let mut b = Edge::builder().workers(2).route_timeout(timeout);
+    for f in &s.chain {
+        if let Some(name) = &f.plugin {
+            let m = modules.get(name)?;
+            b = b.plugin(Plugin::new(&m, f.config_string()).name(name).root_id(name));
+        }
+    }
+    let up = script.clone();
+    let rewrites = s.rewrites.clone();
+    b = b.upstream(move |req| {
+        let sc = up.borrow();
+        if sc.down {
+            return Upstream::Refused;
+        }
+        let path = rewritten(req.path(), |h| req.header(h).map(str::to_string), &rewrites);
+        match answer_for(&sc.upstream, &path) {
+            None => Upstream::ok(format!("upstream saw {} {path}", req.method()))
+                .header("content-type", "text/plain"),
+            Some(a) if a.reset => Upstream::Reset,
+            Some(a) => {
+                let mut u = Upstream::status(a.status).chunks(a.body_chunks());
+                for (k, v) in &a.headers {
+                    u = u.header(k, v);
+                }
+                u.delay(a.delay().unwrap_or_default())
+            }
+        }
+    });
+    let fl = script.clone();
+    b = b.cluster("flags", move |req| {
+        let sc = fl.borrow();
+        let path = req.header(":path").unwrap_or("/");
+        match answer_for(&sc.flags, path) {
+            None => CalloutReply::Response {
+                headers: vec![(b":status".to_vec(), b"404".to_vec())],
+                body: Vec::new(),
+                trailers: Vec::new(),
+                delay: Duration::ZERO,
+            },
+            Some(a) if a.reset => CalloutReply::Fail {
+                delay: Duration::ZERO,
+            },
+            Some(a) => {
+                let mut headers = vec![(b":status".to_vec(), a.status.to_string().into_bytes())];
+                for (k, v) in &a.headers {
+                    headers.push((k.as_bytes().to_vec(), v.as_bytes().to_vec()));
+                }
+                CalloutReply::Response {
+                    headers,
+                    body: a.body.clone().into_bytes(),
+                    trailers: Vec::new(),
+                    delay: a.delay().unwrap_or_default(),
+                }
+            }
+        }
+    });
+    let mut edge = match b.build() {
+        Ok(e) => e,
+        Err(e) => {
+            return Ok(Transcript {
+                refused: Some(format!("{e:#}")),
+                steps: Vec::new(),
+            })
+        }
+    };
+    // Envoy runs its fetch-at-load callouts before the listener takes traffic.
+    edge.run_pending()?;
+    let recorded = s.recorded_headers();
+    let mut t = Transcript::default();
+    for step in &s.steps {
+        let before = edge.upstream_requests().len();
+        let mut rec = StepRecord {
+            label: String::new(),
+            responses: Vec::new(),
+            upstream: Vec::new(),
+        };
+        if let Some(send) = &step.send {
+            let n = step.times.unwrap_or(1);
+            rec.label = if n > 1 {
+                format!("{} ×{n}", send.label())
+            } else {
+                send.label()
+            };
+            for _ in 0..n {
+                let req = harness_request(send);
+                let res = edge.send(req)?;
+                rec.responses.push(seen(&res, &recorded));
+            }
+        } else if let Some(group) = &step.together {
+            rec.label = format!("together: {}", labels(group));
+            let mut ids = Vec::new();
+            for send in group {
+                ids.push(edge.begin(harness_request(send))?);
+            }
+            // Interleave at callback boundaries until every stream waits or is done.
+            loop {
+                let mut ran = false;
+                for id in &ids {
+                    if let crate::Step::Ran(_) = edge.step(*id)? {
+                        ran = true;
+                    }
+                }
+                if !ran {
+                    break;
+                }
+            }
+            for id in ids {
+                let res = edge.finish(id)?;
+                rec.responses.push(seen(&res, &recorded));
+            }
+            rec.responses.sort();
+        } else if let Some(w) = &step.wait {
+            rec.label = format!("wait {w}");
+            edge.advance(parse_duration(w)?)?;
+        } else if let Some(down) = step.upstream_down {
+            rec.label = if down { "application down" } else { "application up" }.into();
+            script.borrow_mut().down = down;
+        } else {
+            rec.label = "new answers".into();
+            let mut sc = script.borrow_mut();
+            if let Some(a) = &step.answer {
+                sc.upstream.extend(a.clone());
+            }
+            if let Some(f) = &step.flags {
+                sc.flags.extend(f.clone());
+            }
+        }
+        for u in edge.upstream_requests().get(before..).unwrap_or_default() {
+            let headers = s
+                .upstream_headers
+                .iter()
+                .map(|h| (h.clone(), u.header(h).map(str::to_string)))
+                .collect::<Vec<_>>();
+            let path = rewritten(u.path(), |h| u.header(h).map(str::to_string), &s.rewrites);
+            rec.upstream
+                .push(upstream_line(u.method(), &path, &headers, u.body.len()));
+        }
+        rec.upstream.sort();
+        t.steps.push(rec);
+    }
+    Ok(t)
+}
+
+fn labels(group: &[Send]) -> String {
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for s in group {
+        *counts.entry(s.label()).or_default() += 1;
+    }
+    counts
+        .into_iter()
+        .map(|(l, n)| if n > 1 { format!("{l} ×{n}") } else { l })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The label `send` steps get, shared with Envoy's runner.
+pub fn step_label(step: &Step) -> String {
+    if let Some(send) = &step.send {
+        let n = step.times.unwrap_or(1);
+        if n > 1 {
+            return format!("{} ×{n}", send.label());
+        }
+        return send.label();
+    }
+    if let Some(group) = &step.together {
+        return format!("together: {}", labels(group));
+    }
+    if let Some(w) = &step.wait {
+        return format!("wait {w}");
+    }
+    if let Some(down) = step.upstream_down {
+        return if down { "application down" } else { "application up" }.into();
+    }
+    "new answers".into()
+}
+
+/// The path the router sends upstream: a configured rewrite applies when its header matches
+/// (Envoy's route table does this after the plugins ran; the harness has no route table, so
+/// the runner applies it from the request headers the plugins may have set).
+fn rewritten(path: &str, header: impl Fn(&str) -> Option<String>, rewrites: &[Rewrite]) -> String {
+    for r in rewrites {
+        if header(&r.header).as_deref() == Some(r.value.as_str()) {
+            if let Some(rest) = path.strip_prefix(r.prefix.as_str()) {
+                return format!("{}{rest}", r.rewrite);
+            }
+        }
+    }
+    path.to_string()
+}
+
+fn harness_request(send: &Send) -> Request {
+    let mut req = Request::new(&send.method, &send.path)
+        .authority(AUTHORITY)
+        .chunks(send.body_chunks());
+    if !send.body.is_empty() || matches!(send.method.as_str(), "POST" | "PUT" | "PATCH") {
+        if send.chunks.unwrap_or(1) > 1 {
+            req = req.header("transfer-encoding", "chunked");
+        } else {
+            req = req.header("content-length", &send.body.len().to_string());
+        }
+    }
+    for (k, v) in &send.headers {
+        req = req.header(k, v);
+    }
+    if let Some(ip) = &send.from {
+        req = req.from(&format!("{ip}:40000"));
+    }
+    req
+}
+
+fn seen(res: &crate::Response, recorded: &[String]) -> Seen {
+    Seen {
+        status: res.status,
+        headers: recorded
+            .iter()
+            .map(|h| (h.clone(), res.header(h).map(str::to_string)))
+            .collect(),
+        body: String::from_utf8_lossy(&res.body).into_owned(),
+    }
+}
+
+/// Every `*.yaml` in a directory, sorted.
+pub fn files_in(dir: impl AsRef<Path>) -> Result<Vec<PathBuf>> {
+    let dir = dir.as_ref();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_routes() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert!(parse_duration("5").is_err());
+        let mut routes = BTreeMap::new();
+        routes.insert("/api/*".to_string(), Answer { status: 201, ..Answer::default() });
+        routes.insert("/api/x".to_string(), Answer { status: 202, ..Answer::default() });
+        assert_eq!(answer_for(&routes, "/api/x?q=1").unwrap().status, 202);
+        assert_eq!(answer_for(&routes, "/api/y").unwrap().status, 201);
+        assert!(answer_for(&routes, "/other").is_none());
+    }
+
+    #[test]
+    fn bodies_split_into_the_scripted_chunks() {
+        let a = Answer { body: "abcdefg".into(), chunks: Some(3), ..Answer::default() };
+        assert_eq!(a.body_chunks(), vec![b"abc".to_vec(), b"def".to_vec(), b"g".to_vec()]);
+    }
+}
