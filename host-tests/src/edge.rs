@@ -1220,6 +1220,9 @@ impl Edge {
         if f.phase == Phase::Log || f.phase == Phase::Complete {
             return Ok(());
         }
+        // Envoy answers a HEAD request with the reply's headers only (content-length kept):
+        // no filter sees its body, and neither does the client.
+        let head = crate::state::header_value(&f.ex.borrow().maps[0], ":method") == Some("HEAD");
         let mut headers: HeaderMap =
             vec![(b":status".to_vec(), reply.status.to_string().into_bytes())];
         headers.extend(reply.headers.iter().cloned());
@@ -1251,14 +1254,15 @@ impl Edge {
                 ex.maps[2] = headers;
                 ex.maps[3].clear();
             }
-            f.response = Some(f.downstream(reply.body, false));
+            let body = if head { Vec::new() } else { reply.body };
+            f.response = Some(f.downstream(body, false));
             f.phase = Phase::Log;
             return Ok(());
         }
         f.replied = true;
         f.ex.borrow_mut().maps[2] = headers;
         let order: Vec<usize> = (0..=filter).rev().collect();
-        let chunks = if reply.body.is_empty() {
+        let chunks = if reply.body.is_empty() || head {
             vec![]
         } else {
             vec![reply.body]
@@ -1358,6 +1362,13 @@ impl Edge {
                     flags::UPSTREAM_CONNECTION_FAILURE,
                 )
             }
+        };
+        // A response to HEAD has no body (the upstream codec reads none, and Envoy's own
+        // replies send headers only): filters get the headers with end of stream.
+        let (chunks, trailers) = if req.method() == "HEAD" {
+            (Vec::new(), Vec::new())
+        } else {
+            (chunks, trailers)
         };
         let f = self.flight(id)?;
         if f.phase != Phase::Upstream {

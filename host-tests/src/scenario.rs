@@ -125,7 +125,9 @@ impl Answer {
     }
 
     pub fn delay(&self) -> Result<Duration> {
-        self.delay.as_deref().map_or(Ok(Duration::ZERO), parse_duration)
+        self.delay
+            .as_deref()
+            .map_or(Ok(Duration::ZERO), parse_duration)
     }
 }
 
@@ -223,7 +225,8 @@ impl Scenario {
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let s: Scenario =
             serde_yaml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-        s.validate().with_context(|| format!("in {}", path.display()))?;
+        s.validate()
+            .with_context(|| format!("in {}", path.display()))?;
         Ok(s)
     }
 
@@ -358,7 +361,12 @@ fn reached_matches(want: &[String], got: &[String]) -> bool {
     order.sort_by_key(|w| !full(w));
     for w in order {
         let found = got.iter().enumerate().position(|(i, g)| {
-            !used[i] && if full(w) { g == w } else { request_line(g) == w }
+            !used[i]
+                && if full(w) {
+                    g == w
+                } else {
+                    request_line(g) == w
+                }
         });
         match found {
             Some(i) => used[i] = true,
@@ -372,7 +380,10 @@ fn expect_one(e: &Expect, r: &Seen) -> Vec<String> {
     let mut wrong = Vec::new();
     if let Some(s) = e.status {
         if r.status != s {
-            wrong.push(format!("status {}, expected {s} (body {:?})", r.status, r.body));
+            wrong.push(format!(
+                "status {}, expected {s} (body {:?})",
+                r.status, r.body
+            ));
         }
     }
     for (name, want) in &e.headers {
@@ -498,7 +509,12 @@ fn short(body: &str) -> String {
 }
 
 /// Formats what the application received, the same way in both runners.
-pub fn upstream_line(method: &str, path: &str, headers: &[(String, Option<String>)], body_len: usize) -> String {
+pub fn upstream_line(
+    method: &str,
+    path: &str,
+    headers: &[(String, Option<String>)],
+    body_len: usize,
+) -> String {
     let mut line = format!("{method} {path}");
     if !headers.is_empty() {
         line.push_str(" [");
@@ -571,6 +587,10 @@ struct Script {
     upstream: BTreeMap<String, Answer>,
     flags: BTreeMap<String, Answer>,
     down: bool,
+    /// Upstream requests so far, and which of them were refused: the router sent them, but
+    /// an application that is down never received them (Envoy's runner records none).
+    sent: usize,
+    refused: BTreeSet<usize>,
 }
 
 const AUTHORITY: &str = "edge.test";
@@ -582,6 +602,8 @@ pub fn run_in_harness(s: &Scenario, modules: &mut Modules) -> Result<Transcript>
         upstream: s.upstream.clone(),
         flags: s.flags.clone(),
         down: false,
+        sent: 0,
+        refused: BTreeSet::new(),
     }));
     let timeout = s.route_timeout();
     let mut b = Edge::builder().workers(2).route_timeout(timeout);
@@ -594,8 +616,11 @@ pub fn run_in_harness(s: &Scenario, modules: &mut Modules) -> Result<Transcript>
     let up = script.clone();
     let rewrites = s.rewrites.clone();
     b = b.upstream(move |req| {
-        let sc = up.borrow();
+        let mut sc = up.borrow_mut();
+        sc.sent += 1;
         if sc.down {
+            let n = sc.sent - 1;
+            sc.refused.insert(n);
             return Upstream::Refused;
         }
         let path = rewritten(req.path(), |h| req.header(h).map(str::to_string), &rewrites);
@@ -699,7 +724,12 @@ pub fn run_in_harness(s: &Scenario, modules: &mut Modules) -> Result<Transcript>
             rec.label = format!("wait {w}");
             edge.advance(parse_duration(w)?)?;
         } else if let Some(down) = step.upstream_down {
-            rec.label = if down { "application down" } else { "application up" }.into();
+            rec.label = if down {
+                "application down"
+            } else {
+                "application up"
+            }
+            .into();
             script.borrow_mut().down = down;
         } else {
             rec.label = "new answers".into();
@@ -711,7 +741,11 @@ pub fn run_in_harness(s: &Scenario, modules: &mut Modules) -> Result<Transcript>
                 sc.flags.extend(f.clone());
             }
         }
-        for u in edge.upstream_requests().get(before..).unwrap_or_default() {
+        let refused = script.borrow().refused.clone();
+        for (i, u) in edge.upstream_requests().iter().enumerate().skip(before) {
+            if refused.contains(&i) {
+                continue;
+            }
             let headers = s
                 .upstream_headers
                 .iter()
@@ -755,7 +789,12 @@ pub fn step_label(step: &Step) -> String {
         return format!("wait {w}");
     }
     if let Some(down) = step.upstream_down {
-        return if down { "application down" } else { "application up" }.into();
+        return if down {
+            "application down"
+        } else {
+            "application up"
+        }
+        .into();
     }
     "new answers".into()
 }
@@ -827,8 +866,20 @@ mod tests {
         assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
         assert!(parse_duration("5").is_err());
         let mut routes = BTreeMap::new();
-        routes.insert("/api/*".to_string(), Answer { status: 201, ..Answer::default() });
-        routes.insert("/api/x".to_string(), Answer { status: 202, ..Answer::default() });
+        routes.insert(
+            "/api/*".to_string(),
+            Answer {
+                status: 201,
+                ..Answer::default()
+            },
+        );
+        routes.insert(
+            "/api/x".to_string(),
+            Answer {
+                status: 202,
+                ..Answer::default()
+            },
+        );
         assert_eq!(answer_for(&routes, "/api/x?q=1").unwrap().status, 202);
         assert_eq!(answer_for(&routes, "/api/y").unwrap().status, 201);
         assert!(answer_for(&routes, "/other").is_none());
@@ -839,15 +890,31 @@ mod tests {
         let got = vec!["GET /a [x-h=v1]".to_string(), "POST /p body=2B".to_string()];
         let want = |w: &[&str]| w.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         assert!(reached_matches(&want(&["POST /p", "GET /a"]), &got));
-        assert!(reached_matches(&want(&["GET /a [x-h=v1]", "POST /p body=2B"]), &got));
-        assert!(!reached_matches(&want(&["GET /a [x-h=v2]", "POST /p"]), &got));
+        assert!(reached_matches(
+            &want(&["GET /a [x-h=v1]", "POST /p body=2B"]),
+            &got
+        ));
+        assert!(!reached_matches(
+            &want(&["GET /a [x-h=v2]", "POST /p"]),
+            &got
+        ));
         assert!(!reached_matches(&want(&["GET /a"]), &got));
-        assert!(!reached_matches(&want(&["POST /p body=3B", "GET /a"]), &got));
+        assert!(!reached_matches(
+            &want(&["POST /p body=3B", "GET /a"]),
+            &got
+        ));
     }
 
     #[test]
     fn bodies_split_into_the_scripted_chunks() {
-        let a = Answer { body: "abcdefg".into(), chunks: Some(3), ..Answer::default() };
-        assert_eq!(a.body_chunks(), vec![b"abc".to_vec(), b"def".to_vec(), b"g".to_vec()]);
+        let a = Answer {
+            body: "abcdefg".into(),
+            chunks: Some(3),
+            ..Answer::default()
+        };
+        assert_eq!(
+            a.body_chunks(),
+            vec![b"abc".to_vec(), b"def".to_vec(), b"g".to_vec()]
+        );
     }
 }

@@ -114,3 +114,29 @@ fn plugin_can_reset_the_stream() -> anyhow::Result<()> {
     assert!(edge.upstream_requests().is_empty());
     Ok(())
 }
+
+#[test]
+fn a_head_request_gets_headers_only_from_the_upstream_and_from_local_replies() -> anyhow::Result<()>
+{
+    // Seen in Envoy 1.40 (envoy/scenarios/cf-18-*): the upstream codec reads no body for HEAD,
+    // and a local reply to HEAD is sent as headers only.
+    let mut edge = probe_edge("")
+        .upstream(|_| Upstream::status(503).body("down"))
+        .build()?;
+    let res = edge.send(Request::new("HEAD", "/x"))?;
+    assert_eq!((res.status, res.body_str()), (503, ""));
+    assert!(
+        lines(&edge, "response headers")
+            .iter()
+            .all(|l| l.ends_with("eos=true")),
+        "the headers end the stream"
+    );
+    assert!(lines(&edge, "response body").is_empty());
+
+    let mut edge = chain(["none", "local", "none"])?;
+    let res = edge.send(Request::new("HEAD", "/x"))?;
+    assert_eq!((res.status, res.body_str()), (418, ""));
+    assert_eq!(res.header("x-local"), Some("yes"));
+    assert!(lines(&edge, "response body").is_empty());
+    Ok(())
+}

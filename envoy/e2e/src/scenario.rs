@@ -159,7 +159,10 @@ pub fn run_in_envoy(s: &Scenario) -> Result<Transcript> {
     let backend_routes: Routes = Arc::new(Mutex::new(s.upstream.clone()));
     let flag_routes: Routes = Arc::new(Mutex::new(s.flags.clone()));
     let mut backend = Some(TestUpstream::start()?);
-    let backend_addr = backend.as_ref().map(TestUpstream::addr).context("upstream")?;
+    let backend_addr = backend
+        .as_ref()
+        .map(TestUpstream::addr)
+        .context("upstream")?;
     if let Some(b) = &backend {
         serve(b, &backend_routes, false);
     }
@@ -169,7 +172,12 @@ pub fn run_in_envoy(s: &Scenario) -> Result<Transcript> {
     let subs = Substitutions::new(backend_addr.port())
         .replace(FLAGS_MARKER, format!("port_value: {}", flags.port()));
     let config = envoy_config(s);
-    let envoy = match Envoy::start_text(&config, "the scenario's chain", &subs, &["--concurrency", "2"]) {
+    let envoy = match Envoy::start_text(
+        &config,
+        "the scenario's chain",
+        &subs,
+        &["--concurrency", "2"],
+    ) {
         Ok(e) => e,
         Err(e) => {
             return Ok(Transcript {
@@ -181,7 +189,10 @@ pub fn run_in_envoy(s: &Scenario) -> Result<Transcript> {
     // A plugin that fetches at load has its first document before traffic, as in the harness.
     if !s.flags.is_empty() {
         let _ = flags.wait_for_requests_to(
-            s.flags.keys().next().map_or("/", |k| k.trim_end_matches('*')),
+            s.flags
+                .keys()
+                .next()
+                .map_or("/", |k| k.trim_end_matches('*')),
             1,
             Duration::from_secs(5),
         );
@@ -314,12 +325,20 @@ fn send_one(listener: SocketAddr, send: &Send, recorded: &[String]) -> Result<Se
         if (100..200).contains(&status) {
             continue;
         }
-        let body = http::read_body(&mut reader, Framing::of_response(&head, &send.method, status)?)?;
+        let body = http::read_body(
+            &mut reader,
+            Framing::of_response(&head, &send.method, status)?,
+        )?;
         return Ok(Seen {
             status,
             headers: recorded
                 .iter()
-                .map(|h| (h.clone(), http::header(&head.headers, h).map(str::to_string)))
+                .map(|h| {
+                    (
+                        h.clone(),
+                        http::header(&head.headers, h).map(str::to_string),
+                    )
+                })
                 .collect(),
             body: String::from_utf8_lossy(&body).into_owned(),
         });

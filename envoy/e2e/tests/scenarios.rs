@@ -33,7 +33,10 @@ fn every_scenario_agrees_in_the_harness_and_in_envoy() -> anyhow::Result<()> {
     assert!(!files.is_empty(), "no scenario matches {filter:?}");
     let mut scenarios = Vec::new();
     for f in &files {
-        let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = f
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         scenarios.push((name, Scenario::from_file(f)?));
     }
 
@@ -61,7 +64,8 @@ fn every_scenario_agrees_in_the_harness_and_in_envoy() -> anyhow::Result<()> {
         harness.push((name.clone(), run_in_harness(s, &mut modules)));
     }
     for p in pool {
-        p.join().map_err(|_| anyhow::anyhow!("an Envoy runner panicked"))?;
+        p.join()
+            .map_err(|_| anyhow::anyhow!("an Envoy runner panicked"))?;
     }
     let envoy = std::mem::take(&mut *results.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
 
@@ -93,7 +97,9 @@ fn every_scenario_agrees_in_the_harness_and_in_envoy() -> anyhow::Result<()> {
                 ));
             }
             (h, e) => {
-                problems.push(format!("{name}: a runner failed: harness {h:?}, envoy {e:?}"));
+                problems.push(format!(
+                    "{name}: a runner failed: harness {h:?}, envoy {e:?}"
+                ));
                 table.push(format!("{name}: runner error"));
             }
         }

@@ -52,8 +52,7 @@ fn run() -> Result<bool> {
             }
             "--config" => {
                 let (k, v) = pair(args.next(), "--config")?;
-                let text =
-                    std::fs::read_to_string(&v).with_context(|| format!("reading {v}"))?;
+                let text = std::fs::read_to_string(&v).with_context(|| format!("reading {v}"))?;
                 configs.insert(k, text);
             }
             "-h" | "--help" => {
@@ -75,7 +74,9 @@ fn run() -> Result<bool> {
     for file in files {
         let mut s = Scenario::from_file(&file)?;
         for f in &mut s.chain {
-            let Some(name) = f.plugin.clone() else { continue };
+            let Some(name) = f.plugin.clone() else {
+                continue;
+            };
             if let Some(text) = configs.get(&name) {
                 f.config_text = Some(text.clone());
             }
