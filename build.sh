@@ -55,6 +55,16 @@ usage: ./build.sh [command]
           and idempotent requests. Prints requests, the status mix, Envoy's RSS at start and
           end and wasm failures, writes bench/out/soak.md; fails on any plugin failure or
           unexpected answer. Needs wrk
+  fuzz [SECONDS]
+          build, then fuzz every plugin through the harness for SECONDS each (default 60)
+          with fresh seeds: random configs and request lifecycles on 2 workers; prints cases,
+          requests and failures per plugin and saves each failing case under
+          host-tests/tests/reliability/regressions/ (replayed by ./build.sh test)
+  stress  build, then flood each stateful plugin with 1,000,000 distinct keys and race
+          10,000 trials per critical section in the harness (about 10 minutes)
+  scenario FILE...
+          run scenario files (envoy/scenarios/) in the harness and print the transcripts:
+          a dry run of a chain and its configs before it ships (see envoy/scenarios/README.md)
   help    this text
 EOF
 }
@@ -455,6 +465,37 @@ cmd_soak() {
   python3 bench/soak.py "$ENVOY_BIN" envoy/edge.yaml "$seconds" bench/out
 }
 
+# --- reliability and scenarios ---------------------------------------------------------------
+
+# The long runs use the bench profile: optimised, built once and kept in target/.
+reliability() { # test-name-filter, environment...
+  local filter=$1
+  shift
+  env "$@" cargo test -q --profile bench -p host-tests --test reliability "$filter" -- --nocapture --test-threads 2
+}
+
+cmd_fuzz() {
+  local seconds=${1:-60}
+  [[ $seconds =~ ^[1-9][0-9]*$ ]] || die "fuzz: SECONDS must be a whole number above 0, not '$seconds'"
+  cmd_build
+  header "fuzz: every plugin for $seconds s through the harness (2 at a time)"
+  reliability fuzz_ "FUZZ_SECONDS=$seconds"
+}
+
+cmd_stress() {
+  cmd_build
+  header "stress: floods of 1,000,000 keys, 10,000 race trials per critical section"
+  reliability flood_ FLOOD_KEYS=1000000
+  reliability race_ RACE_TRIALS=10000
+}
+
+cmd_scenario() {
+  (($#)) || die "scenario: give one or more scenario files (envoy/scenarios/*.yaml)"
+  cmd_build
+  cargo build -q -p host-tests --bin edge-scenario
+  "$CARGO_OUT/debug/edge-scenario" "$@"
+}
+
 # --- main ------------------------------------------------------------------------------------
 
 case ${1:-build} in
@@ -463,6 +504,9 @@ case ${1:-build} in
   demo) cmd_demo ;;
   bench) cmd_bench ;;
   soak) cmd_soak "${2:-}" ;;
+  fuzz) cmd_fuzz "${2:-}" ;;
+  stress) cmd_stress ;;
+  scenario) shift && cmd_scenario "$@" ;;
   help | -h | --help) usage ;;
   *)
     usage >&2

@@ -352,6 +352,13 @@ class Envoy:
              "--admin-address-path", admin_file, "--log-level", "warning",
              "--component-log-level", "wasm:info"],
             stdout=self.log, stderr=subprocess.STDOUT)
+        try:
+            self.wait_ready(admin_file)
+        except BaseException:
+            self.stop()  # the caller never gets this object to stop
+            raise
+
+    def wait_ready(self, admin_file):
         self.admin = None
         deadline = time.time() + 60
         while self.admin is None:
@@ -498,6 +505,8 @@ def main():
         wrk = start_wrk(envoy.url, lua_path, args.warmup, args.threads, args.connections)
         wrk.communicate()
         time.sleep(1)  # lets the last streams finish and the logging phase run
+        if not envoy.alive():
+            raise Failure(f"Envoy exited during the warm-up:\n{envoy.log_tail()}")
         rss_start, stats_start = envoy.rss_kib(), envoy.stats()
 
         print(f"soaking for {args.seconds} s (wrk -t{args.threads} -c{args.connections}, "
@@ -549,6 +558,9 @@ def main():
     ]
     if died:
         problems.append(f"Envoy exited during the soak (status {envoy.proc.returncode})")
+        report += [f"Envoy RSS: {mib(rss_start)} after the warm-up, {mib(rss[-1])} at the last "
+                   f"sample, peak {mib(max(rss))}", "", "End of Envoy's log:", "", "```"]
+        report += log_lines[-20:] + ["```"]
     else:
         secs = res["duration_us"] / 1e6
         report += [
@@ -568,8 +580,12 @@ def main():
                           f"{what or '**no**'} |")
             if what is None:
                 problems.append(f"unexpected outcome: {label} ({count})")
+        codes = {}
+        for label, count in res["got"].items():
+            codes[label.split()[0]] = codes.get(label.split()[0], 0) + count
         sent = res["sent"]
-        report += ["", "Sent: " + ", ".join(f"{k} {sent.get(k, 0)}" for k, _ in MIX)]
+        report += ["", "Status codes: " + ", ".join(f"{k}: {v}" for k, v in sorted(codes.items())),
+                   "", "Sent by kind: " + ", ".join(f"{k} {sent.get(k, 0)}" for k, _ in MIX)]
         errors = res["connect"] + res["read"] + res["write"] + res["timeout"]
         if errors:
             problems.append(f"{errors} socket errors or timeouts")
@@ -584,7 +600,8 @@ def main():
         report += [
             "",
             f"Envoy RSS: {mib(rss_start)} after the warm-up, {mib(rss_end)} at the end "
-            f"({growth / 1024:+.1f} MiB), peak {mib(max(rss))}",
+            f"({growth / 1024:+.1f} MiB), peak {mib(max(rss))}; every 5 s: "
+            + ", ".join(f"{k / 1024:.0f}" for k in rss[::5]) + " MiB",
             "",
             "Application schedule: " + ("; ".join(e.strip() for e in events) or "no changes"),
             "",
@@ -639,3 +656,5 @@ if __name__ == "__main__":
     except Failure as e:
         print(f"soak failed: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)

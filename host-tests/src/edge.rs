@@ -1577,6 +1577,13 @@ impl Edge {
         &self.upstream_log
     }
 
+    /// Forgets the recorded upstream requests and log lines, so a long run (a flood of a
+    /// million requests) keeps constant memory.
+    pub fn clear_records(&mut self) {
+        self.upstream_log.clear();
+        self.host.borrow_mut().logs.clear();
+    }
+
     /// Replaces the upstream's behaviour.
     pub fn set_upstream(&mut self, f: impl FnMut(&UpstreamRequest) -> Upstream + 'static) {
         self.upstream = Box::new(f);

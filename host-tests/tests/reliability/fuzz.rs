@@ -1,0 +1,914 @@
+//! Fuzzing through the harness: random configs (valid and broken) and random lifecycles per
+//! plugin on 2 workers. A case fails on a trap, ABI misuse found by the harness, a harness
+//! error (e.g. a stream a plugin never continues), or a broken invariant of the plugin.
+
+use std::cell::RefCell;
+use std::collections::{BTreeSet, HashMap};
+use std::rc::Rc;
+use std::time::Duration;
+
+use host_tests::{CalloutReply, Edge, Module, Plugin, Response, Upstream, UpstreamRequest};
+use serde_json::json;
+
+use crate::gen::{self, Case, Op, Req, Rng, Up};
+
+const ROUTE_TIMEOUT: Duration = Duration::from_secs(5);
+const VARIANTS: [&str; 5] = ["v1", "v2", "beta", "", "😀-é"];
+
+/// Generates case `seed` for `plugin`.
+pub fn generate(plugin: &str, seed: u64) -> Case {
+    let mut rng = Rng::new(seed.wrapping_mul(31).wrapping_add(plugin.len() as u64));
+    let valid = match plugin {
+        "rate_limit" => rate_limit_config(&mut rng),
+        "flag_router" => flag_router_config(&mut rng),
+        "cached_fallback" => cached_fallback_config(&mut rng),
+        _ => idempotency_config(&mut rng),
+    };
+    let config = if rng.chance(15) {
+        gen::mutate(&mut rng, &valid)
+    } else {
+        valid.to_string()
+    };
+    let n = rng.range(5, 40);
+    let ops = (0..n).map(|_| op(plugin, &mut rng)).collect();
+    Case {
+        plugin: plugin.to_string(),
+        seed,
+        config,
+        ops,
+    }
+}
+
+fn rate_limit_config(rng: &mut Rng) -> serde_json::Value {
+    let mut rules = vec![json!({
+        "name": "checked",
+        "match": { "pathPrefix": "/api/" },
+        "key": [ { "header": "x-api-key" } ],
+        "limit": { "requests": rng.range(1, 6), "window": rng.pick(&["1s", "2s", "10s", "1m"]) },
+        "maxKeys": 4096
+    })];
+    for i in 0..rng.below(3) {
+        let parts = [
+            json!({"source": "clientIp"}),
+            json!({"source": "path"}),
+            json!({"source": "method"}),
+            json!({"cookie": "sid"}),
+            json!({"header": "authorization"}),
+        ];
+        let key: Vec<_> = (0..rng.range(1, 3))
+            .map(|_| rng.pick(&parts).clone())
+            .collect();
+        rules.push(json!({
+            "name": format!("extra{i}"),
+            "match": { "pathPrefix": rng.pick(&["/", "/api/", "/x"]) },
+            "key": key,
+            "limit": { "requests": rng.range(1, 50), "window": rng.pick(&["1s", "30s", "1h"]) },
+            "maxKeys": rng.range(1, 64)
+        }));
+    }
+    json!({
+        "mode": rng.pick(&["enforce", "enforce", "shadow"]),
+        "responseHeaders": rng.chance(50),
+        "rules": rules
+    })
+}
+
+fn expression(rng: &mut Rng, depth: u32) -> serde_json::Value {
+    if depth > 3 || rng.chance(30) {
+        return match rng.below(6) {
+            0 => {
+                json!({"var": rng.pick(&["tier", "targetingKey", "$flagd.flagKey", "missing.path", "tier.0"])})
+            }
+            1 => json!(rng.pick(&["on", "off", "x", "beta"])),
+            2 => json!(rng.range(0, 100)),
+            3 => json!(rng.chance(50)),
+            4 => json!(null),
+            _ => json!(["on", "off"]),
+        };
+    }
+    // Mostly well-formed (right operator and arity), so that most flags load and evaluate;
+    // sometimes an unknown operator or a wrong arity, which must be rejected cleanly.
+    let (op, arity) = *rng.pick(&[
+        ("if", 3),
+        ("==", 2),
+        ("!=", 2),
+        ("<", 2),
+        (">", 2),
+        ("in", 2),
+        ("and", 2),
+        ("or", 3),
+        ("!", 1),
+        ("cat", 2),
+        ("substr", 3),
+        ("+", 2),
+        ("map", 2),
+        ("filter", 2),
+        ("reduce", 3),
+        ("merge", 2),
+        ("starts_with", 2),
+        ("missing", 1),
+        ("max", 2),
+        ("%", 2),
+    ]);
+    if rng.chance(1) {
+        return json!({"nope": [1]});
+    }
+    if op == "fractional" || rng.chance(5) {
+        return json!({"fractional": [["on", rng.range(0, 100)], ["off", rng.range(0, 100)]]});
+    }
+    if rng.chance(3) {
+        let version = if rng.chance(50) {
+            json!({"var": "tier"})
+        } else {
+            json!("1.4.0")
+        };
+        let cmp = if rng.chance(2) {
+            "bad"
+        } else {
+            *rng.pick(&["=", "^", "~", ">="])
+        };
+        return json!({"sem_ver": [version, cmp, "1.2.3"]});
+    }
+    let n = if rng.chance(1) {
+        rng.range(0, 4)
+    } else {
+        arity
+    };
+    let args: Vec<_> = (0..n).map(|_| expression(rng, depth + 1)).collect();
+    json!({ op: args })
+}
+
+fn flags_doc(rng: &mut Rng) -> serde_json::Value {
+    let mut flags = serde_json::Map::new();
+    // Always f0..f2: `headers` maps all three, and without a source each must be inline.
+    for i in 0..3 {
+        let mut variants = serde_json::Map::new();
+        for name in ["on", "off", "x"] {
+            if rng.chance(97) {
+                variants.insert(name.into(), json!(rng.pick(&VARIANTS)));
+            }
+        }
+        let mut flag = json!({
+            "state": rng.pick(&["ENABLED", "ENABLED", "DISABLED"]),
+            "variants": variants,
+            "defaultVariant": variants.keys().nth(rng.below(3) as usize).cloned().unwrap_or_else(|| "on".into()),
+        });
+        if rng.chance(70) {
+            flag["targeting"] = expression(rng, 0);
+        }
+        flags.insert(format!("f{i}"), flag);
+    }
+    json!({ "flags": flags })
+}
+
+fn flag_router_config(rng: &mut Rng) -> serde_json::Value {
+    let doc = flags_doc(rng);
+    let mut config = json!({
+        "targetingKey": { "header": "x-user-id" },
+        "context": { "tier": { "header": "x-tier" } },
+        "headers": { "f0": "x-flag-0", "f1": "x-flag-1", "f2": "x-flag-2" },
+        "flags": doc["flags"],
+    });
+    if rng.chance(50) {
+        config["source"] = json!({
+            "cluster": "flags", "path": "/flags.json",
+            "pollInterval": rng.pick(&["1s", "5s"]), "timeout": "1s"
+        });
+    }
+    config
+}
+
+fn cached_fallback_config(rng: &mut Rng) -> serde_json::Value {
+    let mut c = json!({
+        "routes": [ { "pathPrefix": "/api/" } ],
+        "maxStale": rng.pick(&["10s", "1h"]),
+        "maxEntries": rng.range(1, 64),
+        "maxBodyBytes": rng.range(16, 8192),
+        "maxTotalBytes": rng.range(8192, 65536),
+        "key": { "headers": if rng.chance(50) { json!(["accept-language"]) } else { json!([]) } },
+    });
+    if rng.chance(50) {
+        c["staticFallback"] =
+            json!({"status": 503, "headers": {"content-type": "text/plain"}, "body": "static"});
+    }
+    if rng.chance(50) {
+        c["circuitBreaker"] = json!({"failures": rng.range(1, 5), "window": "10s", "openFor": rng.pick(&["1s", "5s"])});
+    }
+    c
+}
+
+fn idempotency_config(rng: &mut Rng) -> serde_json::Value {
+    json!({
+        "routes": [ { "pathPrefix": "/pay" } ],
+        "methods": ["POST", "PUT"],
+        "header": "idempotency-key",
+        "required": rng.chance(50),
+        "scope": [ { "header": "authorization" } ],
+        "ttl": "1h",
+        "inFlightTimeout": "30s",
+        "maxBodyBytes": rng.range(16, 4096),
+        "maxEntries": 4096,
+        "storeStatuses": rng.pick(&["2xx-4xx", "2xx"]),
+    })
+}
+
+fn request(plugin: &str, rng: &mut Rng) -> Req {
+    let (methods, paths): (&[&str], &[&str]) = match plugin {
+        "idempotency" => (
+            &["POST", "POST", "PUT", "GET", "PATCH"],
+            &["/pay", "/pay/1", "/pay?x=1", "/other"],
+        ),
+        "cached_fallback" => (
+            &["GET", "GET", "HEAD", "POST"],
+            &["/api/a", "/api/b?q=1", "/api/c", "/x"],
+        ),
+        _ => (
+            &["GET", "POST", "DELETE", "OPTIONS"],
+            &[
+                "/api/a",
+                "/api/b?x=1",
+                "/other",
+                "/API/a",
+                "/api",
+                "/checkout",
+            ],
+        ),
+    };
+    let mut path = rng.pick(paths).to_string();
+    if rng.chance(5) {
+        path.push_str(&format!(
+            "/%{:02X}{}",
+            rng.below(256),
+            "x".repeat(rng.below(3000) as usize)
+        ));
+    }
+    let mut headers = Vec::new();
+    let pool: &[(&str, &[&str])] = &[
+        ("x-api-key", &["k1", "k2", "k3", ""]),
+        ("authorization", &["Bearer a", "Bearer b"]),
+        ("idempotency-key", &["key-1", "key-2", "key-3"]),
+        ("x-user-id", &["u1", "u2", "u3"]),
+        ("x-tier", &["beta", "free"]),
+        ("x-flag-0", &["forged"]),
+        ("accept-language", &["en", "de"]),
+        ("cookie", &["sid=1", "sid=2; a=b"]),
+        ("cache-control", &["no-cache", "max-age=0"]),
+    ];
+    for (name, values) in pool {
+        if rng.chance(40) {
+            let v = if rng.chance(10) {
+                gen::value(rng)
+            } else {
+                rng.pick(values).as_bytes().to_vec()
+            };
+            headers.push((name.as_bytes().to_vec(), v));
+        }
+    }
+    for _ in 0..rng.below(3) {
+        headers.push((gen::name(rng), gen::value(rng)));
+    }
+    let chunks = match plugin {
+        "idempotency" => {
+            // Few distinct bodies, so that duplicates with the same and with another body occur.
+            let body = rng
+                .pick(&[&b"{\"amount\":1}"[..], b"{\"amount\":2}", b""])
+                .to_vec();
+            if rng.chance(10) {
+                gen::body(rng, 4096)
+            } else if body.len() > 3 && rng.chance(30) {
+                let (a, b) = body.split_at(3);
+                vec![a.to_vec(), b.to_vec()]
+            } else if body.is_empty() {
+                vec![]
+            } else {
+                vec![body]
+            }
+        }
+        _ => gen::body(rng, 2048),
+    };
+    Req {
+        method: rng.pick(methods).to_string(),
+        path,
+        headers,
+        chunks,
+        from: gen::client(rng),
+    }
+}
+
+fn op(plugin: &str, rng: &mut Rng) -> Op {
+    let headers: &[(&str, &[&str])] = &[
+        ("cache-control", &["max-age=60", "no-store", "private", "public, max-age=5", "no-cache", "must-revalidate", "stale-if-error=1", "s-maxage=10"]),
+        ("set-cookie", &["a=b"]),
+        ("vary", &["accept-language", "*", "accept-language, accept-encoding", "x-a, x-b, x-c, x-d, x-e, x-f, x-g, x-h, x-i, x-j, x-k, x-l, x-m, x-n, x-o, x-p, x-q"]),
+        ("content-type", &["application/json"]),
+        ("content-length", &["3", "999999"]),
+    ];
+    match rng.below(12) {
+        0 => Op::Advance(*rng.pick(&[1, 500, 1000, 2000, 10_000, 60_000, 7_200_000])),
+        1 | 2 => {
+            let a = request(plugin, rng);
+            let b = if rng.chance(60) {
+                a.clone()
+            } else {
+                request(plugin, rng)
+            };
+            Op::Pair(a, b, gen::upstream(rng, headers), rng.next())
+        }
+        3 => Op::Abort(
+            request(plugin, rng),
+            gen::upstream(rng, headers),
+            rng.range(1, 12) as u32,
+        ),
+        _ => Op::Send(request(plugin, rng), gen::upstream(rng, headers)),
+    }
+}
+
+/// What an upstream answer was, with the unique token its body carries.
+struct Answered {
+    token: String,
+    status: u16,
+    headers: Vec<(String, String)>,
+}
+
+/// Per-case record of what happened, for the invariants.
+#[derive(Default)]
+struct Book {
+    /// rate_limit: admission times per `x-api-key` value.
+    admitted: HashMap<Vec<u8>, Vec<u64>>,
+    /// idempotency: when a scope+key+method+path got a kept response.
+    kept: HashMap<(Option<Vec<u8>>, Vec<u8>, String, String), u64>,
+    /// idempotency: every token the upstream answered per scope+key+method+path.
+    answers: HashMap<(Option<Vec<u8>>, Vec<u8>, String, String), BTreeSet<String>>,
+    /// cached_fallback: tokens the upstream returned per path that may be replayed.
+    replayable: HashMap<String, BTreeSet<String>>,
+    /// Decisions an invariant looked at: a limited key, a replay, a stored answer served, a
+    /// routing header set. A fuzzer whose invariants never see one proves nothing.
+    checked: u64,
+}
+
+pub struct Outcome {
+    pub rejected: bool,
+    pub requests: u64,
+    pub checked: u64,
+}
+
+fn token_of(body: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(body);
+    let start = text.rfind("#tok")?;
+    let end = text.get(start + 1..)?.find('#')? + start + 2;
+    text.get(start..end).map(str::to_string)
+}
+
+/// Runs one case; `Err` says which check failed.
+pub fn run(case: &Case, module: &Module) -> Result<Outcome, String> {
+    let current: Rc<RefCell<Up>> = Rc::new(RefCell::new(Up::Refused));
+    let counter = Rc::new(RefCell::new(0u64));
+    let given: Rc<RefCell<Vec<Answered>>> = Rc::new(RefCell::new(Vec::new()));
+    let (cur, cnt, giv) = (current.clone(), counter.clone(), given.clone());
+    let mut doc_rng = Rng::new(case.seed ^ 0xf1a9);
+    let docs: Vec<String> = (0..4)
+        .map(|_| {
+            if doc_rng.chance(30) {
+                let doc = flags_doc(&mut doc_rng);
+                gen::mutate(&mut doc_rng, &doc)
+            } else {
+                flags_doc(&mut doc_rng).to_string()
+            }
+        })
+        .collect();
+    let served: Vec<serde_json::Value> = docs
+        .iter()
+        .filter_map(|d| serde_json::from_str(d).ok())
+        .collect();
+    let fetches = Rc::new(RefCell::new(0usize));
+    let built = Edge::builder()
+        .plugin(
+            Plugin::new(module, case.config.clone())
+                .name(&case.plugin)
+                .root_id(&case.plugin),
+        )
+        .workers(2)
+        .seed(case.seed)
+        .route_timeout(ROUTE_TIMEOUT)
+        .upstream(move |_req: &UpstreamRequest| {
+            let up = cur.borrow().clone();
+            match up {
+                Up::Reset => Upstream::Reset,
+                Up::Refused => Upstream::Refused,
+                Up::Hang => Upstream::Hang,
+                Up::Respond {
+                    status,
+                    headers,
+                    mut chunks,
+                    delay_ms,
+                } => {
+                    let n = {
+                        let mut c = cnt.borrow_mut();
+                        *c += 1;
+                        *c
+                    };
+                    let token = format!("#tok{n}#");
+                    match chunks.last_mut() {
+                        Some(last) => last.extend_from_slice(token.as_bytes()),
+                        None => chunks.push(token.clone().into_bytes()),
+                    }
+                    giv.borrow_mut().push(Answered {
+                        token,
+                        status,
+                        headers: headers.clone(),
+                    });
+                    let mut u = Upstream::status(status).chunks(chunks);
+                    for (k, v) in &headers {
+                        if k != "content-length" {
+                            u = u.header(k, v);
+                        }
+                    }
+                    u.delay(Duration::from_millis(delay_ms))
+                }
+            }
+        })
+        .cluster("flags", move |_req| {
+            let i = {
+                let mut f = fetches.borrow_mut();
+                *f += 1;
+                *f
+            };
+            if i % 5 == 4 {
+                return CalloutReply::Fail {
+                    delay: Duration::ZERO,
+                };
+            }
+            CalloutReply::Response {
+                headers: vec![(b":status".to_vec(), b"200".to_vec())],
+                body: docs
+                    .get(i % docs.len())
+                    .cloned()
+                    .unwrap_or_default()
+                    .into_bytes(),
+                trailers: Vec::new(),
+                delay: Duration::ZERO,
+            }
+        })
+        .build();
+    let mut edge = match built {
+        Ok(e) => e,
+        Err(e) => {
+            let msg = format!("{e:#}");
+            if msg.contains("rejected its configuration") && !msg.contains("trap") {
+                if std::env::var("FUZZ_SHOW_REJECTIONS").is_ok() {
+                    eprintln!("rejected: {}", msg.lines().last().unwrap_or(""));
+                }
+                return Ok(Outcome {
+                    rejected: true,
+                    requests: 0,
+                    checked: 0,
+                });
+            }
+            return Err(format!(
+                "loading failed other than by a clean rejection: {msg}"
+            ));
+        }
+    };
+    let config: serde_json::Value = serde_json::from_str(&case.config).unwrap_or_default();
+    let mut variant_values: BTreeSet<Vec<u8>> = BTreeSet::new();
+    for doc in served.iter().chain([&config]) {
+        if let Some(flags) = doc["flags"].as_object() {
+            for flag in flags.values() {
+                for v in flag["variants"]
+                    .as_object()
+                    .into_iter()
+                    .flat_map(|m| m.values())
+                {
+                    let text = v.as_str().map_or_else(|| v.to_string(), str::to_string);
+                    variant_values.insert(text.into_bytes());
+                }
+            }
+        }
+    }
+    let mut book = Book::default();
+    let mut requests = 0;
+    for (i, op) in case.ops.iter().enumerate() {
+        let at = |what: String| format!("op {i} ({}): {what}", describe(op));
+        let before = edge.upstream_requests().len();
+        let given_before = given.borrow().len();
+        let mut responses: Vec<(Req, Response, bool)> = Vec::new();
+        match op {
+            Op::Advance(ms) => edge
+                .advance(Duration::from_millis(*ms))
+                .map_err(|e| at(format!("{e:#}")))?,
+            Op::Send(req, up) => {
+                *current.borrow_mut() = up.clone();
+                let res = edge
+                    .send(req.to_request())
+                    .map_err(|e| at(format!("{e:#}")))?;
+                responses.push((req.clone(), res, false));
+            }
+            Op::Abort(req, up, after) => {
+                *current.borrow_mut() = up.clone();
+                let id = edge
+                    .begin(req.to_request())
+                    .map_err(|e| at(format!("{e:#}")))?;
+                for _ in 0..*after {
+                    if let host_tests::Step::Done | host_tests::Step::Waiting =
+                        edge.step(id).map_err(|e| at(format!("{e:#}")))?
+                    {
+                        break;
+                    }
+                }
+                let res = edge.reset(id).map_err(|e| at(format!("{e:#}")));
+                if let Ok(res) = res {
+                    responses.push((req.clone(), res, true));
+                }
+            }
+            Op::Pair(a, b, up, schedule) => {
+                *current.borrow_mut() = up.clone();
+                let ids = [
+                    edge.begin(a.to_request().worker(0))
+                        .map_err(|e| at(format!("{e:#}")))?,
+                    edge.begin(b.to_request().worker(1))
+                        .map_err(|e| at(format!("{e:#}")))?,
+                ];
+                let mut bits = *schedule;
+                let mut idle = [false, false];
+                while !(idle[0] && idle[1]) {
+                    let k = (bits & 1) as usize;
+                    bits = bits.rotate_right(1);
+                    let which = if idle[k] { 1 - k } else { k };
+                    match edge.step(ids[which]).map_err(|e| at(format!("{e:#}")))? {
+                        host_tests::Step::Ran(_) => {}
+                        _ => idle[which] = true,
+                    }
+                }
+                for (id, req) in ids.into_iter().zip([a, b]) {
+                    let res = edge.finish(id).map_err(|e| at(format!("{e:#}")))?;
+                    responses.push((req.clone(), res, false));
+                }
+            }
+        }
+        requests += responses.len() as u64;
+        for w in 0..edge.worker_count() {
+            if edge.vm_failed(w, 0) {
+                return Err(at(format!(
+                    "the VM on worker {w} trapped; log: {:?}",
+                    edge.logs().last()
+                )));
+            }
+        }
+        let misuse = edge.abi_misuse();
+        if !misuse.is_empty() {
+            return Err(at(format!("ABI misuse: {misuse:?}")));
+        }
+        let ups: Vec<UpstreamRequest> = edge
+            .upstream_requests()
+            .get(before..)
+            .unwrap_or_default()
+            .to_vec();
+        let answered: Vec<Answered> = given.borrow_mut().drain(given_before..).collect();
+        let now = edge.now_ns();
+        book.checked += responses
+            .iter()
+            .filter(|(_, r, _)| match case.plugin.as_str() {
+                "rate_limit" => r.status == 429,
+                "idempotency" => r.header("idempotent-replayed").is_some() || r.status == 409,
+                "cached_fallback" => r.header("cache-status").is_some_and(|c| c.contains("hit")),
+                _ => false,
+            })
+            .count() as u64;
+        if case.plugin == "flag_router" {
+            book.checked += ups
+                .iter()
+                .filter(|u| {
+                    ["x-flag-0", "x-flag-1", "x-flag-2"]
+                        .iter()
+                        .any(|h| header(u, h).is_some())
+                })
+                .count() as u64;
+        }
+        let check = match case.plugin.as_str() {
+            "rate_limit" => check_rate_limit(&config, &mut book, &ups, now),
+            "idempotency" => {
+                check_idempotency(&config, &mut book, op, &responses, &ups, &answered, now)
+            }
+            "cached_fallback" => check_cached_fallback(&mut book, &responses, &ups, &answered),
+            _ => check_flag_router(&ups, &variant_values),
+        };
+        check.map_err(at)?;
+    }
+    Ok(Outcome {
+        rejected: false,
+        requests,
+        checked: book.checked,
+    })
+}
+
+fn describe(op: &Op) -> String {
+    let r = |q: &Req| {
+        format!(
+            "{} {}",
+            q.method,
+            q.path.chars().take(40).collect::<String>()
+        )
+    };
+    match op {
+        Op::Send(q, _) => format!("send {}", r(q)),
+        Op::Pair(a, b, _, _) => format!("pair {} | {}", r(a), r(b)),
+        Op::Abort(q, _, n) => format!("abort {} after {n}", r(q)),
+        Op::Advance(ms) => format!("advance {ms} ms"),
+    }
+}
+
+fn header<'a>(u: &'a UpstreamRequest, name: &str) -> Option<&'a [u8]> {
+    u.headers
+        .iter()
+        .find(|(k, _)| k == name.as_bytes())
+        .map(|(_, v)| v.as_slice())
+}
+
+/// Admissions of one key never exceed the bucket: `requests` at once plus the refill.
+fn check_rate_limit(
+    config: &serde_json::Value,
+    book: &mut Book,
+    ups: &[UpstreamRequest],
+    now: u64,
+) -> Result<(), String> {
+    let Some(rule) = config["rules"].get(0) else {
+        return Ok(());
+    };
+    if config["mode"] == "shadow" || rule["name"] != "checked" {
+        return Ok(());
+    }
+    let Some(limit) = rule["limit"]["requests"].as_u64() else {
+        return Ok(());
+    };
+    let Some(window) = rule["limit"]["window"]
+        .as_str()
+        .and_then(|w| host_tests::scenario::parse_duration(w).ok())
+    else {
+        return Ok(());
+    };
+    for u in ups {
+        let path = u.path().split('?').next().unwrap_or("");
+        let Some(key) = header(u, "x-api-key") else {
+            continue;
+        };
+        if !path.starts_with("/api/") || key.is_empty() {
+            continue;
+        }
+        let times = book.admitted.entry(key.to_vec()).or_default();
+        times.push(now);
+        let window_ns = window.as_nanos() as u64;
+        for (i, t0) in times.iter().enumerate() {
+            let span = now - t0;
+            let allowed = limit + limit * span / window_ns.max(1) + 1;
+            let n = (times.len() - i) as u64;
+            if n > allowed {
+                return Err(format!(
+                    "key {:?}: {n} admissions in {span} ns, bucket allows {allowed} ({limit} per {window:?})",
+                    String::from_utf8_lossy(key)
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+type Tuple = (Option<Vec<u8>>, Vec<u8>, String, String);
+
+fn tuple_of(
+    config: &serde_json::Value,
+    method: &str,
+    path: &str,
+    auth: Option<&[u8]>,
+    key: Option<&[u8]>,
+) -> Option<Tuple> {
+    let key = key?;
+    let plain = !key.is_empty()
+        && key.len() <= 64
+        && key.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'-');
+    let methods: Vec<&str> = config["methods"]
+        .as_array()?
+        .iter()
+        .filter_map(|m| m.as_str())
+        .collect();
+    if !plain || !methods.contains(&method) || !path.starts_with("/pay") {
+        return None;
+    }
+    Some((
+        auth.map(<[u8]>::to_vec),
+        key.to_vec(),
+        method.to_string(),
+        path.to_string(),
+    ))
+}
+
+fn check_idempotency(
+    config: &serde_json::Value,
+    book: &mut Book,
+    op: &Op,
+    responses: &[(Req, Response, bool)],
+    ups: &[UpstreamRequest],
+    answered: &[Answered],
+    now: u64,
+) -> Result<(), String> {
+    let two_xx_only = config["storeStatuses"] == "2xx";
+    let ttl_ns = 3_600_000_000_000u64;
+    // Forwarded again while a kept response lives, or twice within one pair: a double spend.
+    let mut this_op: HashMap<Tuple, usize> = HashMap::new();
+    for u in ups {
+        let Some(t) = tuple_of(
+            config,
+            u.method(),
+            u.path(),
+            header(u, "authorization"),
+            header(u, "idempotency-key"),
+        ) else {
+            continue;
+        };
+        if let Some(at) = book.kept.get(&t) {
+            if now.saturating_sub(*at) + 60_000_000_000 < ttl_ns {
+                return Err(format!(
+                    "{t:?} reached the upstream again while its response was kept"
+                ));
+            }
+        }
+        *this_op.entry(t.clone()).or_default() += 1;
+        // A second forward within one pair is a retry only if the first was released.
+        let released = match op {
+            Op::Pair(
+                _,
+                _,
+                Up::Respond {
+                    status, delay_ms, ..
+                },
+                _,
+            ) => {
+                let keepable = if two_xx_only {
+                    (200..300).contains(status)
+                } else {
+                    (200..500).contains(status)
+                };
+                !keepable || Duration::from_millis(*delay_ms) >= ROUTE_TIMEOUT
+            }
+            _ => true,
+        };
+        if this_op[&t] > 1 && !released {
+            return Err(format!("{t:?} reached the upstream twice at once"));
+        }
+    }
+    let tuple = |req: &Req| {
+        tuple_of(
+            config,
+            &req.method,
+            &req.path,
+            req.header("authorization"),
+            req.header("idempotency-key"),
+        )
+    };
+    // Answers first (a pair's replay may come before, in order, the answer it replays).
+    for (req, res, aborted) in responses {
+        let Some(t) = tuple(req) else { continue };
+        if res.header("idempotent-replayed") == Some("true") {
+            continue;
+        }
+        let Some(token) = token_of(&res.body) else {
+            continue;
+        };
+        let Some(a) = answered.iter().find(|a| a.token == token) else {
+            continue;
+        };
+        book.answers
+            .entry(t.clone())
+            .or_default()
+            .insert(token.clone());
+        let keepable = if two_xx_only {
+            (200..300).contains(&a.status)
+        } else {
+            (200..500).contains(&a.status)
+        };
+        if keepable && !aborted && res.status == a.status && res.details == "via_upstream" {
+            book.kept.insert(t, now);
+        }
+    }
+    for (req, res, _) in responses {
+        let Some(t) = tuple(req) else { continue };
+        if res.header("idempotent-replayed") == Some("true") {
+            let token = token_of(&res.body);
+            let known = book.answers.get(&t);
+            if !token
+                .as_ref()
+                .is_some_and(|tok| known.is_some_and(|k| k.contains(tok)))
+            {
+                return Err(format!(
+                    "replayed a response that {t:?} never got: token {token:?}"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_cached_fallback(
+    book: &mut Book,
+    responses: &[(Req, Response, bool)],
+    ups: &[UpstreamRequest],
+    answered: &[Answered],
+) -> Result<(), String> {
+    let _ = ups;
+    for (req, res, _) in responses {
+        let cc = |a: &Answered, name: &str| {
+            a.headers
+                .iter()
+                .any(|(k, v)| k == "cache-control" && v.contains(name))
+        };
+        if let Some(token) = token_of(&res.body) {
+            if let Some(a) = answered.iter().find(|a| a.token == token) {
+                let has = |n: &str| a.headers.iter().any(|(k, _)| k == n);
+                let vary_star = a
+                    .headers
+                    .iter()
+                    .any(|(k, v)| k == "vary" && v.contains('*'));
+                let authorized =
+                    req.header("authorization").is_some() && !cc(a, "public") && !cc(a, "s-maxage");
+                let forbidden = has("set-cookie")
+                    || cc(a, "no-store")
+                    || cc(a, "private")
+                    || authorized
+                    || vary_star;
+                if !forbidden {
+                    book.replayable
+                        .entry(req.path.clone())
+                        .or_default()
+                        .insert(token);
+                }
+            }
+        }
+        let hit = res
+            .header("cache-status")
+            .is_some_and(|c| c.contains("hit"));
+        if !hit {
+            continue;
+        }
+        if res.header("set-cookie").is_some() {
+            return Err("a stored response was replayed with set-cookie".into());
+        }
+        if !matches!(req.method.as_str(), "GET" | "HEAD") {
+            return Err(format!("a {} was answered from the store", req.method));
+        }
+        if req.method == "GET" {
+            let token = token_of(&res.body);
+            let ok = token.as_ref().is_some_and(|t| {
+                book.replayable
+                    .get(&req.path)
+                    .is_some_and(|s| s.contains(t))
+            });
+            if !ok {
+                return Err(format!(
+                    "{} was answered with {token:?}, which is not a replayable answer of that URL (replayable: {:?})",
+                    req.path,
+                    book.replayable.get(&req.path)
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A routing header the upstream sees is always one of the flags' variant values: a client's
+/// own value never passes.
+fn check_flag_router(ups: &[UpstreamRequest], variants: &BTreeSet<Vec<u8>>) -> Result<(), String> {
+    for u in ups {
+        for name in ["x-flag-0", "x-flag-1", "x-flag-2"] {
+            for (k, v) in &u.headers {
+                if k == name.as_bytes() && !variants.contains(v) {
+                    return Err(format!(
+                        "{name}: {:?} reached the upstream",
+                        String::from_utf8_lossy(v)
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Per plugin: cases run, requests sent, configs rejected, failures (first few kept).
+#[derive(Default)]
+pub struct Tally {
+    pub cases: u64,
+    pub requests: u64,
+    pub rejected: u64,
+    pub checked: u64,
+    pub failures: Vec<(Case, String)>,
+}
+
+pub fn tally_line(plugin: &str, t: &Tally, secs: f64) -> String {
+    format!(
+        "{plugin:<16} {:>7} cases {:>8} requests ({:>6.0} requests/s) {:>6} configs rejected {:>7} decisions checked {:>3} failures",
+        t.cases,
+        t.requests,
+        t.requests as f64 / secs.max(1e-9),
+        t.rejected,
+        t.checked,
+        t.failures.len()
+    )
+}

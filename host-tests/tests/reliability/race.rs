@@ -1,0 +1,193 @@
+//! Races: two requests on two workers, interleaved at every callback boundary around a critical
+//! section (first: A runs k callbacks, then all of B, then the rest of A, for every k, either
+//! request first; then random interleavings), and every third trial also loses a
+//! compare-and-swap inside the callback (`stage_races`). Zero double admissions and zero double
+//! forwards allowed.
+
+use std::time::Duration;
+
+use host_tests::{Edge, FlightId, Plugin, Request, Response, Step, Upstream};
+
+use crate::gen::Rng;
+use crate::module;
+
+/// Drives two streams by `schedule` (a list of which stream steps next) and then finishes both.
+fn interleave(
+    edge: &mut Edge,
+    a: Request,
+    b: Request,
+    schedule: &mut dyn FnMut(usize) -> usize,
+) -> [Response; 2] {
+    let ids: [FlightId; 2] = [
+        edge.begin(a.worker(0)).expect("begin a"),
+        edge.begin(b.worker(1)).expect("begin b"),
+    ];
+    let mut idle = [false, false];
+    let mut n = 0;
+    while !(idle[0] && idle[1]) {
+        let k = schedule(n);
+        n += 1;
+        let which = if idle[k] { 1 - k } else { k };
+        match edge.step(ids[which]).expect("step") {
+            Step::Ran(_) => {}
+            _ => idle[which] = true,
+        }
+    }
+    ids.map(|id| edge.finish(id).expect("finish"))
+}
+
+/// The schedule of trial `t` for streams of about `len` callbacks each.
+fn schedule(t: u64, len: u64) -> Box<dyn FnMut(usize) -> usize> {
+    let exhaustive = 2 * (len + 1);
+    if t < exhaustive {
+        let first = (t / (len + 1)) as usize;
+        let k = (t % (len + 1)) as usize;
+        Box::new(move |n| if n < k { first } else { 1 - first })
+    } else {
+        let mut rng = Rng::new(t);
+        Box::new(move |_| rng.below(2) as usize)
+    }
+}
+
+fn callbacks_of(edge: &mut Edge, req: Request) -> u64 {
+    let id = edge.begin(req).expect("begin");
+    let mut n = 0;
+    while let Step::Ran(_) = edge.step(id).expect("step") {
+        n += 1;
+    }
+    edge.finish(id).expect("finish");
+    n
+}
+
+pub fn rate_limit(trials: u64) {
+    let config = r#"{"rules":[{"name":"one","match":{"pathPrefix":"/"},"key":[{"header":"x-api-key"}],"limit":{"requests":1,"window":"1h"},"maxKeys":100000}]}"#;
+    let mut edge = Edge::builder()
+        .plugin(Plugin::new(&module("rate_limit"), config))
+        .workers(2)
+        .upstream(|_| Upstream::ok("ok"))
+        .build()
+        .expect("rate_limit loads");
+    let len = callbacks_of(&mut edge, Request::get("/").header("x-api-key", "warm-up"));
+    let mut staged = 0;
+    for t in 0..trials {
+        if t % 3 == 2 {
+            edge.stage_races(1);
+        }
+        let key = format!("race-{t}");
+        let before = edge.upstream_requests().len();
+        let phantoms_before = edge.races_run();
+        let res = interleave(
+            &mut edge,
+            Request::get("/").header("x-api-key", &key),
+            Request::get("/").header("x-api-key", &key),
+            &mut schedule(t, len),
+        );
+        let admitted = edge.upstream_requests().len() - before;
+        // A staged race is a third worker taking the token first.
+        let phantom = (edge.races_run() - phantoms_before).min(1) as usize;
+        staged += phantom as u64;
+        let limited = res.iter().filter(|r| r.status == 429).count();
+        assert_eq!(
+            admitted + phantom,
+            1,
+            "trial {t}: {admitted} admissions (+{phantom} staged) of the last token"
+        );
+        assert_eq!(limited, 2 - admitted, "trial {t}");
+        edge.stage_races(0);
+        edge.clear_records();
+    }
+    println!("race rate_limit last token: {trials} trials ({} interleavings at each boundary, the rest random; {staged} with a compare-and-swap lost to another worker), 0 double admissions", 2 * (len + 1));
+    assert!(
+        trials < 3 || staged > 0,
+        "no staged race ever ran: the plugin never compare-and-swapped"
+    );
+}
+
+pub fn idempotency(trials: u64) {
+    let config = r#"{"routes":[{"pathPrefix":"/pay"}],"header":"idempotency-key","scope":[],"maxEntries":100000}"#;
+    let mut edge = Edge::builder()
+        .plugin(Plugin::new(&module("idempotency"), config))
+        .workers(2)
+        .upstream(|_| Upstream::ok("charged"))
+        .build()
+        .expect("idempotency loads");
+    let pay = |key: &str| {
+        Request::post("/pay")
+            .header("idempotency-key", key)
+            .body("{\"amount\":1}")
+    };
+    let len = callbacks_of(&mut edge, pay("warm-up"));
+    let mut staged = 0;
+    for t in 0..trials {
+        if t % 3 == 2 {
+            edge.stage_races(1);
+        }
+        let key = format!("race-{t}");
+        let before = edge.upstream_requests().len();
+        let phantoms_before = edge.races_run();
+        let res = interleave(&mut edge, pay(&key), pay(&key), &mut schedule(t, len));
+        let forwarded = edge.upstream_requests().len() - before;
+        let phantom = (edge.races_run() - phantoms_before).min(1) as usize;
+        staged += phantom as u64;
+        assert_eq!(
+            forwarded + phantom,
+            1,
+            "trial {t}: {forwarded} forwards (+{phantom} staged claims) of one key"
+        );
+        for r in &res {
+            let replay = r.header("idempotent-replayed") == Some("true");
+            assert!(
+                (r.status == 200 && r.body_str() == "charged") || (r.status == 409 && !replay),
+                "trial {t}: {} {:?} {}",
+                r.status,
+                r.header("idempotent-replayed"),
+                r.body_str()
+            );
+        }
+        edge.stage_races(0);
+        edge.clear_records();
+    }
+    println!("race idempotency claim: {trials} trials ({} interleavings at each boundary, the rest random; {staged} with a claim lost to another worker), 0 double forwards", 2 * (len + 1));
+    assert!(trials < 3 || staged > 0, "no staged race ever ran");
+}
+
+/// After `openFor`, the circuit lets exactly one probe through however the two requests
+/// interleave; the probe fails, the circuit reopens, and the next trial races again.
+pub fn circuit(trials: u64) {
+    let config = r#"{"routes":[{"pathPrefix":"/api/"}],"circuitBreaker":{"failures":1,"window":"10s","openFor":"1s"}}"#;
+    let mut edge = Edge::builder()
+        .plugin(Plugin::new(&module("cached_fallback"), config))
+        .workers(2)
+        .upstream(|_| Upstream::status(503))
+        .build()
+        .expect("cached_fallback loads");
+    let len = callbacks_of(&mut edge, Request::get("/api/x"));
+    let mut staged = 0;
+    for t in 0..trials {
+        if t % 3 == 2 {
+            edge.stage_races(1);
+        }
+        edge.advance(Duration::from_millis(1100)).expect("advance");
+        let before = edge.upstream_requests().len();
+        let phantoms_before = edge.races_run();
+        let _ = interleave(
+            &mut edge,
+            Request::get("/api/x"),
+            Request::get("/api/x"),
+            &mut schedule(t, len),
+        );
+        let probes = edge.upstream_requests().len() - before;
+        let phantom = (edge.races_run() - phantoms_before).min(1) as usize;
+        staged += phantom as u64;
+        if phantom == 1 && probes == 0 {
+            // The other worker's probe never reports; the circuit must not wedge: after
+            // openFor the next trial probes again.
+            edge.stage_races(0);
+            continue;
+        }
+        assert_eq!(probes, 1, "trial {t}: {probes} requests reached the application while half-open (+{phantom} staged)");
+        edge.stage_races(0);
+        edge.clear_records();
+    }
+    println!("race cached_fallback circuit probe: {trials} trials ({} interleavings at each boundary, the rest random; {staged} with the probe claimed by another worker), 0 double probes", 2 * (len + 1));
+}
