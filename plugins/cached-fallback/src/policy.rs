@@ -73,11 +73,13 @@ pub enum Verdict {
 /// the upstream's own status; `upstream_reset_before_response_started{…}` a reset or (with
 /// `connection_failure`, `connection_timeout`, `overflow`) a failure to connect;
 /// `no_healthy_upstream` too; `…timeout` (`response_timeout`, `upstream_per_try_timeout`) the
-/// route timeout. Other local replies are [`Verdict::Neutral`]. Without details (a host that
-/// does not report them) the status decides.
+/// route timeout. Other local replies are [`Verdict::Neutral`], including those with empty
+/// details (Envoy reports `""` for a filter's reply that gave none, as proxy-wasm plugins'
+/// replies usually do: another plugin's 429 is not the upstream's). Without the property (a
+/// host that does not report it) the status decides.
 pub fn classify(fail_on: &FailOn, status: u16, details: Option<&str>) -> Verdict {
-    let d = details.unwrap_or("");
-    if d.is_empty() || d == "via_upstream" {
+    let d = details.unwrap_or("via_upstream");
+    if d == "via_upstream" {
         return if fail_on.statuses.contains(&status) {
             Verdict::Failure(Reason::Status)
         } else {
@@ -935,6 +937,15 @@ mod tests {
         assert_eq!(v(501, "via_upstream"), Verdict::Success);
         assert_eq!(v(200, "via_upstream"), Verdict::Success);
         assert_eq!(classify(&f, 502, None), Verdict::Failure(Reason::Status));
+        // Another filter's local reply without details, e.g. the rate limiter's 429.
+        let with_429 = Config::parse(br#"{"failOn":{"statuses":[429]}}"#)
+            .unwrap()
+            .fail_on;
+        assert_eq!(classify(&with_429, 429, Some("")), Verdict::Neutral);
+        assert_eq!(
+            classify(&with_429, 429, Some("via_upstream")),
+            Verdict::Failure(Reason::Status)
+        );
         assert_eq!(
             v(
                 503,
