@@ -328,13 +328,16 @@ struct Answered {
     token: String,
     status: u16,
     headers: Vec<(String, String)>,
+    /// The request it answered.
+    request: UpstreamRequest,
 }
 
 /// Per-case record of what happened, for the invariants.
 #[derive(Default)]
 struct Book {
     /// rate_limit: admission times per `x-api-key` value.
-    admitted: HashMap<Vec<u8>, Vec<u64>>,
+    /// (op start, op end): the host clock moves within an op (upstream delays, timeouts).
+    admitted: HashMap<Vec<u8>, Vec<(u64, u64)>>,
     /// idempotency: when a scope+key+method+path got a kept response.
     kept: HashMap<(Option<Vec<u8>>, Vec<u8>, String, String), u64>,
     /// idempotency: every token the upstream answered per scope+key+method+path.
@@ -390,7 +393,7 @@ pub fn run(case: &Case, module: &Module) -> Result<Outcome, String> {
         .workers(2)
         .seed(case.seed)
         .route_timeout(ROUTE_TIMEOUT)
-        .upstream(move |_req: &UpstreamRequest| {
+        .upstream(move |req: &UpstreamRequest| {
             let up = cur.borrow().clone();
             match up {
                 Up::Reset => Upstream::Reset,
@@ -416,6 +419,7 @@ pub fn run(case: &Case, module: &Module) -> Result<Outcome, String> {
                         token,
                         status,
                         headers: headers.clone(),
+                        request: req.clone(),
                     });
                     let mut u = Upstream::status(status).chunks(chunks);
                     for (k, v) in &headers {
@@ -490,6 +494,7 @@ pub fn run(case: &Case, module: &Module) -> Result<Outcome, String> {
     for (i, op) in case.ops.iter().enumerate() {
         let at = |what: String| format!("op {i} ({}): {what}", describe(op));
         let before = edge.upstream_requests().len();
+        let started_ns = edge.now_ns();
         let given_before = given.borrow().len();
         let mut responses: Vec<(Req, Response, bool)> = Vec::new();
         match op {
@@ -565,6 +570,17 @@ pub fn run(case: &Case, module: &Module) -> Result<Outcome, String> {
             .to_vec();
         let answered: Vec<Answered> = given.borrow_mut().drain(given_before..).collect();
         let now = edge.now_ns();
+        if std::env::var("FUZZ_TRACE").is_ok() {
+            let got: Vec<_> = responses
+                .iter()
+                .map(|(_, r, _)| (r.status, r.worker))
+                .collect();
+            eprintln!(
+                "op {i} at {now}: {} → {got:?}, {} upstream",
+                describe(op),
+                ups.len()
+            );
+        }
         book.checked += responses
             .iter()
             .filter(|(_, r, _)| match case.plugin.as_str() {
@@ -585,7 +601,7 @@ pub fn run(case: &Case, module: &Module) -> Result<Outcome, String> {
                 .count() as u64;
         }
         let check = match case.plugin.as_str() {
-            "rate_limit" => check_rate_limit(&config, &mut book, &ups, now),
+            "rate_limit" => check_rate_limit(&config, &mut book, &ups, started_ns, now),
             "idempotency" => {
                 check_idempotency(&config, &mut book, op, &responses, &ups, &answered, now)
             }
@@ -629,6 +645,7 @@ fn check_rate_limit(
     config: &serde_json::Value,
     book: &mut Book,
     ups: &[UpstreamRequest],
+    started: u64,
     now: u64,
 ) -> Result<(), String> {
     let Some(rule) = config["rules"].get(0) else {
@@ -655,11 +672,14 @@ fn check_rate_limit(
             continue;
         }
         let times = book.admitted.entry(key.to_vec()).or_default();
-        times.push(now);
+        times.push((started, now));
         let window_ns = window.as_nanos() as u64;
-        for (i, t0) in times.iter().enumerate() {
+        // The longest the admissions from the i-th on can have been spread over.
+        for (i, (t0, _)) in times.iter().enumerate() {
             let span = now - t0;
-            let allowed = limit + limit * span / window_ns.max(1) + 1;
+            let refill =
+                (u128::from(limit) * u128::from(span) / u128::from(window_ns.max(1))) as u64;
+            let allowed = limit.saturating_add(refill).saturating_add(1);
             let n = (times.len() - i) as u64;
             if n > allowed {
                 return Err(format!(
@@ -693,12 +713,9 @@ fn tuple_of(
     if !plain || !methods.contains(&method) || !path.starts_with("/pay") {
         return None;
     }
-    Some((
-        auth.map(<[u8]>::to_vec),
-        key.to_vec(),
-        method.to_string(),
-        path.to_string(),
-    ))
+    // An empty authorization is no authorization: both are the unauthenticated scope.
+    let auth = auth.filter(|a| !a.is_empty()).map(<[u8]>::to_vec);
+    Some((auth, key.to_vec(), method.to_string(), path.to_string()))
 }
 
 fn check_idempotency(
@@ -755,6 +772,20 @@ fn check_idempotency(
             return Err(format!("{t:?} reached the upstream twice at once"));
         }
     }
+    // What the application answered, per request it received (whether or not the client got it).
+    for a in answered {
+        let u = &a.request;
+        let t = tuple_of(
+            config,
+            u.method(),
+            u.path(),
+            header(u, "authorization"),
+            header(u, "idempotency-key"),
+        );
+        if let Some(t) = t {
+            book.answers.entry(t).or_default().insert(a.token.clone());
+        }
+    }
     let tuple = |req: &Req| {
         tuple_of(
             config,
@@ -776,10 +807,6 @@ fn check_idempotency(
         let Some(a) = answered.iter().find(|a| a.token == token) else {
             continue;
         };
-        book.answers
-            .entry(t.clone())
-            .or_default()
-            .insert(token.clone());
         let keepable = if two_xx_only {
             (200..300).contains(&a.status)
         } else {
