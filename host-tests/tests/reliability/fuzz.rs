@@ -335,13 +335,13 @@ struct Answered {
 /// Per-case record of what happened, for the invariants.
 #[derive(Default)]
 struct Book {
-    /// rate_limit: admission times per `x-api-key` value.
-    /// (op start, op end): the host clock moves within an op (upstream delays, timeouts).
+    /// rate_limit: admission times per `x-api-key` value, as (op start, op end): the host
+    /// clock moves within an op (upstream delays, timeouts).
     admitted: HashMap<Vec<u8>, Vec<(u64, u64)>>,
     /// idempotency: when a scope+key+method+path got a kept response.
-    kept: HashMap<(Option<Vec<u8>>, Vec<u8>, String, String), u64>,
+    kept: HashMap<Tuple, u64>,
     /// idempotency: every token the upstream answered per scope+key+method+path.
-    answers: HashMap<(Option<Vec<u8>>, Vec<u8>, String, String), BTreeSet<String>>,
+    answers: HashMap<Tuple, BTreeSet<String>>,
     /// cached_fallback: tokens the upstream returned per path that may be replayed.
     replayable: HashMap<String, BTreeSet<String>>,
     /// Decisions an invariant looked at: a limited key, a replay, a stored answer served, a
