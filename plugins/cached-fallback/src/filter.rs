@@ -3,18 +3,19 @@
 //! as it streams (never pausing it), keeps it once the stream has ended, and counts.
 
 use crate::config::Config;
-use crate::policy::{Fallback, Pending, Reply, RequestAction, ResponseAction, Served};
+use crate::policy::{Fallback, Pending, RequestAction, ResponseAction, Served};
 use edge_common::ffi;
 use edge_common::host::{
-    follow_host_log_level, now_ns, plugin_configuration, property, response_body_chunk,
-    response_header, response_headers, root_id, send_response, HostRequest,
+    load_config, now_ns, property, response_body_chunk, response_header, response_headers, root_id,
+    send_reply, worker_seed, HostRequest,
 };
+use edge_common::metrics::Counters;
+use edge_common::problem::Reply;
 use edge_common::request::RequestParts;
 use edge_common::shared_data::SharedData;
 use edge_common::StoreError;
-use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, MetricType};
+use proxy_wasm::types::{Action, ContextType};
 use std::rc::Rc;
 
 /// The counters, `cached_fallback.<name>` (Envoy: `wasmcustom.cached_fallback.<name>`).
@@ -40,17 +41,15 @@ const COUNTERS: [&str; 7] = [
 ];
 
 #[derive(Default)]
-struct Metrics([Option<u32>; 7]);
+struct Metrics(Counters);
 
 impl Metrics {
     fn define() -> Metrics {
-        Metrics(COUNTERS.map(|n| hostcalls::define_metric(MetricType::Counter, n).ok()))
+        Metrics(Counters::define(COUNTERS))
     }
 
     fn add(&self, c: Counter) {
-        if let Some(Some(id)) = self.0.get(c as usize) {
-            edge_common::host::count(*id, 1);
-        }
+        self.0.add(c as usize, 1);
     }
 
     fn served(&self, s: Served) {
@@ -78,21 +77,12 @@ impl Context for FallbackRoot {}
 
 impl RootContext for FallbackRoot {
     fn on_configure(&mut self, _size: usize) -> bool {
-        follow_host_log_level();
-        let config = match Config::parse(&plugin_configuration()) {
-            Ok(c) => c,
-            Err(e) => {
-                log::error!("cached-fallback: configuration rejected: {e}");
-                return false;
-            }
+        let Some(config) = load_config("cached-fallback", Config::parse) else {
+            return false;
         };
         let namespace = format!("cached_fallback/{}/", root_id());
         let random = getrandom::u64().unwrap_or(0x1319_8a2e_0370_7344);
-        let (seed, failed) =
-            edge_common::key::shared_seed(&SharedData, &format!("{namespace}seed"), random);
-        if let Some(e) = failed {
-            log::warn!("cached-fallback: cannot share the key seed ({e}); using this worker's own");
-        }
+        let seed = worker_seed("cached-fallback", &namespace, random);
         log::info!(
             "cached-fallback: {} route(s), {} entries, {} bytes, circuit breaker {}",
             config.routes.len(),
@@ -148,18 +138,7 @@ impl FallbackStream {
     /// Sends `r` as a local reply; false (logged) when Envoy refuses it, and the stream then
     /// goes on untouched rather than trapping the VM.
     fn reply(&mut self, r: &Reply) -> bool {
-        let headers: Vec<(&str, &[u8])> = r
-            .headers
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_slice()))
-            .collect();
-        self.answered = send_response(r.status, &headers, &r.body);
-        if !self.answered {
-            log::warn!(
-                "cached-fallback: Envoy refused a local reply ({})",
-                r.status
-            );
-        }
+        self.answered = send_reply("cached-fallback", r);
         self.answered
     }
 }

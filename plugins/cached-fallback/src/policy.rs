@@ -15,13 +15,13 @@
 
 use crate::circuit::{self, Admit, State};
 use crate::config::{Config, FailOn};
-use edge_common::problem::{problem_json, CONTENT_TYPE};
+use edge_common::key::KeyHasher;
+use edge_common::problem::{problem_json, Reply, CONTENT_TYPE};
 use edge_common::request::{RequestParts, RequestView};
 use edge_common::store::{get_or_create, update};
 use edge_common::stored::{CacheControl, StoredResponse};
 use edge_common::table::{Claim, Found, Record, Table};
 use edge_common::{SlotStore, StoreError};
-use std::hash::{Hash, Hasher};
 
 /// Read-modify-write attempts on the circuit before the store counts as failing.
 pub const ATTEMPTS: u32 = 16;
@@ -233,15 +233,6 @@ pub fn storability(
     })
 }
 
-/// A local answer.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Reply {
-    pub status: u32,
-    /// Values as bytes: a stored response is replayed exactly as the upstream sent it.
-    pub headers: Vec<(String, Vec<u8>)>,
-    pub body: Vec<u8>,
-}
-
 /// What was served instead of the upstream's answer (for the counters).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Served {
@@ -403,38 +394,42 @@ impl Fallback {
             && (self.config.routes.is_empty() || self.config.routes.iter().any(|r| r.matches(req)))
     }
 
-    /// The key of method, host, path (with the query if `key.query`) and the listed headers.
+    /// The key of method, host, path (with the query if `key.query`) and the listed headers,
+    /// all as the client's bytes.
     pub fn base_key(&self, req: &RequestParts) -> u64 {
-        let mut h = std::hash::DefaultHasher::new();
-        (self.seed, "cached_fallback").hash(&mut h);
-        req.method.hash(&mut h);
         let host = req
             .header(":authority")
             .or_else(|| req.header("host"))
             .unwrap_or_default()
             .to_ascii_lowercase();
-        host.hash(&mut h);
-        if self.config.key.query {
-            req.raw_path().hash(&mut h);
+        let path = if self.config.key.query {
+            req.raw_path()
         } else {
-            req.path().hash(&mut h);
-        }
-        for name in &self.config.key.headers {
-            name.hash(&mut h);
-            values(&req.headers, name).collect::<Vec<_>>().hash(&mut h);
-        }
-        h.finish().max(1)
+            req.path()
+        };
+        let h = KeyHasher::new(self.seed, "cached_fallback")
+            .bytes(&req.method())
+            .bytes(&host)
+            .bytes(&path);
+        self.config
+            .key
+            .headers
+            .iter()
+            .fold(h, |h, name| {
+                h.header_values(name, values(&req.headers, name))
+            })
+            .finish()
     }
 
     /// The key of one variant of a response that varies on `names`.
     pub fn variant_key(&self, base: u64, names: &[String], req: &RequestParts) -> u64 {
-        let mut h = std::hash::DefaultHasher::new();
-        (self.seed, base).hash(&mut h);
-        for name in names {
-            name.hash(&mut h);
-            values(&req.headers, name).collect::<Vec<_>>().hash(&mut h);
-        }
-        h.finish().max(1)
+        names
+            .iter()
+            .fold(
+                KeyHasher::new(self.seed, "cached_fallback/variant").number(base),
+                |h, name| h.header_values(name, values(&req.headers, name)),
+            )
+            .finish()
     }
 
     /// How old an entry may be, given its `stale-if-error`.

@@ -50,6 +50,12 @@ extern "C" {
     ) -> u32;
     fn proxy_get_current_time_nanoseconds(return_time: *mut u64) -> u32;
     fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
+    fn proxy_define_metric(
+        metric_type: u32,
+        name_data: *const u8,
+        name_size: usize,
+        return_id: *mut u32,
+    ) -> u32;
     fn proxy_replace_header_map_value(
         map_type: u32,
         key_data: *const u8,
@@ -87,6 +93,10 @@ unsafe fn proxy_get_current_time_nanoseconds(_: *mut u64) -> u32 {
     UNIMPLEMENTED
 }
 
+#[cfg(not(target_arch = "wasm32"))]
+unsafe fn proxy_define_metric(_: u32, _: *const u8, _: usize, _: *mut u32) -> u32 {
+    UNIMPLEMENTED
+}
 #[cfg(not(target_arch = "wasm32"))]
 unsafe fn proxy_increment_metric(_: u32, _: i64) -> u32 {
     UNIMPLEMENTED
@@ -251,6 +261,16 @@ pub fn current_time_ns() -> Option<u64> {
     let mut t = 0u64;
     // SAFETY: out-pointer to a local.
     (unsafe { proxy_get_current_time_nanoseconds(&mut t) } == OK).then_some(t)
+}
+
+/// Defines a counter named `name`: its id, or `None` when the host refuses (the SDK's wrapper
+/// would trap on an unexpected status).
+pub fn define_counter(name: &str) -> Option<u32> {
+    const COUNTER: u32 = 0;
+    let mut id = 0u32;
+    // SAFETY: `name` outlives the call; out-pointer to a local.
+    let status = unsafe { proxy_define_metric(COUNTER, name.as_ptr(), name.len(), &mut id) };
+    (status == OK).then_some(id)
 }
 
 /// Adds `offset` to metric `id`: the status.

@@ -102,6 +102,52 @@ pub fn send_response(status: u32, headers: &[(&str, &[u8])], body: &[u8]) -> boo
     ffi::send_local_response(status, headers, body) == ffi::OK
 }
 
+/// Sends a policy's reply; a refusal is logged (as `plugin`) and reported as false, and the
+/// stream then goes on untouched instead of trapping.
+pub fn send_reply(plugin: &str, r: &crate::problem::Reply) -> bool {
+    let headers: Vec<(&str, &[u8])> = r
+        .headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_slice()))
+        .collect();
+    let sent = send_response(r.status, &headers, &r.body);
+    if !sent {
+        log::warn!("{plugin}: the host refused a local reply ({})", r.status);
+    }
+    sent
+}
+
+/// Reads and parses the plugin configuration at configure time, following the host's log
+/// level first; a rejection is logged as `<plugin>: configuration rejected: <field>: <why>`
+/// (the line Envoy shows and the tests look for) and is `None`.
+pub fn load_config<C>(
+    plugin: &str,
+    parse: impl FnOnce(&[u8]) -> Result<C, crate::ConfigError>,
+) -> Option<C> {
+    follow_host_log_level();
+    match parse(&plugin_configuration()) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            log::error!("{plugin}: configuration rejected: {e}");
+            None
+        }
+    }
+}
+
+/// The key seed every worker shares, kept at `<namespace>seed`; when shared data fails, this
+/// worker's own `random` (logged: its keys then hash apart until a reload).
+pub fn worker_seed(plugin: &str, namespace: &str, random: u64) -> u64 {
+    let (seed, failed) = crate::key::shared_seed(
+        &crate::shared_data::SharedData,
+        &format!("{namespace}seed"),
+        random,
+    );
+    if let Some(e) = failed {
+        log::warn!("{plugin}: cannot share the key seed ({e}); using this worker's own");
+    }
+    seed
+}
+
 /// Sets (or, with `None`, removes) a request header. False when the host refused, e.g. after
 /// the headers went on; the SDK's wrapper would trap instead.
 pub fn set_request_header(name: &str, value: Option<&[u8]>) -> bool {

@@ -64,14 +64,58 @@ impl KeyPart {
 /// craft keys that collide with someone else's bucket without knowing the seed. An absent part
 /// hashes like an empty one. Never returns 0, which slot tables use for "empty".
 pub fn key_hash(seed: u64, namespace: &str, parts: &[KeyPart], req: &impl RequestView) -> u64 {
-    let mut h = std::hash::DefaultHasher::new();
-    seed.hash(&mut h);
-    namespace.hash(&mut h);
-    for part in parts {
-        // Length-prefixed, so ("ab","c") and ("a","bc") differ.
-        part.value(req).unwrap_or_default().hash(&mut h);
+    KeyHasher::new(seed, namespace).parts(parts, req).finish()
+}
+
+/// The one way plugins turn request data into a store key: seeded (see [`key_hash`]), every
+/// piece length-prefixed so ("ab","c") and ("a","bc") differ, never 0. Pieces are bytes as
+/// the client sent them: no lossy text conversion can make two requests share a key.
+pub struct KeyHasher(std::hash::DefaultHasher);
+
+impl KeyHasher {
+    pub fn new(seed: u64, namespace: &str) -> KeyHasher {
+        let mut h = std::hash::DefaultHasher::new();
+        seed.hash(&mut h);
+        namespace.hash(&mut h);
+        KeyHasher(h)
     }
-    h.finish().max(1)
+
+    /// Adds one piece of bytes.
+    pub fn bytes(mut self, piece: &[u8]) -> KeyHasher {
+        piece.hash(&mut self.0);
+        self
+    }
+
+    /// Adds a number (another hash, a version).
+    pub fn number(mut self, n: u64) -> KeyHasher {
+        n.hash(&mut self.0);
+        self
+    }
+
+    /// Adds each configured key part of `req` (an absent part hashes like an empty one).
+    pub fn parts(self, parts: &[KeyPart], req: &impl RequestView) -> KeyHasher {
+        parts.iter().fold(self, |h, part| {
+            h.bytes(&part.value(req).unwrap_or_default())
+        })
+    }
+
+    /// Adds header `name` (lower-case) and all its values in order.
+    pub fn header_values<'a>(
+        self,
+        name: &str,
+        values: impl IntoIterator<Item = &'a [u8]>,
+    ) -> KeyHasher {
+        let values: Vec<&[u8]> = values.into_iter().collect();
+        let mut h = self.bytes(name.as_bytes()).number(values.len() as u64);
+        for v in values {
+            h = h.bytes(v);
+        }
+        h
+    }
+
+    pub fn finish(&self) -> u64 {
+        self.0.finish().max(1)
+    }
 }
 
 /// The seed every worker uses (kept at `key` in the store, created from `random` by whichever
@@ -184,5 +228,32 @@ mod tests {
             key_hash(0, "", &parts, &absent),
             key_hash(0, "", &parts, &empty)
         );
+    }
+}
+
+#[cfg(test)]
+mod hasher_tests {
+    use super::KeyHasher;
+
+    #[test]
+    fn pieces_are_bytes_and_length_prefixed() {
+        let k = |pieces: &[&[u8]]| {
+            pieces
+                .iter()
+                .fold(KeyHasher::new(7, "ns"), |h, p| h.bytes(p))
+                .finish()
+        };
+        // Two paths that differ only in invalid UTF-8 bytes (one lossy text for both).
+        assert_ne!(k(&[b"/a\xff"]), k(&[b"/a\xfe"]));
+        assert_ne!(k(&[b"ab", b"c"]), k(&[b"a", b"bc"]));
+        assert_eq!(k(&[b"x"]), k(&[b"x"]));
+        assert_ne!(KeyHasher::new(8, "ns").bytes(b"x").finish(), k(&[b"x"]));
+        let one = KeyHasher::new(1, "n")
+            .header_values("a", [&b"x,y"[..]])
+            .finish();
+        let two = KeyHasher::new(1, "n")
+            .header_values("a", [&b"x"[..], b"y"])
+            .finish();
+        assert_ne!(one, two);
     }
 }

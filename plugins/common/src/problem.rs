@@ -3,6 +3,36 @@
 
 pub const CONTENT_TYPE: &str = "application/problem+json";
 
+/// A local reply a plugin's policy decides on: plain data, sent by [`crate::host::send_reply`].
+/// Header values are bytes, so a stored response is replayed exactly as the upstream sent it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    pub status: u32,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    /// A problem+json reply with extra headers (e.g. `retry-after`).
+    pub fn problem(status: u32, headers: Vec<(String, Vec<u8>)>, body: Vec<u8>) -> Reply {
+        let mut all = vec![("content-type".to_string(), CONTENT_TYPE.as_bytes().to_vec())];
+        all.extend(headers);
+        Reply {
+            status,
+            headers: all,
+            body,
+        }
+    }
+
+    /// The first value of header `name` (tests and logs).
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_slice())
+    }
+}
+
 /// `s` as a JSON string literal.
 pub fn json_string(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);

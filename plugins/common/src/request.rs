@@ -101,11 +101,15 @@ impl RequestView for RequestParts {
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.clone())
     }
+    // Captured pseudo-headers win: they are the client's exact bytes, where `method` and
+    // `path` are text for logs and tests.
     fn method(&self) -> Vec<u8> {
-        self.method.as_bytes().to_vec()
+        self.header(":method")
+            .unwrap_or_else(|| self.method.as_bytes().to_vec())
     }
     fn raw_path(&self) -> Vec<u8> {
-        self.path.as_bytes().to_vec()
+        self.header(":path")
+            .unwrap_or_else(|| self.path.as_bytes().to_vec())
     }
     fn client_ip(&self) -> Option<String> {
         self.client_ip.clone()
@@ -131,6 +135,14 @@ mod tests {
         assert_eq!(client_ip("10.0.0.7").as_deref(), Some("10.0.0.7"));
         assert_eq!(client_ip("").as_deref(), None);
         assert_eq!(client_ip("@pipe").as_deref(), Some("@pipe"));
+    }
+
+    #[test]
+    fn captured_pseudo_headers_keep_the_exact_bytes() {
+        let mut r = RequestParts::new("GET", "/a\u{fffd}");
+        r.headers.push((":path".into(), b"/a\xff?q".to_vec()));
+        assert_eq!(r.raw_path(), b"/a\xff?q");
+        assert_eq!(r.path(), b"/a\xff");
     }
 
     #[test]

@@ -6,32 +6,37 @@ use crate::flags::FlagSet;
 use crate::policy::{decide, Reporter};
 use crate::source::{Fetched, Poller};
 use edge_common::host::{
-    callout_response_header, follow_host_log_level, now_ns, plugin_configuration,
-    set_request_header, HostRequest,
+    callout_response_header, load_config, now_ns, set_request_header, HostRequest,
 };
+use edge_common::metrics::NamedCounters;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, MetricType};
+use proxy_wasm::types::{Action, ContextType};
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::rc::Rc;
 
-/// Counters defined on first use (names come from the flags, bounded by the flag file).
-#[derive(Default)]
+/// Counters per flag and variant outnumber no flag file: at most this many names get their
+/// own counter per worker; a file that keeps renaming variants counts the rest under
+/// `flag_router.other`.
+pub const MAX_COUNTERS: usize = 512;
+
 pub struct Metrics {
-    ids: HashMap<String, Option<u32>>,
+    counters: NamedCounters,
     reporter: Reporter,
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        Metrics {
+            counters: NamedCounters::new(MAX_COUNTERS, "flag_router.other"),
+            reporter: Reporter::default(),
+        }
+    }
 }
 
 impl Metrics {
     fn inc(&mut self, name: &str) {
-        let id = *self
-            .ids
-            .entry(name.to_string())
-            .or_insert_with(|| hostcalls::define_metric(MetricType::Counter, name).ok());
-        if let Some(id) = id {
-            edge_common::host::count(id, 1);
-        }
+        self.counters.add(name, 1);
     }
 }
 
@@ -112,13 +117,8 @@ impl Context for FlagRouterRoot {
 
 impl RootContext for FlagRouterRoot {
     fn on_configure(&mut self, _size: usize) -> bool {
-        follow_host_log_level();
-        let mut config = match Config::parse(&plugin_configuration()) {
-            Ok(c) => c,
-            Err(e) => {
-                log::error!("flag-router: configuration rejected: {e}");
-                return false;
-            }
+        let Some(mut config) = load_config("flag-router", Config::parse) else {
+            return false;
         };
         self.flags = Rc::new(std::mem::take(&mut config.flags));
         let poll = config.source.as_ref().map(|s| s.poll_interval);

@@ -2,18 +2,19 @@
 //! answers or forwards, then copies the response as it streams and keeps it when complete.
 
 use crate::config::Config;
-use crate::policy::{Begin, Claim, Completion, Fate, Idempotency, Identify, Problem, Reply};
+use crate::policy::{Begin, Claim, Completion, Fate, Idempotency, Identify, Problem};
 use edge_common::host::{
-    follow_host_log_level, now_ns, plugin_configuration, property, response_body_chunk,
-    response_header, response_headers, root_id, send_response, HostRequest,
+    load_config, now_ns, property, response_body_chunk, response_header, response_headers, root_id,
+    send_reply, worker_seed, HostRequest,
 };
+use edge_common::metrics::Counters;
+use edge_common::problem::Reply;
 use edge_common::sha256::Sha256;
 use edge_common::shared_data::SharedData;
 use edge_common::stored::StoredResponse;
 use edge_common::{ffi, RequestView};
-use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, MetricType};
+use proxy_wasm::types::{Action, ContextType};
 use std::rc::Rc;
 
 /// Counters, `idempotency.<name>` (in Envoy: `wasmcustom.idempotency.<name>`).
@@ -32,22 +33,18 @@ const COUNTERS: [&str; 11] = [
 ];
 
 #[derive(Default)]
-struct Metrics([Option<u32>; COUNTERS.len()]);
+struct Metrics(Counters);
 
 impl Metrics {
     fn define() -> Metrics {
-        Metrics(COUNTERS.map(|n| {
-            hostcalls::define_metric(MetricType::Counter, &format!("idempotency.{n}")).ok()
-        }))
+        Metrics(Counters::define(
+            COUNTERS.map(|n| format!("idempotency.{n}")),
+        ))
     }
 
     fn add(&self, name: &str, n: u64) {
-        let id = COUNTERS
-            .iter()
-            .position(|c| *c == name)
-            .and_then(|i| self.0.get(i).copied().flatten());
-        if let (Some(id), true) = (id, n > 0) {
-            edge_common::host::count(id, n);
+        if let Some(i) = COUNTERS.iter().position(|c| *c == name) {
+            self.0.add(i, n);
         }
     }
 }
@@ -62,21 +59,12 @@ impl Context for IdempotencyRoot {}
 
 impl RootContext for IdempotencyRoot {
     fn on_configure(&mut self, _size: usize) -> bool {
-        follow_host_log_level();
-        let config = match Config::parse(&plugin_configuration()) {
-            Ok(c) => c,
-            Err(e) => {
-                log::error!("idempotency: configuration rejected: {e}");
-                return false;
-            }
+        let Some(config) = load_config("idempotency", Config::parse) else {
+            return false;
         };
         let namespace = format!("idempotency/{}/", root_id());
         let random = getrandom::u64().unwrap_or(0x1357_9bdf_2468_ace0);
-        let (seed, failed) =
-            edge_common::key::shared_seed(&SharedData, &format!("{namespace}seed"), random);
-        if let Some(e) = failed {
-            log::warn!("idempotency: cannot share the key seed ({e}); using this worker's own");
-        }
+        let seed = worker_seed("idempotency", &namespace, random);
         log::info!(
             "idempotency: header {}, {} route(s), up to {} records",
             config.header,
@@ -129,14 +117,7 @@ impl Context for IdempotencyStream {}
 
 impl IdempotencyStream {
     fn reply(&mut self, r: &Reply) -> Action {
-        let headers: Vec<(&str, &[u8])> = r
-            .headers
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_slice()))
-            .collect();
-        if !send_response(r.status, &headers, &r.body) {
-            log::warn!("idempotency: the host refused a local reply ({})", r.status);
-        }
+        send_reply("idempotency", r);
         self.phase = Phase::Idle;
         Action::Pause
     }

@@ -4,12 +4,11 @@
 
 use crate::config::Config;
 use crate::record::{age, Age, Meta, State};
-use edge_common::key::{key_hash, KeyPart};
-use edge_common::problem::problem_json;
+use edge_common::key::{KeyHasher, KeyPart};
+use edge_common::problem::{problem_json, Reply};
 use edge_common::stored::StoredResponse;
 use edge_common::table::{Claim as TableClaim, Found, Record, Table};
 use edge_common::{RequestView, SlotStore, StoreError};
-use std::hash::{Hash, Hasher};
 
 /// The header marking a replayed response.
 pub const REPLAYED_HEADER: &str = "idempotent-replayed";
@@ -49,14 +48,6 @@ pub fn parse_key(raw: &[u8], max_len: usize) -> Result<Vec<u8>, String> {
         return Err("the key has characters outside printable ASCII".into());
     }
     Ok(key)
-}
-
-/// A local reply.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Reply {
-    pub status: u32,
-    pub headers: Vec<(String, Vec<u8>)>,
-    pub body: Vec<u8>,
 }
 
 /// Why a request is refused before it reaches the store.
@@ -231,12 +222,12 @@ impl Idempotency {
         match parse_key(&raw, self.config.max_key_length) {
             Err(why) => Identify::Refuse(Problem::Invalid, why),
             Ok(key) => {
-                let mut h = std::hash::DefaultHasher::new();
-                key_hash(self.seed, "idempotency", &self.parts, req).hash(&mut h);
                 // The full path, query included: another URL is another operation.
-                req.raw_path().hash(&mut h);
-                key.hash(&mut h);
-                Identify::Key(h.finish().max(1))
+                let h = KeyHasher::new(self.seed, "idempotency")
+                    .parts(&self.parts, req)
+                    .bytes(&req.raw_path())
+                    .bytes(&key);
+                Identify::Key(h.finish())
             }
         }
     }

@@ -4,56 +4,40 @@
 use crate::config::Config;
 use crate::policy::{Action as Verdict, Limiter, Outcome};
 use edge_common::host::{
-    follow_host_log_level, now_ns, plugin_configuration, root_id, send_response,
-    set_request_header, set_response_header, HostRequest,
+    load_config, now_ns, root_id, send_reply, set_request_header, set_response_header, worker_seed,
+    HostRequest,
 };
+use edge_common::metrics::Counters;
 use edge_common::shared_data::SharedData;
-use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, MetricType};
+use proxy_wasm::types::{Action, ContextType};
 use std::rc::Rc;
 
-/// Counter ids per rule, in [`Outcome::ALL`] order.
-type RuleMetrics = [Option<u32>; 4];
-
-fn slot(o: Outcome) -> usize {
-    Outcome::ALL.iter().position(|x| *x == o).unwrap_or(0)
+/// Counters `rate_limit.<rule>.<outcome>`, rule by rule in [`Outcome::ALL`] order.
+fn counter(rule: usize, o: Outcome) -> usize {
+    rule * Outcome::ALL.len() + Outcome::ALL.iter().position(|x| *x == o).unwrap_or(0)
 }
 
 #[derive(Default)]
 pub struct RateLimitRoot {
     limiter: Option<Rc<Limiter>>,
-    metrics: Rc<Vec<RuleMetrics>>,
+    metrics: Rc<Counters>,
 }
 
 impl Context for RateLimitRoot {}
 
 impl RootContext for RateLimitRoot {
     fn on_configure(&mut self, _size: usize) -> bool {
-        follow_host_log_level();
-        let config = match Config::parse(&plugin_configuration()) {
-            Ok(c) => c,
-            Err(e) => {
-                log::error!("rate-limit: configuration rejected: {e}");
-                return false;
-            }
+        let Some(config) = load_config("rate-limit", Config::parse) else {
+            return false;
         };
         let namespace = format!("rate_limit/{}/", root_id());
         let random = getrandom::u64().unwrap_or(0x243f_6a88_85a3_08d3);
-        let (seed, failed) = Limiter::shared_seed(&SharedData, &namespace, random);
-        if let Some(e) = failed {
-            log::warn!("rate-limit: cannot share the key seed ({e}); using this worker's own");
-        }
-        let metrics = config
-            .rules
-            .iter()
-            .map(|r| {
-                Outcome::ALL.map(|o| {
-                    let name = format!("rate_limit.{}.{}", r.name, o.counter());
-                    hostcalls::define_metric(MetricType::Counter, &name).ok()
-                })
-            })
-            .collect();
+        let seed = worker_seed("rate-limit", &namespace, random);
+        let metrics =
+            Counters::define(config.rules.iter().flat_map(|r| {
+                Outcome::ALL.map(|o| format!("rate_limit.{}.{}", r.name, o.counter()))
+            }));
         log::info!(
             "rate-limit: {} rule(s), mode {:?}",
             config.rules.len(),
@@ -79,7 +63,7 @@ impl RootContext for RateLimitRoot {
 
 pub struct RateLimitStream {
     limiter: Option<Rc<Limiter>>,
-    metrics: Rc<Vec<RuleMetrics>>,
+    metrics: Rc<Counters>,
     response_headers: Vec<(String, String)>,
 }
 
@@ -92,13 +76,7 @@ impl HttpContext for RateLimitStream {
         };
         let d = limiter.check(&HostRequest, now_ns(), &SharedData);
         for r in &d.results {
-            if let Some(Some(id)) = self
-                .metrics
-                .get(r.rule)
-                .and_then(|m| m.get(slot(r.outcome)))
-            {
-                edge_common::host::count(*id, 1);
-            }
+            self.metrics.add(counter(r.rule, r.outcome), 1);
         }
         for e in &d.errors {
             log::warn!(
@@ -142,19 +120,10 @@ impl HttpContext for RateLimitStream {
                 self.response_headers = response_headers;
                 Action::Continue
             }
-            Verdict::Reply {
-                status,
-                headers,
-                body,
-            } => {
-                let headers: Vec<(&str, &[u8])> = headers
-                    .iter()
-                    .map(|(k, v)| (k.as_str(), v.as_bytes()))
-                    .collect();
-                if send_response(status, &headers, &body) {
+            Verdict::Reply(reply) => {
+                if send_reply("rate-limit", &reply) {
                     Action::Pause
                 } else {
-                    log::warn!("rate-limit: Envoy refused the local reply ({status})");
                     Action::Continue
                 }
             }

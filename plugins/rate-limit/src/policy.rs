@@ -15,7 +15,7 @@
 use crate::bucket::{ceil_secs, Bucket, Limit, Take};
 use crate::config::{Config, FailureMode, Mode, Rule};
 use edge_common::key::key_hash;
-use edge_common::problem::{json_string_list, problem_json, CONTENT_TYPE};
+use edge_common::problem::{json_string_list, problem_json, Reply};
 use edge_common::store::{contended, get_or_create, update, Write};
 use edge_common::{RequestView, SlotStore, StoreError};
 
@@ -82,11 +82,7 @@ pub enum Action {
         response_headers: Vec<(String, String)>,
     },
     /// Answer locally.
-    Reply {
-        status: u32,
-        headers: Vec<(String, String)>,
-        body: Vec<u8>,
-    },
+    Reply(Reply),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -176,7 +172,8 @@ struct Taken {
 
 impl Limiter {
     /// `namespace` prefixes every store key (the store is shared by every plugin of the VM);
-    /// `seed` keys the hash of client keys (shared by all workers, see `shared_seed`).
+    /// `seed` keys the hash of client keys (shared by all workers, see
+    /// `edge_common::key::shared_seed`).
     pub fn new(config: Config, namespace: &str, seed: u64) -> Self {
         Limiter {
             fingerprints: config.rules.iter().map(|r| fingerprint(&r.limit)).collect(),
@@ -184,18 +181,6 @@ impl Limiter {
             namespace: namespace.to_string(),
             seed,
         }
-    }
-
-    /// The seed every worker uses, created once in the store from `random`. When the store
-    /// fails, this worker uses `random` and says why: its keys then hash apart from the other
-    /// workers' until a reload, but requests still get a decision (and `failureMode` applies
-    /// to every request while the store stays down).
-    pub fn shared_seed(
-        store: &impl SlotStore,
-        namespace: &str,
-        random: u64,
-    ) -> (u64, Option<StoreError>) {
-        edge_common::key::shared_seed(store, &format!("{namespace}seed"), random)
     }
 
     /// Decides on one request at `now_ns` (wall clock, nanoseconds).
@@ -256,17 +241,17 @@ impl Limiter {
         let action = if limited {
             self.reject(&taken)
         } else if deny_on_error {
-            Action::Reply {
-                status: 503,
-                headers: vec![("content-type".into(), CONTENT_TYPE.into())],
-                body: problem_json(
+            Action::Reply(Reply::problem(
+                503,
+                Vec::new(),
+                problem_json(
                     "about:blank",
                     "Service Unavailable",
                     503,
                     "rate limit state is unavailable",
                     &[],
                 ),
-            }
+            ))
         } else {
             let shadow: Vec<&str> = results
                 .iter()
@@ -349,12 +334,13 @@ impl Limiter {
             .max(1);
         let status = limited.first().map(|(r, _)| r.status).unwrap_or(429);
         let names: Vec<&str> = limited.iter().map(|(r, _)| r.name.as_str()).collect();
-        let mut headers = vec![
-            ("content-type".to_string(), CONTENT_TYPE.to_string()),
-            ("retry-after".to_string(), retry.to_string()),
-        ];
+        let mut headers = vec![("retry-after".to_string(), retry.to_string().into_bytes())];
         if self.config.response_headers {
-            headers.extend(self.quota_headers(taken));
+            headers.extend(
+                self.quota_headers(taken)
+                    .into_iter()
+                    .map(|(k, v)| (k, v.into_bytes())),
+            );
         }
         let body = problem_json(
             QUOTA_EXCEEDED,
@@ -366,11 +352,7 @@ impl Limiter {
             ),
             &[("violated-policies", json_string_list(names.iter().copied()))],
         );
-        Action::Reply {
-            status,
-            headers,
-            body,
-        }
+        Action::Reply(Reply::problem(status, headers, body))
     }
 
     fn slot_key(&self, rule: &Rule, index: Option<u32>) -> String {
@@ -513,18 +495,20 @@ mod tests {
     fn status(d: &Decision) -> u32 {
         match &d.action {
             Action::Continue { .. } => 200,
-            Action::Reply { status, .. } => *status,
+            Action::Reply(r) => r.status,
         }
     }
 
     fn header<'a>(d: &'a Decision, name: &str) -> Option<&'a str> {
-        let hs = match &d.action {
+        match &d.action {
             Action::Continue {
                 response_headers, ..
-            } => response_headers,
-            Action::Reply { headers, .. } => headers,
-        };
-        hs.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+            } => response_headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str()),
+            Action::Reply(r) => r.header(name).and_then(|v| std::str::from_utf8(v).ok()),
+        }
     }
 
     #[test]
@@ -564,10 +548,10 @@ mod tests {
         );
         assert_eq!(header(&d, "ratelimit"), Some("\"per-ip\";r=0;t=1"));
         assert_eq!(header(&d, "content-type"), Some("application/problem+json"));
-        let Action::Reply { body, .. } = &d.action else {
+        let Action::Reply(r) = &d.action else {
             unreachable!()
         };
-        let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
         assert_eq!(v["type"], QUOTA_EXCEEDED);
         assert_eq!(v["status"], 429);
         assert_eq!(v["violated-policies"], serde_json::json!(["per-ip"]));
@@ -629,10 +613,10 @@ mod tests {
         assert_eq!(status(&l.check(&key("c"), 0, &s)), 200);
         let d = l.check(&key("d"), 0, &s);
         assert_eq!(status(&d), 429);
-        let Action::Reply { body, .. } = &d.action else {
+        let Action::Reply(r) = &d.action else {
             unreachable!()
         };
-        let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
         assert_eq!(v["violated-policies"], serde_json::json!(["global"]));
     }
 
@@ -812,18 +796,6 @@ mod tests {
         assert_eq!(status(&new.check(&from("10.0.0.1:1"), 0, &s)), 200);
         assert_eq!(status(&new.check(&from("10.0.0.1:1"), 0, &s)), 200);
         assert_eq!(status(&new.check(&from("10.0.0.1:1"), 0, &s)), 429);
-    }
-
-    #[test]
-    fn the_seed_is_created_once_and_shared() {
-        let s = MemoryStore::new();
-        assert_eq!(Limiter::shared_seed(&s, "rl//", 11), (11, None));
-        assert_eq!(Limiter::shared_seed(&s, "rl//", 22), (11, None));
-        let down = MemoryStore::new();
-        down.broken.set(true);
-        let (seed, err) = Limiter::shared_seed(&down, "rl//", 33);
-        assert_eq!(seed, 33);
-        assert!(err.is_some());
     }
 
     #[test]

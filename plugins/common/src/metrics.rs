@@ -1,0 +1,95 @@
+//! Counters, defined through edge-common's raw import (a refused definition is a missing
+//! counter, never a trap) and incremented with [`crate::host::count`].
+
+use std::collections::HashMap;
+
+use crate::ffi;
+use crate::host::count;
+
+/// A fixed set of counters defined at configure time, incremented by index.
+#[derive(Default)]
+pub struct Counters(Vec<Option<u32>>);
+
+impl Counters {
+    pub fn define<S: AsRef<str>>(names: impl IntoIterator<Item = S>) -> Counters {
+        Counters(
+            names
+                .into_iter()
+                .map(|n| ffi::define_counter(n.as_ref()))
+                .collect(),
+        )
+    }
+
+    /// Adds `n` to counter `index` (nothing for an unknown index, a refused definition or 0).
+    pub fn add(&self, index: usize, n: u64) {
+        if let (Some(Some(id)), true) = (self.0.get(index), n > 0) {
+            count(*id, n);
+        }
+    }
+}
+
+/// Counters whose names come from data (e.g. the variants of a fetched flag file), defined on
+/// first use. At most `cap` names get their own counter: a file that renames its variants on
+/// every fetch cannot grow the host's stats without bound; later names count under `overflow`.
+pub struct NamedCounters {
+    ids: HashMap<String, Option<u32>>,
+    cap: usize,
+    overflow: String,
+}
+
+impl NamedCounters {
+    pub fn new(cap: usize, overflow: &str) -> NamedCounters {
+        NamedCounters {
+            ids: HashMap::new(),
+            cap,
+            overflow: overflow.to_string(),
+        }
+    }
+
+    /// The name counted for `name`: itself while there is room (or it already has a counter),
+    /// else the overflow name.
+    pub fn slot<'a>(&'a self, name: &'a str) -> &'a str {
+        if self.ids.contains_key(name) || self.ids.len() < self.cap {
+            name
+        } else {
+            &self.overflow
+        }
+    }
+
+    pub fn add(&mut self, name: &str, n: u64) {
+        let name = self.slot(name).to_string();
+        let id = *self
+            .ids
+            .entry(name)
+            .or_insert_with_key(|k| ffi::define_counter(k));
+        if let (Some(id), true) = (id, n > 0) {
+            count(id, n);
+        }
+    }
+
+    /// Names with a counter of their own so far (the overflow name included once used).
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_beyond_the_cap_share_the_overflow_counter() {
+        let mut c = NamedCounters::new(3, "flags.other");
+        for i in 0..100 {
+            c.add(&format!("flags.v{i}"), 1);
+        }
+        // 3 own names, then everything else under the overflow name (the cap plus one).
+        assert_eq!(c.len(), 4);
+        assert_eq!(c.slot("flags.v0"), "flags.v0");
+        assert_eq!(c.slot("flags.v99"), "flags.other");
+    }
+}
