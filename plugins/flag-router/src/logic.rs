@@ -330,18 +330,43 @@ impl Budget {
         left >= n
     }
 
+    fn spend_u64(&self, n: u64) -> bool {
+        let left = self.0.get();
+        self.0.set(left.saturating_sub(n));
+        left >= n
+    }
+
     fn exhausted(&self) -> bool {
         self.0.get() == 0
     }
 }
 
-/// What an operator's result costs: its elements, or its bytes / 8.
-fn size(v: &Value) -> usize {
-    match v {
-        Value::Array(a) => a.len(),
-        Value::String(s) => s.len() / 8,
-        _ => 0,
+/// What an operator's result costs: every element and member at any depth, plus string bytes
+/// / 8 (nested lists are copied whole, so a rule that wraps or doubles a list must pay for all
+/// of it). Counted without recursion and only up to `limit`; a result nested deeper than
+/// `MAX_DEPTH` costs more than any budget, so it can never reach a printer or a drop that
+/// would recurse through it.
+fn size(v: &Value, limit: u64) -> u64 {
+    let mut total = 0u64;
+    let mut stack = vec![(v, 0usize)];
+    while let Some((v, depth)) = stack.pop() {
+        if depth > MAX_DEPTH || total > limit {
+            return u64::MAX;
+        }
+        match v {
+            Value::Array(a) => {
+                total += a.len() as u64;
+                stack.extend(a.iter().map(|x| (x, depth + 1)));
+            }
+            Value::Object(m) => {
+                total += m.len() as u64;
+                stack.extend(m.values().map(|x| (x, depth + 1)));
+            }
+            Value::String(s) => total += (s.len() / 8) as u64,
+            _ => {}
+        }
     }
+    total
 }
 
 fn ev<'a>(n: &'a Node, data: &'a Value, b: &Budget) -> Cow<'a, Value> {
@@ -349,7 +374,12 @@ fn ev<'a>(n: &'a Node, data: &'a Value, b: &Budget) -> Cow<'a, Value> {
         return Cow::Borrowed(&NULL);
     }
     let out = ev_node(n, data, b);
-    if !b.spend(size(&out)) {
+    // Only what this operator built is charged: data it merely points at is the context's.
+    let built = match &out {
+        Cow::Owned(v) => size(v, b.0.get()),
+        Cow::Borrowed(_) => 0,
+    };
+    if !b.spend_u64(built) {
         return Cow::Borrowed(&NULL);
     }
     out
@@ -420,7 +450,15 @@ fn ev_node<'a>(n: &'a Node, data: &'a Value, b: &Budget) -> Cow<'a, Value> {
                         let mut scope = Map::new();
                         scope.insert("current".into(), cur.clone());
                         scope.insert("accumulator".into(), acc);
-                        ev(logic, &Value::Object(scope), b).into_owned()
+                        let scope = Value::Object(scope);
+                        let next = ev(logic, &scope, b);
+                        // Carrying a borrowed accumulator over copies it: charge the copy.
+                        if let Cow::Borrowed(v) = &next {
+                            if !b.spend_u64(size(v, b.0.get())) {
+                                return Value::Null;
+                            }
+                        }
+                        next.into_owned()
                     })
                 }
             });
@@ -1774,7 +1812,21 @@ mod tests {
         ]});
         let list: Vec<u32> = (0..1000).collect();
         let nested = json!({"map": [list, {"map": [list, {"map": [list, {"+": [1, 1]}]}]}]});
-        for rule in [doubling, cat, nested] {
+        // Nested doubling: each round is a 2-element list of the previous one, so the top
+        // level stays short while the copies double.
+        let nested_doubling = json!({"reduce": [
+            (0..40).collect::<Vec<_>>(),
+            [{"var": "accumulator"}, {"var": "accumulator"}],
+            0
+        ]});
+        // A single wrap per step: thousands of levels, which printing or dropping would
+        // recurse through.
+        let deep = json!({"reduce": [
+            (0..5000).collect::<Vec<_>>(),
+            [{"var": "accumulator"}],
+            0
+        ]});
+        for rule in [doubling, cat, nested, nested_doubling, deep] {
             let expr = Expr::compile(&rule, &Map::new()).unwrap();
             let err = expr.eval(&json!({})).unwrap_err();
             assert!(err.contains("steps"), "{err}");
