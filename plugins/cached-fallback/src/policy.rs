@@ -161,18 +161,20 @@ fn values<'a>(
         .map(|(_, v)| v.as_slice())
 }
 
-/// Comma-separated list items of every value of `name`, trimmed and lower-cased.
-fn list_items(headers: &[(String, Vec<u8>)], name: &str) -> Vec<String> {
+/// Comma-separated list items of every value of `name`, trimmed and lower-cased, one at a
+/// time (a caller that stops early never converts the rest).
+fn list_items<'a>(
+    headers: &'a [(String, Vec<u8>)],
+    name: &'a str,
+) -> impl Iterator<Item = String> + 'a {
     values(headers, name)
         .flat_map(|v| v.split(|&b| b == b','))
         .map(|item| String::from_utf8_lossy(item.trim_ascii()).to_ascii_lowercase())
         .filter(|s| !s.is_empty())
-        .collect()
 }
 
 fn has_directive(headers: &[(String, Vec<u8>)], directive: &str) -> bool {
     list_items(headers, "cache-control")
-        .iter()
         .any(|d| d.split('=').next().map(str::trim) == Some(directive))
 }
 
@@ -214,12 +216,13 @@ pub fn storability(
         if let Err(at) = vary.binary_search(&name) {
             vary.insert(at, name);
         }
+        // Checked as names come, so a huge Vary costs 17 names, not a quadratic sort.
+        if vary.len() > MAX_VARY_NAMES {
+            return Err(Skip::TooManyVary);
+        }
     }
     if cc.must_revalidate || has_directive(response, "no-cache") {
         return Err(Skip::NoStale);
-    }
-    if vary.len() > MAX_VARY_NAMES {
-        return Err(Skip::TooManyVary);
     }
     let declared = values(response, "content-length")
         .next()
@@ -899,6 +902,25 @@ mod tests {
         assert!(ok(&auth, &[("cache-control", "s-maxage=60")]).is_ok());
         assert_eq!(ok(&req, &[("set-cookie", "sid=1")]), Err(Skip::SetCookie));
         assert_eq!(ok(&req, &[("vary", "accept, *")]), Err(Skip::VaryStar));
+        let names = |n: usize| {
+            (0..n)
+                .map(|i| format!("x-h{i}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        assert_eq!(
+            ok(&req, &[("vary", &names(16))]).map(|s| s.vary.len()),
+            Ok(16)
+        );
+        assert_eq!(ok(&req, &[("vary", &names(17))]), Err(Skip::TooManyVary));
+        // A repeated name is one name.
+        let repeated = format!("{}, X-H0", names(16));
+        assert_eq!(
+            ok(&req, &[("vary", &repeated)]).map(|s| s.vary.len()),
+            Ok(16)
+        );
+        let huge = names(20_000);
+        assert_eq!(ok(&req, &[("vary", &huge)]), Err(Skip::TooManyVary));
         assert_eq!(
             ok(&req, &[("cache-control", "must-revalidate")]),
             Err(Skip::NoStale)
@@ -992,6 +1014,13 @@ mod tests {
     fn keys_separate_method_host_path_query_and_listed_headers() {
         let f = fallback(r#"{"key":{"headers":["accept-language"]}}"#);
         let k = |r: &RequestParts| f.base_key(r);
+        // The client's path bytes, as captured: two paths one lossy text would merge.
+        let raw = |p: &[u8]| {
+            let mut r = get("/a");
+            r.headers.push((":path".into(), p.to_vec()));
+            r
+        };
+        assert_ne!(k(&raw(b"/a\xff")), k(&raw(b"/a\xfe")));
         let a = get("/p?x=1").header("accept-language", "nl");
         assert_eq!(
             k(&a),
