@@ -190,8 +190,8 @@ impl IdempotencyStream {
             Ok(Completion::StoredWithoutResponse) => {
                 self.metrics.add("stored", 1);
                 log::warn!(
-                    "idempotency: a response was too large to keep (maxBodyBytes or \
-                     maxTotalBytes); duplicates of its key get 409"
+                    "idempotency: a response could not be kept whole (maxBodyBytes, \
+                     maxTotalBytes, or the stream was cut short); duplicates of its key get 409"
                 );
             }
             Ok(Completion::Lost) => {
@@ -332,7 +332,19 @@ impl HttpContext for IdempotencyStream {
     }
 
     fn on_log(&mut self) {
-        self.release("the stream ended before its response was complete");
+        let Some(policy) = self.policy.clone() else {
+            return;
+        };
+        let started = matches!(self.phase, Phase::Copying { .. });
+        match policy.cut_short(started) {
+            Fate::Keep => {
+                if let Phase::Copying { response, .. } = &mut self.phase {
+                    *response = None;
+                }
+                self.finish_response();
+            }
+            Fate::Release(why) => self.release(why),
+        }
     }
 }
 

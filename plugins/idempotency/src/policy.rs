@@ -366,6 +366,19 @@ impl Idempotency {
         }
     }
 
+    /// What a stream that ends before its response is complete (client gone, upstream reset
+    /// mid-body) does with its claim. With no kept answer started, nothing says the
+    /// application ran, so the key goes back and a retry runs. Once the application's own
+    /// answer with a kept status has begun, it did run: the key stays, completed without its
+    /// response, and a retry gets 409 instead of charging twice.
+    pub fn cut_short(&self, answer_started: bool) -> Fate {
+        if answer_started {
+            Fate::Keep
+        } else {
+            Fate::Release("the stream ended before any response")
+        }
+    }
+
     /// Whether a declared `content-length` already exceeds `maxBodyBytes` (answer 413 before
     /// reading anything).
     pub fn declared_too_large(&self, content_length: Option<&[u8]>) -> bool {
@@ -682,6 +695,13 @@ mod tests {
             "the live claim survived"
         );
         p.complete(&s, &keep, Some(&response("kept")), 10).unwrap();
+    }
+
+    #[test]
+    fn a_stream_cut_short_keeps_the_key_once_the_application_answered() {
+        let p = policy("{}");
+        assert!(matches!(p.cut_short(false), Fate::Release(_)));
+        assert_eq!(p.cut_short(true), Fate::Keep);
     }
 
     #[test]
