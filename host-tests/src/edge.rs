@@ -1656,6 +1656,19 @@ impl Edge {
             .cloned()
     }
 
+    /// Every shared-data key in the scope of `vm_id` with the size of its value, sorted: how
+    /// a test checks what a plugin keeps, not what the plugin says it keeps.
+    pub fn shared_data_sizes(&self, vm_id: &str) -> Vec<(Vec<u8>, usize)> {
+        let host = self.host.borrow();
+        let mut out: Vec<(Vec<u8>, usize)> = host
+            .shared_data
+            .get(vm_id)
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.0.len())).collect())
+            .unwrap_or_default();
+        out.sort();
+        out
+    }
+
     /// Makes every shared-data get and set fail with `status` (`None` heals the store): how
     /// a plugin's `failureMode` is tested. Envoy itself fails these calls only on bad input.
     pub fn fail_shared_data(&mut self, status: Option<crate::abi::Status>) {

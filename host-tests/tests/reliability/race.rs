@@ -59,6 +59,47 @@ fn callbacks_of(edge: &mut Edge, req: Request) -> u64 {
     n
 }
 
+/// Runs `trials` races on `edge`: `setup` before each (e.g. let the clock pass), `pair(t)`
+/// gives the two requests, and exactly one of them, or the other worker a staged race stands
+/// for, may reach the application. `check` sees both responses. Returns the staged trials.
+fn run_trials(
+    edge: &mut Edge,
+    trials: u64,
+    len: u64,
+    mut setup: impl FnMut(&mut Edge),
+    mut pair: impl FnMut(u64) -> (Request, Request),
+    mut check: impl FnMut(u64, usize, &[Response; 2]),
+) -> u64 {
+    let mut staged = 0;
+    for t in 0..trials {
+        setup(edge);
+        if t % 3 == 2 {
+            edge.stage_races(1);
+        }
+        let before = edge.upstream_requests().len();
+        let phantoms_before = edge.races_run();
+        let (a, b) = pair(t);
+        let res = interleave(edge, a, b, &mut schedule(t, len));
+        let reached = edge.upstream_requests().len() - before;
+        // A staged race is a third worker that got there first.
+        let phantom = (edge.races_run() - phantoms_before).min(1) as usize;
+        staged += phantom as u64;
+        assert_eq!(
+            reached + phantom,
+            1,
+            "trial {t}: {reached} reached the application (+{phantom} staged)"
+        );
+        check(t, reached, &res);
+        edge.stage_races(0);
+        edge.clear_records();
+    }
+    assert!(
+        trials < 3 || staged > 0,
+        "no staged race ever ran: the plugin never compare-and-swapped"
+    );
+    staged
+}
+
 pub fn rate_limit(trials: u64) {
     let config = r#"{"rules":[{"name":"one","match":{"pathPrefix":"/"},"key":[{"header":"x-api-key"}],"limit":{"requests":1,"window":"1h"},"maxKeys":100000}]}"#;
     let mut edge = Edge::builder()
@@ -68,39 +109,19 @@ pub fn rate_limit(trials: u64) {
         .build()
         .expect("rate_limit loads");
     let len = callbacks_of(&mut edge, Request::get("/").header("x-api-key", "warm-up"));
-    let mut staged = 0;
-    for t in 0..trials {
-        if t % 3 == 2 {
-            edge.stage_races(1);
-        }
-        let key = format!("race-{t}");
-        let before = edge.upstream_requests().len();
-        let phantoms_before = edge.races_run();
-        let res = interleave(
-            &mut edge,
-            Request::get("/").header("x-api-key", &key),
-            Request::get("/").header("x-api-key", &key),
-            &mut schedule(t, len),
-        );
-        let admitted = edge.upstream_requests().len() - before;
-        // A staged race is a third worker taking the token first.
-        let phantom = (edge.races_run() - phantoms_before).min(1) as usize;
-        staged += phantom as u64;
-        let limited = res.iter().filter(|r| r.status == 429).count();
-        assert_eq!(
-            admitted + phantom,
-            1,
-            "trial {t}: {admitted} admissions (+{phantom} staged) of the last token"
-        );
-        assert_eq!(limited, 2 - admitted, "trial {t}");
-        edge.stage_races(0);
-        edge.clear_records();
-    }
-    println!("race rate_limit last token: {trials} trials ({} interleavings at each boundary, the rest random; {staged} with a compare-and-swap lost to another worker), 0 double admissions", 2 * (len + 1));
-    assert!(
-        trials < 3 || staged > 0,
-        "no staged race ever ran: the plugin never compare-and-swapped"
+    let req = |t: u64| Request::get("/").header("x-api-key", &format!("race-{t}"));
+    let staged = run_trials(
+        &mut edge,
+        trials,
+        len,
+        |_| {},
+        |t| (req(t), req(t)),
+        |t, reached, res| {
+            let limited = res.iter().filter(|r| r.status == 429).count();
+            assert_eq!(limited, 2 - reached, "trial {t}");
+        },
     );
+    println!("race rate_limit last token: {trials} trials ({} interleavings at each boundary, the rest random; {staged} with a compare-and-swap lost to another worker), 0 double admissions", 2 * (len + 1));
 }
 
 pub fn idempotency(trials: u64) {
@@ -117,42 +138,33 @@ pub fn idempotency(trials: u64) {
             .body("{\"amount\":1}")
     };
     let len = callbacks_of(&mut edge, pay("warm-up"));
-    let mut staged = 0;
-    for t in 0..trials {
-        if t % 3 == 2 {
-            edge.stage_races(1);
-        }
-        let key = format!("race-{t}");
-        let before = edge.upstream_requests().len();
-        let phantoms_before = edge.races_run();
-        let res = interleave(&mut edge, pay(&key), pay(&key), &mut schedule(t, len));
-        let forwarded = edge.upstream_requests().len() - before;
-        let phantom = (edge.races_run() - phantoms_before).min(1) as usize;
-        staged += phantom as u64;
-        assert_eq!(
-            forwarded + phantom,
-            1,
-            "trial {t}: {forwarded} forwards (+{phantom} staged claims) of one key"
-        );
-        for r in &res {
-            let replay = r.header("idempotent-replayed") == Some("true");
-            assert!(
-                (r.status == 200 && r.body_str() == "charged") || (r.status == 409 && !replay),
-                "trial {t}: {} {:?} {}",
-                r.status,
-                r.header("idempotent-replayed"),
-                r.body_str()
-            );
-        }
-        edge.stage_races(0);
-        edge.clear_records();
-    }
+    let req = |t: u64| pay(&format!("race-{t}"));
+    let staged = run_trials(
+        &mut edge,
+        trials,
+        len,
+        |_| {},
+        |t| (req(t), req(t)),
+        |t, _, res| {
+            for r in res {
+                let replay = r.header("idempotent-replayed") == Some("true");
+                assert!(
+                    (r.status == 200 && r.body_str() == "charged") || (r.status == 409 && !replay),
+                    "trial {t}: {} {:?} {}",
+                    r.status,
+                    r.header("idempotent-replayed"),
+                    r.body_str()
+                );
+            }
+        },
+    );
     println!("race idempotency claim: {trials} trials ({} interleavings at each boundary, the rest random; {staged} with a claim lost to another worker), 0 double forwards", 2 * (len + 1));
-    assert!(trials < 3 || staged > 0, "no staged race ever ran");
 }
 
 /// After `openFor`, the circuit lets exactly one probe through however the two requests
-/// interleave; the probe fails, the circuit reopens, and the next trial races again.
+/// interleave; the probe fails, the circuit reopens, and the next trial races again. A probe
+/// claimed by the staged worker never reports: the next trial proves the circuit is not
+/// wedged by it.
 pub fn circuit(trials: u64) {
     let config = r#"{"routes":[{"pathPrefix":"/api/"}],"circuitBreaker":{"failures":1,"window":"10s","openFor":"1s"}}"#;
     let mut edge = Edge::builder()
@@ -162,32 +174,8 @@ pub fn circuit(trials: u64) {
         .build()
         .expect("cached_fallback loads");
     let len = callbacks_of(&mut edge, Request::get("/api/x"));
-    let mut staged = 0;
-    for t in 0..trials {
-        if t % 3 == 2 {
-            edge.stage_races(1);
-        }
-        edge.advance(Duration::from_millis(1100)).expect("advance");
-        let before = edge.upstream_requests().len();
-        let phantoms_before = edge.races_run();
-        let _ = interleave(
-            &mut edge,
-            Request::get("/api/x"),
-            Request::get("/api/x"),
-            &mut schedule(t, len),
-        );
-        let probes = edge.upstream_requests().len() - before;
-        let phantom = (edge.races_run() - phantoms_before).min(1) as usize;
-        staged += phantom as u64;
-        if phantom == 1 && probes == 0 {
-            // The other worker's probe never reports; the circuit must not wedge: after
-            // openFor the next trial probes again.
-            edge.stage_races(0);
-            continue;
-        }
-        assert_eq!(probes, 1, "trial {t}: {probes} requests reached the application while half-open (+{phantom} staged)");
-        edge.stage_races(0);
-        edge.clear_records();
-    }
+    let advance = |e: &mut Edge| e.advance(Duration::from_millis(1100)).expect("advance");
+    let pair = |_| (Request::get("/api/x"), Request::get("/api/x"));
+    let staged = run_trials(&mut edge, trials, len, advance, pair, |_, _, _| {});
     println!("race cached_fallback circuit probe: {trials} trials ({} interleavings at each boundary, the rest random; {staged} with the probe claimed by another worker), 0 double probes", 2 * (len + 1));
 }
