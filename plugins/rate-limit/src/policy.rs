@@ -14,7 +14,7 @@
 
 use crate::bucket::{ceil_secs, Bucket, Limit, Take};
 use crate::config::{Config, FailureMode, Mode, Rule};
-use edge_common::key::key_hash;
+use edge_common::key::{key_hash, KeyHasher};
 use edge_common::problem::{json_string_list, problem_json, Reply};
 use edge_common::store::{contended, get_or_create, update, Write};
 use edge_common::{RequestView, SlotStore, StoreError};
@@ -156,10 +156,11 @@ impl Slot {
 /// A limit's identity: a slot written under another limit (before a config change) is not
 /// this limit's bucket and reads as fresh.
 fn fingerprint(l: &Limit) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::hash::DefaultHasher::new();
-    (l.requests, l.window_ns, l.burst).hash(&mut h);
-    h.finish().max(1)
+    KeyHasher::new(0, "rate_limit/limit")
+        .number(l.requests)
+        .number(l.window_ns)
+        .number(l.burst)
+        .finish()
 }
 
 struct Taken {
@@ -393,6 +394,7 @@ impl Limiter {
                     free = Some((slot_key, entry.version));
                 }
             }
+            let claiming = own.is_none() && free.is_some();
             let (slot_key, version, bucket, overflow) = match (own, free) {
                 (Some((k, v, b)), _) => (k, v, b, false),
                 (None, Some((k, v))) => (k, v, rule.limit.fresh(now), false),
@@ -425,6 +427,16 @@ impl Limiter {
                 bucket: take.bucket,
             };
             if store.compare_and_swap(&slot_key, &slot.encode(), version)? == Write::Done {
+                // Two workers can claim two free slots for one new key at once (each saw the
+                // other's slot still taken). Both write, then both look: at least one sees
+                // the other, gives its slot (and the token in it) up and takes from the
+                // other's bucket on the next attempt.
+                if claiming && self.claimed_elsewhere(rule, fp, key, home, &slot_key, store)? {
+                    update(store, &slot_key, ATTEMPTS, |bytes| {
+                        (Slot::decode(bytes).key == key).then(|| empty.to_vec())
+                    })?;
+                    continue;
+                }
                 return Ok(Taken {
                     take,
                     slot_key,
@@ -435,6 +447,32 @@ impl Limiter {
             }
         }
         Err(contended(ATTEMPTS))
+    }
+
+    /// Whether another probed slot than `mine` holds `key`'s current bucket.
+    fn claimed_elsewhere(
+        &self,
+        rule: &Rule,
+        fp: u64,
+        key: u64,
+        home: u32,
+        mine: &str,
+        store: &impl SlotStore,
+    ) -> Result<bool, StoreError> {
+        let n = rule.max_keys.max(1);
+        for p in 0..PROBES.min(n) {
+            let other = self.slot_key(rule, Some((home + p) % n));
+            if other == mine {
+                continue;
+            }
+            if let Some(e) = store.get(&other)? {
+                let s = Slot::decode(&e.value);
+                if s.key == key && s.limit == fp {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
     }
 
     /// Returns the token `t` took (the slot still belongs to the same key: a slot is only given
@@ -490,6 +528,81 @@ mod tests {
 
     fn from(ip: &str) -> RequestParts {
         RequestParts::new("GET", "/api/x").from_ip(ip)
+    }
+
+    /// A store where, just before this worker's first write to `at`, another worker's write
+    /// of `theirs` lands in `other`.
+    struct Racing {
+        inner: MemoryStore,
+        at: String,
+        other: String,
+        theirs: Vec<u8>,
+        fired: std::cell::Cell<bool>,
+    }
+
+    impl SlotStore for Racing {
+        fn get(&self, key: &str) -> Result<Option<edge_common::store::Entry>, StoreError> {
+            self.inner.get(key)
+        }
+        fn compare_and_swap(
+            &self,
+            key: &str,
+            value: &[u8],
+            version: u32,
+        ) -> Result<Write, StoreError> {
+            if key == self.at && !self.fired.replace(true) {
+                let v = self.inner.get(&self.other)?.map_or(0, |e| e.version);
+                self.inner.compare_and_swap(&self.other, &self.theirs, v)?;
+            }
+            self.inner.compare_and_swap(key, value, version)
+        }
+        fn create(&self, key: &str, value: &[u8]) -> Result<Write, StoreError> {
+            self.inner.create(key, value)
+        }
+    }
+
+    #[test]
+    fn a_key_claimed_in_two_slots_at_once_keeps_one_bucket() {
+        // One token per hour. The key's home slot holds someone else's full bucket, so both
+        // workers see it as free, but this worker's scan ran while the other still saw it
+        // taken: the other claims the second probe just before this worker claims the first.
+        let l = per_ip(1, "1h", "");
+        let req = from("10.0.0.9:1");
+        let rule = &l.config.rules[0];
+        let fp = l.fingerprints[0];
+        let key = key_hash(l.seed, &rule.name, &rule.key, &req);
+        let n = rule.max_keys;
+        let home = u32::try_from(key % u64::from(n)).unwrap();
+        let (first, second) = (
+            l.slot_key(rule, Some(home)),
+            l.slot_key(rule, Some((home + 1) % n)),
+        );
+        let theirs = Slot {
+            key,
+            limit: fp,
+            bucket: rule.limit.take(rule.limit.fresh(0), 0).bucket,
+        };
+        let s = Racing {
+            inner: MemoryStore::new(),
+            at: first.clone(),
+            other: second.clone(),
+            theirs: theirs.encode().to_vec(),
+            fired: std::cell::Cell::new(false),
+        };
+        // The other worker's request took the only token: this one must be limited, and the
+        // key must end up in one slot.
+        assert_eq!(status(&l.check(&req, 0, &s)), 429);
+        assert!(s.fired.get(), "the staged race ran");
+        let holders = [&first, &second]
+            .iter()
+            .filter(|k| {
+                s.inner
+                    .get(k)
+                    .unwrap()
+                    .is_some_and(|e| Slot::decode(&e.value).key == key)
+            })
+            .count();
+        assert_eq!(holders, 1);
     }
 
     fn status(d: &Decision) -> u32 {
