@@ -7,12 +7,13 @@ use crate::policy::{Fallback, Pending, RequestAction, ResponseAction, Served};
 use edge_common::ffi;
 use edge_common::host::{
     load_config, now_ns, property, response_body_chunk, response_header, response_headers, root_id,
-    send_reply, worker_seed, HostRequest,
+    send_reply, warn_throttled, worker_seed, HostRequest,
 };
 use edge_common::metrics::Counters;
 use edge_common::problem::Reply;
 use edge_common::request::RequestParts;
 use edge_common::shared_data::SharedData;
+use edge_common::throttle::Throttle;
 use edge_common::StoreError;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
@@ -40,12 +41,22 @@ const COUNTERS: [&str; 7] = [
     "cached_fallback.circuit_short_circuited",
 ];
 
+/// The counters, and the throttle of this worker's warnings.
 #[derive(Default)]
-struct Metrics(Counters);
+struct Metrics(Counters, Throttle);
 
 impl Metrics {
     fn define() -> Metrics {
-        Metrics(Counters::define(COUNTERS))
+        Metrics(Counters::define(COUNTERS), Throttle::default())
+    }
+
+    /// Store failures come with every request while they last: one line per interval.
+    fn warn(&self, errors: &[StoreError]) {
+        if let Some(e) = errors.first() {
+            warn_throttled(&self.1, || {
+                format!("cached-fallback: shared state unavailable, acting as if empty: {e}")
+            });
+        }
     }
 
     fn add(&self, c: Counter) {
@@ -58,12 +69,6 @@ impl Metrics {
             Served::Static => self.add(Counter::ServedStatic),
             Served::Unavailable => {}
         }
-    }
-}
-
-fn warn(errors: &[StoreError]) {
-    for e in errors {
-        log::warn!("cached-fallback: shared state unavailable, acting as if empty: {e}");
     }
 }
 
@@ -173,7 +178,7 @@ impl HttpContext for FallbackStream {
         self.base = policy.base_key(&req);
         let mut errors = Vec::new();
         let action = policy.on_request(&req, self.base, now_ns(), &SharedData, &mut errors);
-        warn(&errors);
+        self.metrics.warn(&errors);
         self.request = Some(req);
         match action {
             RequestAction::Forward { probe } => {
@@ -224,7 +229,7 @@ impl HttpContext for FallbackStream {
             now,
             &SharedData,
         );
-        warn(&d.errors);
+        self.metrics.warn(&d.errors);
         if d.settled {
             self.probe = None;
         }
@@ -288,7 +293,7 @@ impl HttpContext for FallbackStream {
         let now = now_ns();
         if let Some(token) = self.probe.take() {
             if let Err(e) = policy.abandon_probe(token, now, &SharedData) {
-                warn(&[e]);
+                self.metrics.warn(&[e]);
             }
         }
         let Some(p) = self.pending.take() else {
@@ -303,7 +308,7 @@ impl HttpContext for FallbackStream {
             Ok(true) => self.metrics.add(Counter::Stored),
             Ok(false) => self.metrics.add(Counter::StoreSkipped),
             Err(e) => {
-                warn(&[e]);
+                self.metrics.warn(&[e]);
                 self.metrics.add(Counter::StoreSkipped);
             }
         }

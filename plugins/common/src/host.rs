@@ -102,6 +102,18 @@ pub fn send_response(status: u32, headers: &[(&str, &[u8])], body: &[u8]) -> boo
     ffi::send_local_response(status, headers, body) == ffi::OK
 }
 
+/// Logs a warning through `throttle` (see [`crate::throttle`]): at most one line per interval
+/// per worker, with the number held back since the last one.
+pub fn warn_throttled(throttle: &crate::throttle::Throttle, line: impl FnOnce() -> String) {
+    if let Some(held) = throttle.pass(now_ns()) {
+        if held > 0 {
+            log::warn!("{} ({held} more like it not logged)", line());
+        } else {
+            log::warn!("{}", line());
+        }
+    }
+}
+
 /// Sends a policy's reply; a refusal is logged (as `plugin`) and reported as false, and the
 /// stream then goes on untouched instead of trapping.
 pub fn send_reply(plugin: &str, r: &crate::problem::Reply) -> bool {

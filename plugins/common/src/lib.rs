@@ -18,6 +18,7 @@ pub mod shared_data;
 pub mod store;
 pub mod stored;
 pub mod table;
+pub mod throttle;
 
 pub use config::{parse_json, ConfigError, Node, Obj};
 pub use duration::parse_duration;

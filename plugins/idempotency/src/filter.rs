@@ -5,13 +5,14 @@ use crate::config::Config;
 use crate::policy::{Begin, Claim, Completion, Fate, Idempotency, Identify, Problem};
 use edge_common::host::{
     load_config, now_ns, property, response_body_chunk, response_header, response_headers, root_id,
-    send_reply, worker_seed, HostRequest,
+    send_reply, warn_throttled, worker_seed, HostRequest,
 };
 use edge_common::metrics::Counters;
 use edge_common::problem::Reply;
 use edge_common::sha256::Sha256;
 use edge_common::shared_data::SharedData;
 use edge_common::stored::StoredResponse;
+use edge_common::throttle::Throttle;
 use edge_common::{ffi, RequestView};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
@@ -32,14 +33,21 @@ const COUNTERS: [&str; 11] = [
     "lost",
 ];
 
+/// The counters, and the throttle of this worker's warnings.
 #[derive(Default)]
-struct Metrics(Counters);
+struct Metrics(Counters, Throttle);
 
 impl Metrics {
     fn define() -> Metrics {
-        Metrics(Counters::define(
-            COUNTERS.map(|n| format!("idempotency.{n}")),
-        ))
+        Metrics(
+            Counters::define(COUNTERS.map(|n| format!("idempotency.{n}"))),
+            Throttle::default(),
+        )
+    }
+
+    /// Warnings that can come with every request (a failing store): one line per interval.
+    fn warn(&self, line: impl FnOnce() -> String) {
+        warn_throttled(&self.1, line);
     }
 
     fn add(&self, name: &str, n: u64) {
@@ -125,7 +133,7 @@ impl IdempotencyStream {
     fn refuse(&mut self, policy: &Idempotency, problem: Problem, detail: &str) -> Action {
         self.metrics.add(problem.counter(), 1);
         if problem == Problem::Unavailable {
-            log::warn!("idempotency: 503: {detail}");
+            self.metrics.warn(|| format!("idempotency: 503: {detail}"));
         }
         self.reply(&problem.reply(&policy.config.header, detail))
     }
@@ -160,7 +168,9 @@ impl IdempotencyStream {
                 log::debug!("idempotency: key released: {why}");
             }
             Ok(false) => self.metrics.add("lost", 1),
-            Err(e) => log::warn!("idempotency: cannot release a key ({why}): {e}"),
+            Err(e) => self
+                .metrics
+                .warn(|| format!("idempotency: cannot release a key ({why}): {e}")),
         }
     }
 
@@ -189,19 +199,22 @@ impl IdempotencyStream {
             Ok(Completion::Stored) => self.metrics.add("stored", 1),
             Ok(Completion::StoredWithoutResponse) => {
                 self.metrics.add("stored", 1);
-                log::warn!(
+                self.metrics.warn(|| {
                     "idempotency: a response could not be kept whole (maxBodyBytes, \
                      maxTotalBytes, or the stream was cut short); duplicates of its key get 409"
-                );
+                        .into()
+                });
             }
             Ok(Completion::Lost) => {
                 self.metrics.add("lost", 1);
-                log::warn!(
+                self.metrics.warn(|| {
                     "idempotency: a request outlived inFlightTimeout and its key was taken by a retry"
-                );
+                        .into()
+                });
             }
             Err(e) => {
-                log::warn!("idempotency: cannot keep a response: {e}");
+                self.metrics
+                    .warn(|| format!("idempotency: cannot keep a response: {e}"));
                 self.phase = Phase::Claimed(claim);
                 self.release("the response could not be kept");
             }

@@ -3,12 +3,14 @@
 
 use crate::config::Config;
 use crate::policy::{Action as Verdict, Limiter, Outcome};
+use edge_common::host::warn_throttled;
 use edge_common::host::{
     load_config, now_ns, root_id, send_reply, set_request_header, set_response_header, worker_seed,
     HostRequest,
 };
 use edge_common::metrics::Counters;
 use edge_common::shared_data::SharedData;
+use edge_common::throttle::Throttle;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 use std::rc::Rc;
@@ -18,10 +20,14 @@ fn counter(rule: usize, o: Outcome) -> usize {
     rule * Outcome::ALL.len() + Outcome::ALL.iter().position(|x| *x == o).unwrap_or(0)
 }
 
+/// The counters, and the throttle of this worker's warnings.
+#[derive(Default)]
+struct Metrics(Counters, Throttle);
+
 #[derive(Default)]
 pub struct RateLimitRoot {
     limiter: Option<Rc<Limiter>>,
-    metrics: Rc<Counters>,
+    metrics: Rc<Metrics>,
 }
 
 impl Context for RateLimitRoot {}
@@ -43,7 +49,7 @@ impl RootContext for RateLimitRoot {
             config.rules.len(),
             config.mode
         );
-        self.metrics = Rc::new(metrics);
+        self.metrics = Rc::new(Metrics(metrics, Throttle::default()));
         self.limiter = Some(Rc::new(Limiter::new(config, &namespace, seed)));
         true
     }
@@ -63,7 +69,7 @@ impl RootContext for RateLimitRoot {
 
 pub struct RateLimitStream {
     limiter: Option<Rc<Limiter>>,
-    metrics: Rc<Counters>,
+    metrics: Rc<Metrics>,
     response_headers: Vec<(String, String)>,
 }
 
@@ -76,13 +82,16 @@ impl HttpContext for RateLimitStream {
         };
         let d = limiter.check(&HostRequest, now_ns(), &SharedData);
         for r in &d.results {
-            self.metrics.add(counter(r.rule, r.outcome), 1);
+            self.metrics.0.add(counter(r.rule, r.outcome), 1);
         }
-        for e in &d.errors {
-            log::warn!(
-                "rate-limit: store failed, failureMode {:?} applies: {e}",
-                limiter.config.failure_mode
-            );
+        // Store failures come with every request while they last: one line per interval.
+        if let Some(e) = d.errors.first() {
+            warn_throttled(&self.metrics.1, || {
+                format!(
+                    "rate-limit: store failed, failureMode {:?} applies: {e}",
+                    limiter.config.failure_mode
+                )
+            });
         }
         if log::log_enabled!(log::Level::Debug) && !d.results.is_empty() {
             let parts: Vec<String> = d
