@@ -338,7 +338,10 @@ fn failure_mode_allow_serves_and_deny_answers_503_when_the_store_fails() -> Resu
     assert_eq!(lines, 2, "one warning per worker");
     allow.advance(std::time::Duration::from_secs(11))?;
     assert_eq!(allow.get("/")?.status, 200);
-    assert!(allow.logged("more like it not logged"), "the next one counts the rest");
+    assert!(
+        allow.logged("more like it not logged"),
+        "the next one counts the rest"
+    );
     assert!(!allow.vm_failed(0, 0) && !allow.vm_failed(1, 0), "no trap");
     // The store heals: limiting resumes.
     allow.fail_shared_data(None);

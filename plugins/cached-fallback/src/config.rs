@@ -3,6 +3,7 @@
 //! below (and the README's configuration reference).
 
 use edge_common::route::Route;
+use edge_common::stored::MAX_BODY_BYTES_LIMIT;
 use edge_common::{parse_json, ConfigError, Node};
 
 pub const DEFAULT_METHODS: [&str; 2] = ["GET", "HEAD"];
@@ -200,7 +201,11 @@ impl Config {
         let max_body_bytes = o
             .opt("maxBodyBytes", |n| {
                 let b = n.u64()?;
-                if b > max_total_bytes {
+                if b > MAX_BODY_BYTES_LIMIT {
+                    Err(n.err(format!(
+                        "{b} is larger than {MAX_BODY_BYTES_LIMIT}, the most a worker copies"
+                    )))
+                } else if b > max_total_bytes {
                     Err(n.err(format!(
                         "{b} is larger than maxTotalBytes ({max_total_bytes}): no body that \
                          size could ever be kept"
@@ -367,6 +372,10 @@ mod tests {
     #[test]
     fn bad_configs_name_the_field() {
         assert!(err(r#"{"routes":[]}"#).starts_with("routes: must list"));
+        assert!(
+            err(r#"{"maxTotalBytes":1000000000,"maxBodyBytes":67108865}"#)
+                .starts_with("maxBodyBytes: 67108865 is larger than 67108864")
+        );
         assert!(err(r#"{"routes":[{"pathPrefix":"api"}]}"#).starts_with("routes[0].pathPrefix:"));
         assert!(err(r#"{"methods":["POST"]}"#).starts_with("methods[0]: \"POST\" cannot"));
         assert!(err(r#"{"methods":[]}"#).starts_with("methods: must list"));

@@ -265,7 +265,7 @@ impl HttpContext for FallbackStream {
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         if let Some(p) = self.pending.as_mut() {
-            let fits = body_size == 0 || p.push(&response_body_chunk(body_size));
+            let fits = p.push(body_size, || response_body_chunk(body_size));
             if !fits {
                 log::debug!("cached-fallback: not kept: body over maxBodyBytes");
                 self.pending = None;

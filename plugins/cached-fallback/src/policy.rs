@@ -269,16 +269,10 @@ pub struct Pending {
 }
 
 impl Pending {
-    /// Appends a body chunk; false (and the copy is dropped) once it exceeds `maxBodyBytes`.
-    pub fn push(&mut self, chunk: &[u8]) -> bool {
-        let len =
-            u64::try_from(self.response.body.len().saturating_add(chunk.len())).unwrap_or(u64::MAX);
-        if len > self.max_body {
-            self.response.body = Vec::new();
-            return false;
-        }
-        self.response.body.extend_from_slice(chunk);
-        true
+    /// Appends a body chunk of `len` bytes (read only if it fits); false (and the copy is
+    /// dropped) once it would exceed `maxBodyBytes`.
+    pub fn push(&mut self, len: usize, read: impl FnOnce() -> Vec<u8>) -> bool {
+        self.response.append(len, self.max_body, read)
     }
 }
 
@@ -843,7 +837,7 @@ mod tests {
             s,
         );
         if let ResponseAction::Collect(mut p) = d.action.clone() {
-            assert!(p.push(body));
+            assert!(p.push(body.len(), || body.to_vec()));
             assert!(f.store(*p, now, s).unwrap());
         }
         d.action
@@ -1239,9 +1233,9 @@ mod tests {
         let ResponseAction::Collect(mut p) = d.action else {
             panic!()
         };
-        assert!(p.push(b"ab"));
-        assert!(p.push(b"cd"));
-        assert!(!p.push(b"e"));
+        assert!(p.push(2, || b"ab".to_vec()));
+        assert!(p.push(2, || b"cd".to_vec()));
+        assert!(!p.push(1, || b"e".to_vec()));
         assert!(p.response.body.is_empty(), "the copy is freed");
     }
 

@@ -35,6 +35,10 @@ pub struct StoredResponse {
 
 const MAGIC: u8 = 1;
 
+/// The largest response body a plugin copies to keep (`maxBodyBytes` may not exceed it): a
+/// worker holds each copy in its VM's memory until the response ends.
+pub const MAX_BODY_BYTES_LIMIT: u64 = 64 << 20;
+
 fn put(out: &mut Vec<u8>, bytes: &[u8]) {
     out.extend_from_slice(&u32::try_from(bytes.len()).unwrap_or(u32::MAX).to_le_bytes());
     out.extend_from_slice(bytes);
@@ -58,6 +62,21 @@ impl<'a> Reader<'a> {
 }
 
 impl StoredResponse {
+    /// Appends a body chunk of `len` bytes, read by `read` only when it still fits under
+    /// `max`: false (and the copy so far dropped) when it does not, so an oversized chunk is
+    /// never even copied into the VM.
+    pub fn append(&mut self, len: usize, max: u64, read: impl FnOnce() -> Vec<u8>) -> bool {
+        let total = u64::try_from(self.body.len().saturating_add(len)).unwrap_or(u64::MAX);
+        if total > max {
+            self.body = Vec::new();
+            return false;
+        }
+        if len > 0 {
+            self.body.extend_from_slice(&read());
+        }
+        true
+    }
+
     /// The bytes kept in shared data (hop-by-hop headers are dropped here).
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.body.len() + 64);
@@ -151,6 +170,19 @@ impl CacheControl {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_chunk_over_the_cap_is_never_read() {
+        let mut r = StoredResponse {
+            status: 200,
+            headers: Vec::new(),
+            body: Vec::new(),
+            stored_at_ns: 0,
+        };
+        assert!(r.append(3, 5, || b"abc".to_vec()));
+        assert!(!r.append(3, 5, || unreachable!("read past the cap")));
+        assert!(r.body.is_empty(), "the partial copy is dropped");
+    }
 
     fn sample() -> StoredResponse {
         StoredResponse {

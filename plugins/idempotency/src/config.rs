@@ -2,6 +2,7 @@
 
 use edge_common::key::KeyPart;
 use edge_common::route::Route;
+use edge_common::stored::MAX_BODY_BYTES_LIMIT;
 use edge_common::{parse_json, ConfigError, Node};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -124,7 +125,7 @@ impl Config {
                 .opt("maxKeyLength", |n| positive(n, 8192))?
                 .map_or(255, |v| usize::try_from(v).unwrap_or(255)),
             max_body_bytes: o
-                .opt("maxBodyBytes", |n| positive(n, u64::from(u32::MAX)))?
+                .opt("maxBodyBytes", |n| positive(n, MAX_BODY_BYTES_LIMIT))?
                 .unwrap_or(1 << 20),
             max_entries: o
                 .opt("maxEntries", |n| positive(n, 1 << 24))?
@@ -201,6 +202,7 @@ mod tests {
     #[test]
     fn bad_fields_are_named() {
         assert!(err(r#"{"ttl":"0s"}"#).starts_with("ttl:"));
+        assert!(err(r#"{"maxBodyBytes":67108865}"#).starts_with("maxBodyBytes: must be between"));
         assert!(err(r#"{"inFlightTimeout":"soon"}"#).starts_with("inFlightTimeout:"));
         assert!(err(r#"{"fingerprint":"sha1"}"#).starts_with("fingerprint:"));
         assert!(err(r#"{"maxEntries":0}"#).starts_with("maxEntries: must be between"));

@@ -328,8 +328,9 @@ impl HttpContext for IdempotencyStream {
             return Action::Continue;
         };
         if let Some(r) = response {
-            r.body.extend_from_slice(&response_body_chunk(body_size));
-            if r.body.len() as u64 > policy.config.max_body_bytes {
+            if !r.append(body_size, policy.config.max_body_bytes, || {
+                response_body_chunk(body_size)
+            }) {
                 *response = None;
             }
         }
