@@ -362,6 +362,12 @@ fn disabling_the_served_flag_moves_all_traffic_to_stable_within_one_poll() -> Re
         "took {took:?}, poll interval {POLL:?}"
     );
     assert_eq!(spread(&envoy, 10)?, vec!["stable"; 10]);
+    // With the flag off the plugin sets nothing, so only its stripping stands between a
+    // forged header and the canary route.
+    assert_eq!(
+        reached(&envoy, "/checkout?forged=1", &[(HEADER, "v2")])?,
+        "stable"
+    );
     // DISABLED means no header at all (Envoy's default route), not `v1`.
     let last = apps.stable.requests();
     assert!(last.iter().all(|r| r.header(HEADER).is_none()), "{last:#?}");
@@ -374,9 +380,10 @@ fn disabling_the_served_flag_moves_all_traffic_to_stable_within_one_poll() -> Re
         "no conditional fetch with the first ETag"
     );
 
-    envoy.wait_for_stat(&counter("new-checkout.disabled"), 10, STAT_TIMEOUT)?;
+    // 10 spread requests and the forged one.
+    envoy.wait_for_stat(&counter("new-checkout.disabled"), 11, STAT_TIMEOUT)?;
     assert_eq!(stat(&envoy, "new-checkout.variant.on")?, 10);
-    assert_eq!(stat(&envoy, "new-checkout.disabled")?, 10);
+    assert_eq!(stat(&envoy, "new-checkout.disabled")?, 11);
     assert!(envoy.log().contains("flags updated (1 flags)"));
     Ok(())
 }
