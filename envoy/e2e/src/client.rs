@@ -2,7 +2,9 @@
 //! and a test never sees a response meant for another.
 
 use std::io::{BufReader, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
+
+use socket2::{Domain, Socket, Type};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -91,10 +93,43 @@ pub(crate) fn send(
     body: &[u8],
     timeout: Duration,
 ) -> Result<Response> {
-    let stream = TcpStream::connect_timeout(&addr, timeout)?;
+    send_from(
+        addr,
+        None,
+        authority,
+        method,
+        path,
+        headers,
+        &[body],
+        timeout,
+    )
+}
+
+/// Like [`send`], from a given local address (any 127.0.0.0/8 address on loopback) and with
+/// the body as given pieces: more than one piece goes out with chunked encoding, each piece
+/// written on its own.
+#[allow(clippy::too_many_arguments)]
+pub fn send_from(
+    addr: SocketAddr,
+    from: Option<IpAddr>,
+    authority: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    pieces: &[&[u8]],
+    timeout: Duration,
+) -> Result<Response> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    if let Some(ip) = from {
+        socket.bind(&SocketAddr::new(ip, 0).into())?;
+    }
+    socket.connect_timeout(&addr.into(), timeout)?;
+    let stream: TcpStream = socket.into();
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     let has = |name: &str| headers.iter().any(|(n, _)| n.eq_ignore_ascii_case(name));
+    let body_len: usize = pieces.iter().map(|p| p.len()).sum();
+    let chunked = pieces.iter().filter(|p| !p.is_empty()).count() > 1;
     let mut out = format!("{method} {path} HTTP/1.1\r\n");
     if !has("host") {
         out.push_str(&format!("host: {authority}\r\n"));
@@ -102,17 +137,33 @@ pub(crate) fn send(
     if !has("connection") {
         out.push_str("connection: close\r\n");
     }
-    let wants_length = !body.is_empty() || matches!(method, "POST" | "PUT" | "PATCH");
-    if wants_length && !has("content-length") && !has("transfer-encoding") {
-        out.push_str(&format!("content-length: {}\r\n", body.len()));
+    let wants_length = body_len > 0 || matches!(method, "POST" | "PUT" | "PATCH");
+    if chunked {
+        if !has("transfer-encoding") {
+            out.push_str("transfer-encoding: chunked\r\n");
+        }
+    } else if wants_length && !has("content-length") && !has("transfer-encoding") {
+        out.push_str(&format!("content-length: {body_len}\r\n"));
     }
     for (name, value) in headers {
         out.push_str(&format!("{name}: {value}\r\n"));
     }
     out.push_str("\r\n");
-    let mut out = out.into_bytes();
-    out.extend_from_slice(body);
-    (&stream).write_all(&out)?;
+    let mut w = &stream;
+    w.write_all(out.as_bytes())?;
+    if chunked {
+        for piece in pieces.iter().filter(|p| !p.is_empty()) {
+            http::write_chunk(&mut w, piece)?;
+            w.flush()?;
+            // Separate reads at the proxy: each piece is its own body callback.
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        http::write_last_chunk(&mut w)?;
+    } else {
+        for piece in pieces {
+            w.write_all(piece)?;
+        }
+    }
 
     let mut reader = BufReader::new(&stream);
     loop {

@@ -4,20 +4,17 @@
 //! normalised transcript as the harness runner.
 
 use std::collections::BTreeMap;
-use std::io::{BufReader, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use crate::client;
+use crate::{Envoy, RecordedRequest, Script, Substitutions, TestUpstream};
 use anyhow::{Context, Result};
 use host_tests::scenario::{
     answer_for, parse_duration, step_label, upstream_line, Answer, Scenario, Seen, Send,
     StepRecord, Transcript,
 };
-use socket2::{Domain, Socket, Type};
-
-use crate::http::{self, Framing};
-use crate::{Envoy, RecordedRequest, Script, Substitutions, TestUpstream};
 
 /// The flags cluster's marker port in generated configs (rewritten to its upstream).
 const FLAGS_MARKER: &str = "port_value: 18082";
@@ -276,71 +273,39 @@ pub fn run_in_envoy(s: &Scenario) -> Result<Transcript> {
 }
 
 /// One request on its own connection from `send.from` (default 127.0.0.1); a body in several
-/// chunks is written chunk by chunk with chunked encoding.
+/// chunks goes out chunk by chunk with chunked encoding.
 fn send_one(listener: SocketAddr, send: &Send, recorded: &[String]) -> Result<Seen> {
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
-    if let Some(from) = &send.from {
-        let ip: IpAddr = from.parse().with_context(|| format!("from {from:?}"))?;
-        socket.bind(&SocketAddr::new(ip, 0).into())?;
-    }
-    socket.connect_timeout(&listener.into(), CLIENT_TIMEOUT)?;
-    let stream: TcpStream = socket.into();
-    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    let from: Option<IpAddr> = match &send.from {
+        Some(f) => Some(f.parse().with_context(|| format!("from {f:?}"))?),
+        None => None,
+    };
     let chunks = send.body_chunks();
-    let chunked = send.chunks.unwrap_or(1) > 1 && !chunks.is_empty();
-    let mut head = format!(
-        "{} {} HTTP/1.1\r\nhost: {AUTHORITY}\r\nconnection: close\r\n",
-        send.method, send.path
-    );
-    if chunked {
-        head.push_str("transfer-encoding: chunked\r\n");
-    } else if !send.body.is_empty() || matches!(send.method.as_str(), "POST" | "PUT" | "PATCH") {
-        head.push_str(&format!("content-length: {}\r\n", send.body.len()));
-    }
-    for (k, v) in &send.headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str("\r\n");
-    let mut w = &stream;
-    w.write_all(head.as_bytes())?;
-    if chunked {
-        for c in &chunks {
-            http::write_chunk(&mut w, c)?;
-            w.flush()?;
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        http::write_last_chunk(&mut w)?;
+    let pieces: Vec<&[u8]> = if send.chunks.unwrap_or(1) > 1 {
+        chunks.iter().map(Vec::as_slice).collect()
     } else {
-        w.write_all(send.body.as_bytes())?;
-    }
-    let mut reader = BufReader::new(&stream);
-    loop {
-        let head = http::read_head(&mut reader)?.context("connection closed before a response")?;
-        let status: u16 = head
-            .start_line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .with_context(|| format!("bad status line {:?}", head.start_line))?;
-        if (100..200).contains(&status) {
-            continue;
-        }
-        let body = http::read_body(
-            &mut reader,
-            Framing::of_response(&head, &send.method, status)?,
-        )?;
-        return Ok(Seen {
-            status,
-            headers: recorded
-                .iter()
-                .map(|h| {
-                    (
-                        h.clone(),
-                        http::header(&head.headers, h).map(str::to_string),
-                    )
-                })
-                .collect(),
-            body: String::from_utf8_lossy(&body).into_owned(),
-        });
-    }
+        vec![send.body.as_bytes()]
+    };
+    let headers: Vec<(&str, &str)> = send
+        .headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let res = client::send_from(
+        listener,
+        from,
+        AUTHORITY,
+        &send.method,
+        &send.path,
+        &headers,
+        &pieces,
+        CLIENT_TIMEOUT,
+    )?;
+    Ok(Seen {
+        status: res.status,
+        headers: recorded
+            .iter()
+            .map(|h| (h.clone(), res.header(h).map(str::to_string)))
+            .collect(),
+        body: String::from_utf8_lossy(&res.body).into_owned(),
+    })
 }
