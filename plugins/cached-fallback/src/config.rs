@@ -82,25 +82,12 @@ impl Config {
     }
 }
 
-fn ns(d: std::time::Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
-}
-
 fn status_in(n: Node<'_>, lo: u64, hi: u64, what: &str) -> Result<u16, ConfigError> {
     let s = n.u64()?;
     if (lo..=hi).contains(&s) {
         Ok(u16::try_from(s).unwrap_or(0))
     } else {
         Err(n.err(format!("{s} is not {what} ({lo}-{hi})")))
-    }
-}
-
-fn count(n: Node<'_>, lo: u64, hi: u64) -> Result<u64, ConfigError> {
-    let v = n.u64()?;
-    if (lo..=hi).contains(&v) {
-        Ok(v)
-    } else {
-        Err(n.err(format!("{v} is out of range ({lo}-{hi})")))
     }
 }
 
@@ -178,7 +165,7 @@ impl Config {
             Ok(out)
         })?;
         let max_stale_ns = o
-            .opt("maxStale", |n| n.duration().map(ns))?
+            .opt("maxStale", |n| n.duration_ns())?
             .unwrap_or(DEFAULT_MAX_STALE_NS);
         let key = o
             .opt("key", |n| {
@@ -193,10 +180,10 @@ impl Config {
                 query: true,
             });
         let max_entries = o
-            .opt("maxEntries", |n| count(n, 1, MAX_ENTRIES_LIMIT))?
+            .opt("maxEntries", |n| n.u64_in(1, MAX_ENTRIES_LIMIT))?
             .unwrap_or(DEFAULT_MAX_ENTRIES);
         let max_total_bytes = o
-            .opt("maxTotalBytes", |n| count(n, 1, MAX_TOTAL_BYTES_LIMIT))?
+            .opt("maxTotalBytes", |n| n.u64_in(1, MAX_TOTAL_BYTES_LIMIT))?
             .unwrap_or(DEFAULT_MAX_TOTAL_BYTES);
         let max_body_bytes = o
             .opt("maxBodyBytes", |n| {
@@ -239,15 +226,15 @@ impl Config {
             let c = n.obj(&["failures", "window", "openFor"])?;
             Ok(Breaker {
                 failures: c
-                    .opt("failures", |n| count(n, 1, 1_000_000))?
+                    .opt("failures", |n| n.u64_in(1, 1_000_000))?
                     .map_or(DEFAULT_CB_FAILURES, |f| {
                         u32::try_from(f).unwrap_or(u32::MAX)
                     }),
                 window_ns: c
-                    .opt("window", |n| n.positive_duration().map(ns))?
+                    .opt("window", |n| n.positive_duration_ns())?
                     .unwrap_or(DEFAULT_CB_WINDOW_NS),
                 open_ns: c
-                    .opt("openFor", |n| n.positive_duration().map(ns))?
+                    .opt("openFor", |n| n.positive_duration_ns())?
                     .unwrap_or(DEFAULT_CB_OPEN_NS),
             })
         })?;
@@ -389,7 +376,7 @@ mod tests {
         assert!(err(r#"{"maxStale":"1"}"#).starts_with("maxStale: \"1\" has no unit"));
         assert!(err(r#"{"key":{"headers":["a b"]}}"#).starts_with("key.headers[0]:"));
         assert!(err(r#"{"key":{"cookies":[]}}"#).starts_with("key: unknown field `cookies`"));
-        assert!(err(r#"{"maxEntries":0}"#).starts_with("maxEntries: 0 is out of range"));
+        assert!(err(r#"{"maxEntries":0}"#).starts_with("maxEntries: must be between 1 and"));
         assert!(err(r#"{"maxTotalBytes":0}"#).starts_with("maxTotalBytes:"));
         assert!(err(r#"{"maxTotalBytes":100,"maxBodyBytes":101}"#)
             .starts_with("maxBodyBytes: 101 is larger than maxTotalBytes"));
@@ -398,7 +385,7 @@ mod tests {
             .starts_with("staticFallback.headers.a b:"));
         assert!(err(r#"{"staticFallback":{"body":1}}"#).starts_with("staticFallback.body:"));
         assert!(err(r#"{"circuitBreaker":{"failures":0}}"#)
-            .starts_with("circuitBreaker.failures: 0 is out of range"));
+            .starts_with("circuitBreaker.failures: must be between 1 and"));
         assert!(err(r#"{"circuitBreaker":{"window":"0s"}}"#)
             .starts_with("circuitBreaker.window: must be longer than 0"));
         assert!(err(r#"{"circuitBreaker":{"openFor":"5"}}"#).starts_with("circuitBreaker.openFor:"));

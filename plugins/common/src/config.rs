@@ -142,6 +142,29 @@ impl<'a> Node<'a> {
         parse_duration(self.str()?).map_err(|e| self.err(e))
     }
 
+    /// A duration in nanoseconds, what plugins compare clocks with; one too long to count in
+    /// u64 nanoseconds (584 years) is an error, not silently capped.
+    pub fn duration_ns(&self) -> Result<u64, ConfigError> {
+        u64::try_from(self.duration()?.as_nanos())
+            .map_err(|_| self.err("is too long (at most 584 years)"))
+    }
+
+    /// [`Node::duration_ns`] that must be longer than zero.
+    pub fn positive_duration_ns(&self) -> Result<u64, ConfigError> {
+        self.positive_duration()?;
+        self.duration_ns()
+    }
+
+    /// A whole number in `lo..=hi` (sizes, counts), the bounds named in the error.
+    pub fn u64_in(&self, lo: u64, hi: u64) -> Result<u64, ConfigError> {
+        let v = self.u64()?;
+        if (lo..=hi).contains(&v) {
+            Ok(v)
+        } else {
+            Err(self.err(format!("must be between {lo} and {hi}, got {v}")))
+        }
+    }
+
     /// A duration that must be longer than zero (windows, intervals, timeouts).
     pub fn positive_duration(&self) -> Result<Duration, ConfigError> {
         let d = self.duration()?;

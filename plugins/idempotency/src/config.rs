@@ -83,18 +83,6 @@ const FIELDS: &[&str] = &[
     "storeStatuses",
 ];
 
-fn nanos(d: std::time::Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
-}
-
-fn positive(n: Node<'_>, max: u64) -> Result<u64, ConfigError> {
-    let v = n.u64()?;
-    if v == 0 || v > max {
-        return Err(n.err(format!("must be between 1 and {max}, got {v}")));
-    }
-    Ok(v)
-}
-
 impl Config {
     pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
         let json = parse_json(bytes)?;
@@ -105,11 +93,12 @@ impl Config {
         } else {
             vec![KeyPart::Header("authorization".into())]
         };
-        let ttl_ns = nanos(o.opt("ttl", |n| n.positive_duration())?.unwrap_or(DAY));
-        let in_flight_timeout_ns = nanos(
-            o.opt("inFlightTimeout", |n| n.positive_duration())?
-                .unwrap_or(std::time::Duration::from_secs(30)),
-        );
+        let ttl_ns = o
+            .opt("ttl", |n| n.positive_duration_ns())?
+            .unwrap_or(DAY_NS);
+        let in_flight_timeout_ns = o
+            .opt("inFlightTimeout", |n| n.positive_duration_ns())?
+            .unwrap_or(30_000_000_000);
         Ok(Config {
             routes: o.list("routes", Route::read)?,
             methods,
@@ -122,16 +111,16 @@ impl Config {
             in_flight_timeout_ns,
             fingerprint: o.opt("fingerprint", |n| n.one_of(&["body", "none"]))? != Some(1),
             max_key_length: o
-                .opt("maxKeyLength", |n| positive(n, 8192))?
+                .opt("maxKeyLength", |n| n.u64_in(1, 8192))?
                 .map_or(255, |v| usize::try_from(v).unwrap_or(255)),
             max_body_bytes: o
-                .opt("maxBodyBytes", |n| positive(n, MAX_BODY_BYTES_LIMIT))?
+                .opt("maxBodyBytes", |n| n.u64_in(1, MAX_BODY_BYTES_LIMIT))?
                 .unwrap_or(1 << 20),
             max_entries: o
-                .opt("maxEntries", |n| positive(n, 1 << 24))?
+                .opt("maxEntries", |n| n.u64_in(1, 1 << 24))?
                 .map_or(100_000, |v| u32::try_from(v).unwrap_or(100_000)),
             max_total_bytes: o
-                .opt("maxTotalBytes", |n| positive(n, 1 << 40))?
+                .opt("maxTotalBytes", |n| n.u64_in(1, 1 << 40))?
                 .unwrap_or(128 << 20),
             store_statuses: o
                 .opt("storeStatuses", |n| {
@@ -142,7 +131,7 @@ impl Config {
     }
 }
 
-const DAY: std::time::Duration = std::time::Duration::from_secs(86_400);
+const DAY_NS: u64 = 86_400 * 1_000_000_000;
 
 #[cfg(test)]
 mod tests {

@@ -125,14 +125,14 @@ fn read_rule(n: Node<'_>, default_status: u32) -> Result<Rule, ConfigError> {
                 Ok(r)
             }
         })?;
-        let window = l.req("window", |n| n.positive_duration())?;
+        let window_ns = l.req("window", |n| n.positive_duration_ns())?;
         let burst = l
             .opt("burst", |n| match n.u64()? {
                 0 => Err(n.err("must be > 0")),
                 b => Ok(b),
             })?
             .unwrap_or(requests);
-        let window_ns = u64::try_from(window.as_nanos()).unwrap_or(u64::MAX);
+
         Ok((
             Limit {
                 requests,
