@@ -14,6 +14,7 @@ pub const HTTP_CALL_RESPONSE_HEADERS: u32 = 6;
 /// Buffer types of the ABI.
 pub const REQUEST_BODY: u32 = 0;
 pub const RESPONSE_BODY: u32 = 1;
+pub const HTTP_CALL_RESPONSE_BODY: u32 = 4;
 /// What native builds (unit tests, tools) answer: there is no host.
 #[cfg(not(target_arch = "wasm32"))]
 const UNIMPLEMENTED: u32 = 12;

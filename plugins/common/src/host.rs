@@ -86,6 +86,11 @@ pub fn request_body_chunk(size: usize) -> Vec<u8> {
     ffi::get_buffer(ffi::REQUEST_BODY, 0, size).unwrap_or_default()
 }
 
+/// The body of the response to this root context's callout (empty when unreadable).
+pub fn callout_response_body(size: usize) -> Vec<u8> {
+    ffi::get_buffer(ffi::HTTP_CALL_RESPONSE_BODY, 0, size).unwrap_or_default()
+}
+
 /// The bytes of the current response body chunk.
 pub fn response_body_chunk(size: usize) -> Vec<u8> {
     ffi::get_buffer(ffi::RESPONSE_BODY, 0, size).unwrap_or_default()

@@ -6,7 +6,8 @@ use crate::flags::FlagSet;
 use crate::policy::{decide, Reporter};
 use crate::source::{Fetched, Poller};
 use edge_common::host::{
-    callout_response_header, load_config, now_ns, set_request_header, HostRequest,
+    callout_response_body, callout_response_header, load_config, now_ns, set_request_header,
+    HostRequest,
 };
 use edge_common::metrics::NamedCounters;
 use proxy_wasm::hostcalls;
@@ -85,19 +86,14 @@ impl Context for FlagRouterRoot {
     ) {
         let status = callout_response_header(":status").and_then(|s| s.parse::<u32>().ok());
         let etag = callout_response_header("etag");
-        let body = if body_size > 0 {
-            hostcalls::get_buffer(
-                proxy_wasm::types::BufferType::HttpCallResponseBody,
-                0,
-                body_size,
-            )
-            .ok()
-            .flatten()
-            .unwrap_or_default()
-        } else {
-            Vec::new()
+        let read = || {
+            if body_size > 0 {
+                callout_response_body(body_size)
+            } else {
+                Vec::new()
+            }
         };
-        let Some(fetched) = self.poller.reply_to(token, status, etag, &body) else {
+        let Some(fetched) = self.poller.reply_to(token, status, etag, body_size, read) else {
             return;
         };
         match fetched {

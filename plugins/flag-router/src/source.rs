@@ -14,6 +14,9 @@ pub enum Fetched {
     Failed(String),
 }
 
+/// The largest flag file read: every worker parses and keeps it.
+pub const MAX_FILE_BYTES: usize = 4 << 20;
+
 #[derive(Default)]
 pub struct Poller {
     etag: Option<String>,
@@ -33,18 +36,26 @@ impl Poller {
     }
 
     /// A reply to callout `token`: `None` when it is not the fetch this poller waits for.
+    /// The reply to fetch `token`: a body of `body_size` bytes, read by `read` only when it
+    /// is a flag file of at most [`MAX_FILE_BYTES`] (a larger one is refused unread).
     pub fn reply_to(
         &mut self,
         token: u32,
         status: Option<u32>,
         etag: Option<String>,
-        body: &[u8],
+        body_size: usize,
+        read: impl FnOnce() -> Vec<u8>,
     ) -> Option<Fetched> {
         if self.in_flight != Some(token) {
             return None;
         }
         self.in_flight = None;
-        Some(self.reply(status, etag, body))
+        if status == Some(200) && body_size > MAX_FILE_BYTES {
+            return Some(Fetched::Failed(format!(
+                "the flag file is {body_size} bytes, more than {MAX_FILE_BYTES}"
+            )));
+        }
+        Some(self.reply(status, etag, &read()))
     }
 
     fn request(&self, s: &Source) -> Vec<(String, String)> {
@@ -125,16 +136,18 @@ mod tests {
         p.sent(7);
         assert!(p.next(&source()).is_none(), "a fetch is on its way");
         assert!(
-            p.reply_to(6, Some(200), None, DOC).is_none(),
+            p.reply_to(6, Some(200), None, DOC.len(), || DOC.to_vec())
+                .is_none(),
             "a stale token is ignored"
         );
         assert!(matches!(
-            p.reply_to(7, Some(304), None, b""),
+            p.reply_to(7, Some(304), None, 0, Vec::new),
             Some(Fetched::NotModified)
         ));
         assert!(p.next(&source()).is_some());
         assert!(
-            p.reply_to(7, Some(200), None, DOC).is_none(),
+            p.reply_to(7, Some(200), None, DOC.len(), || DOC.to_vec())
+                .is_none(),
             "answered once only"
         );
     }
