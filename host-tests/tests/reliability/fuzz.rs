@@ -585,7 +585,7 @@ pub fn run(case: &Case, module: &Module) -> Result<Outcome, String> {
             .iter()
             .filter(|(_, r, _)| match case.plugin.as_str() {
                 "rate_limit" => r.status == 429,
-                "idempotency" => r.header("idempotent-replayed").is_some() || r.status == 409,
+                "idempotency" => r.header("idempotent-replayed").is_some(),
                 "cached_fallback" => r.header("cache-status").is_some_and(|c| c.contains("hit")),
                 _ => false,
             })
