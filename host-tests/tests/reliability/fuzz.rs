@@ -214,9 +214,10 @@ fn idempotency_config(rng: &mut Rng) -> serde_json::Value {
 
 fn request(plugin: &str, rng: &mut Rng) -> Req {
     let (methods, paths): (&[&str], &[&str]) = match plugin {
+        // Mostly one operation, so the same key comes back often (replays, 409s, 422s).
         "idempotency" => (
-            &["POST", "POST", "PUT", "GET", "PATCH"],
-            &["/pay", "/pay/1", "/pay?x=1", "/other"],
+            &["POST", "POST", "POST", "POST", "PUT", "GET", "PATCH"],
+            &["/pay", "/pay", "/pay", "/pay/1", "/pay?x=1", "/other"],
         ),
         "cached_fallback" => (
             &["GET", "GET", "HEAD", "POST"],
@@ -255,7 +256,12 @@ fn request(plugin: &str, rng: &mut Rng) -> Req {
         ("cache-control", &["no-cache", "max-age=0"]),
     ];
     for (name, values) in pool {
-        if rng.chance(40) {
+        // The header a plugin keys on is usually there, so its decisions get exercised.
+        let chance = match (plugin, *name) {
+            ("idempotency", "idempotency-key") | ("rate_limit", "x-api-key") => 85,
+            _ => 40,
+        };
+        if rng.chance(chance) {
             let v = if rng.chance(10) {
                 gen::value(rng)
             } else {
