@@ -719,8 +719,15 @@ fn tuple_of(
     if !plain || !methods.contains(&method) || !path.starts_with("/pay") {
         return None;
     }
-    // An empty authorization is no authorization: both are the unauthenticated scope.
-    let auth = auth.filter(|a| !a.is_empty()).map(<[u8]>::to_vec);
+    // The scope as configured (a mutated config may have dropped it); an empty
+    // authorization is no authorization: both are the unauthenticated scope.
+    let scoped = match config.get("scope") {
+        None => true,
+        Some(s) => s
+            .as_array()
+            .is_some_and(|parts| parts.iter().any(|p| p["header"] == "authorization")),
+    };
+    let auth = auth.filter(|a| scoped && !a.is_empty()).map(<[u8]>::to_vec);
     Some((auth, key.to_vec(), method.to_string(), path.to_string()))
 }
 

@@ -51,6 +51,8 @@ extern "C" {
     ) -> u32;
     fn proxy_get_current_time_nanoseconds(return_time: *mut u64) -> u32;
     fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
+    fn proxy_log(level: u32, message_data: *const u8, message_size: usize) -> u32;
+    fn proxy_get_log_level(return_level: *mut u32) -> u32;
     fn proxy_define_metric(
         metric_type: u32,
         name_data: *const u8,
@@ -94,6 +96,14 @@ unsafe fn proxy_get_current_time_nanoseconds(_: *mut u64) -> u32 {
     UNIMPLEMENTED
 }
 
+#[cfg(not(target_arch = "wasm32"))]
+unsafe fn proxy_log(_: u32, _: *const u8, _: usize) -> u32 {
+    UNIMPLEMENTED
+}
+#[cfg(not(target_arch = "wasm32"))]
+unsafe fn proxy_get_log_level(_: *mut u32) -> u32 {
+    UNIMPLEMENTED
+}
 #[cfg(not(target_arch = "wasm32"))]
 unsafe fn proxy_define_metric(_: u32, _: *const u8, _: usize, _: *mut u32) -> u32 {
     UNIMPLEMENTED
@@ -262,6 +272,19 @@ pub fn current_time_ns() -> Option<u64> {
     let mut t = 0u64;
     // SAFETY: out-pointer to a local.
     (unsafe { proxy_get_current_time_nanoseconds(&mut t) } == OK).then_some(t)
+}
+
+/// Writes a log line at `level` (0 trace … 5 critical): the status.
+pub fn log(level: u32, message: &str) -> u32 {
+    // SAFETY: `message` outlives the call.
+    unsafe { proxy_log(level, message.as_ptr(), message.len()) }
+}
+
+/// The host's log level (0 trace … 5 critical), `None` when it cannot say.
+pub fn log_level() -> Option<u32> {
+    let mut level = 0u32;
+    // SAFETY: out-pointer to a local.
+    (unsafe { proxy_get_log_level(&mut level) } == OK).then_some(level)
 }
 
 /// Defines a counter named `name`: its id, or `None` when the host refuses (the SDK's wrapper

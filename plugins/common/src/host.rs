@@ -51,9 +51,7 @@ pub fn plugin_configuration() -> Vec<u8> {
 /// Follows Envoy's log level for the `wasm` component (read at configure time), so debug
 /// lines cost nothing unless Envoy would print them.
 pub fn follow_host_log_level() {
-    if let Ok(level) = hostcalls::get_log_level() {
-        proxy_wasm::set_log_level(level);
-    }
+    crate::logger::follow_host_level();
 }
 
 /// The filter's `root_id` (empty when not configured).

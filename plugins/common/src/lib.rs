@@ -9,6 +9,7 @@ pub mod duration;
 pub mod ffi;
 pub mod host;
 pub mod key;
+pub mod logger;
 pub mod metrics;
 pub mod problem;
 pub mod request;

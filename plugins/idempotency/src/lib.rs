@@ -7,6 +7,6 @@ pub mod policy;
 pub mod record;
 
 proxy_wasm::main! {{
-    proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Trace);
+    edge_common::logger::init();
     proxy_wasm::set_root_context(|_| Box::new(filter::IdempotencyRoot::default()));
 }}
