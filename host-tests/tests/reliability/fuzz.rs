@@ -722,7 +722,8 @@ fn tuple_of(
     // The scope as configured (a mutated config may have dropped it); an empty
     // authorization is no authorization: both are the unauthenticated scope.
     let scoped = match config.get("scope") {
-        None => true,
+        // Absent or null: the default, `[{"header":"authorization"}]`.
+        None | Some(serde_json::Value::Null) => true,
         Some(s) => s
             .as_array()
             .is_some_and(|parts| parts.iter().any(|p| p["header"] == "authorization")),

@@ -79,7 +79,7 @@ pub enum Verdict {
 /// host that does not report it) the status decides.
 pub fn classify(fail_on: &FailOn, status: u16, details: Option<&str>) -> Verdict {
     let d = details.unwrap_or("via_upstream");
-    if d == "via_upstream" {
+    if edge_common::route::from_upstream(details) {
         return if fail_on.statuses.contains(&status) {
             Verdict::Failure(Reason::Status)
         } else {
@@ -386,9 +386,7 @@ impl Fallback {
 
     /// Whether `routes` and `methods` cover the request.
     pub fn covers(&self, req: &impl RequestView) -> bool {
-        let m = req.method();
-        self.config.methods.iter().any(|x| x.as_bytes() == m)
-            && (self.config.routes.is_empty() || self.config.routes.iter().any(|r| r.matches(req)))
+        edge_common::route::covers(&self.config.methods, &self.config.routes, req)
     }
 
     /// The key of method, host, path (with the query if `key.query`) and the listed headers,

@@ -57,6 +57,22 @@ impl Route {
     }
 }
 
+/// Whether a request is one a plugin covers: its method is listed and a route matches (no
+/// routes: every path).
+pub fn covers(methods: &[String], routes: &[Route], req: &impl RequestView) -> bool {
+    let m = req.method();
+    methods.iter().any(|x| x.as_bytes() == m)
+        && (routes.is_empty() || routes.iter().any(|r| r.matches(req)))
+}
+
+/// Whether an answer is the upstream's own, by Envoy's `response.code_details`. Envoy reports
+/// `""` for a filter's local reply that gave no details (proxy-wasm plugins' replies usually
+/// do), so only `via_upstream` counts; a host that does not report the property at all leaves
+/// the status to decide.
+pub fn from_upstream(details: Option<&str>) -> bool {
+    details.is_none_or(|d| d == "via_upstream")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,5 +115,16 @@ mod tests {
         assert!(bad(r#"{"methods":["GET",1]}"#).starts_with("match.methods[1]: expected a string"));
         assert!(bad(r#"{"headers":{"x":1}}"#).starts_with("match.headers.x:"));
         assert!(bad(r#"{"methods":["G T"]}"#).contains("not an HTTP method"));
+    }
+
+    #[test]
+    fn only_via_upstream_or_no_property_is_the_upstreams_answer() {
+        assert!(from_upstream(Some("via_upstream")));
+        assert!(from_upstream(None));
+        assert!(
+            !from_upstream(Some("")),
+            "another filter's reply without details"
+        );
+        assert!(!from_upstream(Some("response_timeout")));
     }
 }

@@ -199,9 +199,7 @@ impl Idempotency {
     }
 
     pub fn covered(&self, req: &impl RequestView) -> bool {
-        let method = req.method();
-        self.config.methods.iter().any(|m| m.as_bytes() == method)
-            && (self.config.routes.is_empty() || self.config.routes.iter().any(|r| r.matches(req)))
+        edge_common::route::covers(&self.config.methods, &self.config.routes, req)
     }
 
     pub fn identify(&self, req: &impl RequestView) -> Identify {
@@ -357,7 +355,7 @@ impl Idempotency {
     /// in `storeStatuses`. A local reply (Envoy's 503 for a reset, its 504, another filter's
     /// 429) says nothing about whether the request ran, so the key is given back.
     pub fn response_fate(&self, status: u16, details: Option<&str>) -> Fate {
-        if details.is_some_and(|d| d != "via_upstream") {
+        if !edge_common::route::from_upstream(details) {
             Fate::Release("local reply")
         } else if self.config.store_statuses.contains(status) {
             Fate::Keep
