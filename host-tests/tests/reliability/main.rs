@@ -71,10 +71,11 @@ fn fuzz_plugin(plugin: &str) {
                 tally.checked += o.checked;
             }
             Err(why) => {
+                let (case, why) = shrink(case, why, &module);
                 let dir = regressions_dir();
                 let _ = std::fs::create_dir_all(&dir);
                 let file = dir.join(format!("{plugin}-{}.json", case.seed));
-                if let Ok(text) = serde_json::to_string_pretty(&case) {
+                if let Ok(text) = serde_json::to_string(&case) {
                     let _ = std::fs::write(&file, text);
                 }
                 eprintln!(
@@ -101,6 +102,24 @@ fn fuzz_plugin(plugin: &str) {
         tally.failures.len(),
         tally.failures.first().map_or("", |f| f.1.as_str())
     );
+}
+
+/// Drops every op the failure does not need (one at a time, keeping a drop while the case
+/// still fails), so the saved regression is the short story of the bug.
+fn shrink(mut case: gen::Case, mut why: String, module: &Module) -> (gen::Case, String) {
+    let mut i = 0;
+    while i < case.ops.len() {
+        let mut smaller = case.clone();
+        smaller.ops.remove(i);
+        match fuzz::run(&smaller, module) {
+            Err(w) => {
+                case = smaller;
+                why = w;
+            }
+            Ok(_) => i += 1,
+        }
+    }
+    (case, why)
 }
 
 #[test]
