@@ -3,6 +3,7 @@
 //! each plugin in the harness. Run by `./build.sh bench`; prints a Markdown table.
 
 use host_tests::{module_path, Edge, Module, Plugin, Request, Upstream};
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 struct Case {
@@ -139,26 +140,96 @@ fn cases() -> Vec<Case> {
     ]
 }
 
+/// `after - before` per name, largest first, as `name n` items.
+fn delta<K: Ord + Copy + std::fmt::Display>(
+    before: &BTreeMap<K, u64>,
+    after: &BTreeMap<K, u64>,
+) -> String {
+    let mut d: Vec<(u64, K)> = after
+        .iter()
+        .map(|(k, v)| (v - before.get(k).copied().unwrap_or(0), *k))
+        .filter(|(n, _)| *n > 0)
+        .collect();
+    d.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    d.iter()
+        .map(|(n, k)| format!("{} {n}", k.to_string().trim_start_matches("proxy_")))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn fuel(edge: &Edge) -> BTreeMap<&'static str, u64> {
+    edge.costs(0).into_iter().map(|(k, v)| (k, v.fuel)).collect()
+}
+
+/// `--loop PLUGIN/PATH SECONDS`: sends that case's request over and over, for a sampling
+/// profiler to attribute the guest's time to its functions (see `./build.sh profile`).
+fn repeat(which: &str, seconds: f64) -> anyhow::Result<()> {
+    let Some(case) = cases()
+        .into_iter()
+        .find(|c| format!("{}/{}", c.plugin, c.path).starts_with(which))
+    else {
+        anyhow::bail!("no case starts with {which:?}");
+    };
+    let mut edge = build(&case)?;
+    let t = Instant::now();
+    let mut n = 0u64;
+    while t.elapsed().as_secs_f64() < seconds {
+        edge.send((case.request)(n + 1))?;
+        n += 1;
+    }
+    eprintln!("{n} requests of {}/{}", case.plugin, case.path);
+    Ok(())
+}
+
+fn build(case: &Case) -> anyhow::Result<Edge> {
+    let module = Module::from_file(module_path(case.plugin))?;
+    let mut edge = Edge::builder()
+        .plugin(Plugin::new(&module, case.config))
+        .upstream(|_| Upstream::ok("{\"items\":[1,2,3]}").header("content-type", "application/json"))
+        .build()?;
+    (case.setup)(&mut edge)?;
+    // The first request of a path defines counters and warms caches: measure the second.
+    edge.send((case.request)(0))?;
+    Ok(edge)
+}
+
 fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--loop") {
+        let which = args.get(i + 1).map_or("", String::as_str);
+        let secs = args.get(i + 2).and_then(|s| s.parse().ok()).unwrap_or(5.0);
+        return repeat(which, secs);
+    }
+    let mut profile = Vec::new();
     println!("| plugin | path | wasm instructions / request | harness lifecycles/s |");
     println!("|---|---|---|---|");
     for case in cases() {
-        let module = Module::from_file(module_path(case.plugin))?;
-        let mut edge = Edge::builder()
-            .plugin(Plugin::new(&module, case.config))
-            .upstream(|_| {
-                Upstream::ok("{\"items\":[1,2,3]}").header("content-type", "application/json")
-            })
-            .build()?;
-        (case.setup)(&mut edge)?;
-        let fuel = edge.send((case.request)(1))?.fuel;
+        let mut edge = build(&case)?;
+        let (fuel0, calls0) = (fuel(&edge), edge.hostcalls(0));
+        let used = edge.send((case.request)(1))?.fuel;
+        profile.push(format!(
+            "| {} | {} | {} | {} |",
+            case.plugin,
+            case.path,
+            delta(&fuel0, &fuel(&edge)),
+            delta(&calls0, &edge.hostcalls(0))
+        ));
         let n = 2000u64;
         let t = Instant::now();
         for i in 0..n {
             edge.send((case.request)(i + 2))?;
         }
         let rate = n as f64 / t.elapsed().as_secs_f64();
-        println!("| {} | {} | {fuel} | {rate:.0} |", case.plugin, case.path);
+        println!("| {} | {} | {used} | {rate:.0} |", case.plugin, case.path);
+    }
+    println!();
+    println!("Where one request goes: wasm instructions per callback, and the crossings into Envoy");
+    println!("(hostcalls, and guest allocations Envoy makes to hand data over).");
+    println!();
+    println!("| plugin | path | instructions per callback | hostcalls |");
+    println!("|---|---|---|---|");
+    for line in profile {
+        println!("{line}");
     }
     Ok(())
 }

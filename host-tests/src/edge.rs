@@ -1717,6 +1717,18 @@ impl Edge {
         out
     }
 
+    /// Calls per hostcall (and host-made guest allocations), summed over every worker's VM of
+    /// `plugin`: the crossings between Envoy and the VM that a request costs.
+    pub fn hostcalls(&self, plugin: usize) -> BTreeMap<&'static str, u64> {
+        let mut out: BTreeMap<&'static str, u64> = BTreeMap::new();
+        for vms in &self.workers {
+            for (k, v) in &vms[plugin].store.data().hostcalls {
+                *out.entry(k).or_default() += v;
+            }
+        }
+        out
+    }
+
     /// Places where a plugin used the ABI in a way Envoy would refuse or ignore.
     pub fn abi_misuse(&self) -> Vec<String> {
         self.host.borrow().misuse.clone()

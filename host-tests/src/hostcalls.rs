@@ -84,6 +84,7 @@ fn alloc(c: &mut C, len: u32) -> Result<u32, Fail> {
     let f = f
         .typed::<u32, u32>(&*c)
         .map_err(|_| Fail::Status(Status::InvalidMemoryAccess))?;
+    *c.data_mut().hostcalls.entry("(guest allocation)").or_default() += 1;
     let p = f.call(&mut *c, len).map_err(Fail::Trap)?;
     if p == 0 {
         return Err(Fail::Status(Status::InvalidMemoryAccess));
@@ -137,6 +138,7 @@ fn lower(k: &[u8]) -> Vec<u8> {
 macro_rules! env {
     ($l:expr, $name:literal, $f:ident ($($a:ident : $t:ty),*)) => {
         $l.func_wrap("env", $name, |mut c: C<'_>, $($a: $t),*| -> wasmtime::Result<u32> {
+            *c.data_mut().hostcalls.entry($name).or_default() += 1;
             finish($f(&mut c, $($a),*))
         })?;
     };

@@ -400,6 +400,9 @@ pub(crate) struct VmState {
     pub failed: bool,
     pub starting: bool,
     pub exit_code: Option<u32>,
+    /// Calls per `env` import, and guest allocations the host made to hand data over: each is
+    /// a crossing between the host and the VM, which Envoy pays for.
+    pub hostcalls: BTreeMap<&'static str, u64>,
 }
 
 impl VmState {

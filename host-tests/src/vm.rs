@@ -47,6 +47,10 @@ impl Module {
     pub fn from_bytes(name: &str, bytes: &[u8]) -> Result<Module> {
         let mut config = wasmtime::Config::new();
         config.consume_fuel(true);
+        // For `perf record` of the guest's functions by name (`./build.sh profile`).
+        if std::env::var_os("EDGE_PERFMAP").is_some() {
+            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         let engine = Engine::new(&config).map_err(|e| anyhow!("{e}"))?;
         let module = wasmtime::Module::new(&engine, bytes)
             .map_err(|e| anyhow!("cannot compile wasm module {name}: {e}"))?;
@@ -128,6 +132,7 @@ impl Vm {
             failed: false,
             starting: true,
             exit_code: None,
+            hostcalls: BTreeMap::new(),
         };
         let mut store = Store::new(&module.inner.engine, state);
         store
