@@ -1,0 +1,104 @@
+#!/usr/bin/env python3
+"""Removes the exports of HTTP callbacks a plugin does not implement from its module.
+
+Envoy (proxy-wasm-cpp-host) calls into the VM only for callbacks the module exports; for an
+absent one it goes on as if the callback had returned "continue". The Rust SDK exports all of
+them, so a plugin that only reads request headers would still pay for a VM crossing on every
+response body chunk, access log and stream end. The callbacks a plugin implements are read
+from its source (`fn on_http_response_body`, ...): a method named anywhere in the crate keeps its
+export, so nothing the plugin handles can be dropped.
+
+Usage: trim_callbacks.py MODULE.wasm CRATE_SRC_DIR   (rewrites MODULE.wasm in place)
+Prints the exports it removed.
+"""
+
+import os
+import re
+import sys
+
+# Trait method -> the export that dispatches to it.
+CALLBACKS = {
+    "on_http_request_headers": "proxy_on_request_headers",
+    "on_http_request_body": "proxy_on_request_body",
+    "on_http_request_trailers": "proxy_on_request_trailers",
+    "on_http_response_headers": "proxy_on_response_headers",
+    "on_http_response_body": "proxy_on_response_body",
+    "on_http_response_trailers": "proxy_on_response_trailers",
+    "on_log": "proxy_on_log",
+    "on_done": "proxy_on_done",
+}
+
+
+def leb(data, i):
+    value = shift = 0
+    while True:
+        b = data[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        shift += 7
+        if b < 0x80:
+            return value, i
+
+
+def enc(value):
+    out = bytearray()
+    while True:
+        b = value & 0x7F
+        value >>= 7
+        out.append(b | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def implemented(src_dir):
+    text = ""
+    for base, _, files in os.walk(src_dir):
+        for f in files:
+            if f.endswith(".rs"):
+                with open(os.path.join(base, f), encoding="utf-8") as fh:
+                    text += fh.read()
+    return {m for m in CALLBACKS if re.search(rf"\bfn\s+{m}\s*[<(]", text)}
+
+
+def trim(module, drop):
+    if module[:8] != b"\0asm\x01\0\0\0":
+        raise SystemExit("not a wasm module")
+    out, removed, i = bytearray(module[:8]), [], 8
+    while i < len(module):
+        sid = module[i]
+        size, body = leb(module, i + 1)
+        end = body + size
+        if sid != 7:
+            out += module[i:end]
+            i = end
+            continue
+        count, j = leb(module, body)
+        kept = []
+        for _ in range(count):
+            n, k = leb(module, j)
+            name = module[k:k + n].decode()
+            _, after = leb(module, k + n + 1)  # kind byte, then index
+            if name in drop:
+                removed.append(name)
+            else:
+                kept.append(module[j:after])
+            j = after
+        section = enc(len(kept)) + b"".join(kept)
+        out += bytes([7]) + enc(len(section)) + section
+        i = end
+    return bytes(out), removed
+
+
+def main():
+    path, src = sys.argv[1], sys.argv[2]
+    keep = implemented(src)
+    drop = {export for method, export in CALLBACKS.items() if method not in keep}
+    with open(path, "rb") as f:
+        trimmed, removed = trim(f.read(), drop)
+    with open(path, "wb") as f:
+        f.write(trimmed)
+    print(" ".join(sorted(removed)) or "(none)")
+
+
+if __name__ == "__main__":
+    main()
