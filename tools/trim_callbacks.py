@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Removes the exports of HTTP callbacks a plugin does not implement from its module.
+"""Removes the exports of callbacks a plugin does not implement from its module.
 
 Envoy (proxy-wasm-cpp-host) calls into the VM only for callbacks the module exports; for an
 absent one it goes on as if the callback had returned "continue". The Rust SDK exports all of
@@ -16,16 +16,33 @@ import os
 import re
 import sys
 
-# Trait method -> the export that dispatches to it.
+# Export -> the SDK trait methods it dispatches to. An export is dropped when the plugin's
+# source names none of them.
 CALLBACKS = {
-    "on_http_request_headers": "proxy_on_request_headers",
-    "on_http_request_body": "proxy_on_request_body",
-    "on_http_request_trailers": "proxy_on_request_trailers",
-    "on_http_response_headers": "proxy_on_response_headers",
-    "on_http_response_body": "proxy_on_response_body",
-    "on_http_response_trailers": "proxy_on_response_trailers",
-    "on_log": "proxy_on_log",
-    "on_done": "proxy_on_done",
+    "proxy_on_request_headers": ["on_http_request_headers"],
+    "proxy_on_request_body": ["on_http_request_body"],
+    "proxy_on_request_trailers": ["on_http_request_trailers"],
+    "proxy_on_response_headers": ["on_http_response_headers"],
+    "proxy_on_response_body": ["on_http_response_body"],
+    "proxy_on_response_trailers": ["on_http_response_trailers"],
+    "proxy_on_log": ["on_log"],
+    "proxy_on_done": ["on_done"],
+    # Never called for a plugin that starts no callouts, timers, queues or foreign calls, and
+    # never for an HTTP filter's network callbacks; dropping them lets wasm-opt remove the
+    # dispatch code behind them.
+    "proxy_on_tick": ["on_tick"],
+    "proxy_on_queue_ready": ["on_queue_ready"],
+    "proxy_on_http_call_response": ["on_http_call_response"],
+    "proxy_on_grpc_receive_initial_metadata": ["on_grpc_stream_initial_metadata"],
+    "proxy_on_grpc_receive": ["on_grpc_call_response", "on_grpc_stream_message"],
+    "proxy_on_grpc_receive_trailing_metadata": ["on_grpc_stream_trailing_metadata"],
+    "proxy_on_grpc_close": ["on_grpc_call_response", "on_grpc_stream_close"],
+    "proxy_on_foreign_function": ["on_foreign_function"],
+    "proxy_on_new_connection": ["on_new_connection"],
+    "proxy_on_downstream_data": ["on_downstream_data"],
+    "proxy_on_downstream_connection_close": ["on_downstream_close"],
+    "proxy_on_upstream_data": ["on_upstream_data"],
+    "proxy_on_upstream_connection_close": ["on_upstream_close"],
 }
 
 
@@ -57,7 +74,8 @@ def implemented(src_dir):
             if f.endswith(".rs"):
                 with open(os.path.join(base, f), encoding="utf-8") as fh:
                     text += fh.read()
-    return {m for m in CALLBACKS if re.search(rf"\bfn\s+{m}\s*[<(]", text)}
+    methods = {m for ms in CALLBACKS.values() for m in ms}
+    return {m for m in methods if re.search(rf"\bfn\s+{m}\s*[<(]", text)}
 
 
 def trim(module, drop):
@@ -92,7 +110,7 @@ def trim(module, drop):
 def main():
     path, src = sys.argv[1], sys.argv[2]
     keep = implemented(src)
-    drop = {export for method, export in CALLBACKS.items() if method not in keep}
+    drop = {export for export, methods in CALLBACKS.items() if not keep.intersection(methods)}
     with open(path, "rb") as f:
         trimmed, removed = trim(f.read(), drop)
     with open(path, "wb") as f:

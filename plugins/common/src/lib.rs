@@ -19,6 +19,7 @@ pub mod shared_data;
 pub mod store;
 pub mod stored;
 pub mod table;
+pub mod text;
 pub mod throttle;
 
 pub use config::{parse_json, ConfigError, Node, Obj};

@@ -45,6 +45,16 @@ pub fn client_ip(address: &str) -> Option<String> {
     if a.is_empty() {
         return None;
     }
+    // What Envoy reports for IPv4 clients, `1.2.3.4:5678`, is already canonical: the parser
+    // rejects any other spelling (leading zeros, fewer parts), so the text is kept as is.
+    if let Some((host, port)) = a.rsplit_once(':') {
+        if !host.contains(':')
+            && port.bytes().all(|b| b.is_ascii_digit())
+            && host.parse::<std::net::Ipv4Addr>().is_ok()
+        {
+            return Some(host.to_string());
+        }
+    }
     let ip = a
         .parse::<SocketAddr>()
         .map(|s| s.ip())

@@ -82,6 +82,30 @@ pub fn update(
     Err(contended(attempts))
 }
 
+/// [`update`] of a key that is created with `initial` first if it does not exist yet: one read
+/// and one write when it does (where [`get_or_create`] then [`update`] reads twice).
+pub fn update_or_create(
+    store: &impl SlotStore,
+    key: &str,
+    initial: &[u8],
+    attempts: u32,
+    mut change: impl FnMut(&[u8]) -> Option<Vec<u8>>,
+) -> Result<Option<Vec<u8>>, StoreError> {
+    for _ in 0..attempts {
+        let e = match store.get(key)? {
+            Some(e) => e,
+            None => get_or_create(store, key, initial)?,
+        };
+        let Some(new) = change(&e.value) else {
+            return Ok(None);
+        };
+        if store.compare_and_swap(key, &new, e.version)? == Write::Done {
+            return Ok(Some(new));
+        }
+    }
+    Err(contended(attempts))
+}
+
 /// The error for a key that stayed contended through every attempt.
 pub fn contended(attempts: u32) -> StoreError {
     StoreError(format!("gave up after {attempts} conflicting writes"))
@@ -214,6 +238,17 @@ mod tests {
             "nothing half-written"
         );
         assert!(update(&s, "absent", 3, inc).is_err());
+    }
+
+    #[test]
+    fn update_or_create_starts_from_the_initial_value_once() {
+        let s = MemoryStore::new();
+        let inc = |v: &[u8]| Some(vec![v.first().copied().unwrap_or(0) + 1]);
+        assert_eq!(update_or_create(&s, "n", &[5], 3, inc), Ok(Some(vec![6])));
+        assert_eq!(update_or_create(&s, "n", &[5], 3, inc), Ok(Some(vec![7])));
+        s.conflicts.set(3);
+        assert!(update_or_create(&s, "n", &[5], 3, inc).is_err());
+        assert_eq!(s.get("n").unwrap().unwrap().value, vec![7]);
     }
 
     #[test]

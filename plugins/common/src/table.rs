@@ -14,7 +14,9 @@
 //! was claimed there too. Of two racing claims the later check sees the earlier write, so at
 //! most one wins (both may yield, which callers treat as "in use": safe, and rare).
 
-use crate::store::{contended, get_or_create, update, Entry, SlotStore, StoreError, Write};
+use crate::store::{
+    contended, get_or_create, update, update_or_create, Entry, SlotStore, StoreError, Write,
+};
 
 /// Slots a key may occupy.
 pub const PROBES: u64 = 4;
@@ -94,6 +96,9 @@ pub enum Claim {
 
 pub struct Table {
     ns: String,
+    /// `<ns>i/` and `<ns>b/`, the prefixes of index and body keys.
+    index_prefix: String,
+    body_prefix: String,
     slots: u32,
     max_bytes: u64,
     evictions: std::cell::Cell<u64>,
@@ -111,6 +116,8 @@ impl Table {
     /// `ns` prefixes every key (end it with `/`); `slots` ≥ 1.
     pub fn new(ns: &str, slots: u32, max_bytes: u64) -> Table {
         Table {
+            index_prefix: format!("{ns}i/"),
+            body_prefix: format!("{ns}b/"),
             ns: ns.to_string(),
             slots: slots.max(1),
             max_bytes,
@@ -119,11 +126,11 @@ impl Table {
     }
 
     fn index_key(&self, slot: u32) -> String {
-        format!("{}i/{slot}", self.ns)
+        crate::text::key(&self.index_prefix, u64::from(slot))
     }
 
     fn body_key(&self, slot: u32) -> String {
-        format!("{}b/{slot}", self.ns)
+        crate::text::key(&self.body_prefix, u64::from(slot))
     }
 
     fn bytes_key(&self) -> String {
@@ -312,7 +319,14 @@ impl Table {
         body: &[u8],
     ) -> Result<Option<Found>, StoreError> {
         let len = u32::try_from(body.len()).map_err(|_| StoreError("body too large".into()))?;
-        if !self.reserve(store, u64::from(len), found.slot)? {
+        if u64::from(len) > self.max_bytes {
+            return Ok(None);
+        }
+        // The new body replaces the record's old one: only a growth is reserved (before the
+        // write, undone if the write loses); a shrink is counted once the write has won, so
+        // the count never dips below what is held.
+        let delta = i64::from(len) - i64::from(found.record.body_len);
+        if delta > 0 && !self.reserve(store, delta.unsigned_abs(), found.slot)? {
             return Ok(None);
         }
         let mut value = Vec::with_capacity(16 + body.len());
@@ -321,11 +335,14 @@ impl Table {
         value.extend_from_slice(body);
         record.body_len = len;
         let Some(mine) = self.write(store, found, record)? else {
-            self.add_bytes(store, -i64::from(len))?;
+            if delta > 0 {
+                self.add_bytes(store, -delta)?;
+            }
             return Ok(None);
         };
-        // The old body's bytes are no longer the record's.
-        self.add_bytes(store, -i64::from(found.record.body_len))?;
+        if delta < 0 {
+            self.add_bytes(store, delta)?;
+        }
         let body_key = self.body_key(found.slot);
         for _ in 0..ATTEMPTS {
             let current = get_or_create(store, &body_key, &[])?;
@@ -393,8 +410,7 @@ impl Table {
             return Ok(());
         }
         let key = self.bytes_key();
-        get_or_create(store, &key, &0u64.to_le_bytes())?;
-        update(store, &key, ATTEMPTS, |v| {
+        update_or_create(store, &key, &0u64.to_le_bytes(), ATTEMPTS, |v| {
             Some(
                 read_u64(v)
                     .saturating_add_signed(delta)
@@ -412,9 +428,8 @@ impl Table {
             return Ok(false);
         }
         let key = self.bytes_key();
-        get_or_create(store, &key, &0u64.to_le_bytes())?;
         for round in 0..u64::from(SAMPLE) {
-            let taken = update(store, &key, ATTEMPTS, |v| {
+            let taken = update_or_create(store, &key, &0u64.to_le_bytes(), ATTEMPTS, |v| {
                 let used = read_u64(v);
                 used.checked_add(n)
                     .filter(|t| *t <= self.max_bytes)

@@ -92,13 +92,14 @@ impl Limit {
             } else if rate == 0 {
                 u64::MAX
             } else {
-                u64::try_from(missing.div_ceil(rate)).unwrap_or(u64::MAX)
+                let q = div(missing, rate);
+                u64::try_from(q + u128::from(q * rate < missing)).unwrap_or(u64::MAX)
             }
         };
         Take {
             allowed,
             bucket: b,
-            remaining: u64::try_from(b.level / self.cost().max(1)).unwrap_or(u64::MAX),
+            remaining: u64::try_from(div(b.level, self.cost().max(1))).unwrap_or(u64::MAX),
             retry_after_ns: ns_until(self.cost()),
             full_in_ns: ns_until(self.capacity()),
         }
@@ -112,6 +113,16 @@ impl Limit {
             level: b.level.saturating_add(self.cost()).min(self.capacity()),
             at_ns: b.at_ns,
         }
+    }
+}
+
+/// `a / b` (b > 0) in 64-bit arithmetic when both fit, as they do for every limit below
+/// 18 billion tokens: wasm has no 128-bit division, and the library routine costs hundreds of
+/// instructions.
+fn div(a: u128, b: u128) -> u128 {
+    match (u64::try_from(a), u64::try_from(b)) {
+        (Ok(a), Ok(b)) if b > 0 => u128::from(a / b),
+        _ => a / b.max(1),
     }
 }
 

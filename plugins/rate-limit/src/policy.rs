@@ -17,6 +17,7 @@ use crate::config::{Config, FailureMode, Mode, Rule};
 use edge_common::key::{key_hash, KeyHasher};
 use edge_common::problem::{json_string_list, problem_json, Reply};
 use edge_common::store::{contended, get_or_create, update, Write};
+use edge_common::text;
 use edge_common::{RequestView, SlotStore, StoreError};
 
 /// Slots examined for a key: its home slot and the next three.
@@ -96,10 +97,12 @@ pub struct Decision {
 /// The compiled limiter: a config plus the namespace of its keys in the store.
 pub struct Limiter {
     pub config: Config,
-    namespace: String,
     seed: u64,
-    /// Each rule's limit fingerprint, computed once.
+    /// Per rule, computed once: the limit's fingerprint, the prefix of its slot keys
+    /// (`<ns><rule>/`) and its `RateLimit-Policy` item.
     fingerprints: Vec<u64>,
+    prefixes: Vec<String>,
+    policies: Vec<String>,
 }
 
 /// A slot's bytes: key hash, limit fingerprint, level, timestamp (40 bytes, little-endian).
@@ -178,24 +181,39 @@ impl Limiter {
     pub fn new(config: Config, namespace: &str, seed: u64) -> Self {
         Limiter {
             fingerprints: config.rules.iter().map(|r| fingerprint(&r.limit)).collect(),
+            prefixes: config
+                .rules
+                .iter()
+                .map(|r| format!("{namespace}{}/", r.name))
+                .collect(),
+            policies: config
+                .rules
+                .iter()
+                .map(|r| {
+                    format!(
+                        "\"{}\";q={};w={}",
+                        r.name, r.limit.requests, r.window_secs
+                    )
+                })
+                .collect(),
             config,
-            namespace: namespace.to_string(),
             seed,
         }
     }
 
     /// Decides on one request at `now_ns` (wall clock, nanoseconds).
     pub fn check(&self, req: &impl RequestView, now_ns: u64, store: &impl SlotStore) -> Decision {
-        let mut results = Vec::new();
+        let rules = self.config.rules.len();
+        let mut results = Vec::with_capacity(rules);
         let mut errors = Vec::new();
-        let mut taken: Vec<(usize, Taken)> = Vec::new();
+        let mut taken: Vec<(usize, Taken)> = Vec::with_capacity(rules);
         for (i, rule) in self.config.rules.iter().enumerate() {
             if !rule.route.matches(req) {
                 continue;
             }
             let key = key_hash(self.seed, &rule.name, &rule.key, req);
             let fp = self.fingerprints.get(i).copied().unwrap_or(1);
-            match self.take(rule, fp, key, now_ns, store) {
+            match self.take(i, rule, fp, key, now_ns, store) {
                 Ok(t) => {
                     let outcome = match (t.take.allowed, self.config.mode) {
                         (true, _) => Outcome::Allowed,
@@ -290,10 +308,10 @@ impl Limiter {
     /// `RateLimit-Policy` and `RateLimit` for the rules that were checked. `t` is the seconds
     /// until the next token when none is left, else until the bucket is full again.
     fn quota_headers(&self, taken: &[(usize, Taken)]) -> Vec<(String, String)> {
-        let mut policy = Vec::new();
-        let mut state = Vec::new();
+        let mut policy = String::with_capacity(64);
+        let mut state = String::with_capacity(64);
         for (i, t) in taken {
-            let Some(rule) = self.config.rules.get(*i) else {
+            let (Some(rule), Some(p)) = (self.config.rules.get(*i), self.policies.get(*i)) else {
                 continue;
             };
             let wait = if t.take.remaining == 0 {
@@ -301,23 +319,24 @@ impl Limiter {
             } else {
                 t.take.full_in_ns
             };
-            policy.push(format!(
-                "\"{}\";q={};w={}",
-                rule.name, rule.limit.requests, rule.window_secs
-            ));
-            state.push(format!(
-                "\"{}\";r={};t={}",
-                rule.name,
-                t.take.remaining,
-                ceil_secs(wait)
-            ));
+            if !policy.is_empty() {
+                policy.push_str(", ");
+                state.push_str(", ");
+            }
+            policy.push_str(p);
+            state.push('"');
+            state.push_str(&rule.name);
+            state.push_str("\";r=");
+            text::push_decimal(&mut state, t.take.remaining);
+            state.push_str(";t=");
+            text::push_decimal(&mut state, ceil_secs(wait));
         }
         if policy.is_empty() {
             return Vec::new();
         }
         vec![
-            ("ratelimit-policy".into(), policy.join(", ")),
-            ("ratelimit".into(), state.join(", ")),
+            ("ratelimit-policy".into(), policy),
+            ("ratelimit".into(), state),
         ]
     }
 
@@ -356,16 +375,18 @@ impl Limiter {
         Action::Reply(Reply::problem(status, headers, body))
     }
 
-    fn slot_key(&self, rule: &Rule, index: Option<u32>) -> String {
+    fn slot_key(&self, rule: usize, index: Option<u32>) -> String {
+        let prefix = self.prefixes.get(rule).map_or("", String::as_str);
         match index {
-            Some(i) => format!("{}{}/{i}", self.namespace, rule.name),
-            None => format!("{}{}/overflow", self.namespace, rule.name),
+            Some(i) => text::key(prefix, u64::from(i)),
+            None => format!("{prefix}overflow"),
         }
     }
 
     /// Takes a token from the key's bucket (see the module docs for the slot search).
     fn take(
         &self,
+        i: usize,
         rule: &Rule,
         fp: u64,
         key: u64,
@@ -380,7 +401,7 @@ impl Limiter {
             let mut free = None;
             for p in 0..PROBES.min(n) {
                 let idx = (home + p) % n;
-                let slot_key = self.slot_key(rule, Some(idx));
+                let slot_key = self.slot_key(i, Some(idx));
                 let entry = get_or_create(store, &slot_key, &empty)?;
                 let slot = Slot::decode(&entry.value);
                 let current = slot.limit == fp;
@@ -399,7 +420,7 @@ impl Limiter {
                 (Some((k, v, b)), _) => (k, v, b, false),
                 (None, Some((k, v))) => (k, v, rule.limit.fresh(now), false),
                 (None, None) => {
-                    let k = self.slot_key(rule, None);
+                    let k = self.slot_key(i, None);
                     let e = get_or_create(store, &k, &empty)?;
                     let s = Slot::decode(&e.value);
                     let b = if s.key == OVERFLOW && s.limit == fp {
@@ -431,7 +452,7 @@ impl Limiter {
                 // other's slot still taken). Both write, then both look: at least one sees
                 // the other, gives its slot (and the token in it) up and takes from the
                 // other's bucket on the next attempt.
-                if claiming && self.claimed_elsewhere(rule, fp, key, home, &slot_key, store)? {
+                if claiming && self.claimed_elsewhere(i, rule, fp, key, home, &slot_key, store)? {
                     update(store, &slot_key, ATTEMPTS, |bytes| {
                         (Slot::decode(bytes).key == key).then(|| empty.to_vec())
                     })?;
@@ -450,8 +471,10 @@ impl Limiter {
     }
 
     /// Whether another probed slot than `mine` holds `key`'s current bucket.
+    #[allow(clippy::too_many_arguments)]
     fn claimed_elsewhere(
         &self,
+        i: usize,
         rule: &Rule,
         fp: u64,
         key: u64,
@@ -461,7 +484,7 @@ impl Limiter {
     ) -> Result<bool, StoreError> {
         let n = rule.max_keys.max(1);
         for p in 0..PROBES.min(n) {
-            let other = self.slot_key(rule, Some((home + p) % n));
+            let other = self.slot_key(i, Some((home + p) % n));
             if other == mine {
                 continue;
             }
@@ -574,8 +597,8 @@ mod tests {
         let n = rule.max_keys;
         let home = u32::try_from(key % u64::from(n)).unwrap();
         let (first, second) = (
-            l.slot_key(rule, Some(home)),
-            l.slot_key(rule, Some((home + 1) % n)),
+            l.slot_key(0, Some(home)),
+            l.slot_key(0, Some((home + 1) % n)),
         );
         let theirs = Slot {
             key,
@@ -812,7 +835,7 @@ mod tests {
         );
         let s = MemoryStore::new();
         let t = l
-            .take(&l.config.rules[0], l.fingerprints[0], 5, 0, &s)
+            .take(0, &l.config.rules[0], l.fingerprints[0], 5, 0, &s)
             .unwrap();
         assert!(t.take.allowed);
         // Another key takes the slot over once the bucket is full again.
