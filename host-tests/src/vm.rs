@@ -217,6 +217,7 @@ impl Vm {
     /// returns `Returned(None)`, as Envoy treats absent callbacks as "continue".
     pub fn call(&mut self, export: &'static str, context: u32, args: &[u32]) -> Outcome {
         let Some(f) = self.funcs.get(export).cloned() else {
+            self.last_fuel = 0;
             return Outcome::Returned(None);
         };
         if self.store.data().failed {
