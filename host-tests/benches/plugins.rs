@@ -158,7 +158,10 @@ fn delta<K: Ord + Copy + std::fmt::Display>(
 }
 
 fn fuel(edge: &Edge) -> BTreeMap<&'static str, u64> {
-    edge.costs(0).into_iter().map(|(k, v)| (k, v.fuel)).collect()
+    edge.costs(0)
+        .into_iter()
+        .map(|(k, v)| (k, v.fuel))
+        .collect()
 }
 
 /// `--loop PLUGIN/PATH SECONDS`: sends that case's request over and over, for a sampling
@@ -185,7 +188,9 @@ fn build(case: &Case) -> anyhow::Result<Edge> {
     let module = Module::from_file(module_path(case.plugin))?;
     let mut edge = Edge::builder()
         .plugin(Plugin::new(&module, case.config))
-        .upstream(|_| Upstream::ok("{\"items\":[1,2,3]}").header("content-type", "application/json"))
+        .upstream(|_| {
+            Upstream::ok("{\"items\":[1,2,3]}").header("content-type", "application/json")
+        })
         .build()?;
     (case.setup)(&mut edge)?;
     // The first request of a path defines counters and warms caches: measure the second.
@@ -223,7 +228,9 @@ fn main() -> anyhow::Result<()> {
         println!("| {} | {} | {used} | {rate:.0} |", case.plugin, case.path);
     }
     println!();
-    println!("Where one request goes: wasm instructions per callback, and the crossings into Envoy");
+    println!(
+        "Where one request goes: wasm instructions per callback, and the crossings into Envoy"
+    );
     println!("(hostcalls, and guest allocations Envoy makes to hand data over).");
     println!();
     println!("| plugin | path | instructions per callback | hostcalls |");

@@ -84,7 +84,10 @@ fn alloc(c: &mut C, len: u32) -> Result<u32, Fail> {
     let f = f
         .typed::<u32, u32>(&*c)
         .map_err(|_| Fail::Status(Status::InvalidMemoryAccess))?;
-    *c.data_mut().hostcalls.entry("(guest allocation)").or_default() += 1;
+    *c.data_mut()
+        .hostcalls
+        .entry("(guest allocation)")
+        .or_default() += 1;
     let p = f.call(&mut *c, len).map_err(Fail::Trap)?;
     if p == 0 {
         return Err(Fail::Status(Status::InvalidMemoryAccess));

@@ -34,7 +34,18 @@ mod tests {
 
     #[test]
     fn decimal_matches_display_at_the_edges() {
-        for n in [0, 1, 9, 10, 99, 100, 12345, u64::from(u32::MAX), u64::MAX - 1, u64::MAX] {
+        for n in [
+            0,
+            1,
+            9,
+            10,
+            99,
+            100,
+            12345,
+            u64::from(u32::MAX),
+            u64::MAX - 1,
+            u64::MAX,
+        ] {
             assert_eq!(key("p/", n), format!("p/{n}"));
         }
     }

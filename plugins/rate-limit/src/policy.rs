@@ -189,12 +189,7 @@ impl Limiter {
             policies: config
                 .rules
                 .iter()
-                .map(|r| {
-                    format!(
-                        "\"{}\";q={};w={}",
-                        r.name, r.limit.requests, r.window_secs
-                    )
-                })
+                .map(|r| format!("\"{}\";q={};w={}", r.name, r.limit.requests, r.window_secs))
                 .collect(),
             config,
             seed,
