@@ -67,7 +67,7 @@ EXPECTED = {
 # Plugin counters that only count failures (wasmcustom.<name>), whatever the traffic.
 FAILURE_COUNTERS = re.compile(
     r"^wasmcustom\.(rate_limit\.[^.]+\.store_errors|flag_router\.[^.]+\.(error|no_default)"
-    r"|flag_router\.source_errors|idempotency\.(unavailable_503|lost))$")
+    r"|flag_router\.source_errors|idempotency\.(unavailable_503|lost|unrecorded))$")
 # Envoy's own wasm stats that move only when a VM failed or was replaced.
 VM_FAILURE_STATS = re.compile(r"^wasm\.[^.]+\.vm_reload(_failure|_backoff|_success)?$")
 LOG_FAILURE = re.compile(

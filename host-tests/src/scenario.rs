@@ -440,6 +440,26 @@ pub struct Seen {
     pub body: String,
 }
 
+impl Seen {
+    /// What a runner records of a response: its status, the `recorded` headers (present or
+    /// not) and the body as text. Both runners build it here, so they compare alike.
+    pub fn new<'a>(
+        status: u16,
+        recorded: &[String],
+        header: impl Fn(&str) -> Option<&'a str>,
+        body: &[u8],
+    ) -> Seen {
+        Seen {
+            status,
+            headers: recorded
+                .iter()
+                .map(|h| (h.clone(), header(h).map(str::to_string)))
+                .collect(),
+            body: String::from_utf8_lossy(body).into_owned(),
+        }
+    }
+}
+
 /// One step's record: responses (sorted for `together`) and the application's requests
 /// (sorted), each `METHOD /path [header=value ...] body=<n>B`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -834,14 +854,7 @@ fn harness_request(send: &Send) -> Request {
 }
 
 fn seen(res: &crate::Response, recorded: &[String]) -> Seen {
-    Seen {
-        status: res.status,
-        headers: recorded
-            .iter()
-            .map(|h| (h.clone(), res.header(h).map(str::to_string)))
-            .collect(),
-        body: String::from_utf8_lossy(&res.body).into_owned(),
-    }
+    Seen::new(res.status, recorded, |h| res.header(h), &res.body)
 }
 
 /// Every `*.yaml` in a directory, sorted.

@@ -300,12 +300,10 @@ fn send_one(listener: SocketAddr, send: &Send, recorded: &[String]) -> Result<Se
         &pieces,
         CLIENT_TIMEOUT,
     )?;
-    Ok(Seen {
-        status: res.status,
-        headers: recorded
-            .iter()
-            .map(|h| (h.clone(), res.header(h).map(str::to_string)))
-            .collect(),
-        body: String::from_utf8_lossy(&res.body).into_owned(),
-    })
+    Ok(Seen::new(
+        res.status,
+        recorded,
+        |h| res.header(h),
+        &res.body,
+    ))
 }

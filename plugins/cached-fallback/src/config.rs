@@ -82,15 +82,6 @@ impl Config {
     }
 }
 
-fn status_in(n: Node<'_>, lo: u64, hi: u64, what: &str) -> Result<u16, ConfigError> {
-    let s = n.u64()?;
-    if (lo..=hi).contains(&s) {
-        Ok(u16::try_from(s).unwrap_or(0))
-    } else {
-        Err(n.err(format!("{s} is not {what} ({lo}-{hi})")))
-    }
-}
-
 const FIELDS: [&str; 11] = [
     "routes",
     "methods",
@@ -127,7 +118,7 @@ impl Config {
                 let f = n.obj(&["statuses", "upstreamReset", "timeout"])?;
                 Ok(FailOn {
                     statuses: if f.has("statuses") {
-                        f.list("statuses", |n| status_in(n, 400, 599, "an error status"))?
+                        f.list("statuses", |n| n.status_in(400, 599, "an error status"))?
                     } else {
                         DEFAULT_FAIL_STATUSES.to_vec()
                     },
@@ -149,7 +140,7 @@ impl Config {
             for (i, v) in items.iter().enumerate() {
                 let path = format!("{}[{i}]", n.path());
                 let item = Node::at(v, &path);
-                let s = status_in(item, 200, 399, "a success status")?;
+                let s = item.status_in(200, 399, "a success status")?;
                 if s == 206 {
                     return Err(item
                         .err("206 cannot be kept: a partial response is not the whole resource"));
@@ -206,7 +197,7 @@ impl Config {
             let s = n.obj(&["status", "headers", "body"])?;
             Ok(StaticFallback {
                 status: s
-                    .opt("status", |n| status_in(n, 200, 599, "a status"))?
+                    .opt("status", |n| n.status_in(200, 599, "a status"))?
                     .unwrap_or(DEFAULT_STATIC_STATUS),
                 headers: s.entries("headers", |k, n| {
                     let lower = k.to_ascii_lowercase();

@@ -18,7 +18,7 @@ use crate::config::{Config, FailOn};
 use edge_common::key::KeyHasher;
 use edge_common::problem::{problem_json, Reply, CONTENT_TYPE};
 use edge_common::request::{RequestParts, RequestView};
-use edge_common::store::{get_or_create, update};
+use edge_common::store::{get_or_create, update, update_or_create};
 use edge_common::stored::{CacheControl, StoredResponse};
 use edge_common::table::{Claim, Found, Record, Table};
 use edge_common::{SlotStore, StoreError};
@@ -621,16 +621,12 @@ impl Fallback {
             let failure = matches!(verdict, Verdict::Failure(_));
             // Only failures and the probe's outcome can change the state.
             if settled && (failure || probe.is_some()) {
-                let r = (|| -> Result<(), StoreError> {
-                    get_or_create(store, &self.circuit_key, &State::default().encode())?;
-                    update(store, &self.circuit_key, ATTEMPTS, |v| {
-                        let (next, opened) =
-                            circuit::report(&b, State::decode(v), now, failure, probe);
-                        circuit_opened = opened;
-                        next.map(|s| s.encode())
-                    })?;
-                    Ok(())
-                })();
+                let initial = State::default().encode();
+                let r = update_or_create(store, &self.circuit_key, &initial, ATTEMPTS, |v| {
+                    let (next, opened) = circuit::report(&b, State::decode(v), now, failure, probe);
+                    circuit_opened = opened;
+                    next.map(|s| s.encode())
+                });
                 if let Err(e) = r {
                     errors.push(e);
                 }

@@ -165,6 +165,16 @@ impl<'a> Node<'a> {
         }
     }
 
+    /// An HTTP status between `lo` and `hi`; `what` names the kind in the error
+    /// (`"200 is not an error status (400-599)"`).
+    pub fn status_in(&self, lo: u16, hi: u16, what: &str) -> Result<u16, ConfigError> {
+        let s = self.u64()?;
+        match u16::try_from(s) {
+            Ok(v) if (lo..=hi).contains(&v) => Ok(v),
+            _ => Err(self.err(format!("{s} is not {what} ({lo}-{hi})"))),
+        }
+    }
+
     /// A duration that must be longer than zero (windows, intervals, timeouts).
     pub fn positive_duration(&self) -> Result<Duration, ConfigError> {
         let d = self.duration()?;

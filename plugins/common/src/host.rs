@@ -3,6 +3,7 @@
 use crate::ffi::{self, REQUEST_HEADERS};
 use crate::request::{client_ip, RequestView};
 use proxy_wasm::hostcalls;
+use proxy_wasm::types::Action;
 
 /// The request being filtered, read through hostcalls. Meaningful only during
 /// `on_http_request_headers` (later, Envoy refuses request-header reads: they read as absent).
@@ -130,6 +131,17 @@ pub fn send_reply(plugin: &str, r: &crate::problem::Reply) -> bool {
         log::warn!("{plugin}: the host refused a local reply ({})", r.status);
     }
     sent
+}
+
+/// Answers with `r` and pauses the stream; when the host refuses the reply (logged), the
+/// plugin's `if_refused` applies: `Continue` where forwarding the request is safe, `Pause`
+/// where it must not reach the upstream unguarded.
+pub fn answer(plugin: &str, r: &crate::problem::Reply, if_refused: Action) -> Action {
+    if send_reply(plugin, r) {
+        Action::Pause
+    } else {
+        if_refused
+    }
 }
 
 /// Reads and parses the plugin configuration at configure time, following the host's log

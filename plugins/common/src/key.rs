@@ -123,14 +123,7 @@ impl KeyHasher {
 /// then hash apart from the other workers' until a reload.
 pub fn shared_seed(store: &impl SlotStore, key: &str, random: u64) -> (u64, Option<StoreError>) {
     match get_or_create(store, key, &random.to_le_bytes()) {
-        Ok(e) => (
-            e.value
-                .get(..8)
-                .and_then(|b| b.try_into().ok())
-                .map(u64::from_le_bytes)
-                .unwrap_or(random),
-            None,
-        ),
+        Ok(e) => (crate::store::read_u64(&e.value, 0).unwrap_or(random), None),
         Err(e) => (random, Some(e)),
     }
 }

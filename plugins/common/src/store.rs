@@ -106,6 +106,12 @@ pub fn update_or_create(
     Err(contended(attempts))
 }
 
+/// The little-endian u64 at `at` in a stored value (`None` when the value is too short).
+pub fn read_u64(value: &[u8], at: usize) -> Option<u64> {
+    let end = at.checked_add(8)?;
+    Some(u64::from_le_bytes(value.get(at..end)?.try_into().ok()?))
+}
+
 /// The error for a key that stayed contended through every attempt.
 pub fn contended(attempts: u32) -> StoreError {
     StoreError(format!("gave up after {attempts} conflicting writes"))

@@ -474,9 +474,7 @@ impl Table {
 }
 
 fn read_u64(v: &[u8]) -> u64 {
-    v.get(0..8)
-        .and_then(|b| b.try_into().ok())
-        .map_or(0, u64::from_le_bytes)
+    crate::store::read_u64(v, 0).unwrap_or(0)
 }
 
 /// Whether a body value belongs to the record with this key (and `at`, when given).

@@ -4,8 +4,8 @@
 use crate::config::Config;
 use crate::policy::{Begin, Claim, Completion, Fate, Idempotency, Identify, Problem};
 use edge_common::host::{
-    load_config, now_ns, property, response_body_chunk, response_header, response_headers, root_id,
-    send_reply, warn_throttled, worker_seed, HostRequest,
+    answer, load_config, now_ns, property, response_body_chunk, response_header, response_headers,
+    root_id, warn_throttled, worker_seed, HostRequest,
 };
 use edge_common::metrics::Counters;
 use edge_common::problem::Reply;
@@ -19,7 +19,7 @@ use proxy_wasm::types::{Action, ContextType};
 use std::rc::Rc;
 
 /// Counters, `idempotency.<name>` (in Envoy: `wasmcustom.idempotency.<name>`).
-const COUNTERS: [&str; 11] = [
+const COUNTERS: [&str; 12] = [
     "forwarded",
     "replayed",
     "stored",
@@ -31,6 +31,7 @@ const COUNTERS: [&str; 11] = [
     "rejected_413",
     "unavailable_503",
     "lost",
+    "unrecorded",
 ];
 
 /// The counters, and the throttle of this worker's warnings.
@@ -124,10 +125,11 @@ pub struct IdempotencyStream {
 impl Context for IdempotencyStream {}
 
 impl IdempotencyStream {
+    /// A refused reply still holds the request: forwarded, it would run unguarded (Envoy's
+    /// stream timeout ends it).
     fn reply(&mut self, r: &Reply) -> Action {
-        send_reply("idempotency", r);
         self.phase = Phase::Idle;
-        Action::Pause
+        answer("idempotency", r, Action::Pause)
     }
 
     fn refuse(&mut self, policy: &Idempotency, problem: Problem, detail: &str) -> Action {
@@ -212,11 +214,14 @@ impl IdempotencyStream {
                         .into()
                 });
             }
+            // The application has run: releasing the key would let a retry run it again.
+            // The claim stays until `inFlightTimeout` (duplicates get 409 meanwhile) and is
+            // then counted as lost.
             Err(e) => {
-                self.metrics
-                    .warn(|| format!("idempotency: cannot keep a response: {e}"));
-                self.phase = Phase::Claimed(claim);
-                self.release("the response could not be kept");
+                self.metrics.add("unrecorded", 1);
+                self.metrics.warn(|| {
+                    format!("idempotency: cannot record a completed request, its key stays claimed: {e}")
+                });
             }
         }
         self.metrics.add("evicted", policy.table().take_evictions());
@@ -260,7 +265,11 @@ impl HttpContext for IdempotencyStream {
         let Phase::Reading { hash, seen, .. } = &mut self.phase else {
             return Action::Continue;
         };
-        // While buffering, the host hands over everything received so far.
+        // While buffering, the host hands over everything received so far: a body past the
+        // limit is refused before any of it is copied into the VM.
+        if u64::try_from(body_size).unwrap_or(u64::MAX) > policy.config.max_body_bytes {
+            return self.too_large(&policy);
+        }
         let start = usize::try_from(*seen).unwrap_or(usize::MAX);
         if body_size > start {
             let want = body_size - start;

@@ -47,12 +47,7 @@ pub struct Rule {
 }
 
 fn error_status(n: Node<'_>) -> Result<u32, ConfigError> {
-    let s = n.u64()?;
-    if (400..=599).contains(&s) {
-        Ok(u32::try_from(s).unwrap_or(429))
-    } else {
-        Err(n.err(format!("{s} is not an error status (use 400-599)")))
-    }
+    n.status_in(400, 599, "an error status").map(u32::from)
 }
 
 /// Rule names appear in metric names and quoted in RateLimit headers, so they stay simple.
@@ -139,14 +134,11 @@ fn read_rule(n: Node<'_>, default_status: u32) -> Result<Rule, ConfigError> {
                 window_ns,
                 burst,
             },
-            window_ns.div_ceil(1_000_000_000).max(1),
+            crate::bucket::ceil_secs(window_ns).max(1),
         ))
     })?;
     let max_keys = o
-        .opt("maxKeys", |n| match n.u64()? {
-            k @ 1..=MAX_KEYS_LIMIT => Ok(k),
-            k => Err(n.err(format!("{k} is out of range (1-{MAX_KEYS_LIMIT})"))),
-        })?
+        .opt("maxKeys", |n| n.u64_in(1, MAX_KEYS_LIMIT))?
         .unwrap_or(DEFAULT_MAX_KEYS);
     Ok(Rule {
         name,

@@ -2,10 +2,10 @@
 //! decision into a local reply or added headers, counters and log lines.
 
 use crate::config::Config;
-use crate::policy::{Action as Verdict, Limiter, Outcome};
+use crate::policy::{Action as Verdict, Limiter};
 use edge_common::host::warn_throttled;
 use edge_common::host::{
-    load_config, now_ns, root_id, send_reply, set_request_header, set_response_header, worker_seed,
+    answer, load_config, now_ns, root_id, set_request_header, set_response_header, worker_seed,
     HostRequest,
 };
 use edge_common::metrics::Counters;
@@ -14,11 +14,6 @@ use edge_common::throttle::Throttle;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 use std::rc::Rc;
-
-/// Counters `rate_limit.<rule>.<outcome>`, rule by rule in [`Outcome::ALL`] order.
-fn counter(rule: usize, o: Outcome) -> usize {
-    rule * Outcome::ALL.len() + Outcome::ALL.iter().position(|x| *x == o).unwrap_or(0)
-}
 
 /// The counters, and the throttle of this worker's warnings.
 #[derive(Default)]
@@ -40,10 +35,7 @@ impl RootContext for RateLimitRoot {
         let namespace = format!("rate_limit/{}/", root_id());
         let random = getrandom::u64().unwrap_or(0x243f_6a88_85a3_08d3);
         let seed = worker_seed("rate-limit", &namespace, random);
-        let metrics =
-            Counters::define(config.rules.iter().flat_map(|r| {
-                Outcome::ALL.map(|o| format!("rate_limit.{}.{}", r.name, o.counter()))
-            }));
+        let metrics = Counters::define(Limiter::counter_names(&config));
         log::info!(
             "rate-limit: {} rule(s), mode {:?}",
             config.rules.len(),
@@ -82,7 +74,7 @@ impl HttpContext for RateLimitStream {
         };
         let d = limiter.check(&HostRequest, now_ns(), &SharedData);
         for r in &d.results {
-            self.metrics.0.add(counter(r.rule, r.outcome), 1);
+            self.metrics.0.add(Limiter::counter(r.rule, r.outcome), 1);
         }
         // Store failures come with every request while they last: one line per interval.
         if let Some(e) = d.errors.first() {
@@ -129,13 +121,7 @@ impl HttpContext for RateLimitStream {
                 self.response_headers = response_headers;
                 Action::Continue
             }
-            Verdict::Reply(reply) => {
-                if send_reply("rate-limit", &reply) {
-                    Action::Pause
-                } else {
-                    Action::Continue
-                }
-            }
+            Verdict::Reply(reply) => answer("rate-limit", &reply, Action::Continue),
         }
     }
 

@@ -196,6 +196,21 @@ impl Limiter {
         }
     }
 
+    /// The counters, `rate_limit.<rule>.<outcome>`, in the order [`Limiter::counter`] indexes.
+    pub fn counter_names(config: &Config) -> Vec<String> {
+        config
+            .rules
+            .iter()
+            .flat_map(|r| Outcome::ALL.map(|o| format!("rate_limit.{}.{}", r.name, o.counter())))
+            .collect()
+    }
+
+    /// The index in [`Limiter::counter_names`] of rule `rule`'s `outcome` counter.
+    pub fn counter(rule: usize, outcome: Outcome) -> usize {
+        let at = Outcome::ALL.iter().position(|x| *x == outcome).unwrap_or(0);
+        rule * Outcome::ALL.len() + at
+    }
+
     /// Decides on one request at `now_ns` (wall clock, nanoseconds).
     pub fn check(&self, req: &impl RequestView, now_ns: u64, store: &impl SlotStore) -> Decision {
         let rules = self.config.rules.len();
@@ -427,22 +442,16 @@ impl Limiter {
                 }
             };
             let take = rule.limit.take(bucket, now);
-            if !take.allowed {
-                // Nothing taken: the stored bucket is still right, no write needed.
-                return Ok(Taken {
-                    take,
-                    slot_key,
-                    overflow,
-                    key,
-                    fp,
-                });
-            }
-            let slot = Slot {
-                key: if overflow { OVERFLOW } else { key },
-                limit: fp,
-                bucket: take.bucket,
-            };
-            if store.compare_and_swap(&slot_key, &slot.encode(), version)? == Write::Done {
+            // A refused request took nothing: the stored bucket is still right, no write.
+            if take.allowed {
+                let slot = Slot {
+                    key: if overflow { OVERFLOW } else { key },
+                    limit: fp,
+                    bucket: take.bucket,
+                };
+                if store.compare_and_swap(&slot_key, &slot.encode(), version)? == Write::Conflict {
+                    continue;
+                }
                 // Two workers can claim two free slots for one new key at once (each saw the
                 // other's slot still taken). Both write, then both look: at least one sees
                 // the other, gives its slot (and the token in it) up and takes from the
@@ -453,14 +462,14 @@ impl Limiter {
                     })?;
                     continue;
                 }
-                return Ok(Taken {
-                    take,
-                    slot_key,
-                    overflow,
-                    key,
-                    fp,
-                });
             }
+            return Ok(Taken {
+                take,
+                slot_key,
+                overflow,
+                key,
+                fp,
+            });
         }
         Err(contended(ATTEMPTS))
     }
@@ -813,11 +822,20 @@ mod tests {
     }
 
     #[test]
-    fn outcomes_name_the_documented_counters() {
-        let names: Vec<&str> = Outcome::ALL.iter().map(|o| o.counter()).collect();
+    fn each_rule_outcome_counts_under_its_documented_name() {
+        let l = limiter(
+            r#"{"rules":[{"name":"a","limit":{"requests":1,"window":"1s"}},
+                         {"name":"b","limit":{"requests":1,"window":"1s"}}]}"#,
+        );
+        let names = Limiter::counter_names(&l.config);
+        assert_eq!(names.len(), 8);
+        let name = |rule, o| names[Limiter::counter(rule, o)].as_str();
+        assert_eq!(name(0, Outcome::Allowed), "rate_limit.a.allowed");
+        assert_eq!(name(0, Outcome::StoreError), "rate_limit.a.store_errors");
+        assert_eq!(name(1, Outcome::Limited), "rate_limit.b.limited");
         assert_eq!(
-            names,
-            ["allowed", "limited", "shadow_limited", "store_errors"]
+            name(1, Outcome::ShadowLimited),
+            "rate_limit.b.shadow_limited"
         );
     }
 
