@@ -70,8 +70,9 @@ impl FlagSet {
         // Every key is allowed: this only gives each flag's errors its path.
         let names: Vec<&str> = map.keys().map(String::as_str).collect();
         let holder = flags.obj(&names)?;
+        let mut nodes = 0;
         for name in map.keys() {
-            let flag = holder.req(name, |n| read_flag(n, evaluators))?;
+            let flag = holder.req(name, |n| read_flag(n, evaluators, &mut nodes))?;
             set.flags.insert(name.clone(), flag);
         }
         Ok(set)
@@ -144,7 +145,11 @@ impl FlagSet {
     }
 }
 
-fn read_flag(n: Node<'_>, evaluators: &Map<String, Value>) -> Result<Flag, ConfigError> {
+fn read_flag(
+    n: Node<'_>,
+    evaluators: &Map<String, Value>,
+    nodes: &mut usize,
+) -> Result<Flag, ConfigError> {
     let o = n.obj(&[
         "state",
         "variants",
@@ -172,7 +177,7 @@ fn read_flag(n: Node<'_>, evaluators: &Map<String, Value>) -> Result<Flag, Confi
         if n.value.as_object().is_some_and(Map::is_empty) {
             return Ok(None);
         }
-        Expr::compile(n.value, evaluators)
+        Expr::compile_within(n.value, evaluators, nodes)
             .map(Some)
             .map_err(|e| n.err(e))
     })?;
@@ -182,4 +187,37 @@ fn read_flag(n: Node<'_>, evaluators: &Map<String, Value>) -> Result<Flag, Confi
         default_variant,
         targeting: targeting.flatten(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `n` flags whose targeting `$ref`s one evaluator of about 1,000 nodes.
+    fn doc(n: usize) -> Vec<u8> {
+        let big: Vec<serde_json::Value> =
+            (0..500).map(|i| serde_json::json!({"+": [i, 1]})).collect();
+        let flags: Map<String, Value> = (0..n)
+            .map(|i| {
+                let flag = serde_json::json!({"state": "ENABLED", "variants": {"a": "A"},
+                    "defaultVariant": "a", "targeting": {"$ref": "big"}});
+                (format!("f{i}"), flag)
+            })
+            .collect();
+        serde_json::to_vec(&serde_json::json!({
+            "$evaluators": {"big": {"max": big}},
+            "flags": flags,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_file_shares_one_node_budget_across_its_flags() {
+        assert!(FlagSet::from_document(&doc(50)).is_ok());
+        let Err(err) = FlagSet::from_document(&doc(200)) else {
+            panic!("200 flags of 1,000 nodes each were accepted");
+        };
+        let err = err.to_string();
+        assert!(err.contains("100000 nodes"), "{err}");
+    }
 }

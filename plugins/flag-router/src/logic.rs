@@ -128,12 +128,25 @@ impl Expr {
     /// deeper than 64 levels or more than 100,000 nodes after `$ref` expansion is an error, with
     /// a message naming the operator (e.g. `unknown operator "regex"`).
     pub fn compile(logic: &Value, evaluators: &Map<String, Value>) -> Result<Expr, String> {
+        Expr::compile_within(logic, evaluators, &mut 0)
+    }
+
+    /// [`Expr::compile`] with `nodes` compiled so far counting toward the 100,000: a flag set
+    /// shares one budget, so a file of many flags that each `$ref` a large evaluator cannot
+    /// expand to millions of nodes on every worker.
+    pub fn compile_within(
+        logic: &Value,
+        evaluators: &Map<String, Value>,
+        nodes: &mut usize,
+    ) -> Result<Expr, String> {
         let mut c = Compiler {
             evaluators,
             refs: Vec::new(),
-            nodes: 0,
+            nodes: *nodes,
         };
-        c.node(logic, 0).map(Expr)
+        let r = c.node(logic, 0).map(Expr);
+        *nodes = c.nodes;
+        r
     }
 
     /// Evaluates against `data`, the evaluation context object. flagd puts the targeting key at
@@ -173,7 +186,7 @@ impl Compiler<'_> {
         self.nodes += 1;
         if self.nodes > MAX_NODES {
             return Err(format!(
-                "expression has more than {MAX_NODES} nodes after $ref expansion"
+                "expressions have more than {MAX_NODES} nodes after $ref expansion"
             ));
         }
         let (name, arg) = match v {
@@ -339,6 +352,18 @@ impl Budget {
     fn exhausted(&self) -> bool {
         self.0.get() == 0
     }
+
+    /// Whether a value costing `n` can still be built: checked *before* an operator copies
+    /// its operands (a `cat` of many references to one large header would otherwise allocate
+    /// gigabytes before its cost is charged, and a failed allocation traps the VM). A value
+    /// that cannot be afforded ends the evaluation.
+    fn affords(&self, n: u64) -> bool {
+        if n > self.0.get() {
+            self.0.set(0);
+            return false;
+        }
+        true
+    }
 }
 
 /// What an operator's result costs: every element and member at any depth, plus string bytes
@@ -354,15 +379,23 @@ fn size(v: &Value, limit: u64) -> u64 {
             return u64::MAX;
         }
         match v {
+            // Checked before the children are queued, so a large value costs its limit, not
+            // its length.
             Value::Array(a) => {
-                total += a.len() as u64;
+                total = total.saturating_add(a.len() as u64);
+                if total > limit {
+                    return u64::MAX;
+                }
                 stack.extend(a.iter().map(|x| (x, depth + 1)));
             }
             Value::Object(m) => {
-                total += m.len() as u64;
+                total = total.saturating_add(m.len() as u64);
+                if total > limit {
+                    return u64::MAX;
+                }
                 stack.extend(m.values().map(|x| (x, depth + 1)));
             }
-            Value::String(s) => total += (s.len() / 8) as u64,
+            Value::String(s) => total = total.saturating_add((s.len() / 8) as u64),
             _ => {}
         }
     }
@@ -389,9 +422,17 @@ fn ev_node<'a>(n: &'a Node, data: &'a Value, b: &Budget) -> Cow<'a, Value> {
     let (op, args) = match n {
         Node::Lit(v) => return Cow::Borrowed(v),
         Node::List(items) => {
-            return Cow::Owned(Value::Array(
-                items.iter().map(|i| ev(i, data, b).into_owned()).collect(),
-            ))
+            let mut out = Vec::with_capacity(items.len());
+            let mut cost = 0u64;
+            for i in items {
+                let v = ev(i, data, b);
+                cost = cost.saturating_add(1).saturating_add(size(&v, b.0.get()));
+                if !b.affords(cost) {
+                    return Cow::Borrowed(&NULL);
+                }
+                out.push(v.into_owned());
+            }
+            return Cow::Owned(Value::Array(out));
         }
         Node::Op(op, args) => (*op, args.as_slice()),
     };
@@ -466,6 +507,15 @@ fn ev_node<'a>(n: &'a Node, data: &'a Value, b: &Budget) -> Cow<'a, Value> {
         _ => {}
     }
     let v: Vec<Cow<Value>> = args.iter().map(|a| ev(a, data, b)).collect();
+    // The operators whose result copies all their operands: afford the copy first.
+    if matches!(op, Op::Cat | Op::Merge) {
+        let cost = v.iter().fold(0u64, |t, c| {
+            t.saturating_add(1).saturating_add(size(c, b.0.get()))
+        });
+        if !b.affords(cost) {
+            return Cow::Borrowed(&NULL);
+        }
+    }
     let (x, y) = (arg(&v, 0), arg(&v, 1));
     Cow::Owned(match op {
         Op::Not => Value::Bool(!truthy(x)),
@@ -1835,6 +1885,34 @@ mod tests {
         let fine = json!({"reduce": [(0..1000).collect::<Vec<_>>(), {"+": [{"var": "accumulator"}, 1]}, 0]});
         let expr = Expr::compile(&fine, &Map::new()).unwrap();
         assert_eq!(expr.eval(&json!({})).unwrap(), json!(1000));
+    }
+
+    #[test]
+    fn copies_of_a_large_value_are_refused_before_they_are_built() {
+        // 20,000 references to a 4 MiB header: 80 GB if built, which would abort the process.
+        let data = json!({"tier": "x".repeat(4 << 20), "list": vec![0; 1 << 20]});
+        for op in ["cat", "merge"] {
+            let var = if op == "cat" { "tier" } else { "list" };
+            let rule = json!({ op: vec![json!({"var": var}); 20_000] });
+            let err = Expr::compile(&rule, &Map::new())
+                .unwrap()
+                .eval(&data)
+                .unwrap_err();
+            assert!(err.contains("steps"), "{op}: {err}");
+        }
+        let list = json!(vec![json!({"var": "tier"}); 20_000]);
+        let err = Expr::compile(&list, &Map::new())
+            .unwrap()
+            .eval(&data)
+            .unwrap_err();
+        assert!(err.contains("steps"), "{err}");
+        // A short cat of a header of usual size is fine.
+        let two = json!({"cat": [{"var": "tier"}, "!"]});
+        let v = Expr::compile(&two, &Map::new())
+            .unwrap()
+            .eval(&json!({"tier": "x".repeat(60_000)}))
+            .unwrap();
+        assert_eq!(v.as_str().map(str::len), Some(60_001));
     }
 
     #[test]

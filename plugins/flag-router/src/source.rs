@@ -55,7 +55,13 @@ impl Poller {
                 "the flag file is {body_size} bytes, more than {MAX_FILE_BYTES}"
             )));
         }
-        Some(self.reply(status, etag, &read()))
+        // Only a 200's body is a flag file: any other answer is judged by its status, unread.
+        let body = if status == Some(200) {
+            read()
+        } else {
+            Vec::new()
+        };
+        Some(self.reply(status, etag, &body))
     }
 
     fn request(&self, s: &Source) -> Vec<(String, String)> {
@@ -150,6 +156,21 @@ mod tests {
                 .is_none(),
             "answered once only"
         );
+    }
+
+    #[test]
+    fn only_a_200_body_is_read_into_memory() {
+        let mut p = Poller::default();
+        for status in [Some(500), Some(404), Some(304), None] {
+            assert!(p.next(&source()).is_some());
+            p.sent(1);
+            let read = std::cell::Cell::new(false);
+            let _ = p.reply_to(1, status, None, 3 << 20, || {
+                read.set(true);
+                Vec::new()
+            });
+            assert!(!read.get(), "{status:?}: the body was read");
+        }
     }
 
     #[test]
