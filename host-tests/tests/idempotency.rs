@@ -367,7 +367,10 @@ fn instructions_per_request_stay_near_what_was_measured() -> Result<()> {
         "wasm instructions: first {}, replay {}, not covered {}",
         first.fuel, replay.fuel, ignored.fuel
     );
-    // Guards against a regression of several times; the figures are in the README.
-    assert!(first.fuel < 200_000 && replay.fuel < 200_000 && ignored.fuel < 20_000);
+    // Measured 55,952 / 34,908 / 3,865 (bench/results.md has the bench's paths): a change
+    // that adds half as much again fails here and must say why.
+    assert!(first.fuel < 84_000, "first {}", first.fuel);
+    assert!(replay.fuel < 52_000, "replay {}", replay.fuel);
+    assert!(ignored.fuel < 6_000, "not covered {}", ignored.fuel);
     Ok(())
 }

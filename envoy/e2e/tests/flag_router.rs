@@ -341,7 +341,7 @@ fn the_flag_file_is_fetched_at_load_by_every_root_context_before_the_first_poll(
 }
 
 #[test]
-fn disabling_the_served_flag_moves_all_traffic_to_stable_within_one_poll() -> Result<()> {
+fn disabling_the_served_flag_moves_all_traffic_to_stable_within_a_few_polls() -> Result<()> {
     let apps = Apps::start()?;
     let flags = FlagServer::start(&everyone_on("ENABLED"))?;
     let envoy = flag_router_envoy(&substitutions(&apps, &flags)?)?;

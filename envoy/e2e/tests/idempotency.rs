@@ -174,8 +174,12 @@ fn a_5xx_releases_the_key_and_missing_keys_get_400() -> Result<()> {
     );
     let p: Value = serde_json::from_slice(&missing.body)?;
     assert_eq!(p["title"], "idempotency-key is missing");
-    // Not covered: GET passes untouched.
-    assert_eq!(envoy.get("/payments")?.header("idempotent-replayed"), None);
+    // Not covered: a GET reaches the application, and its answer is the application's.
+    let before = upstream_requests_started(&envoy)?;
+    let get = envoy.get("/payments")?;
+    assert_eq!(upstream_requests_started(&envoy)?, before + 1);
+    assert_ne!(get.header("content-type"), Some("application/problem+json"));
+    assert_eq!(get.header("idempotent-replayed"), None);
     Ok(())
 }
 

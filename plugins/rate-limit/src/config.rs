@@ -187,7 +187,22 @@ mod tests {
             }
         );
         assert_eq!((r.max_keys, r.status, r.window_secs), (65_536, 429, 60));
-        assert_eq!(r.key.len(), 2);
+        assert_eq!(
+            r.key,
+            [KeyPart::ClientIp, KeyPart::Header("x-api-key".into())]
+        );
+        assert_eq!(
+            (c.mode, c.failure_mode),
+            (Mode::Enforce, FailureMode::Allow)
+        );
+        // The match: GET or POST under /api/ from the free tier.
+        let req = |m: &str, p: &str, tier: &str| {
+            edge_common::RequestParts::new(m, p).header("x-tier", tier)
+        };
+        assert!(r.route.matches(&req("GET", "/api/orders", "free")));
+        assert!(!r.route.matches(&req("GET", "/health", "free")));
+        assert!(!r.route.matches(&req("DELETE", "/api/orders", "free")));
+        assert!(!r.route.matches(&req("GET", "/api/orders", "pro")));
     }
 
     #[test]
