@@ -51,6 +51,7 @@ extern "C" {
     ) -> u32;
     fn proxy_get_current_time_nanoseconds(return_time: *mut u64) -> u32;
     fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
+    fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
     fn proxy_log(level: u32, message_data: *const u8, message_size: usize) -> u32;
     fn proxy_get_log_level(return_level: *mut u32) -> u32;
     fn proxy_define_metric(
@@ -110,6 +111,11 @@ unsafe fn proxy_define_metric(_: u32, _: *const u8, _: usize, _: *mut u32) -> u3
 }
 #[cfg(not(target_arch = "wasm32"))]
 unsafe fn proxy_increment_metric(_: u32, _: i64) -> u32 {
+    UNIMPLEMENTED
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+unsafe fn proxy_set_tick_period_milliseconds(_: u32) -> u32 {
     UNIMPLEMENTED
 }
 
@@ -295,6 +301,12 @@ pub fn define_counter(name: &str) -> Option<u32> {
     // SAFETY: `name` outlives the call; out-pointer to a local.
     let status = unsafe { proxy_define_metric(COUNTER, name.as_ptr(), name.len(), &mut id) };
     (status == OK).then_some(id)
+}
+
+/// Asks for `on_tick` every `ms` milliseconds (0 stops it): the status.
+pub fn set_tick_period_ms(ms: u32) -> u32 {
+    // SAFETY: a plain value.
+    unsafe { proxy_set_tick_period_milliseconds(ms) }
 }
 
 /// Adds `offset` to metric `id`: the status.

@@ -5,6 +5,7 @@ use crate::config::Config;
 use crate::flags::FlagSet;
 use crate::policy::{decide, Reporter};
 use crate::source::{Fetched, Poller};
+use edge_common::ffi;
 use edge_common::host::{
     callout_response_body, callout_response_header, load_config, now_ns, set_request_header,
     HostRequest,
@@ -120,7 +121,15 @@ impl RootContext for FlagRouterRoot {
         let poll = config.source.as_ref().map(|s| s.poll_interval);
         self.config = Some(Rc::new(config));
         if let Some(every) = poll {
-            let _ = hostcalls::set_tick_period(every);
+            // Without the timer the file is fetched once and never again: the kill switch
+            // would not work, so the configuration is refused rather than half-applied.
+            let ms = u32::try_from(every.as_millis()).unwrap_or(u32::MAX).max(1);
+            let status = ffi::set_tick_period_ms(ms);
+            if status != ffi::OK {
+                log::error!("flag-router: configuration rejected: the host refused the poll timer (status {status})");
+                return false;
+            }
+            self.poller = Poller::default();
             self.fetch();
         }
         true
