@@ -299,12 +299,7 @@ impl HttpContext for FallbackStream {
         let Some(p) = self.pending.take() else {
             return;
         };
-        if !self.complete {
-            log::debug!("cached-fallback: not kept: the response did not complete");
-            self.metrics.add(Counter::StoreSkipped);
-            return;
-        }
-        match policy.store(*p, now, &SharedData) {
+        match policy.store(*p, self.complete, now, &SharedData) {
             Ok(true) => self.metrics.add(Counter::Stored),
             Ok(false) => self.metrics.add(Counter::StoreSkipped),
             Err(e) => {

@@ -695,9 +695,14 @@ impl Fallback {
     pub fn store(
         &self,
         pending: Pending,
+        complete: bool,
         now: u64,
         store: &impl SlotStore,
     ) -> Result<bool, StoreError> {
+        // A response cut short (client gone, upstream reset mid-body) is not a good answer.
+        if !complete {
+            return Ok(false);
+        }
         if !pending.vary.is_empty() && !self.mark_vary(pending.base, &pending.vary, now, store)? {
             return Ok(false);
         }
@@ -832,7 +837,7 @@ mod tests {
         );
         if let ResponseAction::Collect(mut p) = d.action.clone() {
             assert!(p.push(body.len(), || body.to_vec()));
-            assert!(f.store(*p, now, s).unwrap());
+            assert!(f.store(*p, true, now, s).unwrap());
         }
         d.action
     }
@@ -1187,6 +1192,33 @@ mod tests {
             f.lookup(&req, f.base_key(&req), T0 + 6 * S, &s).unwrap(),
             Lookup::TooOld
         );
+    }
+
+    #[test]
+    fn a_response_that_did_not_complete_is_not_kept() {
+        let f = fallback("{}");
+        let s = MemoryStore::new();
+        let req = get("/a");
+        let d = f.on_response(
+            &req,
+            f.base_key(&req),
+            None,
+            200,
+            Some("via_upstream"),
+            &[],
+            T0,
+            &s,
+        );
+        let ResponseAction::Collect(mut p) = d.action else {
+            panic!("a 200 is collected: {:?}", d.action);
+        };
+        assert!(p.push(4, || b"half".to_vec()));
+        assert!(!f.store(*p, false, T0, &s).unwrap());
+        assert!(!matches!(
+            f.lookup(&req, f.base_key(&req), T0, &s).unwrap(),
+            Lookup::Hit { .. }
+        ));
+        assert_eq!(f.used_bytes(&s).unwrap(), 0);
     }
 
     #[test]
