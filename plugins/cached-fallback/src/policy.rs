@@ -16,7 +16,7 @@
 use crate::circuit::{self, Admit, State};
 use crate::config::{Config, FailOn};
 use edge_common::key::KeyHasher;
-use edge_common::problem::{problem_json, Reply, CONTENT_TYPE};
+use edge_common::problem::{problem_json, Reply};
 use edge_common::request::{RequestParts, RequestView};
 use edge_common::store::{get_or_create, update, update_or_create};
 use edge_common::stored::{CacheControl, StoredResponse};
@@ -571,24 +571,23 @@ impl Fallback {
         }
         let retry = retry_after_ns.div_ceil(NS_PER_SEC).max(1);
         RequestAction::Answer {
-            reply: Reply {
-                status: 503,
-                headers: vec![
-                    ("content-type".into(), CONTENT_TYPE.as_bytes().to_vec()),
+            reply: Reply::problem(
+                503,
+                vec![
                     ("retry-after".into(), retry.to_string().into_bytes()),
                     (
                         "cache-status".into(),
                         cache_status(false, None, Reason::CircuitOpen).into_bytes(),
                     ),
                 ],
-                body: problem_json(
+                problem_json(
                     "about:blank",
                     "Service Unavailable",
                     503,
                     "the upstream is failing and no earlier response is stored; retry later",
                     &[],
                 ),
-            },
+            ),
             served: Served::Unavailable,
         }
     }

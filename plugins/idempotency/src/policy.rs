@@ -108,24 +108,21 @@ impl Problem {
             ),
         };
         let status = self.status();
-        let mut headers = vec![(
-            "content-type".to_string(),
-            edge_common::problem::CONTENT_TYPE.as_bytes().to_vec(),
-        )];
+        let mut headers = Vec::new();
         if matches!(self, Problem::InFlight | Problem::Unavailable) {
             headers.push(("retry-after".into(), b"1".to_vec()));
         }
-        Reply {
+        Reply::problem(
             status,
             headers,
-            body: problem_json(
+            problem_json(
                 &format!("urn:edge-plugins:idempotency:{kind}"),
                 &title,
                 status,
                 detail,
                 &[],
             ),
-        }
+        )
     }
 }
 
