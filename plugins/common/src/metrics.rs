@@ -57,11 +57,17 @@ impl NamedCounters {
     }
 
     pub fn add(&mut self, name: &str, n: u64) {
-        let name = self.slot(name).to_string();
-        let id = *self
-            .ids
-            .entry(name)
-            .or_insert_with_key(|k| ffi::define_counter(k));
+        // A known name (every request once warm) is found without allocating.
+        let id = match self.ids.get(name) {
+            Some(id) => *id,
+            None => {
+                let name = self.slot(name).to_string();
+                *self
+                    .ids
+                    .entry(name)
+                    .or_insert_with_key(|k| ffi::define_counter(k))
+            }
+        };
         if let (Some(id), true) = (id, n > 0) {
             count(id, n);
         }

@@ -334,25 +334,32 @@ impl Table {
         value.extend_from_slice(&record.at_ns.to_le_bytes());
         value.extend_from_slice(body);
         record.body_len = len;
-        let Some(mine) = self.write(store, found, record)? else {
+        let index_key = self.index_key(found.slot);
+        let encoded = record.encode();
+        if store.compare_and_swap(&index_key, &encoded, found.version)? == Write::Conflict {
             if delta > 0 {
                 self.add_bytes(store, -delta)?;
             }
             return Ok(None);
-        };
+        }
         if delta < 0 {
             self.add_bytes(store, delta)?;
         }
         let body_key = self.body_key(found.slot);
         for _ in 0..ATTEMPTS {
             let current = get_or_create(store, &body_key, &[])?;
-            let owner = store.get(&self.index_key(found.slot))?;
-            if owner.map(|e| e.version) != Some(mine.version) {
-                // Evicted meanwhile: whoever evicted it gave its bytes back.
+            // Our own bytes still in the index prove the slot is ours (and give the version
+            // to act on later); a record's bytes name its key and write time.
+            let Some(owner) = store.get(&index_key)?.filter(|e| e.value == encoded) else {
+                // Replaced meanwhile: whoever evicted it gave its bytes back.
                 return Ok(None);
-            }
+            };
             if store.compare_and_swap(&body_key, &value, current.version)? == Write::Done {
-                return Ok(Some(mine));
+                return Ok(Some(Found {
+                    slot: found.slot,
+                    record,
+                    version: owner.version,
+                }));
             }
         }
         Err(contended(ATTEMPTS))

@@ -173,13 +173,15 @@ impl HttpContext for FlagRouterStream {
             set_request_header(h, Some(v.as_bytes()));
         }
         let mut metrics = self.metrics.borrow_mut();
+        let Metrics { counters, reporter } = &mut *metrics;
         for e in &d.evaluations {
-            let report = metrics.reporter.report(e);
-            metrics.inc(&report.counter);
-            if let Some(w) = &report.warning {
+            counters.add(reporter.counter(e), 1);
+            if let Some(w) = reporter.warning(e) {
                 log::warn!("flag-router: {w}");
             }
-            log::debug!("flag-router: {}", report.debug);
+            if log::log_enabled!(log::Level::Debug) {
+                log::debug!("flag-router: {}", e.describe());
+            }
         }
         Action::Continue
     }

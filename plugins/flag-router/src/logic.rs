@@ -372,6 +372,12 @@ impl Budget {
 /// `MAX_DEPTH` costs more than any budget, so it can never reach a printer or a drop that
 /// would recurse through it.
 fn size(v: &Value, limit: u64) -> u64 {
+    // Most results are scalars: no walk.
+    match v {
+        Value::Array(_) | Value::Object(_) => {}
+        Value::String(s) => return (s.len() / 8) as u64,
+        _ => return 0,
+    }
     let mut total = 0u64;
     let mut stack = vec![(v, 0usize)];
     while let Some((v, depth)) = stack.pop() {

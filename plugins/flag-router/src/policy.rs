@@ -6,87 +6,100 @@ use crate::flags::{FlagSet, Reason};
 use edge_common::RequestView;
 use serde_json::{Map, Value};
 
-/// One flag's outcome, for metrics and the debug log.
+/// One flag's outcome, for metrics and the debug log. Borrows from the configuration and the
+/// flag set: a request allocates nothing for it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Evaluation {
-    pub flag: String,
-    pub variant: Option<String>,
+pub struct Evaluation<'a> {
+    pub flag: &'a str,
+    pub variant: Option<&'a str>,
     pub reason: Reason,
     pub error: Option<String>,
 }
 
+impl Evaluation<'_> {
+    /// The debug log line (built only when debug logging is on).
+    pub fn describe(&self) -> String {
+        let mut line = format!(
+            "flag {} variant {} reason {:?}",
+            self.flag,
+            self.variant.unwrap_or("-"),
+            self.reason
+        );
+        if let Some(e) = &self.error {
+            line.push_str(" error: ");
+            line.push_str(e);
+        }
+        line
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Decision {
+pub struct Decision<'a> {
     /// Headers to remove first (every mapped header: a client never picks its own route).
-    pub remove: Vec<String>,
-    pub set: Vec<(String, String)>,
-    pub evaluations: Vec<Evaluation>,
+    pub remove: Vec<&'a str>,
+    pub set: Vec<(&'a str, &'a str)>,
+    pub evaluations: Vec<Evaluation<'a>>,
 }
 
-/// What to count and log for one evaluation.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Report {
-    /// The counter to increment (`flag_router.<flag>.<outcome>`).
-    pub counter: String,
-    /// A warning, the first time a flag fails on this worker.
-    pub warning: Option<String>,
-    pub debug: String,
-}
-
-/// Turns evaluations into counters and log lines. A broken flag warns once per worker, then at
-/// debug: it must not flood the log at request rate. The set is bounded by the flag names.
+/// Turns evaluations into counter names and warnings. A broken flag warns once per worker,
+/// then only at debug: it must not flood the log at request rate. The set is bounded by the
+/// flag names.
 #[derive(Default)]
 pub struct Reporter {
     warned: std::collections::HashSet<String>,
+    /// The last counter name, rebuilt in place: no allocation per request.
+    name: String,
 }
 
-/// A name part Envoy's stat tags do not split on.
-pub fn stat_part(s: &str) -> String {
-    s.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
+/// Appends a name part Envoy's stat tags do not split on.
+fn push_stat_part(out: &mut String, s: &str) {
+    out.extend(s.chars().map(|c| {
+        if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+            c
+        } else {
+            '_'
+        }
+    }));
 }
 
 impl Reporter {
-    pub fn report(&mut self, e: &Evaluation) -> Report {
-        let outcome = match (&e.variant, e.reason) {
-            (Some(v), _) => format!("variant.{}", stat_part(v)),
-            (None, Reason::Disabled) => "disabled".into(),
-            (None, Reason::NotFound) => "not_found".into(),
-            (None, Reason::Error) => "error".into(),
-            (None, _) => "no_default".into(),
-        };
-        let warning = match &e.error {
-            Some(err) if self.warned.insert(e.flag.clone()) => {
+    /// The counter to increment for `e`: `flag_router.<flag>.<outcome>`.
+    pub fn counter(&mut self, e: &Evaluation<'_>) -> &str {
+        let name = &mut self.name;
+        name.clear();
+        name.push_str("flag_router.");
+        push_stat_part(name, e.flag);
+        match (e.variant, e.reason) {
+            (Some(v), _) => {
+                name.push_str(".variant.");
+                push_stat_part(name, v);
+            }
+            (None, Reason::Disabled) => name.push_str(".disabled"),
+            (None, Reason::NotFound) => name.push_str(".not_found"),
+            (None, Reason::Error) => name.push_str(".error"),
+            (None, _) => name.push_str(".no_default"),
+        }
+        name
+    }
+
+    /// A warning, the first time a flag fails on this worker.
+    pub fn warning(&mut self, e: &Evaluation<'_>) -> Option<String> {
+        match &e.error {
+            Some(err) if !self.warned.contains(e.flag) => {
+                self.warned.insert(e.flag.to_string());
                 Some(format!("flag {} failed to evaluate: {err}", e.flag))
             }
             _ => None,
-        };
-        Report {
-            counter: format!("flag_router.{}.{outcome}", stat_part(&e.flag)),
-            warning,
-            debug: format!(
-                "flag {} variant {} reason {:?}{}",
-                e.flag,
-                e.variant.as_deref().unwrap_or("-"),
-                e.reason,
-                e.error
-                    .as_deref()
-                    .map(|x| format!(" error: {x}"))
-                    .unwrap_or_default()
-            ),
         }
     }
 }
 
+/// Request bytes as a JSON string; valid UTF-8 (nearly always) keeps its buffer.
 fn text(bytes: Vec<u8>) -> Value {
-    Value::String(String::from_utf8_lossy(&bytes).into_owned())
+    Value::String(
+        String::from_utf8(bytes)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+    )
 }
 
 /// The evaluation context: configured attributes that are present, and `targetingKey`.
@@ -103,11 +116,17 @@ pub fn context(config: &Config, req: &impl RequestView) -> Map<String, Value> {
     data
 }
 
-pub fn decide(config: &Config, flags: &FlagSet, req: &impl RequestView, now_secs: u64) -> Decision {
+pub fn decide<'a>(
+    config: &'a Config,
+    flags: &'a FlagSet,
+    req: &impl RequestView,
+    now_secs: u64,
+) -> Decision<'a> {
     let mut data = context(config, req);
     let mut d = Decision {
-        remove: config.headers.iter().map(|(_, h)| h.clone()).collect(),
-        ..Decision::default()
+        remove: config.headers.iter().map(|(_, h)| h.as_str()).collect(),
+        set: Vec::with_capacity(config.headers.len()),
+        evaluations: Vec::with_capacity(config.headers.len()),
     };
     for (flag, header) in &config.headers {
         let mut flagd = Map::new();
@@ -120,11 +139,11 @@ pub fn decide(config: &Config, flags: &FlagSet, req: &impl RequestView, now_secs
             data = m;
         }
         if let Some(value) = r.value {
-            d.set.push((header.clone(), value.to_string()));
+            d.set.push((header.as_str(), value));
         }
         d.evaluations.push(Evaluation {
-            flag: flag.clone(),
-            variant: r.variant.map(str::to_string),
+            flag: flag.as_str(),
+            variant: r.variant,
             reason: r.reason,
             error: r.error,
         });
@@ -174,10 +193,7 @@ mod tests {
     }
 
     fn header<'a>(d: &'a Decision, name: &str) -> Option<&'a str> {
-        d.set
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+        d.set.iter().find(|(k, _)| *k == name).map(|(_, v)| *v)
     }
 
     #[test]
@@ -214,7 +230,7 @@ mod tests {
         let c = config();
         let d = decide(&c, &c.flags, &RequestParts::new("GET", "/"), 0);
         let mut removed = d.remove.clone();
-        removed.sort();
+        removed.sort_unstable();
         assert_eq!(removed, ["x-dark", "x-route-checkout", "x-route-search"]);
         assert_eq!(header(&d, "x-route-search"), None);
         let e = d
@@ -222,7 +238,7 @@ mod tests {
             .iter()
             .find(|e| e.flag == "search-v2")
             .unwrap();
-        assert_eq!((e.reason, e.variant.as_deref()), (Reason::Disabled, None));
+        assert_eq!((e.reason, e.variant), (Reason::Disabled, None));
     }
 
     #[test]
@@ -280,40 +296,42 @@ mod tests {
     fn reports_name_the_counter_and_warn_once_per_broken_flag() {
         let mut r = Reporter::default();
         let ok = Evaluation {
-            flag: "new.checkout".into(),
-            variant: Some("on v2".into()),
+            flag: "new.checkout",
+            variant: Some("on v2"),
             reason: Reason::TargetingMatch,
             error: None,
         };
-        let rep = r.report(&ok);
-        assert_eq!(rep.counter, "flag_router.new_checkout.variant.on_v2");
-        assert_eq!(rep.warning, None);
+        assert_eq!(r.counter(&ok), "flag_router.new_checkout.variant.on_v2");
+        assert_eq!(r.warning(&ok), None);
         let broken = Evaluation {
-            flag: "f".into(),
+            flag: "f",
             variant: None,
             reason: Reason::Error,
             error: Some("boom".into()),
         };
-        let first = r.report(&broken);
-        assert_eq!(first.counter, "flag_router.f.error");
+        assert_eq!(r.counter(&broken), "flag_router.f.error");
         assert_eq!(
-            first.warning.as_deref(),
+            r.warning(&broken).as_deref(),
             Some("flag f failed to evaluate: boom")
         );
-        assert_eq!(r.report(&broken).warning, None, "warned once");
-        assert!(r.report(&broken).debug.contains("boom"), "then at debug");
+        assert_eq!(r.warning(&broken), None, "warned once");
+        assert!(broken.describe().contains("boom"), "then at debug");
+        assert_eq!(
+            ok.describe(),
+            "flag new.checkout variant on v2 reason TargetingMatch"
+        );
         for (reason, name) in [
             (Reason::Disabled, "disabled"),
             (Reason::NotFound, "not_found"),
             (Reason::Default, "no_default"),
         ] {
             let e = Evaluation {
-                flag: "f".into(),
+                flag: "f",
                 variant: None,
                 reason,
                 error: None,
             };
-            assert_eq!(r.report(&e).counter, format!("flag_router.f.{name}"));
+            assert_eq!(r.counter(&e), format!("flag_router.f.{name}"));
         }
     }
 
