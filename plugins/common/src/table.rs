@@ -687,6 +687,64 @@ mod tests {
         );
     }
 
+    /// A store where another worker acts right after this worker's write to `key`.
+    struct RacingOn {
+        inner: MemoryStore,
+        key: String,
+        then: std::cell::RefCell<Option<Hook>>,
+    }
+
+    impl SlotStore for RacingOn {
+        fn get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
+            self.inner.get(key)
+        }
+        fn compare_and_swap(&self, key: &str, v: &[u8], version: u32) -> Result<Write, StoreError> {
+            let w = self.inner.compare_and_swap(key, v, version)?;
+            if w == Write::Done && key == self.key {
+                if let Some(f) = self.then.borrow_mut().take() {
+                    f(&self.inner);
+                }
+            }
+            Ok(w)
+        }
+        fn create(&self, key: &str, v: &[u8]) -> Result<Write, StoreError> {
+            self.inner.create(key, v)
+        }
+    }
+
+    #[test]
+    fn a_record_evicted_between_its_write_and_its_body_counts_its_bytes_once() {
+        let t = Table::new("t/", 1024, 1000);
+        let s = MemoryStore::new();
+        let a = won(t.claim(&s, rec(1, 1), |_| true).unwrap());
+        t.put_body(&s, &a, rec(1, 1), &[7; 50]).unwrap().unwrap();
+        let b = won(t.claim(&s, rec(2, 2), |_| true).unwrap());
+        let index_key = t.index_key(b.slot);
+        // Another worker evicts B right after B's record is written, before its body is:
+        // it gives back the 30 bytes B's record declares.
+        let evict = {
+            let index_key = index_key.clone();
+            move |m: &MemoryStore| {
+                let t = Table::new("t/", 1024, 1000);
+                let e = m.get(&index_key).unwrap().unwrap();
+                let theirs = Record::new(3, 3, false, Vec::new());
+                m.compare_and_swap(&index_key, &theirs.encode(), e.version)
+                    .unwrap();
+                t.add_bytes(m, -30).unwrap();
+            }
+        };
+        let r = RacingOn {
+            inner: s,
+            key: index_key,
+            then: std::cell::RefCell::new(Some(Box::new(evict))),
+        };
+        assert_eq!(t.put_body(&r, &b, rec(2, 2), &[9; 30]).unwrap(), None);
+        assert_eq!(t.used_bytes(&r).unwrap(), 50, "A's body alone is held");
+        assert_eq!(t.find(&r, 2).unwrap(), None);
+        let a = t.find(&r, 1).unwrap().unwrap();
+        assert_eq!(t.body(&r, &a).unwrap(), Some(vec![7; 50]));
+    }
+
     #[test]
     fn garbage_in_a_slot_reads_as_empty() {
         let s = MemoryStore::new();
