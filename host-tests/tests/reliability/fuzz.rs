@@ -3,7 +3,7 @@
 //! error (e.g. a stream a plugin never continues), or a broken invariant of the plugin.
 
 use std::cell::RefCell;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -480,17 +480,21 @@ pub fn run(case: &Case, module: &Module) -> Result<Outcome, String> {
         }
     };
     let config: serde_json::Value = serde_json::from_str(&case.config).unwrap_or_default();
-    let mut variant_values: BTreeSet<Vec<u8>> = BTreeSet::new();
+    // Per flag: every value one of its variants has in any document the plugin may hold.
+    let mut variant_values: BTreeMap<String, BTreeSet<Vec<u8>>> = BTreeMap::new();
     for doc in served.iter().chain([&config]) {
         if let Some(flags) = doc["flags"].as_object() {
-            for flag in flags.values() {
+            for (name, flag) in flags {
                 for v in flag["variants"]
                     .as_object()
                     .into_iter()
                     .flat_map(|m| m.values())
                 {
                     let text = v.as_str().map_or_else(|| v.to_string(), str::to_string);
-                    variant_values.insert(text.into_bytes());
+                    variant_values
+                        .entry(name.clone())
+                        .or_default()
+                        .insert(text.into_bytes());
                 }
             }
         }
@@ -914,18 +918,30 @@ fn check_cached_fallback(
     Ok(())
 }
 
-/// A routing header the upstream sees is always one of the flags' variant values: a client's
-/// own value never passes.
-fn check_flag_router(ups: &[UpstreamRequest], variants: &BTreeSet<Vec<u8>>) -> Result<(), String> {
+/// A routing header the upstream sees is always one of its own flag's variant values, and
+/// appears once: a client's own value never passes, nor does another flag's.
+fn check_flag_router(
+    ups: &[UpstreamRequest],
+    variants: &BTreeMap<String, BTreeSet<Vec<u8>>>,
+) -> Result<(), String> {
+    let none = BTreeSet::new();
     for u in ups {
-        for name in ["x-flag-0", "x-flag-1", "x-flag-2"] {
-            for (k, v) in &u.headers {
-                if k == name.as_bytes() && !variants.contains(v) {
-                    return Err(format!(
-                        "{name}: {:?} reached the upstream",
-                        String::from_utf8_lossy(v)
-                    ));
-                }
+        for (flag, name) in [("f0", "x-flag-0"), ("f1", "x-flag-1"), ("f2", "x-flag-2")] {
+            let allowed = variants.get(flag).unwrap_or(&none);
+            let seen: Vec<&Vec<u8>> = u
+                .headers
+                .iter()
+                .filter(|(k, _)| k == name.as_bytes())
+                .map(|(_, v)| v)
+                .collect();
+            if seen.len() > 1 {
+                return Err(format!("{name} reached the upstream {} times", seen.len()));
+            }
+            if let Some(v) = seen.into_iter().find(|v| !allowed.contains(*v)) {
+                return Err(format!(
+                    "{name}: {:?} reached the upstream, not a variant value of {flag}",
+                    String::from_utf8_lossy(v)
+                ));
             }
         }
     }
