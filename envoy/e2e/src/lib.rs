@@ -31,7 +31,7 @@ pub use envoy::{
     envoy_binary, Envoy, Stats, Substitutions, ADMIN_MARKER_PORT, BACKEND_MARKER_PORT,
     LISTENER_MARKER_PORT, READY_TIMEOUT,
 };
-pub use upstream::{RecordedRequest, Script, TestUpstream};
+pub use upstream::{HeldPort, RecordedRequest, Script, TestUpstream};
 
 /// The workspace root (two levels above this crate), where `dist/` and `.tools/` live.
 pub fn workspace_root() -> PathBuf {

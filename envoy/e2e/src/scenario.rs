@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use crate::client;
-use crate::{Envoy, RecordedRequest, Script, Substitutions, TestUpstream};
+use crate::{Envoy, HeldPort, RecordedRequest, Script, Substitutions, TestUpstream};
 use anyhow::{Context, Result};
 use host_tests::scenario::{
     answer_for, parse_duration, step_label, upstream_line, Answer, Scenario, Seen, Send,
@@ -156,6 +156,8 @@ pub fn run_in_envoy(s: &Scenario) -> Result<Transcript> {
     let backend_routes: Routes = Arc::new(Mutex::new(s.upstream.clone()));
     let flag_routes: Routes = Arc::new(Mutex::new(s.flags.clone()));
     let mut backend = Some(TestUpstream::start()?);
+    // While the backend is down its port stays held (refusing), so it can come back on it.
+    let mut held: Option<HeldPort> = None;
     let backend_addr = backend
         .as_ref()
         .map(TestUpstream::addr)
@@ -231,9 +233,13 @@ pub fn run_in_envoy(s: &Scenario) -> Result<Transcript> {
             if down {
                 if let Some(b) = backend.take() {
                     seen_before_down = b.requests();
+                    held = Some(b.stop_keeping_port()?);
                 }
             } else if backend.is_none() {
-                let b = TestUpstream::start_on(backend_addr)?;
+                let b = match held.take() {
+                    Some(port) => TestUpstream::start_held(port)?,
+                    None => TestUpstream::start_on(backend_addr)?,
+                };
                 serve(&b, &backend_routes, false);
                 backend = Some(b);
             }

@@ -135,6 +135,32 @@ pub struct TestUpstream {
     addr: SocketAddr,
     shared: Arc<Shared>,
     acceptor: Option<JoinHandle<()>>,
+    /// Keeps the port bound for the upstream's whole life (see [`HeldPort`]).
+    hold: socket2::Socket,
+}
+
+/// A port a stopped upstream keeps: bound but not listening, so every connection to it is
+/// refused, and no other socket on the machine can be given it (an ephemeral bind never
+/// shares a port bound with `SO_REUSEPORT`). [`TestUpstream::start_held`] serves on it again.
+pub struct HeldPort {
+    addr: SocketAddr,
+    socket: socket2::Socket,
+}
+
+impl HeldPort {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+fn reusable(addr: &SocketAddr) -> Result<socket2::Socket> {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(*addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    s.set_reuse_port(true)?;
+    Ok(s)
 }
 
 struct Shared {
@@ -168,9 +194,32 @@ impl TestUpstream {
 
     /// Starts listening on a given address, e.g. the fixed `127.0.0.1:18080` of the demo.
     pub fn start_on(addr: impl ToSocketAddrs + std::fmt::Debug) -> Result<TestUpstream> {
-        let listener = TcpListener::bind(&addr)
+        let wanted = addr
+            .to_socket_addrs()?
+            .next()
+            .with_context(|| format!("{addr:?} names no address"))?;
+        let hold = reusable(&wanted)?;
+        hold.bind(&wanted.into())
             .with_context(|| format!("binding the test upstream to {addr:?}"))?;
-        let addr = listener.local_addr()?;
+        let bound = hold
+            .local_addr()?
+            .as_socket()
+            .context("the test upstream's address")?;
+        TestUpstream::start_held(HeldPort {
+            addr: bound,
+            socket: hold,
+        })
+    }
+
+    /// Serves again on a port kept by [`TestUpstream::stop_keeping_port`].
+    pub fn start_held(held: HeldPort) -> Result<TestUpstream> {
+        let addr = held.addr;
+        let socket = reusable(&addr)?;
+        socket
+            .bind(&addr.into())
+            .with_context(|| format!("listening on {addr} again"))?;
+        socket.listen(1024)?;
+        let listener: TcpListener = socket.into();
         let shared = Arc::new(Shared {
             requests: Mutex::default(),
             routes: Mutex::default(),
@@ -191,7 +240,20 @@ impl TestUpstream {
             addr,
             shared,
             acceptor: Some(acceptor),
+            hold: held.socket,
         })
+    }
+
+    /// Stops serving but keeps the port: connections to it are refused until the
+    /// [`HeldPort`] is served again or dropped.
+    pub fn stop_keeping_port(self) -> Result<HeldPort> {
+        let held = HeldPort {
+            addr: self.addr,
+            // The same socket: the port stays bound after the upstream's own handle closes.
+            socket: self.hold.try_clone()?,
+        };
+        drop(self);
+        Ok(held)
     }
 
     pub fn port(&self) -> u16 {

@@ -95,16 +95,15 @@ fn the_stored_answer_replaces_a_503_a_reset_a_refused_connection_and_a_timeout()
         &stale_status(503, "upstream-reset"),
     );
 
-    // Stopped: Envoy's connection is refused.
-    let addr = upstream.addr();
-    drop(upstream);
+    // Stopped (its port kept, so no other test can take it): Envoy's connection is refused.
+    let held = upstream.stop_keeping_port()?;
     assert_stale(
         &envoy.get("/api/recs")?,
         &stale_status(503, "connection-failure"),
     );
 
     // Back on the same port, hanging past the route timeout (1 s).
-    let upstream = TestUpstream::start_on(addr)?;
+    let upstream = TestUpstream::start_held(held)?;
     upstream.route("/*", good().with_delay(Duration::from_secs(5)));
     let asked = Instant::now();
     let res = envoy.get("/api/recs")?;

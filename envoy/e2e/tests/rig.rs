@@ -261,3 +261,28 @@ fn responder_answers_per_request_before_the_routes() -> Result<()> {
     assert_eq!(upstream.requests_to("/orders").len(), 3);
     Ok(())
 }
+
+#[test]
+fn a_stopped_upstream_keeps_its_port_refusing_until_it_serves_again() -> Result<()> {
+    let upstream = TestUpstream::start()?;
+    upstream.route("/up", Script::status(204));
+    let addr = upstream.addr();
+    let held = upstream.stop_keeping_port()?;
+    let refused = TcpStream::connect_timeout(&addr, Duration::from_secs(2));
+    assert_eq!(
+        refused.map_err(|e| e.kind()).err(),
+        Some(std::io::ErrorKind::ConnectionRefused)
+    );
+    assert!(
+        std::net::TcpListener::bind(addr).is_err(),
+        "no other socket can take the held port"
+    );
+    let again = TestUpstream::start_held(held)?;
+    again.route("/up", Script::status(204));
+    assert_eq!(
+        client::request("GET", &again.url("/up"), &[], b"")?.status,
+        204
+    );
+    assert_eq!(again.addr(), addr);
+    Ok(())
+}
