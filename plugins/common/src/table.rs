@@ -597,9 +597,10 @@ mod tests {
     type Hook = Box<dyn FnOnce(&MemoryStore)>;
 
     /// A store where another worker writes right after this worker's first successful
-    /// compare-and-swap (between its claim and its check).
+    /// compare-and-swap (between its claim and its check), or its first to `on` when set.
     struct Racing {
         inner: MemoryStore,
+        on: Option<String>,
         then: std::cell::RefCell<Option<Hook>>,
     }
 
@@ -609,7 +610,7 @@ mod tests {
         }
         fn compare_and_swap(&self, key: &str, v: &[u8], version: u32) -> Result<Write, StoreError> {
             let w = self.inner.compare_and_swap(key, v, version)?;
-            if w == Write::Done {
+            if w == Write::Done && self.on.as_deref().is_none_or(|k| k == key) {
                 if let Some(f) = self.then.borrow_mut().take() {
                     f(&self.inner);
                 }
@@ -632,6 +633,7 @@ mod tests {
         // evicted) and claimed key 9 in the second, just after this worker won the first.
         let s = Racing {
             inner: MemoryStore::new(),
+            on: None,
             then: std::cell::RefCell::new(None),
         };
         let index_key = t.index_key(second);
@@ -666,6 +668,7 @@ mod tests {
         // A claim whose slot is taken by another worker between its write and read-back.
         let s = Racing {
             inner: MemoryStore::new(),
+            on: None,
             then: std::cell::RefCell::new(Some(Box::new(overwrite))),
         };
         assert_eq!(
@@ -676,6 +679,7 @@ mod tests {
         // A replace likewise: the handle it returns would act on the other record.
         let s = Racing {
             inner: MemoryStore::new(),
+            on: None,
             then: std::cell::RefCell::new(None),
         };
         let f = won(t.claim(&s, rec(7, 1), |_| true).unwrap());
@@ -685,31 +689,6 @@ mod tests {
             t.find(&s, 99).unwrap().is_some(),
             "{index_key} kept the other record"
         );
-    }
-
-    /// A store where another worker acts right after this worker's write to `key`.
-    struct RacingOn {
-        inner: MemoryStore,
-        key: String,
-        then: std::cell::RefCell<Option<Hook>>,
-    }
-
-    impl SlotStore for RacingOn {
-        fn get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
-            self.inner.get(key)
-        }
-        fn compare_and_swap(&self, key: &str, v: &[u8], version: u32) -> Result<Write, StoreError> {
-            let w = self.inner.compare_and_swap(key, v, version)?;
-            if w == Write::Done && key == self.key {
-                if let Some(f) = self.then.borrow_mut().take() {
-                    f(&self.inner);
-                }
-            }
-            Ok(w)
-        }
-        fn create(&self, key: &str, v: &[u8]) -> Result<Write, StoreError> {
-            self.inner.create(key, v)
-        }
     }
 
     #[test]
@@ -733,9 +712,9 @@ mod tests {
                 t.add_bytes(m, -30).unwrap();
             }
         };
-        let r = RacingOn {
+        let r = Racing {
             inner: s,
-            key: index_key,
+            on: Some(index_key),
             then: std::cell::RefCell::new(Some(Box::new(evict))),
         };
         assert_eq!(t.put_body(&r, &b, rec(2, 2), &[9; 30]).unwrap(), None);
