@@ -716,11 +716,16 @@ impl Edge {
                 }
             }
         }
+        self.take_response(id.0)
+    }
+
+    /// Forgets an ended stream and hands back its response.
+    fn take_response(&mut self, id: u64) -> Result<Response> {
         let f = self
             .flights
-            .remove(&id.0)
+            .remove(&id)
             .ok_or_else(|| anyhow::anyhow!("unknown stream"))?;
-        self.owners.retain(|_, v| *v != id.0);
+        self.owners.retain(|_, v| *v != id);
         f.response
             .ok_or_else(|| anyhow::anyhow!("stream ended without a response"))
     }
@@ -734,13 +739,7 @@ impl Edge {
             f.reset = true;
             self.end_stream(id.0)?;
         }
-        let f = self
-            .flights
-            .remove(&id.0)
-            .ok_or_else(|| anyhow::anyhow!("unknown stream"))?;
-        self.owners.retain(|_, v| *v != id.0);
-        f.response
-            .ok_or_else(|| anyhow::anyhow!("stream ended without a response"))
+        self.take_response(id.0)
     }
 
     // ---- time and events --------------------------------------------------------------

@@ -4,9 +4,9 @@
 
 use std::time::Instant;
 
-use host_tests::{Edge, Plugin, Request, Upstream};
+use host_tests::{Edge, Request, Upstream};
 
-use crate::module;
+use crate::two_workers;
 
 /// Highest shared-data use seen, sampled every `every` requests.
 struct Peak {
@@ -56,12 +56,7 @@ pub fn rate_limit(n: u64) {
     let config = format!(
         r#"{{"rules":[{{"name":"api","match":{{"pathPrefix":"/"}},"key":[{{"header":"x-api-key"}}],"limit":{{"requests":5,"window":"1h"}},"maxKeys":{MAX_KEYS}}}]}}"#
     );
-    let mut edge = Edge::builder()
-        .plugin(Plugin::new(&module("rate_limit"), config))
-        .workers(2)
-        .upstream(|_| Upstream::ok("ok"))
-        .build()
-        .expect("rate_limit loads");
+    let mut edge = two_workers("rate_limit", config, |_| Upstream::ok("ok"));
     let started = Instant::now();
     let mut peak = Peak { keys: 0, bytes: 0 };
     let mut hot_admitted = 0;
@@ -108,12 +103,7 @@ pub fn idempotency(n: u64) {
         r#"{{"routes":[{{"pathPrefix":"/pay"}}],"header":"idempotency-key","scope":[],"maxEntries":{MAX_ENTRIES},"maxTotalBytes":{MAX_BYTES},"maxBodyBytes":4096}}"#
     );
     let body = "r".repeat(700);
-    let mut edge = Edge::builder()
-        .plugin(Plugin::new(&module("idempotency"), config))
-        .workers(2)
-        .upstream(move |_| Upstream::ok(body.clone()))
-        .build()
-        .expect("idempotency loads");
+    let mut edge = two_workers("idempotency", config, move |_| Upstream::ok(body.clone()));
     let started = Instant::now();
     let mut peak = Peak { keys: 0, bytes: 0 };
     for i in 0..n {
@@ -165,12 +155,9 @@ pub fn cached_fallback(n: u64) {
         r#"{{"routes":[{{"pathPrefix":"/api/"}}],"maxEntries":{MAX_ENTRIES},"maxTotalBytes":{MAX_BYTES},"maxBodyBytes":4096}}"#
     );
     let body = "c".repeat(700);
-    let mut edge = Edge::builder()
-        .plugin(Plugin::new(&module("cached_fallback"), config))
-        .workers(2)
-        .upstream(move |_| Upstream::ok(body.clone()).header("cache-control", "max-age=60"))
-        .build()
-        .expect("cached_fallback loads");
+    let mut edge = two_workers("cached_fallback", config, move |_| {
+        Upstream::ok(body.clone()).header("cache-control", "max-age=60")
+    });
     let started = Instant::now();
     let mut peak = Peak { keys: 0, bytes: 0 };
     for i in 0..n {

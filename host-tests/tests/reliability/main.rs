@@ -8,7 +8,7 @@
 //! - `RACE_TRIALS`: trials per race (default 500; the stress run uses 10,000).
 //!
 //! A failing fuzz case is written to `tests/reliability/regressions/<plugin>-<seed>.json`, and
-//! every file there is replayed by `fuzz_regressions_stay_fixed`.
+//! that plugin's fuzz test replays every such file first.
 
 mod flood;
 mod fuzz;
@@ -18,7 +18,7 @@ mod race;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use host_tests::{module_path, Module};
+use host_tests::{module_path, Edge, Module, Plugin, Upstream, UpstreamRequest};
 
 pub fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -30,6 +30,20 @@ pub fn env_u64(name: &str, default: u64) -> u64 {
 pub fn module(name: &str) -> Module {
     Module::from_file(module_path(name))
         .unwrap_or_else(|e| panic!("dist/{name}.wasm: {e:#} (run ./build.sh build first)"))
+}
+
+/// `plugin` (from dist/) with `config` on two workers, in front of `upstream`.
+pub fn two_workers(
+    plugin: &str,
+    config: impl Into<Vec<u8>>,
+    upstream: impl FnMut(&UpstreamRequest) -> Upstream + 'static,
+) -> Edge {
+    Edge::builder()
+        .plugin(Plugin::new(&module(plugin), config))
+        .workers(2)
+        .upstream(upstream)
+        .build()
+        .unwrap_or_else(|e| panic!("{plugin} does not load: {e:#}"))
 }
 
 fn regressions_dir() -> PathBuf {

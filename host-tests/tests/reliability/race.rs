@@ -6,10 +6,10 @@
 
 use std::time::Duration;
 
-use host_tests::{Edge, FlightId, Plugin, Request, Response, Step, Upstream};
+use host_tests::{Edge, FlightId, Request, Response, Step, Upstream};
 
 use crate::gen::Rng;
-use crate::module;
+use crate::two_workers;
 
 /// Drives two streams by `schedule` (a list of which stream steps next) and then finishes both.
 fn interleave(
@@ -102,12 +102,7 @@ fn run_trials(
 
 pub fn rate_limit(trials: u64) {
     let config = r#"{"rules":[{"name":"one","match":{"pathPrefix":"/"},"key":[{"header":"x-api-key"}],"limit":{"requests":1,"window":"1h"},"maxKeys":100000}]}"#;
-    let mut edge = Edge::builder()
-        .plugin(Plugin::new(&module("rate_limit"), config))
-        .workers(2)
-        .upstream(|_| Upstream::ok("ok"))
-        .build()
-        .expect("rate_limit loads");
+    let mut edge = two_workers("rate_limit", config, |_| Upstream::ok("ok"));
     let len = callbacks_of(&mut edge, Request::get("/").header("x-api-key", "warm-up"));
     let req = |t: u64| Request::get("/").header("x-api-key", &format!("race-{t}"));
     let staged = run_trials(
@@ -126,12 +121,7 @@ pub fn rate_limit(trials: u64) {
 
 pub fn idempotency(trials: u64) {
     let config = r#"{"routes":[{"pathPrefix":"/pay"}],"header":"idempotency-key","scope":[],"maxEntries":100000}"#;
-    let mut edge = Edge::builder()
-        .plugin(Plugin::new(&module("idempotency"), config))
-        .workers(2)
-        .upstream(|_| Upstream::ok("charged"))
-        .build()
-        .expect("idempotency loads");
+    let mut edge = two_workers("idempotency", config, |_| Upstream::ok("charged"));
     let pay = |key: &str| {
         Request::post("/pay")
             .header("idempotency-key", key)
@@ -167,12 +157,7 @@ pub fn idempotency(trials: u64) {
 /// wedged by it.
 pub fn circuit(trials: u64) {
     let config = r#"{"routes":[{"pathPrefix":"/api/"}],"circuitBreaker":{"failures":1,"window":"10s","openFor":"1s"}}"#;
-    let mut edge = Edge::builder()
-        .plugin(Plugin::new(&module("cached_fallback"), config))
-        .workers(2)
-        .upstream(|_| Upstream::status(503))
-        .build()
-        .expect("cached_fallback loads");
+    let mut edge = two_workers("cached_fallback", config, |_| Upstream::status(503));
     let len = callbacks_of(&mut edge, Request::get("/api/x"));
     let advance = |e: &mut Edge| e.advance(Duration::from_millis(1100)).expect("advance");
     let pair = |_| (Request::get("/api/x"), Request::get("/api/x"));

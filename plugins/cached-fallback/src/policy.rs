@@ -955,33 +955,28 @@ mod tests {
             classify(&with_429, 429, Some("via_upstream")),
             Verdict::Failure(Reason::Status)
         );
-        assert_eq!(
-            v(
+        for (status, details, reason) in [
+            (
                 503,
-                "upstream_reset_before_response_started{connection_termination}"
+                "upstream_reset_before_response_started{connection_termination}",
+                Reason::Reset,
             ),
-            Verdict::Failure(Reason::Reset)
-        );
-        assert_eq!(
-            v(503, "upstream_reset_before_response_started{remote_reset}"),
-            Verdict::Failure(Reason::Reset)
-        );
-        assert_eq!(
-            v(503, "upstream_reset_before_response_started{remote_connection_failure|delayed_connect_error:_Connection_refused}"),
-            Verdict::Failure(Reason::ConnectionFailure)
-        );
-        assert_eq!(
-            v(503, "no_healthy_upstream"),
-            Verdict::Failure(Reason::ConnectionFailure)
-        );
-        assert_eq!(
-            v(504, "response_timeout"),
-            Verdict::Failure(Reason::Timeout)
-        );
-        assert_eq!(
-            v(504, "upstream_per_try_timeout"),
-            Verdict::Failure(Reason::Timeout)
-        );
+            (
+                503,
+                "upstream_reset_before_response_started{remote_reset}",
+                Reason::Reset,
+            ),
+            (
+                503,
+                "upstream_reset_before_response_started{remote_connection_failure|delayed_connect_error:_Connection_refused}",
+                Reason::ConnectionFailure,
+            ),
+            (503, "no_healthy_upstream", Reason::ConnectionFailure),
+            (504, "response_timeout", Reason::Timeout),
+            (504, "upstream_per_try_timeout", Reason::Timeout),
+        ] {
+            assert_eq!(v(status, details), Verdict::Failure(reason), "{details}");
+        }
         // Another filter's local reply says nothing about the upstream.
         assert_eq!(v(503, "wasm_fail_stream"), Verdict::Neutral);
         assert_eq!(v(429, "rate_limited"), Verdict::Neutral);
