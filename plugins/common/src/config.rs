@@ -185,6 +185,20 @@ impl<'a> Node<'a> {
         }
     }
 
+    /// A duration in `lo..=hi`, the bounds named in the error as written (`"1s"`, `"24h"`).
+    pub fn duration_in(
+        &self,
+        lo: (Duration, &str),
+        hi: (Duration, &str),
+    ) -> Result<Duration, ConfigError> {
+        let d = self.duration()?;
+        if (lo.0..=hi.0).contains(&d) {
+            Ok(d)
+        } else {
+            Err(self.err(format!("must be between {} and {}", lo.1, hi.1)))
+        }
+    }
+
     /// A URL path, which must start with `/`.
     pub fn url_path(&self) -> Result<String, ConfigError> {
         let p = self.str()?;

@@ -16,6 +16,18 @@ pub struct Source {
     pub timeout: Duration,
 }
 
+impl Source {
+    /// The poll timer's period for the host (the configuration bounds it to 1s-24h).
+    pub fn poll_ms(&self) -> u32 {
+        u32::try_from(self.poll_interval.as_millis()).unwrap_or(u32::MAX)
+    }
+
+    /// The fetch timeout for the host (at most 1h by the configuration).
+    pub fn timeout_ms(&self) -> u32 {
+        u32::try_from(self.timeout.as_millis()).unwrap_or(u32::MAX)
+    }
+}
+
 pub struct Config {
     pub targeting_key: Option<KeyPart>,
     /// Context attribute name → where its value comes from.
@@ -78,10 +90,20 @@ impl Config {
                 cluster,
                 path: s.req("path", |n| n.url_path())?,
                 poll_interval: s
-                    .opt("pollInterval", |n| n.positive_duration())?
+                    .opt("pollInterval", |n| {
+                        n.duration_in(
+                            (Duration::from_secs(1), "1s"),
+                            (Duration::from_secs(86_400), "24h"),
+                        )
+                    })?
                     .unwrap_or(Duration::from_secs(30)),
                 timeout: s
-                    .opt("timeout", |n| n.positive_duration())?
+                    .opt("timeout", |n| {
+                        n.duration_in(
+                            (Duration::from_millis(1), "1ms"),
+                            (Duration::from_secs(3_600), "1h"),
+                        )
+                    })?
                     .unwrap_or(Duration::from_secs(5)),
             })
         })?;

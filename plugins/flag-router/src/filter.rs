@@ -63,8 +63,12 @@ impl FlagRouterRoot {
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
         self.metrics.borrow_mut().inc("flag_router.source_fetches");
-        match hostcalls::dispatch_http_call(&source.cluster, headers, None, vec![], source.timeout)
-        {
+        // The SDK's wrapper is used here (unlike everywhere else) because its dispatcher must
+        // register the token to route the answer back; it traps only on a status other than
+        // Ok, BadArgument or InternalFailure, the only ones Envoy's http_call returns for
+        // valid memory.
+        let timeout = std::time::Duration::from_millis(u64::from(source.timeout_ms()));
+        match hostcalls::dispatch_http_call(&source.cluster, headers, None, vec![], timeout) {
             Ok(token) => self.poller.sent(token),
             Err(status) => {
                 self.metrics.borrow_mut().inc("flag_router.source_errors");
@@ -97,15 +101,17 @@ impl Context for FlagRouterRoot {
         let Some(fetched) = self.poller.reply_to(token, status, etag, body_size, read) else {
             return;
         };
+        if let Some(counter) = fetched.counter() {
+            self.metrics.borrow_mut().inc(counter);
+        }
         match fetched {
             Fetched::Updated(set) => {
                 log::info!("flag-router: flags updated ({} flags)", set.flags.len());
                 self.flags = Rc::new(set);
-                self.metrics.borrow_mut().inc("flag_router.source_updates");
+                self.metrics.borrow_mut().reporter.flags_replaced();
             }
             Fetched::NotModified => {}
             Fetched::Failed(why) => {
-                self.metrics.borrow_mut().inc("flag_router.source_errors");
                 log::warn!("flag-router: flag fetch failed: {why}; keeping the last good flags");
             }
         }
@@ -117,18 +123,20 @@ impl RootContext for FlagRouterRoot {
         let Some(mut config) = load_config("flag-router", Config::parse) else {
             return false;
         };
-        self.flags = Rc::new(std::mem::take(&mut config.flags));
-        let poll = config.source.as_ref().map(|s| s.poll_interval);
-        self.config = Some(Rc::new(config));
-        if let Some(every) = poll {
+        if let Some(source) = &config.source {
             // Without the timer the file is fetched once and never again: the kill switch
-            // would not work, so the configuration is refused rather than half-applied.
-            let ms = u32::try_from(every.as_millis()).unwrap_or(u32::MAX).max(1);
-            let status = ffi::set_tick_period_ms(ms);
+            // would not work, so the configuration is refused before any of it applies.
+            let status = ffi::set_tick_period_ms(source.poll_ms());
             if status != ffi::OK {
                 log::error!("flag-router: configuration rejected: the host refused the poll timer (status {status})");
                 return false;
             }
+        }
+        self.flags = Rc::new(std::mem::take(&mut config.flags));
+        self.metrics.borrow_mut().reporter.flags_replaced();
+        let polled = config.source.is_some();
+        self.config = Some(Rc::new(config));
+        if polled {
             self.poller = Poller::default();
             self.fetch();
         }

@@ -468,6 +468,10 @@ fn ev_node<'a>(n: &'a Node, data: &'a Value, b: &Budget) -> Cow<'a, Value> {
         }
         Op::Var => {
             let path = args.first().map(|p| ev(p, data, b));
+            // The path is read (and a non-string one written out) on every lookup.
+            if !b.spend_u64(path.as_deref().map_or(0, |p| size(p, b.0.get()))) {
+                return Cow::Borrowed(&NULL);
+            }
             return match lookup(data, path.as_deref().unwrap_or(&NULL)) {
                 Some(v) => Cow::Borrowed(v),
                 None => args.get(1).map_or(Cow::Borrowed(&NULL), |d| ev(d, data, b)),
@@ -483,7 +487,18 @@ fn ev_node<'a>(n: &'a Node, data: &'a Value, b: &Budget) -> Cow<'a, Value> {
             let test = |v: &Value| truthy(&ev(logic, v, b));
             return Cow::Owned(match op {
                 Op::Map => {
-                    Value::Array(items.iter().map(|v| ev(logic, v, b).into_owned()).collect())
+                    let mut out = Vec::with_capacity(items.len());
+                    for v in items {
+                        let r = ev(logic, v, b);
+                        // A borrowed result is copied into the list: charge the copy first.
+                        if let Cow::Borrowed(x) = &r {
+                            if !b.spend_u64(size(x, b.0.get())) {
+                                return Cow::Borrowed(&NULL);
+                            }
+                        }
+                        out.push(r.into_owned());
+                    }
+                    Value::Array(out)
                 }
                 Op::Filter => Value::Array(items.iter().filter(|v| test(v)).cloned().collect()),
                 Op::All => Value::Bool(!items.is_empty() && items.iter().all(test)),
@@ -513,14 +528,14 @@ fn ev_node<'a>(n: &'a Node, data: &'a Value, b: &Budget) -> Cow<'a, Value> {
         _ => {}
     }
     let v: Vec<Cow<Value>> = args.iter().map(|a| ev(a, data, b)).collect();
-    // The operators whose result copies all their operands: afford the copy first.
-    if matches!(op, Op::Cat | Op::Merge) {
-        let cost = v.iter().fold(0u64, |t, c| {
-            t.saturating_add(1).saturating_add(size(c, b.0.get()))
-        });
-        if !b.affords(cost) {
-            return Cow::Borrowed(&NULL);
-        }
+    // Every operator reads its operands, and many copy or write them out as text (`cat`,
+    // `merge`, comparisons of lists, `in`): their size is spent before any of that, so a
+    // large value used many times (in a `some` over a long list) cannot outrun the budget.
+    let cost = v.iter().fold(0u64, |t, c| {
+        t.saturating_add(1).saturating_add(size(c, b.0.get()))
+    });
+    if !b.spend_u64(cost) {
+        return Cow::Borrowed(&NULL);
     }
     let (x, y) = (arg(&v, 0), arg(&v, 1));
     Cow::Owned(match op {
@@ -537,7 +552,7 @@ fn ev_node<'a>(n: &'a Node, data: &'a Value, b: &Budget) -> Cow<'a, Value> {
         Op::Gt => Value::Bool(less(y, x, false)),
         Op::Ge => Value::Bool(less(y, x, true)),
         Op::In => Value::Bool(match y {
-            Value::String(s) => !s.is_empty() && s.contains(js_string(x).as_str()),
+            Value::String(s) => !s.is_empty() && s.contains(js_str(x).as_ref()),
             Value::Array(a) => a.iter().any(|e| strict_eq(x, e)),
             _ => false,
         }),
@@ -612,8 +627,7 @@ fn ev_node<'a>(n: &'a Node, data: &'a Value, b: &Budget) -> Cow<'a, Value> {
 fn lookup<'a>(data: &'a Value, path: &Value) -> Option<&'a Value> {
     let key = match path {
         Value::Null => return Some(data),
-        Value::String(s) => Cow::Borrowed(s.as_str()),
-        other => Cow::Owned(js_string(other)),
+        other => js_str(other),
     };
     if key.is_empty() {
         return Some(data);
@@ -676,15 +690,17 @@ fn loose_eq(a: &Value, b: &Value) -> bool {
 
 /// JavaScript `<` (or `<=`): strings compare as strings, anything else as numbers.
 fn less(a: &Value, b: &Value, or_eq: bool) -> bool {
-    let prim = |v: &Value| match v {
-        Value::Array(_) | Value::Object(_) => Value::String(js_string(v)),
-        other => other.clone(),
-    };
-    let (a, b) = (prim(a), prim(b));
-    if let (Value::String(x), Value::String(y)) = (&a, &b) {
+    // Lists and objects compare as their text; strings as they are, without a copy.
+    fn text(v: &Value) -> Option<Cow<'_, str>> {
+        match v {
+            Value::String(_) | Value::Array(_) | Value::Object(_) => Some(js_str(v)),
+            _ => None,
+        }
+    }
+    if let (Some(x), Some(y)) = (text(a), text(b)) {
         return if or_eq { x <= y } else { x < y };
     }
-    let (x, y) = (to_number(&a), to_number(&b));
+    let (x, y) = (to_number(a), to_number(b));
     if or_eq {
         x <= y
     } else {
@@ -701,6 +717,14 @@ fn js_string(v: &Value) -> String {
         Value::String(s) => s.clone(),
         Value::Array(a) => a.iter().map(join_part).collect::<Vec<_>>().join(","),
         Value::Object(_) => "[object Object]".into(),
+    }
+}
+
+/// `String(v)`, borrowing a string.
+fn js_str(v: &Value) -> Cow<'_, str> {
+    match v {
+        Value::String(s) => Cow::Borrowed(s),
+        other => Cow::Owned(js_string(other)),
     }
 }
 
@@ -792,7 +816,7 @@ fn to_number(v: &Value) -> f64 {
 fn parse_float(v: &Value) -> f64 {
     match v {
         Value::Number(n) => n.as_f64().unwrap_or(f64::NAN),
-        _ => float_prefix(js_string(v).trim_start()).0,
+        _ => float_prefix(js_str(v).trim_start()).0,
     }
 }
 
@@ -1912,6 +1936,23 @@ mod tests {
             .eval(&data)
             .unwrap_err();
         assert!(err.contains("steps"), "{err}");
+        // A map whose rule yields one large literal would copy it once per element.
+        let map = json!({"map": [vec![0; 20_000], "x".repeat(4 << 20)]});
+        let err = Expr::compile(&map, &Map::new())
+            .unwrap()
+            .eval(&json!({}))
+            .unwrap_err();
+        assert!(err.contains("steps"), "{err}");
+        // Reading is paid for too: one comparison of a value larger than the whole budget
+        // ends the evaluation, so a loop cannot compare it thousands of times.
+        for op in ["<", "in", "==", "+"] {
+            let rule = json!({ op: ["x".repeat(500_000), "a"] });
+            let err = Expr::compile(&rule, &Map::new())
+                .unwrap()
+                .eval(&json!({}))
+                .unwrap_err();
+            assert!(err.contains("steps"), "{op}: {err}");
+        }
         // A short cat of a header of usual size is fine.
         let two = json!({"cat": [{"var": "tier"}, "!"]});
         let v = Expr::compile(&two, &Map::new())

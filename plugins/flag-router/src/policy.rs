@@ -82,7 +82,12 @@ impl Reporter {
         name
     }
 
-    /// A warning, the first time a flag fails on this worker.
+    /// A new flag file replaced the flags: a flag that fails again warns again.
+    pub fn flags_replaced(&mut self) {
+        self.warned.clear();
+    }
+
+    /// A warning, the first time a flag fails on this worker (since the flags last changed).
     pub fn warning(&mut self, e: &Evaluation<'_>) -> Option<String> {
         match &e.error {
             Some(err) if !self.warned.contains(e.flag) => {
@@ -315,6 +320,8 @@ mod tests {
             Some("flag f failed to evaluate: boom")
         );
         assert_eq!(r.warning(&broken), None, "warned once");
+        r.flags_replaced();
+        assert!(r.warning(&broken).is_some(), "new flags, a new warning");
         assert!(broken.describe().contains("boom"), "then at debug");
         assert_eq!(
             ok.describe(),
@@ -358,8 +365,21 @@ mod tests {
             .starts_with("flags.f.targeting:"));
         assert!(err(&format!(r#"{{"headers":{{"f":"x-f"}},{flag},"source":{{"cluster":"flags","path":"flags.json"}}}}"#))
             .starts_with("source.path:"));
-        assert!(err(&format!(r#"{{"headers":{{"f":"x-f"}},{flag},"source":{{"cluster":"c","path":"/f","pollInterval":"0s"}}}}"#))
-            .starts_with("source.pollInterval:"));
+        for (field, value) in [
+            ("pollInterval", "0s"),
+            ("pollInterval", "999ms"),
+            ("pollInterval", "25h"),
+            ("timeout", "0s"),
+            ("timeout", "2h"),
+        ] {
+            let e = err(&format!(
+                r#"{{"headers":{{"f":"x-f"}},{flag},"source":{{"cluster":"c","path":"/f","{field}":"{value}"}}}}"#
+            ));
+            assert!(
+                e.starts_with(&format!("source.{field}: must be between")),
+                "{e}"
+            );
+        }
         assert!(err(&format!(
             r#"{{"headers":{{"f":"x-f"}},{flag},"context":{{"targetingKey":{{"header":"a"}}}}}}"#
         ))
@@ -374,12 +394,8 @@ mod tests {
         .unwrap();
         let s = c.source.as_ref().unwrap();
         assert_eq!(
-            (
-                s.authority.as_str(),
-                s.poll_interval.as_secs(),
-                s.timeout.as_secs()
-            ),
-            ("flags", 30, 5)
+            (s.authority.as_str(), s.poll_ms(), s.timeout_ms()),
+            ("flags", 30_000, 5_000)
         );
         let d = decide(&c, &c.flags, &RequestParts::new("GET", "/"), 0);
         assert_eq!(d.evaluations[0].reason, Reason::NotFound);

@@ -14,6 +14,17 @@ pub enum Fetched {
     Failed(String),
 }
 
+impl Fetched {
+    /// The counter a fetch's outcome increments (an unchanged file counts nothing).
+    pub fn counter(&self) -> Option<&'static str> {
+        match self {
+            Fetched::Updated(_) => Some("flag_router.source_updates"),
+            Fetched::NotModified => None,
+            Fetched::Failed(_) => Some("flag_router.source_errors"),
+        }
+    }
+}
+
 /// The largest flag file read: every worker parses and keeps it.
 pub const MAX_FILE_BYTES: usize = 4 << 20;
 
@@ -171,6 +182,30 @@ mod tests {
             });
             assert!(!read.get(), "{status:?}: the body was read");
         }
+    }
+
+    #[test]
+    fn a_file_over_the_limit_is_refused_unread_and_counted_as_an_error() {
+        let mut p = Poller::default();
+        assert!(p.next(&source()).is_some());
+        p.sent(2);
+        let read = std::cell::Cell::new(false);
+        let r = p.reply_to(2, Some(200), None, MAX_FILE_BYTES + 1, || {
+            read.set(true);
+            DOC.to_vec()
+        });
+        assert!(!read.get(), "the body was read");
+        let r = r.unwrap();
+        assert!(matches!(&r, Fetched::Failed(w) if w.contains("more than")));
+        assert_eq!(r.counter(), Some("flag_router.source_errors"));
+        // At the limit it is read.
+        assert!(p.next(&source()).is_some());
+        p.sent(3);
+        let r = p
+            .reply_to(3, Some(200), None, MAX_FILE_BYTES, || DOC.to_vec())
+            .unwrap();
+        assert_eq!(r.counter(), Some("flag_router.source_updates"));
+        assert_eq!(Fetched::NotModified.counter(), None);
     }
 
     #[test]
