@@ -627,7 +627,7 @@ mod tests {
         let t = Table::new("t/", 1024, 1000);
         let probes = t.probes(9);
         let (Some(&first), Some(&second)) = (probes.first(), probes.get(1)) else {
-            unreachable!()
+            panic!("fewer than two probe slots")
         };
         // The other worker saw the first probe slot busy (a record that has since been
         // evicted) and claimed key 9 in the second, just after this worker won the first.

@@ -689,7 +689,7 @@ mod tests {
         assert_eq!(header(&d, "ratelimit"), Some("\"per-ip\";r=0;t=1"));
         assert_eq!(header(&d, "content-type"), Some("application/problem+json"));
         let Action::Reply(r) = &d.action else {
-            unreachable!()
+            panic!("a limited request is answered")
         };
         let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
         assert_eq!(v["type"], QUOTA_EXCEEDED);
@@ -754,7 +754,7 @@ mod tests {
         let d = l.check(&key("d"), 0, &s);
         assert_eq!(status(&d), 429);
         let Action::Reply(r) = &d.action else {
-            unreachable!()
+            panic!("a limited request is answered")
         };
         let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
         assert_eq!(v["violated-policies"], serde_json::json!(["global"]));
