@@ -455,11 +455,13 @@ impl Limiter {
                 // Two workers can claim two free slots for one new key at once (each saw the
                 // other's slot still taken). Both write, then both look: at least one sees
                 // the other, gives its slot (and the token in it) up and takes from the
-                // other's bucket on the next attempt.
-                if claiming && self.claimed_elsewhere(i, rule, fp, key, home, &slot_key, store)? {
-                    update(store, &slot_key, ATTEMPTS, |bytes| {
-                        (Slot::decode(bytes).key == key).then(|| empty.to_vec())
-                    })?;
+                // other's bucket on the next attempt. A slot is given up only as it was
+                // written: once another request has taken from this bucket, emptying it would
+                // lose that token, so it stays and the other claim yields instead.
+                if claiming
+                    && self.claimed_elsewhere(i, rule, fp, key, home, &slot_key, store)?
+                    && self.give_up(&slot_key, &slot.encode(), &empty, store)?
+                {
                     continue;
                 }
             }
@@ -472,6 +474,22 @@ impl Limiter {
             });
         }
         Err(contended(ATTEMPTS))
+    }
+
+    /// Empties `slot_key` if it still holds exactly `written`; false when it has changed.
+    fn give_up(
+        &self,
+        slot_key: &str,
+        written: &[u8],
+        empty: &[u8],
+        store: &impl SlotStore,
+    ) -> Result<bool, StoreError> {
+        match store.get(slot_key)? {
+            Some(e) if e.value == written => {
+                Ok(store.compare_and_swap(slot_key, empty, e.version)? == Write::Done)
+            }
+            _ => Ok(false),
+        }
     }
 
     /// Whether another probed slot than `mine` holds `key`'s current bucket.
@@ -630,6 +648,81 @@ mod tests {
             })
             .count();
         assert_eq!(holders, 1);
+    }
+
+    type Hook<'a> = Box<dyn FnOnce(&MemoryStore) + 'a>;
+
+    /// A store that lets another worker act right after this worker's first write to `at`.
+    struct AfterWrite<'a> {
+        inner: MemoryStore,
+        at: String,
+        then: std::cell::RefCell<Option<Hook<'a>>>,
+    }
+
+    impl SlotStore for AfterWrite<'_> {
+        fn get(&self, key: &str) -> Result<Option<edge_common::store::Entry>, StoreError> {
+            self.inner.get(key)
+        }
+        fn compare_and_swap(
+            &self,
+            key: &str,
+            value: &[u8],
+            version: u32,
+        ) -> Result<Write, StoreError> {
+            let w = self.inner.compare_and_swap(key, value, version)?;
+            if key == self.at && w == Write::Done {
+                if let Some(f) = self.then.borrow_mut().take() {
+                    f(&self.inner);
+                }
+            }
+            Ok(w)
+        }
+        fn create(&self, key: &str, value: &[u8]) -> Result<Write, StoreError> {
+            self.inner.create(key, value)
+        }
+    }
+
+    #[test]
+    fn a_claim_someone_already_took_from_is_kept_so_no_token_is_lost() {
+        // Two tokens per hour. This worker claims the key's home slot; before it looks for
+        // racing claims, a second request takes a token from that new bucket and a third
+        // worker's claim of the same key lands in the next probe slot.
+        let l = per_ip(2, "1h", "");
+        let req = from("10.0.0.7:1");
+        let rule = &l.config.rules[0];
+        let fp = l.fingerprints[0];
+        let key = key_hash(l.seed, &rule.name, &rule.key, &req);
+        let n = rule.max_keys;
+        let home = u32::try_from(key % u64::from(n)).unwrap();
+        let (first, second) = (
+            l.slot_key(0, Some(home)),
+            l.slot_key(0, Some((home + 1) % n)),
+        );
+        let theirs = Slot {
+            key,
+            limit: fp,
+            bucket: rule.limit.take(rule.limit.fresh(0), 0).bucket,
+        };
+        let s = AfterWrite {
+            inner: MemoryStore::new(),
+            at: first.clone(),
+            then: std::cell::RefCell::new(Some(Box::new(|m: &MemoryStore| {
+                assert_eq!(status(&l.check(&req, 0, m)), 200, "the second request");
+                let e = get_or_create(m, &second, &[]).unwrap();
+                m.compare_and_swap(&second, &theirs.encode(), e.version)
+                    .unwrap();
+            }))),
+        };
+        assert_eq!(status(&l.check(&req, 0, &s)), 200);
+        assert!(s.then.borrow().is_none(), "the staged race ran");
+        // The home slot keeps both tokens taken from it: the key is spent.
+        let home_slot = Slot::decode(&s.inner.get(&first).unwrap().unwrap().value);
+        assert_eq!(home_slot.key, key, "the claim was kept");
+        assert!(
+            !rule.limit.take(home_slot.bucket, 0).allowed,
+            "a token was lost"
+        );
+        assert_eq!(status(&l.check(&req, 0, &s.inner)), 429);
     }
 
     fn status(d: &Decision) -> u32 {
