@@ -1674,6 +1674,12 @@ impl Edge {
         self.host.borrow_mut().shared_data_fault = status;
     }
 
+    /// Makes every local reply a plugin sends fail with `status` (`None`: replies go out
+    /// again), to test what a plugin does with a request whose answer the host refused.
+    pub fn fail_local_replies(&mut self, status: Option<crate::abi::Status>) {
+        self.host.borrow_mut().local_reply_fault = status;
+    }
+
     /// Stages the race Envoy's worker threads run *inside* a callback, between a plugin's read
     /// and its write, which interleaving at callback boundaries cannot reach: each of the next
     /// `n` compare-and-swaps that would succeed instead finds that another worker made the very

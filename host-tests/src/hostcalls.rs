@@ -678,6 +678,9 @@ fn send_local_response(
     let details = String::from_utf8_lossy(&read(c, dp, dl)?).into_owned();
     let body = read(c, bp, bl)?;
     let headers = read_map_lenient(c, hp, hl)?;
+    if let Some(fault) = c.data().host.borrow().local_reply_fault {
+        return Err(fault.into());
+    }
     let s = c.data_mut();
     let context = s.effective;
     // From a root context there is no stream to answer: Envoy returns Ok and does nothing.

@@ -205,6 +205,8 @@ pub(crate) struct HostShared {
     pub next_cas: u32,
     /// While set, shared-data calls fail with this status (fault injection).
     pub shared_data_fault: Option<crate::abi::Status>,
+    /// Status every `proxy_send_local_response` fails with (`None`: replies are sent).
+    pub local_reply_fault: Option<crate::abi::Status>,
     /// Compare-and-swaps still to lose to a twin write (see `Edge::stage_races`).
     pub staged_races: u32,
     pub races_run: u32,
@@ -235,6 +237,7 @@ impl HostShared {
             shared_data: HashMap::new(),
             next_cas: 1,
             shared_data_fault: None,
+            local_reply_fault: None,
             staged_races: 0,
             races_run: 0,
             queues: Vec::new(),

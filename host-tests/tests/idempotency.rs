@@ -374,3 +374,15 @@ fn instructions_per_request_stay_near_what_was_measured() -> Result<()> {
     assert!(ignored.fuel < 6_000, "not covered {}", ignored.fuel);
     Ok(())
 }
+
+#[test]
+fn a_refusal_the_host_cannot_send_is_held_not_forwarded() -> Result<()> {
+    let mut edge = edge(PAYMENTS).build()?;
+    edge.fail_local_replies(Some(host_tests::abi::Status::InternalFailure));
+    // Without the required key the answer is 400; the host refuses to send it.
+    let held = edge.send(Request::post("/payments").body(b"{}".to_vec()));
+    let err = held.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("stalled"), "the request was answered: {err}");
+    assert!(edge.upstream_requests().is_empty(), "it ran unguarded");
+    Ok(())
+}

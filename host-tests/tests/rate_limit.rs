@@ -436,3 +436,16 @@ fn a_request_crosses_into_the_vm_only_where_the_limiter_acts() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn a_limited_request_whose_reply_the_host_refuses_is_held_not_forwarded() -> Result<()> {
+    let mut edge =
+        edge(r#"{"rules":[{"name":"one","limit":{"requests":1,"window":"1h"}}]}"#).build()?;
+    assert_eq!(edge.send(Request::get("/a"))?.status, 200);
+    edge.fail_local_replies(Some(host_tests::abi::Status::InternalFailure));
+    let held = edge.send(Request::get("/a"));
+    let err = held.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("stalled"), "the request was answered: {err}");
+    assert_eq!(edge.upstream_requests().len(), 1, "it reached the upstream");
+    Ok(())
+}

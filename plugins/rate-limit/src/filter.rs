@@ -121,7 +121,9 @@ impl HttpContext for RateLimitStream {
                 self.response_headers = response_headers;
                 Action::Continue
             }
-            Verdict::Reply(reply) => answer("rate-limit", &reply, Action::Continue),
+            // A limited request (or `failureMode: deny`'s 503) never reaches the upstream,
+            // even when the host refuses the reply: it is held until Envoy's stream timeout.
+            Verdict::Reply(reply) => answer("rate-limit", &reply, Action::Pause),
         }
     }
 
