@@ -200,13 +200,7 @@ impl Config {
                     .opt("status", |n| n.status_in(200, 599, "a status"))?
                     .unwrap_or(DEFAULT_STATIC_STATUS),
                 headers: s.entries("headers", |k, n| {
-                    let lower = k.to_ascii_lowercase();
-                    let token =
-                        |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
-                    if lower.is_empty() || !lower.bytes().all(token) {
-                        return Err(n.err(format!("\"{k}\" is not a header name")));
-                    }
-                    Ok((lower, n.str()?.to_string()))
+                    Ok((n.header_named(k)?, n.str()?.to_string()))
                 })?,
                 body: s
                     .opt("body", |n| n.str().map(|b| b.as_bytes().to_vec()))?

@@ -211,10 +211,16 @@ impl<'a> Node<'a> {
 
     /// An HTTP header name (an RFC 9110 token), lower-cased as Envoy keeps them.
     pub fn header_name(&self) -> Result<String, ConfigError> {
-        let h = self.str()?.trim().to_ascii_lowercase();
+        self.header_named(self.str()?.trim())
+    }
+
+    /// `name` (e.g. an object key this node holds the value of) as a header name: a name no
+    /// request can carry would silently never match, or key every client alike.
+    pub fn header_named(&self, name: &str) -> Result<String, ConfigError> {
+        let h = name.to_ascii_lowercase();
         let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
         if h.is_empty() || !h.bytes().all(token) {
-            return Err(self.err(format!("\"{h}\" is not a header name")));
+            return Err(self.err(format!("\"{name}\" is not a header name")));
         }
         Ok(h)
     }

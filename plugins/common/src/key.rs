@@ -42,8 +42,8 @@ impl KeyPart {
                 .nth(s)
                 .unwrap_or(KeyPart::Path));
         }
-        if let Some(h) = o.opt("header", name)? {
-            return Ok(KeyPart::Header(h.to_ascii_lowercase()));
+        if let Some(h) = o.opt("header", |n| n.header_name())? {
+            return Ok(KeyPart::Header(h));
         }
         Ok(KeyPart::Cookie(o.req("cookie", name)?))
     }
@@ -179,7 +179,11 @@ mod tests {
             .contains("unknown field `hedaer`"));
         assert!(part(r#"{"k":{"header":" "}}"#)
             .unwrap_err()
-            .starts_with("k.header: must not be empty"));
+            .starts_with("k.header: \"\" is not a header name"));
+        // A name no request can carry would key every client alike.
+        assert!(part(r#"{"k":{"header":"x api-key"}}"#)
+            .unwrap_err()
+            .starts_with("k.header: \"x api-key\" is not a header name"));
     }
 
     #[test]

@@ -25,7 +25,7 @@ impl Route {
             path: o.opt("path", |n| n.url_path())?,
             methods,
             headers: o.entries("headers", |k, n| {
-                Ok((k.to_ascii_lowercase(), n.str()?.to_string()))
+                Ok((n.header_named(k)?, n.str()?.to_string()))
             })?,
         })
     }
@@ -98,6 +98,18 @@ mod tests {
         assert!(!r.matches(&RequestParts::new("GET", "/apix").header("x-tier", "free")));
         assert!(!r.matches(&RequestParts::new("GET", "/api/").header("x-tier", "paid")));
         assert!(route("{}").matches(&RequestParts::new("DELETE", "/anything")));
+    }
+
+    #[test]
+    fn a_header_condition_must_name_a_header() {
+        let e = read(r#"{"headers":{"x tier":"free"}}"#)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.starts_with("match.headers.x tier: \"x tier\" is not a header name"),
+            "{e}"
+        );
     }
 
     #[test]
