@@ -284,7 +284,6 @@ impl Envoy {
         admin_get(self.admin, path, client::DEFAULT_TIMEOUT)
     }
 
-    /// Every counter and gauge, from the admin `/stats`.
     /// Downstream connections each of the first `workers` worker threads accepted (from the
     /// listener's per-worker stats), to show that a test's traffic really used them all.
     pub fn connections_per_worker(&self, workers: usize) -> Result<Vec<u64>> {
@@ -301,6 +300,7 @@ impl Envoy {
             .collect())
     }
 
+    /// Every counter and gauge, from the admin `/stats`.
     pub fn stats(&self) -> Result<Stats> {
         let res = self.admin("/stats")?;
         if res.status != 200 {

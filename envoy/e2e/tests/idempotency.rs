@@ -91,6 +91,12 @@ fn twenty_concurrent_posts_with_one_key_reach_the_application_once() -> Result<(
         1,
         "the application charged once"
     );
+    // The duplicates raced across both workers (a per-worker lock would have let two through).
+    let per_worker = envoy.connections_per_worker(2)?;
+    assert!(
+        per_worker.iter().all(|n| *n > 0),
+        "connections per worker: {per_worker:?}"
+    );
     assert_eq!(upstream.requests_to("/payments").len(), 1);
     let first: Vec<&Response> = answers
         .iter()

@@ -77,7 +77,7 @@ pub fn rate_limit(n: u64) {
                 "the hot client was admitted {hot_admitted} times by request {i}"
             );
         }
-        if i % 1000 == 0 {
+        if i % 100 == 0 {
             peak.sample(&edge);
             edge.clear_records();
         }
@@ -115,7 +115,7 @@ pub fn idempotency(n: u64) {
             )
             .expect("a flood request");
         assert_eq!(res.status, 200, "{}", res.body_str());
-        if i % 1000 == 0 {
+        if i % 100 == 0 {
             peak.sample(&edge);
             edge.clear_records();
         }
@@ -165,7 +165,7 @@ pub fn cached_fallback(n: u64) {
             .send(Request::get(&format!("/api/item/{i}")))
             .expect("a flood request");
         assert_eq!(res.status, 200);
-        if i % 1000 == 0 {
+        if i % 100 == 0 {
             peak.sample(&edge);
             edge.clear_records();
         }

@@ -161,6 +161,22 @@ pub fn circuit(trials: u64) {
     let len = callbacks_of(&mut edge, Request::get("/api/x"));
     let advance = |e: &mut Edge| e.advance(Duration::from_millis(1100)).expect("advance");
     let pair = |_| (Request::get("/api/x"), Request::get("/api/x"));
-    let staged = run_trials(&mut edge, trials, len, advance, pair, |_, _, _| {});
+    // Every request the probe did not carry is answered while the circuit is open: a 503
+    // problem saying so, with `retry-after`; the probe gets the upstream's own 503.
+    let check = |t: u64, reached: usize, res: &[Response; 2]| {
+        let local: Vec<&Response> = res
+            .iter()
+            .filter(|r| {
+                r.header("cache-status")
+                    .is_some_and(|c| c.contains("detail=circuit-open"))
+            })
+            .collect();
+        assert_eq!(local.len(), 2 - reached, "trial {t}: {res:?}");
+        for r in local {
+            assert_eq!(r.status, 503, "trial {t}");
+            assert!(r.header("retry-after").is_some(), "trial {t}");
+        }
+    };
+    let staged = run_trials(&mut edge, trials, len, advance, pair, check);
     println!("race cached_fallback circuit probe: {trials} trials ({} interleavings at each boundary, the rest random; {staged} with the probe claimed by another worker), 0 double probes", 2 * (len + 1));
 }

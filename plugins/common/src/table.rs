@@ -580,15 +580,26 @@ mod tests {
     fn bytes_stay_within_the_bound_by_evicting_old_bodies() {
         let s = MemoryStore::new();
         let t = Table::new("t/", 16, 100);
+        let mut stored = 0;
         for k in 1..=200u64 {
-            let c = t.claim(&s, rec(k, k), |_| true).unwrap();
-            if let Claim::Won(f) = c {
-                t.put_body(&s, &f, rec(k, k), &[b'x'; 30]).unwrap();
-            }
+            let f = won(t.claim(&s, rec(k, k), |_| true).unwrap());
+            // Room is made for every new body by evicting old ones.
+            let kept = t.put_body(&s, &f, rec(k, k), &[b'x'; 30]).unwrap();
+            stored += usize::from(kept.is_some());
             assert!(t.used_bytes(&s).unwrap() <= 100);
         }
+        assert!(stored > 190, "only {stored} of 200 bodies found room");
         assert!(s.len() <= 2 * 16 + 1, "keys: {}", s.len());
-        assert!(t.find(&s, 200).unwrap().is_some(), "the newest is kept");
+        let newest = t.find(&s, 200).unwrap().unwrap();
+        assert_eq!(t.body(&s, &newest).unwrap(), Some(vec![b'x'; 30]));
+        let with_bodies = (1..=200u64)
+            .filter_map(|k| t.find(&s, k).unwrap())
+            .filter(|f| t.body(&s, f).unwrap().is_some())
+            .count();
+        assert!(
+            (1..=3).contains(&with_bodies),
+            "{with_bodies} bodies of 30 bytes in 100"
+        );
         // Larger than the whole budget: refused, nothing evicted for it.
         let f = t.find(&s, 200).unwrap().unwrap();
         assert_eq!(t.put_body(&s, &f, rec(200, 201), &[0; 101]).unwrap(), None);

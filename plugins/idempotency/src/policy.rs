@@ -609,9 +609,11 @@ mod tests {
 
     #[test]
     fn without_fingerprints_another_body_replays() {
+        // Fingerprints that differ are ignored when the configuration turns them off.
         let (p, s) = (policy(r#"{"fingerprint":"none"}"#), MemoryStore::new());
-        let claim = forward(p.begin(&s, 5, None, S));
+        let claim = forward(p.begin(&s, 5, Some([1; 32]), S));
         p.complete(&s, &claim, Some(&response("x")), S).unwrap();
+        assert!(matches!(p.begin(&s, 5, Some([2; 32]), S), Begin::Replay(_)));
         assert!(matches!(p.begin(&s, 5, None, S), Begin::Replay(_)));
     }
 

@@ -212,6 +212,7 @@ mod tests {
         assert_eq!(c.mode, Mode::Enforce);
         assert_eq!(c.failure_mode, FailureMode::Allow);
         assert!(c.response_headers);
+        assert_eq!(c.rules[0].status, 429);
         assert_eq!(c.rules[0].limit.burst, 5);
         assert_eq!(c.rules[0].max_keys, 65_536);
         assert!(c.rules[0].key.is_empty());
