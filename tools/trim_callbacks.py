@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Removes the exports of callbacks a plugin does not implement from its module.
+"""Removes the exports of callbacks a plugin does not implement from its module (and the
+custom sections that only describe the build).
 
 Envoy (proxy-wasm-cpp-host) calls into the VM only for callbacks the module exports; for an
 absent one it goes on as if the callback had returned "continue". The Rust SDK exports all of
@@ -78,6 +79,11 @@ def implemented(src_dir):
     return {m for m in methods if re.search(rf"\bfn\s+{m}\s*[<(]", text)}
 
 
+# Custom sections that only describe the build (the compiler's name and the features it
+# enabled, which build.sh passes to wasm-opt itself): no host reads them.
+BUILD_SECTIONS = {b"producers", b"target_features"}
+
+
 def trim(module, drop):
     if module[:8] != b"\0asm\x01\0\0\0":
         raise SystemExit("not a wasm module")
@@ -86,6 +92,11 @@ def trim(module, drop):
         sid = module[i]
         size, body = leb(module, i + 1)
         end = body + size
+        if sid == 0:
+            n, k = leb(module, body)
+            if module[k:k + n] in BUILD_SECTIONS:
+                i = end
+                continue
         if sid != 7:
             out += module[i:end]
             i = end

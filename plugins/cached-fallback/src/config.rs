@@ -3,7 +3,6 @@
 //! below (and the README's configuration reference).
 
 use edge_common::route::Route;
-use edge_common::stored::MAX_BODY_BYTES_LIMIT;
 use edge_common::{parse_json, ConfigError, Node};
 
 pub const DEFAULT_METHODS: [&str; 2] = ["GET", "HEAD"];
@@ -12,10 +11,7 @@ pub const DEFAULT_MAX_STALE_NS: u64 = 3_600 * 1_000_000_000;
 pub const DEFAULT_MAX_ENTRIES: u64 = 10_000;
 /// 16 Mi index slots is already a very large shared-data map; more is a typo.
 pub const MAX_ENTRIES_LIMIT: u64 = 1 << 24;
-pub const DEFAULT_MAX_BODY_BYTES: u64 = 1 << 20;
 pub const DEFAULT_MAX_TOTAL_BYTES: u64 = 64 << 20;
-/// Records store lengths as u32; 4 GiB of shared memory is beyond any sane budget anyway.
-pub const MAX_TOTAL_BYTES_LIMIT: u64 = u32::MAX as u64;
 pub const DEFAULT_STATIC_STATUS: u16 = 503;
 pub const DEFAULT_CB_FAILURES: u32 = 5;
 pub const DEFAULT_CB_WINDOW_NS: u64 = 10_000_000_000;
@@ -67,6 +63,8 @@ pub struct Config {
     pub max_entries: u32,
     pub max_body_bytes: u64,
     pub max_total_bytes: u64,
+    /// Response bodies one worker holds in copies at once.
+    pub max_buffered_bytes: u64,
     pub static_fallback: Option<StaticFallback>,
     /// `None`: no circuit breaker (the default).
     pub circuit_breaker: Option<Breaker>,
@@ -82,7 +80,7 @@ impl Config {
     }
 }
 
-const FIELDS: [&str; 11] = [
+const FIELDS: [&str; 12] = [
     "routes",
     "methods",
     "failOn",
@@ -92,6 +90,7 @@ const FIELDS: [&str; 11] = [
     "maxEntries",
     "maxBodyBytes",
     "maxTotalBytes",
+    "maxBufferedBytes",
     "staticFallback",
     "circuitBreaker",
 ];
@@ -173,26 +172,7 @@ impl Config {
         let max_entries = o
             .opt("maxEntries", |n| n.u64_in(1, MAX_ENTRIES_LIMIT))?
             .unwrap_or(DEFAULT_MAX_ENTRIES);
-        let max_total_bytes = o
-            .opt("maxTotalBytes", |n| n.u64_in(1, MAX_TOTAL_BYTES_LIMIT))?
-            .unwrap_or(DEFAULT_MAX_TOTAL_BYTES);
-        let max_body_bytes = o
-            .opt("maxBodyBytes", |n| {
-                let b = n.u64()?;
-                if b > MAX_BODY_BYTES_LIMIT {
-                    Err(n.err(format!(
-                        "{b} is larger than {MAX_BODY_BYTES_LIMIT}, the most a worker copies"
-                    )))
-                } else if b > max_total_bytes {
-                    Err(n.err(format!(
-                        "{b} is larger than maxTotalBytes ({max_total_bytes}): no body that \
-                         size could ever be kept"
-                    )))
-                } else {
-                    Ok(b)
-                }
-            })?
-            .unwrap_or(DEFAULT_MAX_BODY_BYTES.min(max_total_bytes));
+        let limits = o.byte_limits(DEFAULT_MAX_TOTAL_BYTES)?;
         let static_fallback = o.opt("staticFallback", |n| {
             let s = n.obj(&["status", "headers", "body"])?;
             Ok(StaticFallback {
@@ -231,8 +211,9 @@ impl Config {
             max_stale_ns,
             key,
             max_entries: u32::try_from(max_entries).unwrap_or(u32::MAX),
-            max_body_bytes,
-            max_total_bytes,
+            max_body_bytes: limits.max_body,
+            max_total_bytes: limits.max_total,
+            max_buffered_bytes: limits.max_buffered,
             static_fallback,
             circuit_breaker,
         })
@@ -346,7 +327,7 @@ mod tests {
         assert!(err(r#"{"routes":[]}"#).starts_with("routes: must list"));
         assert!(
             err(r#"{"maxTotalBytes":1000000000,"maxBodyBytes":67108865}"#)
-                .starts_with("maxBodyBytes: 67108865 is larger than 67108864")
+                .starts_with("maxBodyBytes: must be between 1 and 67108864")
         );
         assert!(err(r#"{"routes":[{"pathPrefix":"api"}]}"#).starts_with("routes[0].pathPrefix:"));
         assert!(err(r#"{"methods":["POST"]}"#).starts_with("methods[0]: \"POST\" cannot"));
@@ -364,7 +345,7 @@ mod tests {
         assert!(err(r#"{"maxEntries":0}"#).starts_with("maxEntries: must be between 1 and"));
         assert!(err(r#"{"maxTotalBytes":0}"#).starts_with("maxTotalBytes:"));
         assert!(err(r#"{"maxTotalBytes":100,"maxBodyBytes":101}"#)
-            .starts_with("maxBodyBytes: 101 is larger than maxTotalBytes"));
+            .starts_with("maxBodyBytes: must be between 1 and 100"));
         assert!(err(r#"{"staticFallback":{"status":99}}"#).starts_with("staticFallback.status:"));
         assert!(err(r#"{"staticFallback":{"headers":{"a b":"x"}}}"#)
             .starts_with("staticFallback.headers.a b:"));

@@ -117,7 +117,6 @@ impl RootContext for FallbackRoot {
             probe: None,
             answered: false,
             pending: None,
-            complete: false,
         }))
     }
 }
@@ -132,9 +131,8 @@ pub struct FallbackStream {
     probe: Option<u64>,
     /// This plugin answered; later callbacks see its own reply.
     answered: bool,
-    /// The response being copied, and whether it has all arrived.
+    /// The response being copied.
     pending: Option<Box<Pending>>,
-    complete: bool,
 }
 
 impl Context for FallbackStream {}
@@ -250,9 +248,11 @@ impl HttpContext for FallbackStream {
                 return Action::Continue;
             }
             ResponseAction::PassThrough => self.metrics.add(Counter::PassedThrough),
-            ResponseAction::Collect(p) => {
+            ResponseAction::Collect(mut p) => {
+                if end_of_stream {
+                    p.copy.end();
+                }
                 self.pending = Some(p);
-                self.complete = end_of_stream;
             }
             ResponseAction::Skipped(why) => {
                 log::debug!("cached-fallback: not kept: {}", why.reason());
@@ -265,21 +265,21 @@ impl HttpContext for FallbackStream {
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         if let Some(p) = self.pending.as_mut() {
-            let fits = p.push(body_size, || response_body_chunk(body_size));
-            if !fits {
-                log::debug!("cached-fallback: not kept: body over maxBodyBytes");
+            if let Some(why) = p
+                .copy
+                .body(body_size, end_of_stream, || response_body_chunk(body_size))
+            {
+                log::debug!("cached-fallback: not kept: {}", why.reason());
                 self.pending = None;
                 self.metrics.add(Counter::StoreSkipped);
-            } else if end_of_stream {
-                self.complete = true;
             }
         }
         Action::Continue
     }
 
     fn on_http_response_trailers(&mut self, _trailers: usize) -> Action {
-        if self.pending.is_some() {
-            self.complete = true;
+        if let Some(p) = self.pending.as_mut() {
+            p.copy.end();
         }
         Action::Continue
     }
@@ -299,7 +299,7 @@ impl HttpContext for FallbackStream {
         let Some(p) = self.pending.take() else {
             return;
         };
-        match policy.store(*p, self.complete, now, &SharedData) {
+        match policy.store(*p, now, &SharedData) {
             Ok(true) => self.metrics.add(Counter::Stored),
             Ok(false) => self.metrics.add(Counter::StoreSkipped),
             Err(e) => {

@@ -19,7 +19,7 @@ use edge_common::key::KeyHasher;
 use edge_common::problem::{problem_json, Reply};
 use edge_common::request::{RequestParts, RequestView};
 use edge_common::store::{get_or_create, update, update_or_create};
-use edge_common::stored::{CacheControl, StoredResponse};
+use edge_common::stored::{CacheControl, Copied, CopyBudget, ResponseCopy, StoredResponse};
 use edge_common::table::{Claim, Found, Record, Table};
 use edge_common::{SlotStore, StoreError};
 
@@ -257,27 +257,18 @@ pub enum RequestAction {
 }
 
 /// A response being copied as it streams, to be kept when it is complete.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 pub struct Pending {
     /// The record's key: the base key, or the variant key when it varies.
     pub key: u64,
     pub base: u64,
     pub vary: Vec<String>,
     pub stale_if_error: Option<u64>,
-    pub response: StoredResponse,
-    max_body: u64,
-}
-
-impl Pending {
-    /// Appends a body chunk of `len` bytes (read only if it fits); false (and the copy is
-    /// dropped) once it would exceed `maxBodyBytes`.
-    pub fn push(&mut self, len: usize, read: impl FnOnce() -> Vec<u8>) -> bool {
-        self.response.append(len, self.max_body, read)
-    }
+    pub copy: ResponseCopy,
 }
 
 /// What the response-headers phase does.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 pub enum ResponseAction {
     /// Replace the failed answer.
     Replace { reply: Reply, served: Served },
@@ -291,7 +282,7 @@ pub enum ResponseAction {
     Ignore,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 pub struct ResponseDecision {
     pub action: ResponseAction,
     /// This answer opened the circuit (the `circuit_opened` counter).
@@ -318,6 +309,8 @@ pub enum Lookup {
 pub struct Fallback {
     pub config: Config,
     table: Table,
+    /// This worker's response copies together.
+    budget: CopyBudget,
     circuit_key: String,
     seed: u64,
 }
@@ -378,6 +371,7 @@ impl Fallback {
     pub fn new(config: Config, namespace: &str, seed: u64) -> Fallback {
         Fallback {
             table: Table::new(namespace, config.max_entries, config.max_total_bytes),
+            budget: CopyBudget::new(config.max_buffered_bytes),
             circuit_key: format!("{namespace}circuit"),
             config,
             seed,
@@ -651,13 +645,12 @@ impl Fallback {
                             base,
                             vary: s.vary,
                             stale_if_error: s.stale_if_error,
-                            response: StoredResponse {
+                            copy: ResponseCopy::new(
                                 status,
-                                headers: headers.to_vec(),
-                                body: Vec::new(),
-                                stored_at_ns: 0,
-                            },
-                            max_body: self.config.max_body_bytes,
+                                headers.to_vec(),
+                                self.config.max_body_bytes,
+                                self.budget.clone(),
+                            ),
                         }))
                     }
                     Err(skip) => ResponseAction::Skipped(skip),
@@ -689,23 +682,21 @@ impl Fallback {
         Ok(())
     }
 
-    /// Keeps a complete response at `now`. False when no room could be made or a concurrent
-    /// writer won the slot.
+    /// Keeps the copied response at `now` when it arrived whole (one cut short or given up
+    /// is not a good answer). False when it is not kept: not whole, no room could be made, or
+    /// a concurrent writer won the slot.
     pub fn store(
         &self,
         pending: Pending,
-        complete: bool,
         now: u64,
         store: &impl SlotStore,
     ) -> Result<bool, StoreError> {
-        // A response cut short (client gone, upstream reset mid-body) is not a good answer.
-        if !complete {
+        let Copied::Whole(mut response) = pending.copy.finish() else {
             return Ok(false);
-        }
+        };
         if !pending.vary.is_empty() && !self.mark_vary(pending.base, &pending.vary, now, store)? {
             return Ok(false);
         }
-        let mut response = pending.response;
         response.stored_at_ns = now;
         let record = Record::new(
             pending.key,
@@ -768,33 +759,27 @@ impl Fallback {
 
 /// The stored response with `Age` and `Cache-Status` (appended to any the upstream sent).
 fn stale_reply(response: StoredResponse, age_secs: u64, status_line: &str) -> Reply {
-    let mut headers: Vec<(String, Vec<u8>)> = Vec::with_capacity(response.headers.len() + 2);
     let mut cache_status = Vec::new();
-    for (k, v) in response.headers {
-        if k.eq_ignore_ascii_case("age") {
-            continue;
-        }
-        if k.eq_ignore_ascii_case("cache-status") {
-            cache_status.extend_from_slice(&v);
-            cache_status.extend_from_slice(b", ");
-            continue;
-        }
-        headers.push((k, v));
+    for (_, v) in response
+        .headers
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case("cache-status"))
+    {
+        cache_status.extend_from_slice(v);
+        cache_status.extend_from_slice(b", ");
     }
     cache_status.extend_from_slice(status_line.as_bytes());
-    headers.push(("age".into(), age_secs.to_string().into_bytes()));
-    headers.push(("cache-status".into(), cache_status));
-    Reply {
-        status: u32::from(response.status),
-        headers,
-        body: response.body,
-    }
+    response.into_reply(vec![
+        ("age", age_secs.to_string().into_bytes()),
+        ("cache-status", cache_status),
+    ])
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use edge_common::store::MemoryStore;
+    use edge_common::stored::Dropped;
 
     const S: u64 = NS_PER_SEC;
     const T0: u64 = 1_000 * S;
@@ -822,7 +807,7 @@ mod tests {
         body: &[u8],
         now: u64,
         s: &MemoryStore,
-    ) -> ResponseAction {
+    ) -> bool {
         let base = f.base_key(req);
         let d = f.on_response(
             req,
@@ -834,11 +819,12 @@ mod tests {
             now,
             s,
         );
-        if let ResponseAction::Collect(mut p) = d.action.clone() {
-            assert!(p.push(body.len(), || body.to_vec()));
-            assert!(f.store(*p, true, now, s).unwrap());
-        }
-        d.action
+        let ResponseAction::Collect(mut p) = d.action else {
+            return false;
+        };
+        assert_eq!(p.copy.body(body.len(), true, || body.to_vec()), None);
+        assert!(f.store(*p, now, s).unwrap());
+        true
     }
 
     fn fail(
@@ -1088,7 +1074,7 @@ mod tests {
             T0,
             &s,
         );
-        assert!(matches!(a, ResponseAction::Collect(_)));
+        assert!(a, "a 200 is collected");
         let d = fail(&f, &req, 503, "via_upstream", T0 + 10 * S, &s);
         let r = replaced(&d);
         assert_eq!((r.status, r.body.as_slice()), (200, &b"hello"[..]));
@@ -1205,8 +1191,8 @@ mod tests {
         let ResponseAction::Collect(mut p) = d.action else {
             panic!("a 200 is collected: {:?}", d.action);
         };
-        assert!(p.push(4, || b"half".to_vec()));
-        assert!(!f.store(*p, false, T0, &s).unwrap());
+        assert_eq!(p.copy.body(4, false, || b"half".to_vec()), None);
+        assert!(!f.store(*p, T0, &s).unwrap());
         assert!(!matches!(
             f.lookup(&req, f.base_key(&req), T0, &s).unwrap(),
             Lookup::Hit { .. }
@@ -1252,10 +1238,47 @@ mod tests {
         let ResponseAction::Collect(mut p) = d.action else {
             panic!()
         };
-        assert!(p.push(2, || b"ab".to_vec()));
-        assert!(p.push(2, || b"cd".to_vec()));
-        assert!(!p.push(1, || b"e".to_vec()));
-        assert!(p.response.body.is_empty(), "the copy is freed");
+        assert_eq!(p.copy.body(2, false, || b"ab".to_vec()), None);
+        assert_eq!(p.copy.body(2, false, || b"cd".to_vec()), None);
+        assert_eq!(
+            p.copy.body(1, true, || panic!("read over maxBodyBytes")),
+            Some(Dropped::TooLarge)
+        );
+        assert!(!f.store(*p, T0, &s).unwrap());
+        assert_eq!(f.budget.available(), f.config.max_buffered_bytes, "freed");
+    }
+
+    #[test]
+    fn concurrent_copies_stay_within_max_buffered_bytes() {
+        let f = fallback(r#"{"maxBodyBytes":6,"maxBufferedBytes":10}"#);
+        let s = MemoryStore::new();
+        let collect = |path: &str| {
+            let req = get(path);
+            let d = f.on_response(
+                &req,
+                f.base_key(&req),
+                None,
+                200,
+                Some("via_upstream"),
+                &[],
+                T0,
+                &s,
+            );
+            match d.action {
+                ResponseAction::Collect(p) => p,
+                other => panic!("{other:?}"),
+            }
+        };
+        let (mut a, mut b) = (collect("/a"), collect("/b"));
+        assert_eq!(a.copy.body(6, false, || vec![1; 6]), None);
+        assert_eq!(
+            b.copy.body(6, false, || panic!("read over the budget")),
+            Some(Dropped::OverBudget)
+        );
+        assert_eq!(a.copy.body(0, true, Vec::new), None);
+        assert!(f.store(*a, T0, &s).unwrap());
+        assert!(!f.store(*b, T0, &s).unwrap());
+        assert_eq!(f.budget.available(), 10);
     }
 
     #[test]

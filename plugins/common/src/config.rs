@@ -241,6 +241,20 @@ impl<'a> Node<'a> {
     }
 }
 
+/// The byte limits of a plugin that keeps responses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ByteLimits {
+    /// `maxTotalBytes`: kept bodies across workers (at most 4 GiB: lengths are stored as u32).
+    pub max_total: u64,
+    /// `maxBodyBytes`: one body (at most `max_total` and 64 MiB, the most a worker copies).
+    pub max_body: u64,
+    /// `maxBufferedBytes`: bodies a worker holds in copies at once (at least `max_body`).
+    pub max_buffered: u64,
+}
+
+/// The most `maxBufferedBytes` may be: a wasm32 VM has 4 GiB of memory in all.
+pub const MAX_BUFFERED_BYTES_LIMIT: u64 = 1 << 30;
+
 impl<'a> Obj<'a> {
     fn child_path(&self, name: &str) -> String {
         if self.path.is_empty() {
@@ -251,6 +265,29 @@ impl<'a> Obj<'a> {
     }
 
     /// Runs `read` on field `name` if present (`null` counts as absent).
+    /// `maxTotalBytes`, `maxBodyBytes` and `maxBufferedBytes`, each bounded by the others.
+    pub fn byte_limits(&self, default_total: u64) -> Result<ByteLimits, ConfigError> {
+        let body_limit = crate::stored::MAX_BODY_BYTES_LIMIT;
+        let max_total = self
+            .opt("maxTotalBytes", |n| n.u64_in(1, u64::from(u32::MAX)))?
+            .unwrap_or(default_total);
+        // A body over maxTotalBytes could never be kept; a buffer under maxBodyBytes could
+        // never hold one: the bounds say so.
+        let max_body = self
+            .opt("maxBodyBytes", |n| n.u64_in(1, body_limit.min(max_total)))?
+            .unwrap_or((1 << 20).min(max_total));
+        let max_buffered = self
+            .opt("maxBufferedBytes", |n| {
+                n.u64_in(max_body, MAX_BUFFERED_BYTES_LIMIT)
+            })?
+            .unwrap_or((32 << 20).max(max_body));
+        Ok(ByteLimits {
+            max_total,
+            max_body,
+            max_buffered,
+        })
+    }
+
     pub fn opt<T>(
         &self,
         name: &str,
@@ -358,6 +395,57 @@ impl<'a> Obj<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn limits(json: &str) -> Result<ByteLimits, String> {
+        let v = parse_json(json.as_bytes()).map_err(|e| e.to_string())?;
+        let o = Node::root(&v)
+            .obj(&["maxTotalBytes", "maxBodyBytes", "maxBufferedBytes"])
+            .map_err(|e| e.to_string())?;
+        o.byte_limits(64 << 20).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn byte_limits_bound_each_other() {
+        assert_eq!(
+            limits("{}"),
+            Ok(ByteLimits {
+                max_total: 64 << 20,
+                max_body: 1 << 20,
+                max_buffered: 32 << 20
+            })
+        );
+        // A small store lowers the body default; a large body raises the buffer default.
+        assert_eq!(limits(r#"{"maxTotalBytes":1000}"#).unwrap().max_body, 1000);
+        assert_eq!(
+            limits(r#"{"maxBodyBytes":67108864}"#).unwrap().max_buffered,
+            64 << 20
+        );
+        for (json, field) in [
+            (
+                r#"{"maxTotalBytes":1000,"maxBodyBytes":1001}"#,
+                "maxBodyBytes: must be between 1 and 1000,",
+            ),
+            (
+                r#"{"maxBodyBytes":67108865}"#,
+                "maxBodyBytes: must be between 1 and 67108864,",
+            ),
+            (
+                r#"{"maxBodyBytes":2000,"maxBufferedBytes":1999}"#,
+                "maxBufferedBytes: must be between 2000 and",
+            ),
+            (
+                r#"{"maxBufferedBytes":1073741825}"#,
+                "maxBufferedBytes: must be between",
+            ),
+            (
+                r#"{"maxTotalBytes":4294967296}"#,
+                "maxTotalBytes: must be between",
+            ),
+        ] {
+            let e = limits(json).unwrap_err();
+            assert!(e.starts_with(field), "{json}: {e}");
+        }
+    }
 
     #[test]
     fn message_leads_with_the_field() {

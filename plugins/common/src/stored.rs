@@ -2,6 +2,10 @@
 //! fallback, idempotency): a compact binary form for shared data, the hop-by-hop headers that
 //! must never be replayed, and the `Cache-Control` directives that decide what may be kept.
 
+use crate::problem::Reply;
+use std::cell::Cell;
+use std::rc::Rc;
+
 /// Headers that describe one connection, not the response (RFC 9110 section 7.6.1), plus
 /// Envoy's per-hop additions: never stored, never replayed.
 pub const HOP_BY_HOP: &[&str] = &[
@@ -64,20 +68,198 @@ impl<'a> Reader<'a> {
     }
 }
 
-impl StoredResponse {
-    /// Appends a body chunk of `len` bytes, read by `read` only when it still fits under
-    /// `max`: false (and the copy so far dropped) when it does not, so an oversized chunk is
-    /// never even copied into the VM.
-    pub fn append(&mut self, len: usize, max: u64, read: impl FnOnce() -> Vec<u8>) -> bool {
-        let total = u64::try_from(self.body.len().saturating_add(len)).unwrap_or(u64::MAX);
-        if total > max {
-            self.body = Vec::new();
+/// The response body bytes one worker holds in copies at once, across all its streams. Each
+/// copy is bounded by `maxBodyBytes`, but clients choose how many run concurrently: without
+/// this bound enough of them exhaust the VM's memory, and a failed allocation traps it.
+#[derive(Clone, Debug)]
+pub struct CopyBudget(Rc<Cell<u64>>);
+
+impl CopyBudget {
+    pub fn new(max_bytes: u64) -> CopyBudget {
+        CopyBudget(Rc::new(Cell::new(max_bytes)))
+    }
+
+    /// Bytes still free.
+    pub fn available(&self) -> u64 {
+        self.0.get()
+    }
+
+    fn take(&self, n: u64) -> bool {
+        let left = self.0.get();
+        if n > left {
             return false;
         }
-        if len > 0 {
-            self.body.extend_from_slice(&read());
-        }
+        self.0.set(left - n);
         true
+    }
+
+    fn give(&self, n: u64) {
+        self.0.set(self.0.get().saturating_add(n));
+    }
+}
+
+/// Why a response copy was given up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dropped {
+    /// The body is larger than `maxBodyBytes`.
+    TooLarge,
+    /// The worker's copies together would exceed `maxBufferedBytes`.
+    OverBudget,
+}
+
+impl Dropped {
+    /// Why, for the log.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Dropped::TooLarge => "body over maxBodyBytes",
+            Dropped::OverBudget => "this worker already holds maxBufferedBytes of response copies",
+        }
+    }
+}
+
+/// How a copied response ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Copied {
+    /// All of it arrived.
+    Whole(StoredResponse),
+    /// It was given up on the way.
+    Dropped(Dropped),
+    /// The stream ended before the response did (client gone, upstream reset mid-body): what
+    /// arrived is not the answer.
+    CutShort,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CopyState {
+    Copying,
+    Whole,
+    Dropped(Dropped),
+}
+
+/// A response being copied as it streams, to be kept once it is whole. Its body bytes are
+/// held against the worker's [`CopyBudget`] until it is finished or dropped.
+#[derive(Debug)]
+pub struct ResponseCopy {
+    response: StoredResponse,
+    max_body: u64,
+    budget: CopyBudget,
+    held: u64,
+    state: CopyState,
+}
+
+impl ResponseCopy {
+    /// Starts a copy of a response with `status` and `headers`.
+    pub fn new(
+        status: u16,
+        headers: Vec<(String, Vec<u8>)>,
+        max_body: u64,
+        budget: CopyBudget,
+    ) -> ResponseCopy {
+        ResponseCopy {
+            response: StoredResponse {
+                status,
+                headers,
+                body: Vec::new(),
+                stored_at_ns: 0,
+            },
+            max_body,
+            budget,
+            held: 0,
+            state: CopyState::Copying,
+        }
+    }
+
+    /// A body chunk of `len` bytes (`end`: the last), read by `read` only when it still fits
+    /// under `maxBodyBytes` and the budget, so an oversized chunk is never copied into the VM.
+    /// Returns why the copy was given up, the moment it is.
+    pub fn body(
+        &mut self,
+        len: usize,
+        end: bool,
+        read: impl FnOnce() -> Vec<u8>,
+    ) -> Option<Dropped> {
+        if self.state != CopyState::Copying {
+            return None;
+        }
+        let n = u64::try_from(len).unwrap_or(u64::MAX);
+        let why = if self.held.saturating_add(n) > self.max_body {
+            Some(Dropped::TooLarge)
+        } else if !self.budget.take(n) {
+            Some(Dropped::OverBudget)
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            self.release();
+            self.state = CopyState::Dropped(why);
+            return Some(why);
+        }
+        self.held = self.held.saturating_add(n);
+        if len > 0 {
+            let chunk = read();
+            self.response
+                .body
+                .extend_from_slice(chunk.get(..len).unwrap_or(&chunk));
+        }
+        if end {
+            self.state = CopyState::Whole;
+        }
+        None
+    }
+
+    /// The response ended (the headers ended the stream, or trailers arrived).
+    pub fn end(&mut self) {
+        if self.state == CopyState::Copying {
+            self.state = CopyState::Whole;
+        }
+    }
+
+    /// How the copy ended (its bytes go back to the budget).
+    pub fn finish(mut self) -> Copied {
+        let copied = match self.state {
+            CopyState::Whole => Copied::Whole(std::mem::take(&mut self.response)),
+            CopyState::Dropped(why) => Copied::Dropped(why),
+            CopyState::Copying => Copied::CutShort,
+        };
+        self.release();
+        copied
+    }
+
+    fn release(&mut self) {
+        self.budget.give(std::mem::take(&mut self.held));
+        self.response.body = Vec::new();
+    }
+}
+
+/// Copies are equal when they hold the same response in the same state (the budget they
+/// draw on is the worker's, not theirs).
+impl PartialEq for ResponseCopy {
+    fn eq(&self, other: &ResponseCopy) -> bool {
+        (&self.response, self.max_body, self.held, self.state)
+            == (&other.response, other.max_body, other.held, other.state)
+    }
+}
+
+impl Eq for ResponseCopy {}
+
+impl Drop for ResponseCopy {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+impl StoredResponse {
+    /// The stored response as a reply: its status, headers (with `set` replacing any of the
+    /// same names) and body.
+    pub fn into_reply(self, set: Vec<(&str, Vec<u8>)>) -> Reply {
+        let mut headers = self.headers;
+        headers.retain(|(k, _)| !set.iter().any(|(s, _)| k.eq_ignore_ascii_case(s)));
+        headers.extend(set.into_iter().map(|(k, v)| (k.to_string(), v)));
+        Reply {
+            status: u32::from(self.status),
+            headers,
+            body: self.body,
+        }
     }
 
     /// The bytes kept in shared data (hop-by-hop headers are dropped here).
@@ -174,17 +356,79 @@ impl CacheControl {
 mod tests {
     use super::*;
 
+    fn copy(max_body: u64, budget: &CopyBudget) -> ResponseCopy {
+        ResponseCopy::new(200, Vec::new(), max_body, budget.clone())
+    }
+
     #[test]
     fn a_chunk_over_the_cap_is_never_read() {
-        let mut r = StoredResponse {
-            status: 200,
-            headers: Vec::new(),
-            body: Vec::new(),
-            stored_at_ns: 0,
+        let budget = CopyBudget::new(100);
+        let mut c = copy(5, &budget);
+        assert_eq!(c.body(3, false, || b"abc".to_vec()), None);
+        assert_eq!(budget.available(), 97);
+        assert_eq!(
+            c.body(3, false, || panic!("read past the cap")),
+            Some(Dropped::TooLarge)
+        );
+        assert_eq!(budget.available(), 100, "the partial copy is given back");
+        assert_eq!(c.body(1, true, || panic!("read after the drop")), None);
+        assert_eq!(c.finish(), Copied::Dropped(Dropped::TooLarge));
+    }
+
+    #[test]
+    fn copies_together_stay_within_the_workers_budget() {
+        let budget = CopyBudget::new(10);
+        let (mut a, mut b) = (copy(8, &budget), copy(8, &budget));
+        assert_eq!(a.body(6, false, || vec![1; 6]), None);
+        assert_eq!(
+            b.body(6, false, || panic!("read over the budget")),
+            Some(Dropped::OverBudget)
+        );
+        assert_eq!(b.finish(), Copied::Dropped(Dropped::OverBudget));
+        // A copy that ends gives its bytes back, even one never finished (its stream gone).
+        drop(a);
+        assert_eq!(budget.available(), 10);
+        let mut c = copy(8, &budget);
+        assert_eq!(c.body(4, false, || vec![2; 4]), None);
+        assert_eq!(c.body(4, true, || vec![3; 4]), None);
+        let Copied::Whole(r) = c.finish() else {
+            panic!("a whole response")
         };
-        assert!(r.append(3, 5, || b"abc".to_vec()));
-        assert!(!r.append(3, 5, || panic!("read past the cap")));
-        assert!(r.body.is_empty(), "the partial copy is dropped");
+        assert_eq!(r.body, [2, 2, 2, 2, 3, 3, 3, 3]);
+        assert_eq!(budget.available(), 10);
+    }
+
+    #[test]
+    fn only_a_response_that_ended_is_whole() {
+        let budget = CopyBudget::new(100);
+        let mut c = copy(50, &budget);
+        assert_eq!(c.body(4, false, || b"half".to_vec()), None);
+        assert_eq!(c.finish(), Copied::CutShort);
+        let mut t = copy(50, &budget);
+        assert_eq!(t.body(4, false, || b"body".to_vec()), None);
+        t.end();
+        assert!(matches!(t.finish(), Copied::Whole(r) if r.body == b"body"));
+        let mut headers_only = ResponseCopy::new(204, Vec::new(), 50, budget.clone());
+        headers_only.end();
+        assert!(matches!(headers_only.finish(), Copied::Whole(r) if r.status == 204));
+        assert_eq!(budget.available(), 100);
+    }
+
+    #[test]
+    fn a_reply_from_a_stored_response_replaces_the_headers_it_sets() {
+        let r = sample().into_reply(vec![("X-Bin", b"new".to_vec()), ("age", b"3".to_vec())]);
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body, b"{\"ok\":true}");
+        let values = |name: &str| -> Vec<&[u8]> {
+            r.headers
+                .iter()
+                .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_slice())
+                .collect()
+        };
+        assert_eq!(values("x-bin"), [b"new"]);
+        assert_eq!(values("age"), [b"3"]);
+        assert_eq!(values("content-type"), [b"application/json"]);
     }
 
     fn sample() -> StoredResponse {

@@ -2,7 +2,6 @@
 
 use edge_common::key::KeyPart;
 use edge_common::route::Route;
-use edge_common::stored::MAX_BODY_BYTES_LIMIT;
 use edge_common::{parse_json, ConfigError, Node};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -20,6 +19,8 @@ pub struct Config {
     pub max_body_bytes: u64,
     pub max_entries: u32,
     pub max_total_bytes: u64,
+    /// Response bodies one worker holds in copies at once.
+    pub max_buffered_bytes: u64,
     pub store_statuses: Statuses,
 }
 
@@ -80,6 +81,7 @@ const FIELDS: &[&str] = &[
     "maxBodyBytes",
     "maxEntries",
     "maxTotalBytes",
+    "maxBufferedBytes",
     "storeStatuses",
 ];
 
@@ -99,6 +101,7 @@ impl Config {
         let in_flight_timeout_ns = o
             .opt("inFlightTimeout", |n| n.positive_duration_ns())?
             .unwrap_or(30_000_000_000);
+        let limits = o.byte_limits(128 << 20)?;
         Ok(Config {
             routes: o.list("routes", Route::read)?,
             methods,
@@ -113,15 +116,12 @@ impl Config {
             max_key_length: o
                 .opt("maxKeyLength", |n| n.u64_in(1, 8192))?
                 .map_or(255, |v| usize::try_from(v).unwrap_or(255)),
-            max_body_bytes: o
-                .opt("maxBodyBytes", |n| n.u64_in(1, MAX_BODY_BYTES_LIMIT))?
-                .unwrap_or(1 << 20),
+            max_body_bytes: limits.max_body,
             max_entries: o
                 .opt("maxEntries", |n| n.u64_in(1, 1 << 24))?
                 .map_or(100_000, |v| u32::try_from(v).unwrap_or(100_000)),
-            max_total_bytes: o
-                .opt("maxTotalBytes", |n| n.u64_in(1, 1 << 40))?
-                .unwrap_or(128 << 20),
+            max_total_bytes: limits.max_total,
+            max_buffered_bytes: limits.max_buffered,
             store_statuses: o
                 .opt("storeStatuses", |n| {
                     Statuses::parse(n.str()?).map_err(|m| n.err(m))

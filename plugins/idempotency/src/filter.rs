@@ -11,7 +11,7 @@ use edge_common::metrics::Counters;
 use edge_common::problem::Reply;
 use edge_common::sha256::Sha256;
 use edge_common::shared_data::SharedData;
-use edge_common::stored::StoredResponse;
+use edge_common::stored::ResponseCopy;
 use edge_common::throttle::Throttle;
 use edge_common::{ffi, RequestView};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -109,11 +109,8 @@ enum Phase {
     },
     /// Forwarded under a claim; waiting for the response.
     Claimed(Claim),
-    /// Copying the response as it streams (`None`: larger than `maxBodyBytes`).
-    Copying {
-        claim: Claim,
-        response: Option<StoredResponse>,
-    },
+    /// Copying the response as it streams.
+    Copying { claim: Claim, copy: ResponseCopy },
 }
 
 pub struct IdempotencyStream {
@@ -187,23 +184,20 @@ impl IdempotencyStream {
     }
 
     fn finish_response(&mut self) {
-        let (Some(policy), Phase::Copying { claim, response }) = (
+        let (Some(policy), Phase::Copying { claim, copy }) = (
             self.policy.clone(),
             std::mem::replace(&mut self.phase, Phase::Idle),
         ) else {
             return;
         };
-        let response = response.map(|mut r| {
-            r.stored_at_ns = now_ns();
-            r
-        });
-        match policy.complete(&SharedData, &claim, response.as_ref(), now_ns()) {
+        match policy.complete(&SharedData, &claim, copy.finish(), now_ns()) {
             Ok(Completion::Stored) => self.metrics.add("stored", 1),
             Ok(Completion::StoredWithoutResponse) => {
                 self.metrics.add("stored", 1);
                 self.metrics.warn(|| {
                     "idempotency: a response could not be kept whole (maxBodyBytes, \
-                     maxTotalBytes, or the stream was cut short); duplicates of its key get 409"
+                     maxBufferedBytes, maxTotalBytes, or the stream was cut short); duplicates \
+                     of its key get 409"
                         .into()
                 });
             }
@@ -314,15 +308,11 @@ impl HttpContext for IdempotencyStream {
         let Phase::Claimed(claim) = std::mem::replace(&mut self.phase, Phase::Idle) else {
             return Action::Continue;
         };
-        self.phase = Phase::Copying {
-            claim,
-            response: Some(StoredResponse {
-                status,
-                headers: response_headers(),
-                body: Vec::new(),
-                stored_at_ns: 0,
-            }),
-        };
+        let mut copy = policy.copy(status, response_headers());
+        if end_of_stream {
+            copy.end();
+        }
+        self.phase = Phase::Copying { claim, copy };
         if end_of_stream {
             self.finish_response();
         }
@@ -330,18 +320,11 @@ impl HttpContext for IdempotencyStream {
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        let Some(policy) = self.policy.clone() else {
+        let Phase::Copying { copy, .. } = &mut self.phase else {
             return Action::Continue;
         };
-        let Phase::Copying { response, .. } = &mut self.phase else {
-            return Action::Continue;
-        };
-        if let Some(r) = response {
-            if !r.append(body_size, policy.config.max_body_bytes, || {
-                response_body_chunk(body_size)
-            }) {
-                *response = None;
-            }
+        if let Some(why) = copy.body(body_size, end_of_stream, || response_body_chunk(body_size)) {
+            log::debug!("idempotency: response not kept: {}", why.reason());
         }
         if end_of_stream {
             self.finish_response();
@@ -350,6 +333,9 @@ impl HttpContext for IdempotencyStream {
     }
 
     fn on_http_response_trailers(&mut self, _trailers: usize) -> Action {
+        if let Phase::Copying { copy, .. } = &mut self.phase {
+            copy.end();
+        }
         self.finish_response();
         Action::Continue
     }
@@ -358,14 +344,10 @@ impl HttpContext for IdempotencyStream {
         let Some(policy) = self.policy.clone() else {
             return;
         };
+        // A copy still in progress is cut short; `complete` records it without its response.
         let started = matches!(self.phase, Phase::Copying { .. });
         match policy.cut_short(started) {
-            Fate::Keep => {
-                if let Phase::Copying { response, .. } = &mut self.phase {
-                    *response = None;
-                }
-                self.finish_response();
-            }
+            Fate::Keep => self.finish_response(),
             Fate::Release(why) => self.release(why),
         }
     }

@@ -6,7 +6,7 @@ use crate::config::Config;
 use crate::record::{age, Age, Meta, State};
 use edge_common::key::{KeyHasher, KeyPart};
 use edge_common::problem::{problem_json, Reply};
-use edge_common::stored::StoredResponse;
+use edge_common::stored::{Copied, CopyBudget, ResponseCopy, StoredResponse};
 use edge_common::table::{Claim as TableClaim, Found, Record, Table};
 use edge_common::{RequestView, SlotStore, StoreError};
 
@@ -173,6 +173,8 @@ const ATTEMPTS: u32 = 4;
 pub struct Idempotency {
     pub config: Config,
     table: Table,
+    /// This worker's response copies together.
+    budget: CopyBudget,
     seed: u64,
     parts: Vec<KeyPart>,
 }
@@ -185,6 +187,7 @@ impl Idempotency {
         parts.push(KeyPart::Method);
         Idempotency {
             table: Table::new(namespace, config.max_entries, config.max_total_bytes),
+            budget: CopyBudget::new(config.max_buffered_bytes),
             seed,
             parts,
             config,
@@ -383,20 +386,33 @@ impl Idempotency {
             .is_some_and(|n| n > self.config.max_body_bytes)
     }
 
-    /// The claimed request's response is complete; `response` is `None` when it could not
-    /// be kept (larger than `maxBodyBytes`).
+    /// A copy of the claimed request's response, drawing on this worker's copy budget.
+    pub fn copy(&self, status: u16, headers: Vec<(String, Vec<u8>)>) -> ResponseCopy {
+        ResponseCopy::new(
+            status,
+            headers,
+            self.config.max_body_bytes,
+            self.budget.clone(),
+        )
+    }
+
+    /// The claimed request's response has ended as `copied`. The application ran, so the key
+    /// stays either way: a whole response is kept to replay; one given up (too large, over
+    /// the worker's copy budget) or cut short (client gone, upstream reset mid-body) is
+    /// recorded without it, and a retry gets 409 rather than running the request again.
     pub fn complete(
         &self,
         store: &impl SlotStore,
         claim: &Claim,
-        response: Option<&StoredResponse>,
+        copied: Copied,
         now_ns: u64,
     ) -> Result<Completion, StoreError> {
         let done = |state| Meta {
             state,
             fingerprint: claim.fingerprint,
         };
-        if let Some(r) = response {
+        if let Copied::Whole(mut r) = copied {
+            r.stored_at_ns = now_ns;
             let record = Record::new(
                 claim.found.record.key,
                 now_ns,
@@ -439,20 +455,14 @@ fn p(req: &impl RequestView) -> String {
 
 /// The stored response as it is replayed.
 fn replay(r: StoredResponse) -> Reply {
-    let mut headers = r.headers;
-    headers.retain(|(k, _)| !k.eq_ignore_ascii_case(REPLAYED_HEADER));
-    headers.push((REPLAYED_HEADER.into(), b"true".to_vec()));
-    Reply {
-        status: u32::from(r.status),
-        headers,
-        body: r.body,
-    }
+    r.into_reply(vec![(REPLAYED_HEADER, b"true".to_vec())])
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use edge_common::store::MemoryStore;
+    use edge_common::stored::Dropped;
     use edge_common::RequestParts;
 
     const S: u64 = 1_000_000_000;
@@ -588,7 +598,7 @@ mod tests {
         let claim = forward(p.begin(&s, k, fp, S));
         assert_eq!(refused(p.begin(&s, k, fp, S)), Problem::InFlight);
         assert_eq!(
-            p.complete(&s, &claim, Some(&response("{\"id\":1}")), 2 * S),
+            p.complete(&s, &claim, Copied::Whole(response("{\"id\":1}")), 2 * S),
             Ok(Completion::Stored)
         );
         let Begin::Replay(r) = p.begin(&s, k, fp, 3 * S) else {
@@ -612,7 +622,8 @@ mod tests {
         // Fingerprints that differ are ignored when the configuration turns them off.
         let (p, s) = (policy(r#"{"fingerprint":"none"}"#), MemoryStore::new());
         let claim = forward(p.begin(&s, 5, Some([1; 32]), S));
-        p.complete(&s, &claim, Some(&response("x")), S).unwrap();
+        p.complete(&s, &claim, Copied::Whole(response("x")), S)
+            .unwrap();
         assert!(matches!(p.begin(&s, 5, Some([2; 32]), S), Begin::Replay(_)));
         assert!(matches!(p.begin(&s, 5, None, S), Begin::Replay(_)));
     }
@@ -630,10 +641,10 @@ mod tests {
         assert_eq!(refused(p.begin(&s, 5, None, 2 * S)), Problem::InFlight);
         let retry = forward(p.begin(&s, 5, None, 3 * S));
         assert_eq!(
-            p.complete(&s, &claim, Some(&response("late")), 4 * S),
+            p.complete(&s, &claim, Copied::Whole(response("late")), 4 * S),
             Ok(Completion::Lost)
         );
-        p.complete(&s, &retry, Some(&response("retry")), 4 * S)
+        p.complete(&s, &retry, Copied::Whole(response("retry")), 4 * S)
             .unwrap();
         let Begin::Replay(r) = p.begin(&s, 5, None, 13 * S) else {
             panic!()
@@ -648,13 +659,13 @@ mod tests {
         let claim = forward(p.begin(&s, 5, None, 0));
         let big = response(&"x".repeat(200));
         assert_eq!(
-            p.complete(&s, &claim, Some(&big), 0),
+            p.complete(&s, &claim, Copied::Whole(big), 0),
             Ok(Completion::StoredWithoutResponse)
         );
         assert_eq!(refused(p.begin(&s, 5, None, 0)), Problem::Unreplayable);
         let claim = forward(p.begin(&s, 6, None, 0));
         assert_eq!(
-            p.complete(&s, &claim, None, 0),
+            p.complete(&s, &claim, Copied::Dropped(Dropped::TooLarge), 0),
             Ok(Completion::StoredWithoutResponse)
         );
     }
@@ -664,7 +675,8 @@ mod tests {
         let (p, s) = (policy(r#"{"maxEntries":1}"#), MemoryStore::new());
         let first = forward(p.begin(&s, 1, None, 0));
         assert_eq!(refused(p.begin(&s, 2, None, 0)), Problem::Unavailable);
-        p.complete(&s, &first, Some(&response("1")), 0).unwrap();
+        p.complete(&s, &first, Copied::Whole(response("1")), 0)
+            .unwrap();
         forward(p.begin(&s, 2, None, 0));
         assert_eq!(p.table().take_evictions(), 1);
         // The evicted key is forgotten: it would run again, once a slot is free.
@@ -681,7 +693,7 @@ mod tests {
         let mut stored = 0;
         for k in 1..5000u64 {
             if let Begin::Forward(c) = p.begin(&s, k, None, k) {
-                let done = p.complete(&s, &c, Some(&response("0123456789")), k);
+                let done = p.complete(&s, &c, Copied::Whole(response("0123456789")), k);
                 stored += usize::from(done == Ok(Completion::Stored));
             }
             assert!(p.table().used_bytes(&s).unwrap() <= 2000);
@@ -695,14 +707,31 @@ mod tests {
             Problem::InFlight,
             "the live claim survived"
         );
-        p.complete(&s, &keep, Some(&response("kept")), 10).unwrap();
+        p.complete(&s, &keep, Copied::Whole(response("kept")), 10)
+            .unwrap();
     }
 
     #[test]
     fn a_stream_cut_short_keeps_the_key_once_the_application_answered() {
-        let p = policy("{}");
+        let (p, s) = (policy("{}"), MemoryStore::new());
+        // No answer had begun: nothing says the request ran, the key goes back.
         assert!(matches!(p.cut_short(false), Fate::Release(_)));
         assert_eq!(p.cut_short(true), Fate::Keep);
+        // Its answer had begun: what arrived is not replayed, and a retry does not run again.
+        let claim = forward(p.begin(&s, 5, None, 0));
+        let mut copy = p.copy(201, Vec::new());
+        assert_eq!(copy.body(4, false, || b"half".to_vec()), None);
+        assert_eq!(
+            p.complete(&s, &claim, copy.finish(), S),
+            Ok(Completion::StoredWithoutResponse)
+        );
+        assert_eq!(refused(p.begin(&s, 5, None, 2 * S)), Problem::Unreplayable);
+        // Whole, it is replayed.
+        let claim = forward(p.begin(&s, 6, None, 0));
+        let mut copy = p.copy(201, Vec::new());
+        assert_eq!(copy.body(5, true, || b"whole".to_vec()), None);
+        p.complete(&s, &claim, copy.finish(), S).unwrap();
+        assert!(matches!(p.begin(&s, 6, None, 2 * S), Begin::Replay(r) if r.body == b"whole"));
     }
 
     #[test]
