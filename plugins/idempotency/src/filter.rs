@@ -2,14 +2,15 @@
 //! answers or forwards, then copies the response as it streams and keeps it when complete.
 
 use crate::config::Config;
-use crate::policy::{Begin, Claim, Completion, Fate, Idempotency, Identify, Problem};
+use crate::policy::{
+    Begin, BodyFingerprint, BodyPlan, Claim, Completion, Fate, Feed, Idempotency, Identify, Problem,
+};
 use edge_common::host::{
     answer, load_config, now_ns, property, response_body_chunk, response_header, response_headers,
     root_id, warn_throttled, worker_seed, HostRequest,
 };
 use edge_common::metrics::Counters;
 use edge_common::problem::Reply;
-use edge_common::sha256::Sha256;
 use edge_common::shared_data::SharedData;
 use edge_common::stored::ResponseCopy;
 use edge_common::throttle::Throttle;
@@ -101,11 +102,10 @@ impl RootContext for IdempotencyRoot {
 enum Phase {
     /// Not ours (or already answered).
     Idle,
-    /// Hashing the request body before deciding.
+    /// Fingerprinting the request body before deciding.
     Reading {
         key: u64,
-        hash: Box<Sha256>,
-        seen: u64,
+        body: Box<BodyFingerprint>,
     },
     /// Forwarded under a claim; waiting for the response.
     Claimed(Claim),
@@ -173,14 +173,15 @@ impl IdempotencyStream {
         }
     }
 
+    /// The body ended with trailers.
     fn finish_reading(&mut self) -> Action {
-        let (Some(policy), Phase::Reading { key, hash, .. }) = (
+        let (Some(policy), Phase::Reading { key, body }) = (
             self.policy.clone(),
             std::mem::replace(&mut self.phase, Phase::Idle),
         ) else {
             return Action::Continue;
         };
-        self.decide(&policy, key, Some(hash.finish()))
+        self.decide(&policy, key, Some(body.finish()))
     }
 
     fn finish_response(&mut self) {
@@ -232,57 +233,41 @@ impl HttpContext for IdempotencyStream {
             Identify::Refuse(problem, detail) => return self.refuse(&policy, problem, &detail),
             Identify::Key(k) => k,
         };
-        if !policy.config.fingerprint {
-            return self.decide(&policy, key, None);
+        match policy.body_plan(
+            end_of_stream,
+            HostRequest.header("content-length").as_deref(),
+        ) {
+            BodyPlan::Decide(fingerprint) => self.decide(&policy, key, fingerprint),
+            BodyPlan::Refuse(problem, detail) => self.refuse(&policy, problem, &detail),
+            // Headers go on (a paused filter gets no body in Envoy); the body is held here
+            // until it is complete, and Envoy's buffer filter placed after this one keeps the
+            // upstream from seeing even the headers before the decision.
+            BodyPlan::Read(body) => {
+                self.phase = Phase::Reading { key, body };
+                Action::Continue
+            }
         }
-        if end_of_stream {
-            return self.decide(&policy, key, Some(Sha256::new().finish()));
-        }
-        if policy.declared_too_large(HostRequest.header("content-length").as_deref()) {
-            return self.too_large(&policy);
-        }
-        // Headers go on (a paused filter gets no body in Envoy); the body is held here until
-        // it is complete, and Envoy's buffer filter placed after this one keeps the upstream
-        // from seeing even the headers before the decision.
-        self.phase = Phase::Reading {
-            key,
-            hash: Box::new(Sha256::new()),
-            seen: 0,
-        };
-        Action::Continue
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         let Some(policy) = self.policy.clone() else {
             return Action::Continue;
         };
-        let Phase::Reading { hash, seen, .. } = &mut self.phase else {
+        let Phase::Reading { key, body } = &mut self.phase else {
             return Action::Continue;
         };
-        // While buffering, the host hands over everything received so far: a body past the
-        // limit is refused before any of it is copied into the VM.
-        if u64::try_from(body_size).unwrap_or(u64::MAX) > policy.config.max_body_bytes {
-            return self.too_large(&policy);
-        }
-        let start = usize::try_from(*seen).unwrap_or(usize::MAX);
-        if body_size > start {
-            let want = body_size - start;
-            let new = ffi::get_buffer(ffi::REQUEST_BODY, start, want).unwrap_or_default();
-            if new.len() != want {
-                // A fingerprint of part of the body could match another body: fail closed.
-                let detail = "the request body could not be read for its fingerprint";
-                return self.refuse(&policy, Problem::Unavailable, detail);
+        let key = *key;
+        let fed = body.feed(body_size, end_of_stream, |start, len| {
+            ffi::get_buffer(ffi::REQUEST_BODY, start, len).unwrap_or_default()
+        });
+        match fed {
+            Feed::More => Action::Pause,
+            Feed::Done(fingerprint) => {
+                self.phase = Phase::Idle;
+                self.decide(&policy, key, Some(fingerprint))
             }
-            hash.update(&new);
-            *seen += new.len() as u64;
+            Feed::Refuse(problem, detail) => self.refuse(&policy, problem, &detail),
         }
-        if *seen > policy.config.max_body_bytes {
-            return self.too_large(&policy);
-        }
-        if end_of_stream {
-            return self.finish_reading();
-        }
-        Action::Pause
     }
 
     fn on_http_request_trailers(&mut self, _trailers: usize) -> Action {
@@ -323,9 +308,8 @@ impl HttpContext for IdempotencyStream {
         let Phase::Copying { copy, .. } = &mut self.phase else {
             return Action::Continue;
         };
-        if let Some(why) = copy.body(body_size, end_of_stream, || response_body_chunk(body_size)) {
-            log::debug!("idempotency: response not kept: {}", why.reason());
-        }
+        // A copy given up (too large, over the budget) is reported when the response ends.
+        let _ = copy.body(body_size, end_of_stream, || response_body_chunk(body_size));
         if end_of_stream {
             self.finish_response();
         }
@@ -350,15 +334,5 @@ impl HttpContext for IdempotencyStream {
             Fate::Keep => self.finish_response(),
             Fate::Release(why) => self.release(why),
         }
-    }
-}
-
-impl IdempotencyStream {
-    fn too_large(&mut self, policy: &Idempotency) -> Action {
-        let detail = format!(
-            "the body is larger than {} bytes, the most this route reads",
-            policy.config.max_body_bytes
-        );
-        self.refuse(policy, Problem::TooLarge, &detail)
     }
 }

@@ -6,6 +6,7 @@ use crate::config::Config;
 use crate::record::{age, Age, Meta, State};
 use edge_common::key::{KeyHasher, KeyPart};
 use edge_common::problem::{problem_json, Reply};
+use edge_common::sha256::Sha256;
 use edge_common::stored::{Copied, CopyBudget, ResponseCopy, StoredResponse};
 use edge_common::table::{Claim as TableClaim, Found, Record, Table};
 use edge_common::{RequestView, SlotStore, StoreError};
@@ -386,6 +387,30 @@ impl Idempotency {
             .is_some_and(|n| n > self.config.max_body_bytes)
     }
 
+    /// How the body of a keyed request is fingerprinted, from its headers: with fingerprints
+    /// off, or no body (the headers ended the stream), decide now; a declared length over
+    /// `maxBodyBytes` is refused before anything is read; otherwise read it as it arrives.
+    pub fn body_plan(&self, end_of_stream: bool, content_length: Option<&[u8]>) -> BodyPlan {
+        if !self.config.fingerprint {
+            return BodyPlan::Decide(None);
+        }
+        if end_of_stream {
+            return BodyPlan::Decide(Some(Sha256::new().finish()));
+        }
+        if self.declared_too_large(content_length) {
+            return BodyPlan::Refuse(Problem::TooLarge, self.too_large());
+        }
+        BodyPlan::Read(Box::new(BodyFingerprint {
+            hash: Sha256::new(),
+            seen: 0,
+            max: self.config.max_body_bytes,
+        }))
+    }
+
+    fn too_large(&self) -> String {
+        too_large(self.config.max_body_bytes)
+    }
+
     /// A copy of the claimed request's response, drawing on this worker's copy budget.
     pub fn copy(&self, status: u16, headers: Vec<(String, Vec<u8>)>) -> ResponseCopy {
         ResponseCopy::new(
@@ -451,6 +476,76 @@ fn m(req: &impl RequestView) -> String {
 
 fn p(req: &impl RequestView) -> String {
     String::from_utf8_lossy(&req.path()).into_owned()
+}
+
+fn too_large(max: u64) -> String {
+    format!("the body is larger than {max} bytes, the most this route reads")
+}
+
+/// What to do with a keyed request's body before deciding.
+pub enum BodyPlan {
+    /// Decide now, with this fingerprint.
+    Decide(Option<[u8; 32]>),
+    /// Answer with a problem.
+    Refuse(Problem, String),
+    /// Read the body into this fingerprint as it arrives.
+    Read(Box<BodyFingerprint>),
+}
+
+/// The fingerprint of a request body being read.
+pub struct BodyFingerprint {
+    hash: Sha256,
+    seen: usize,
+    max: u64,
+}
+
+/// What one body callback leads to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Feed {
+    /// Hold the request until more of the body arrives.
+    More,
+    /// The whole body is read: decide with this fingerprint.
+    Done([u8; 32]),
+    Refuse(Problem, String),
+}
+
+impl BodyFingerprint {
+    /// Envoy, buffering, hands over the whole body received so far (`total` bytes, `end`:
+    /// all of it); only bytes not yet hashed are read, by `read(start, len)`. A body past
+    /// `maxBodyBytes` is refused before it is read; one that cannot be read whole is refused
+    /// as unavailable: a fingerprint of part of a body could match another body.
+    pub fn feed(
+        &mut self,
+        total: usize,
+        end: bool,
+        read: impl FnOnce(usize, usize) -> Vec<u8>,
+    ) -> Feed {
+        if u64::try_from(total).map_or(true, |t| t > self.max) {
+            return Feed::Refuse(Problem::TooLarge, too_large(self.max));
+        }
+        if total > self.seen {
+            let want = total - self.seen;
+            let new = read(self.seen, want);
+            if new.len() != want {
+                return Feed::Refuse(
+                    Problem::Unavailable,
+                    "the request body could not be read for its fingerprint".into(),
+                );
+            }
+            self.hash.update(&new);
+            self.seen = total;
+        }
+        if end {
+            Feed::Done(std::mem::take(&mut self.hash).finish())
+        } else {
+            Feed::More
+        }
+    }
+
+    /// The body ended with trailers: what was read is all of it.
+    pub fn finish(self) -> [u8; 32] {
+        self.hash.finish()
+    }
 }
 
 /// The stored response as it is replayed.
@@ -775,6 +870,63 @@ mod tests {
             "unreadable: the streamed size decides"
         );
         assert!(!p.declared_too_large(Some(b"\xff")));
+    }
+
+    fn plan(p: &Idempotency, end: bool, length: Option<&[u8]>) -> BodyPlan {
+        p.body_plan(end, length)
+    }
+
+    fn reading(b: BodyPlan) -> Box<BodyFingerprint> {
+        match b {
+            BodyPlan::Read(f) => f,
+            _ => panic!("the body is read"),
+        }
+    }
+
+    #[test]
+    fn a_body_is_fingerprinted_once_whole_and_within_the_bound() {
+        let p = policy(r#"{"maxBodyBytes":10}"#);
+        let digest = |b: &[u8]| {
+            let mut h = Sha256::new();
+            h.update(b);
+            h.finish()
+        };
+        // Envoy hands over everything buffered so far: each byte is read and hashed once.
+        let body = b"0123456789";
+        let mut f = reading(plan(&p, false, Some(b"10")));
+        let read = |start: usize, len: usize| body[start..start + len].to_vec();
+        assert_eq!(f.feed(4, false, read), Feed::More);
+        assert_eq!(f.feed(4, false, |_, _| panic!("re-read")), Feed::More);
+        assert_eq!(f.feed(10, true, read), Feed::Done(digest(body)));
+        // No body: the same fingerprint as an empty body that streamed.
+        let BodyPlan::Decide(Some(none)) = plan(&p, true, None) else {
+            panic!("decided at the headers")
+        };
+        let mut empty = reading(plan(&p, false, None));
+        assert_eq!(empty.feed(0, true, |_, _| Vec::new()), Feed::Done(none));
+        // Past the bound, declared or streamed: 413 before any of it is read.
+        assert!(matches!(
+            plan(&p, false, Some(b"11")),
+            BodyPlan::Refuse(Problem::TooLarge, _)
+        ));
+        let mut big = reading(plan(&p, false, None));
+        assert!(matches!(
+            big.feed(11, false, |_, _| panic!("read past the bound")),
+            Feed::Refuse(Problem::TooLarge, _)
+        ));
+        // A short read fails closed.
+        let mut short = reading(plan(&p, false, None));
+        assert!(matches!(
+            short.feed(5, true, |_, _| b"012".to_vec()),
+            Feed::Refuse(Problem::Unavailable, _)
+        ));
+        // Trailers end it with what was read.
+        let mut t = reading(plan(&p, false, None));
+        assert_eq!(t.feed(3, false, |_, _| b"abc".to_vec()), Feed::More);
+        assert_eq!(t.finish(), digest(b"abc"));
+        // Fingerprints off: nothing is read.
+        let off = policy(r#"{"fingerprint":"none"}"#);
+        assert!(matches!(plan(&off, false, None), BodyPlan::Decide(None)));
     }
 
     #[test]
