@@ -6,8 +6,8 @@ use crate::config::Config;
 use crate::policy::{Fallback, Pending, RequestAction, ResponseAction, Served};
 use edge_common::ffi;
 use edge_common::host::{
-    load_config, now_ns, property, response_body_chunk, response_header, response_headers, root_id,
-    send_reply, warn_throttled, worker_seed, HostRequest,
+    answer, load_config, namespace_and_seed, now_ns, property, response_body_chunk,
+    response_headers, response_status, warn_throttled, HostRequest,
 };
 use edge_common::metrics::Counters;
 use edge_common::problem::Reply;
@@ -85,9 +85,7 @@ impl RootContext for FallbackRoot {
         let Some(config) = load_config("cached-fallback", Config::parse) else {
             return false;
         };
-        let namespace = format!("cached_fallback/{}/", root_id());
-        let random = getrandom::u64().unwrap_or(0x1319_8a2e_0370_7344);
-        let seed = worker_seed("cached-fallback", &namespace, random);
+        let (namespace, seed) = namespace_and_seed("cached-fallback", "cached_fallback");
         log::info!(
             "cached-fallback: {} route(s), {} entries, {} bytes, circuit breaker {}",
             config.routes.len(),
@@ -138,11 +136,12 @@ pub struct FallbackStream {
 impl Context for FallbackStream {}
 
 impl FallbackStream {
-    /// Sends `r` as a local reply; false (logged) when Envoy refuses it, and the stream then
-    /// goes on untouched rather than trapping the VM.
-    fn reply(&mut self, r: &Reply) -> bool {
-        self.answered = send_reply("cached-fallback", r);
-        self.answered
+    /// Answers with `r`; when Envoy refuses the reply (logged) the stream goes on untouched:
+    /// the upstream's own answer is still better than none.
+    fn reply(&mut self, r: &Reply) -> Action {
+        let action = answer("cached-fallback", r, Action::Continue);
+        self.answered = action == Action::Pause;
+        action
     }
 }
 
@@ -189,11 +188,7 @@ impl HttpContext for FallbackStream {
             RequestAction::Answer { reply, served } => {
                 self.metrics.add(Counter::CircuitShortCircuited);
                 self.metrics.served(served);
-                if self.reply(&reply) {
-                    Action::Pause
-                } else {
-                    Action::Continue
-                }
+                self.reply(&reply)
             }
         }
     }
@@ -205,9 +200,7 @@ impl HttpContext for FallbackStream {
         if self.answered {
             return Action::Continue;
         }
-        let Some(status) = response_header(":status")
-            .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u16>().ok())
-        else {
+        let Some(status) = response_status() else {
             return Action::Continue;
         };
         let details = property(&["response", "code_details"]);
@@ -242,10 +235,7 @@ impl HttpContext for FallbackStream {
                     details.as_deref().unwrap_or("-")
                 );
                 self.metrics.served(served);
-                if self.reply(&reply) {
-                    return Action::Pause;
-                }
-                return Action::Continue;
+                return self.reply(&reply);
             }
             ResponseAction::PassThrough => self.metrics.add(Counter::PassedThrough),
             ResponseAction::Collect(mut p) => {

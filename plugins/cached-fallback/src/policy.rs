@@ -18,7 +18,7 @@ use crate::config::{Config, FailOn};
 use edge_common::key::KeyHasher;
 use edge_common::problem::{problem_json, Reply};
 use edge_common::request::{RequestParts, RequestView};
-use edge_common::store::{get_or_create, update, update_or_create};
+use edge_common::store::{update, update_or_create};
 use edge_common::stored::{CacheControl, Copied, CopyBudget, ResponseCopy, StoredResponse};
 use edge_common::table::{Claim, Found, Record, Table};
 use edge_common::{SlotStore, StoreError};
@@ -226,7 +226,7 @@ pub fn storability(
     }
     let declared = values(response, "content-length")
         .next()
-        .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<u64>().ok());
+        .and_then(edge_common::text::parse_u64);
     if declared.is_some_and(|n| n > max_body) {
         return Err(Skip::TooLarge);
     }
@@ -470,7 +470,7 @@ impl Fallback {
         };
         let upstream_age = response
             .header("age")
-            .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<u64>().ok())
+            .and_then(edge_common::text::parse_u64)
             .unwrap_or(0);
         let age_secs = now
             .saturating_sub(found.record.at_ns)
@@ -534,20 +534,21 @@ impl Fallback {
         let Some(b) = self.config.circuit_breaker else {
             return RequestAction::Forward { probe: None };
         };
-        let admitted = (|| -> Result<Admit, StoreError> {
-            let e = get_or_create(store, &self.circuit_key, &State::default().encode())?;
-            let (a, next) = circuit::admit(&b, State::decode(&e.value), now);
-            if next.is_none() {
-                return Ok(a);
-            }
-            let mut decided = a;
-            update(store, &self.circuit_key, ATTEMPTS, |v| {
+        // One read when nothing changes (a closed circuit); a write only when admitting
+        // changes the state, retried on a lost race with the decision made again.
+        let mut decided = Admit::Pass;
+        let admitted = update_or_create(
+            store,
+            &self.circuit_key,
+            &State::default().encode(),
+            ATTEMPTS,
+            |v| {
                 let (a, next) = circuit::admit(&b, State::decode(v), now);
                 decided = a;
                 next.map(|s| s.encode())
-            })?;
-            Ok(decided)
-        })();
+            },
+        )
+        .map(|_| decided);
         let retry_after_ns = match admitted {
             Ok(Admit::Pass) => return RequestAction::Forward { probe: None },
             Ok(Admit::Probe(token)) => return RequestAction::Forward { probe: Some(token) },
@@ -719,9 +720,7 @@ impl Fallback {
         record: &Record,
         store: &impl SlotStore,
     ) -> Result<Option<Found>, StoreError> {
-        if let Some(f) = self.table.find(store, record.key)? {
-            return Ok(Some(f));
-        }
+        // A claim finds the key's existing record itself (`Exists`).
         Ok(match self.table.claim(store, record.clone(), |_| true)? {
             Claim::Won(f) | Claim::Exists(f) => Some(f),
             Claim::Full => None,

@@ -75,6 +75,11 @@ pub fn response_header(name: &str) -> Option<Vec<u8>> {
     ffi::get_header(ffi::RESPONSE_HEADERS, name)
 }
 
+/// The response's `:status`; `None` when absent or not a number.
+pub fn response_status() -> Option<u16> {
+    crate::text::parse_u64(&response_header(":status")?).and_then(|s| u16::try_from(s).ok())
+}
+
 /// Every header of the response being filtered (empty when unreadable).
 pub fn response_headers() -> Vec<(String, Vec<u8>)> {
     ffi::get_header_pairs(ffi::RESPONSE_HEADERS).unwrap_or_default()
@@ -163,6 +168,18 @@ pub fn load_config<C>(
 
 /// The key seed every worker shares, kept at `<namespace>seed`; when shared data fails, this
 /// worker's own `random` (logged: its keys then hash apart until a reload).
+/// The shared-data namespace of this plugin instance (`<prefix>/<root id>/`: two instances
+/// of a plugin in one Envoy keep apart) and the key seed every worker shares.
+pub fn namespace_and_seed(plugin: &str, prefix: &str) -> (String, u64) {
+    let namespace = format!("{prefix}/{}/", root_id());
+    let random = getrandom::u64().unwrap_or_else(|_| {
+        log::warn!("{plugin}: the host gave no randomness; the key seed comes from the clock");
+        now_ns() ^ 0x243f_6a88_85a3_08d3
+    });
+    let seed = worker_seed(plugin, &namespace, random);
+    (namespace, seed)
+}
+
 pub fn worker_seed(plugin: &str, namespace: &str, random: u64) -> u64 {
     let (seed, failed) = crate::key::shared_seed(
         &crate::shared_data::SharedData,

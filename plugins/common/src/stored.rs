@@ -306,10 +306,7 @@ impl StoredResponse {
     }
 
     pub fn header(&self, name: &str) -> Option<&[u8]> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_slice())
+        crate::problem::first_header(&self.headers, name)
     }
 }
 

@@ -2,6 +2,12 @@
 //! of wasm instructions per call, where these cost tens.
 
 /// `prefix` followed by `n` in decimal: a store key such as `rate_limit/1/api/42`.
+/// A header value as a whole number (`content-length`, `age`, `:status`), surrounding
+/// whitespace allowed; `None` when it is not one.
+pub fn parse_u64(value: &[u8]) -> Option<u64> {
+    std::str::from_utf8(value).ok()?.trim().parse().ok()
+}
+
 pub fn key(prefix: &str, n: u64) -> String {
     let mut s = String::with_capacity(prefix.len() + 20);
     s.push_str(prefix);
@@ -31,6 +37,22 @@ pub fn push_decimal(s: &mut String, mut n: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn header_numbers_are_whole_numbers_or_none() {
+        assert_eq!(parse_u64(b" 42 "), Some(42));
+        assert_eq!(parse_u64(b"18446744073709551615"), Some(u64::MAX));
+        for bad in [
+            &b""[..],
+            b"-1",
+            b"4 2",
+            b"1e3",
+            b"18446744073709551616",
+            b"\xff",
+        ] {
+            assert_eq!(parse_u64(bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn decimal_matches_display_at_the_edges() {

@@ -6,8 +6,8 @@ use crate::policy::{
     Begin, BodyFingerprint, BodyPlan, Claim, Completion, Fate, Feed, Idempotency, Identify, Problem,
 };
 use edge_common::host::{
-    answer, load_config, now_ns, property, response_body_chunk, response_header, response_headers,
-    root_id, warn_throttled, worker_seed, HostRequest,
+    answer, load_config, namespace_and_seed, now_ns, property, response_body_chunk,
+    response_headers, response_status, warn_throttled, HostRequest,
 };
 use edge_common::metrics::Counters;
 use edge_common::problem::Reply;
@@ -72,9 +72,7 @@ impl RootContext for IdempotencyRoot {
         let Some(config) = load_config("idempotency", Config::parse) else {
             return false;
         };
-        let namespace = format!("idempotency/{}/", root_id());
-        let random = getrandom::u64().unwrap_or(0x1357_9bdf_2468_ace0);
-        let seed = worker_seed("idempotency", &namespace, random);
+        let (namespace, seed) = namespace_and_seed("idempotency", "idempotency");
         log::info!(
             "idempotency: header {}, {} route(s), up to {} records",
             config.header,
@@ -281,10 +279,8 @@ impl HttpContext for IdempotencyStream {
         let (Some(policy), Phase::Claimed(_)) = (self.policy.clone(), &self.phase) else {
             return Action::Continue;
         };
-        let status = response_header(":status")
-            .and_then(|v| String::from_utf8(v).ok())
-            .and_then(|v| v.parse::<u16>().ok())
-            .unwrap_or(0);
+        // No readable status is no status the policy keeps: the key goes back.
+        let status = response_status().unwrap_or(0);
         let details = property(&["response", "code_details"]);
         if let Fate::Release(why) = policy.response_fate(status, details.as_deref()) {
             self.release(why);

@@ -382,8 +382,7 @@ impl Idempotency {
     /// reading anything).
     pub fn declared_too_large(&self, content_length: Option<&[u8]>) -> bool {
         content_length
-            .and_then(|v| std::str::from_utf8(v).ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
+            .and_then(edge_common::text::parse_u64)
             .is_some_and(|n| n > self.config.max_body_bytes)
     }
 

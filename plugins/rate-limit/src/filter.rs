@@ -5,7 +5,7 @@ use crate::config::Config;
 use crate::policy::{Action as Verdict, Limiter};
 use edge_common::host::warn_throttled;
 use edge_common::host::{
-    answer, load_config, now_ns, root_id, set_request_header, set_response_header, worker_seed,
+    answer, load_config, namespace_and_seed, now_ns, set_request_header, set_response_header,
     HostRequest,
 };
 use edge_common::metrics::Counters;
@@ -32,9 +32,7 @@ impl RootContext for RateLimitRoot {
         let Some(config) = load_config("rate-limit", Config::parse) else {
             return false;
         };
-        let namespace = format!("rate_limit/{}/", root_id());
-        let random = getrandom::u64().unwrap_or(0x243f_6a88_85a3_08d3);
-        let seed = worker_seed("rate-limit", &namespace, random);
+        let (namespace, seed) = namespace_and_seed("rate-limit", "rate_limit");
         let metrics = Counters::define(Limiter::counter_names(&config));
         log::info!(
             "rate-limit: {} rule(s), mode {:?}",
