@@ -697,6 +697,30 @@ impl Edge {
         }
     }
 
+    /// Runs `a` on worker 0 and `b` on worker 1 one callback at a time, `next(n)` choosing
+    /// which (0 or 1) runs the n-th step (a stream with no callback left yields to the
+    /// other), then finishes both: how races between workers are staged.
+    pub fn interleave(
+        &mut self,
+        a: Request,
+        b: Request,
+        mut next: impl FnMut(usize) -> usize,
+    ) -> Result<[Response; 2]> {
+        let ids = [self.begin(a.worker(0))?, self.begin(b.worker(1))?];
+        let mut idle = [false, false];
+        let mut n = 0;
+        while !(idle[0] && idle[1]) {
+            let k = next(n).min(1);
+            n += 1;
+            let which = if idle[k] { 1 - k } else { k };
+            if !matches!(self.step(ids[which])?, Step::Ran(_)) {
+                idle[which] = true;
+            }
+        }
+        let [x, y] = ids;
+        Ok([self.finish(x)?, self.finish(y)?])
+    }
+
     /// Drives a stream to its end (running events while it waits) and returns its response.
     pub fn finish(&mut self, id: FlightId) -> Result<Response> {
         let mut waited_ns = 0u64;

@@ -537,25 +537,15 @@ pub fn run(case: &Case, module: &Module) -> Result<Outcome, String> {
             }
             Op::Pair(a, b, up, schedule) => {
                 *current.borrow_mut() = up.clone();
-                let ids = [
-                    edge.begin(a.to_request().worker(0))
-                        .map_err(|e| at(format!("{e:#}")))?,
-                    edge.begin(b.to_request().worker(1))
-                        .map_err(|e| at(format!("{e:#}")))?,
-                ];
                 let mut bits = *schedule;
-                let mut idle = [false, false];
-                while !(idle[0] && idle[1]) {
-                    let k = (bits & 1) as usize;
-                    bits = bits.rotate_right(1);
-                    let which = if idle[k] { 1 - k } else { k };
-                    match edge.step(ids[which]).map_err(|e| at(format!("{e:#}")))? {
-                        host_tests::Step::Ran(_) => {}
-                        _ => idle[which] = true,
-                    }
-                }
-                for (id, req) in ids.into_iter().zip([a, b]) {
-                    let res = edge.finish(id).map_err(|e| at(format!("{e:#}")))?;
+                let res = edge
+                    .interleave(a.to_request(), b.to_request(), |_| {
+                        let k = (bits & 1) as usize;
+                        bits = bits.rotate_right(1);
+                        k
+                    })
+                    .map_err(|e| at(format!("{e:#}")))?;
+                for (res, req) in res.into_iter().zip([a, b]) {
                     responses.push((req.clone(), res, false));
                 }
             }

@@ -10,6 +10,8 @@
 //! A failing fuzz case is written to `tests/reliability/regressions/<plugin>-<seed>.json`, and
 //! that plugin's fuzz test replays every such file first.
 
+#[path = "../common/mod.rs"]
+mod common;
 mod flood;
 mod fuzz;
 mod gen;
@@ -18,7 +20,7 @@ mod race;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use host_tests::{module_path, Edge, Module, Plugin, Upstream, UpstreamRequest};
+use host_tests::{Edge, Module, Plugin, Upstream, UpstreamRequest};
 
 pub fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -28,8 +30,7 @@ pub fn env_u64(name: &str, default: u64) -> u64 {
 }
 
 pub fn module(name: &str) -> Module {
-    Module::from_file(module_path(name))
-        .unwrap_or_else(|e| panic!("dist/{name}.wasm: {e:#} (run ./build.sh build first)"))
+    common::plugin_module(name)
 }
 
 /// `plugin` (from dist/) with `config` on two workers, in front of `upstream`.

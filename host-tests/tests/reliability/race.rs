@@ -6,35 +6,10 @@
 
 use std::time::Duration;
 
-use host_tests::{Edge, FlightId, Request, Response, Step, Upstream};
+use host_tests::{Edge, Request, Response, Step, Upstream};
 
 use crate::gen::Rng;
 use crate::two_workers;
-
-/// Drives two streams by `schedule` (a list of which stream steps next) and then finishes both.
-fn interleave(
-    edge: &mut Edge,
-    a: Request,
-    b: Request,
-    schedule: &mut dyn FnMut(usize) -> usize,
-) -> [Response; 2] {
-    let ids: [FlightId; 2] = [
-        edge.begin(a.worker(0)).expect("begin a"),
-        edge.begin(b.worker(1)).expect("begin b"),
-    ];
-    let mut idle = [false, false];
-    let mut n = 0;
-    while !(idle[0] && idle[1]) {
-        let k = schedule(n);
-        n += 1;
-        let which = if idle[k] { 1 - k } else { k };
-        match edge.step(ids[which]).expect("step") {
-            Step::Ran(_) => {}
-            _ => idle[which] = true,
-        }
-    }
-    ids.map(|id| edge.finish(id).expect("finish"))
-}
 
 /// The schedule of trial `t` for streams of about `len` callbacks each.
 fn schedule(t: u64, len: u64) -> Box<dyn FnMut(usize) -> usize> {
@@ -79,7 +54,7 @@ fn run_trials(
         let before = edge.upstream_requests().len();
         let phantoms_before = edge.races_run();
         let (a, b) = pair(t);
-        let res = interleave(edge, a, b, &mut schedule(t, len));
+        let res = edge.interleave(a, b, schedule(t, len)).expect("interleave");
         let reached = edge.upstream_requests().len() - before;
         // A staged race is a third worker that got there first.
         let phantom = (edge.races_run() - phantoms_before).min(1) as usize;

@@ -1172,24 +1172,30 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_response_that_did_not_complete_is_not_kept() {
-        let f = fallback("{}");
-        let s = MemoryStore::new();
-        let req = get("/a");
+    /// The copy a 200 from the upstream starts, at T0.
+    fn collect(f: &Fallback, req: &RequestParts, s: &MemoryStore) -> Box<Pending> {
         let d = f.on_response(
-            &req,
-            f.base_key(&req),
+            req,
+            f.base_key(req),
             None,
             200,
             Some("via_upstream"),
             &[],
             T0,
-            &s,
+            s,
         );
-        let ResponseAction::Collect(mut p) = d.action else {
-            panic!("a 200 is collected: {:?}", d.action);
-        };
+        match d.action {
+            ResponseAction::Collect(p) => p,
+            other => panic!("a 200 is collected: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_response_that_did_not_complete_is_not_kept() {
+        let f = fallback("{}");
+        let s = MemoryStore::new();
+        let req = get("/a");
+        let mut p = collect(&f, &req, &s);
         assert_eq!(p.copy.body(4, false, || b"half".to_vec()), None);
         assert!(!f.store(*p, T0, &s).unwrap());
         assert!(!matches!(
@@ -1224,19 +1230,7 @@ mod tests {
         let f = fallback(r#"{"maxBodyBytes":4}"#);
         let s = MemoryStore::new();
         let req = get("/a");
-        let d = f.on_response(
-            &req,
-            f.base_key(&req),
-            None,
-            200,
-            Some("via_upstream"),
-            &[],
-            T0,
-            &s,
-        );
-        let ResponseAction::Collect(mut p) = d.action else {
-            panic!()
-        };
+        let mut p = collect(&f, &req, &s);
         assert_eq!(p.copy.body(2, false, || b"ab".to_vec()), None);
         assert_eq!(p.copy.body(2, false, || b"cd".to_vec()), None);
         assert_eq!(
@@ -1251,24 +1245,7 @@ mod tests {
     fn concurrent_copies_stay_within_max_buffered_bytes() {
         let f = fallback(r#"{"maxBodyBytes":6,"maxBufferedBytes":10}"#);
         let s = MemoryStore::new();
-        let collect = |path: &str| {
-            let req = get(path);
-            let d = f.on_response(
-                &req,
-                f.base_key(&req),
-                None,
-                200,
-                Some("via_upstream"),
-                &[],
-                T0,
-                &s,
-            );
-            match d.action {
-                ResponseAction::Collect(p) => p,
-                other => panic!("{other:?}"),
-            }
-        };
-        let (mut a, mut b) = (collect("/a"), collect("/b"));
+        let (mut a, mut b) = (collect(&f, &get("/a"), &s), collect(&f, &get("/b"), &s));
         assert_eq!(a.copy.body(6, false, || vec![1; 6]), None);
         assert_eq!(
             b.copy.body(6, false, || panic!("read over the budget")),

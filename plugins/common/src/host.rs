@@ -198,6 +198,25 @@ pub fn set_request_header(name: &str, value: Option<&[u8]>) -> bool {
     ffi::set_header(ffi::REQUEST_HEADERS, name, value) == ffi::OK
 }
 
+/// Removes `remove`, then sets `set`, on the request: a plugin's header edits in one place.
+/// False when the host refused any of them (the caller logs: a header the plugin promised to
+/// strip may still be there).
+pub fn edit_request_headers<R, K, V>(remove: &[R], set: &[(K, V)]) -> bool
+where
+    R: AsRef<str>,
+    K: AsRef<str>,
+    V: AsRef<[u8]>,
+{
+    let mut all = true;
+    for name in remove {
+        all &= set_request_header(name.as_ref(), None);
+    }
+    for (name, value) in set {
+        all &= set_request_header(name.as_ref(), Some(value.as_ref()));
+    }
+    all
+}
+
 /// Sets (or removes) a response header; false when the host refused.
 pub fn set_response_header(name: &str, value: Option<&[u8]>) -> bool {
     ffi::set_header(ffi::RESPONSE_HEADERS, name, value) == ffi::OK

@@ -7,10 +7,11 @@ use crate::policy::{decide, Reporter};
 use crate::source::{Fetched, Poller};
 use edge_common::ffi;
 use edge_common::host::{
-    callout_response_body, callout_response_header, load_config, now_ns, set_request_header,
-    HostRequest,
+    callout_response_body, callout_response_header, edit_request_headers, load_config, now_ns,
+    warn_throttled, HostRequest,
 };
 use edge_common::metrics::NamedCounters;
+use edge_common::throttle::Throttle;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
@@ -25,6 +26,7 @@ pub const MAX_COUNTERS: usize = 512;
 pub struct Metrics {
     counters: NamedCounters,
     reporter: Reporter,
+    throttle: Throttle,
 }
 
 impl Default for Metrics {
@@ -32,6 +34,7 @@ impl Default for Metrics {
         Metrics {
             counters: NamedCounters::new(MAX_COUNTERS, "flag_router.other"),
             reporter: Reporter::default(),
+            throttle: Throttle::default(),
         }
     }
 }
@@ -174,14 +177,15 @@ impl HttpContext for FlagRouterStream {
             return Action::Continue;
         };
         let d = decide(&config, &self.flags, &HostRequest, now_ns() / 1_000_000_000);
-        for h in &d.remove {
-            set_request_header(h, None);
-        }
-        for (h, v) in &d.set {
-            set_request_header(h, Some(v.as_bytes()));
+        if !edit_request_headers(&d.remove, &d.set) {
+            warn_throttled(&self.metrics.borrow().throttle, || {
+                "flag-router: the host refused a routing header edit".into()
+            });
         }
         let mut metrics = self.metrics.borrow_mut();
-        let Metrics { counters, reporter } = &mut *metrics;
+        let Metrics {
+            counters, reporter, ..
+        } = &mut *metrics;
         for e in &d.evaluations {
             counters.add(reporter.counter(e), 1);
             if let Some(w) = reporter.warning(e) {

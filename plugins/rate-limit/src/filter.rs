@@ -5,7 +5,7 @@ use crate::config::Config;
 use crate::policy::{Action as Verdict, Limiter};
 use edge_common::host::warn_throttled;
 use edge_common::host::{
-    answer, load_config, namespace_and_seed, now_ns, set_request_header, set_response_header,
+    answer, edit_request_headers, load_config, namespace_and_seed, now_ns, set_response_header,
     HostRequest,
 };
 use edge_common::metrics::Counters;
@@ -110,11 +110,10 @@ impl HttpContext for RateLimitStream {
                 upstream_headers,
                 response_headers,
             } => {
-                for k in &remove_upstream {
-                    set_request_header(k, None);
-                }
-                for (k, v) in &upstream_headers {
-                    set_request_header(k, Some(v.as_bytes()));
+                if !edit_request_headers(&remove_upstream, &upstream_headers) {
+                    warn_throttled(&self.metrics.1, || {
+                        "rate-limit: the host refused a request header edit".into()
+                    });
                 }
                 self.response_headers = response_headers;
                 Action::Continue

@@ -575,17 +575,30 @@ mod tests {
         RequestParts::new("GET", "/api/x").from_ip(ip)
     }
 
-    /// A store where, just before this worker's first write to `at`, another worker's write
-    /// of `theirs` lands in `other`.
-    struct Racing {
+    type Hook<'a> = Box<dyn FnOnce(&MemoryStore) + 'a>;
+
+    /// A store where another worker acts just before (or, with `after`, right after) this
+    /// worker's first write to `at`.
+    struct Staged<'a> {
         inner: MemoryStore,
         at: String,
-        other: String,
-        theirs: Vec<u8>,
-        fired: std::cell::Cell<bool>,
+        after: bool,
+        then: std::cell::RefCell<Option<Hook<'a>>>,
     }
 
-    impl SlotStore for Racing {
+    impl Staged<'_> {
+        fn ran(&self) -> bool {
+            self.then.borrow().is_none()
+        }
+
+        fn fire(&self) {
+            if let Some(f) = self.then.borrow_mut().take() {
+                f(&self.inner);
+            }
+        }
+    }
+
+    impl SlotStore for Staged<'_> {
         fn get(&self, key: &str) -> Result<Option<edge_common::store::Entry>, StoreError> {
             self.inner.get(key)
         }
@@ -595,15 +608,44 @@ mod tests {
             value: &[u8],
             version: u32,
         ) -> Result<Write, StoreError> {
-            if key == self.at && !self.fired.replace(true) {
-                let v = self.inner.get(&self.other)?.map_or(0, |e| e.version);
-                self.inner.compare_and_swap(&self.other, &self.theirs, v)?;
+            if key == self.at && !self.after {
+                self.fire();
             }
-            self.inner.compare_and_swap(key, value, version)
+            let w = self.inner.compare_and_swap(key, value, version)?;
+            if key == self.at && self.after && w == Write::Done {
+                self.fire();
+            }
+            Ok(w)
         }
         fn create(&self, key: &str, value: &[u8]) -> Result<Write, StoreError> {
             self.inner.create(key, value)
         }
+    }
+
+    /// The key of `req` under rule 0, its first two probe slots, and a claim of it in a fresh
+    /// bucket with one token taken.
+    fn two_probes(l: &Limiter, req: &RequestParts) -> (u64, String, String, Slot) {
+        let rule = &l.config.rules[0];
+        let key = key_hash(l.seed, &rule.name, &rule.key, req);
+        let n = rule.max_keys;
+        let home = u32::try_from(key % u64::from(n)).unwrap();
+        let theirs = Slot {
+            key,
+            limit: l.fingerprints[0],
+            bucket: rule.limit.take(rule.limit.fresh(0), 0).bucket,
+        };
+        (
+            key,
+            l.slot_key(0, Some(home)),
+            l.slot_key(0, Some((home + 1) % n)),
+            theirs,
+        )
+    }
+
+    /// Writes `slot` into `key` as another worker would.
+    fn write_slot(m: &MemoryStore, key: &str, slot: &Slot) {
+        let e = get_or_create(m, key, &[]).unwrap();
+        m.compare_and_swap(key, &slot.encode(), e.version).unwrap();
     }
 
     #[test]
@@ -613,31 +655,19 @@ mod tests {
         // taken: the other claims the second probe just before this worker claims the first.
         let l = per_ip(1, "1h", "");
         let req = from("10.0.0.9:1");
-        let rule = &l.config.rules[0];
-        let fp = l.fingerprints[0];
-        let key = key_hash(l.seed, &rule.name, &rule.key, &req);
-        let n = rule.max_keys;
-        let home = u32::try_from(key % u64::from(n)).unwrap();
-        let (first, second) = (
-            l.slot_key(0, Some(home)),
-            l.slot_key(0, Some((home + 1) % n)),
-        );
-        let theirs = Slot {
-            key,
-            limit: fp,
-            bucket: rule.limit.take(rule.limit.fresh(0), 0).bucket,
-        };
-        let s = Racing {
+        let (key, first, second, theirs) = two_probes(&l, &req);
+        let s = Staged {
             inner: MemoryStore::new(),
             at: first.clone(),
-            other: second.clone(),
-            theirs: theirs.encode().to_vec(),
-            fired: std::cell::Cell::new(false),
+            after: false,
+            then: std::cell::RefCell::new(Some(Box::new(|m: &MemoryStore| {
+                write_slot(m, &second, &theirs)
+            }))),
         };
         // The other worker's request took the only token: this one must be limited, and the
         // key must end up in one slot.
         assert_eq!(status(&l.check(&req, 0, &s)), 429);
-        assert!(s.fired.get(), "the staged race ran");
+        assert!(s.ran(), "the staged race ran");
         let holders = [&first, &second]
             .iter()
             .filter(|k| {
@@ -650,38 +680,6 @@ mod tests {
         assert_eq!(holders, 1);
     }
 
-    type Hook<'a> = Box<dyn FnOnce(&MemoryStore) + 'a>;
-
-    /// A store that lets another worker act right after this worker's first write to `at`.
-    struct AfterWrite<'a> {
-        inner: MemoryStore,
-        at: String,
-        then: std::cell::RefCell<Option<Hook<'a>>>,
-    }
-
-    impl SlotStore for AfterWrite<'_> {
-        fn get(&self, key: &str) -> Result<Option<edge_common::store::Entry>, StoreError> {
-            self.inner.get(key)
-        }
-        fn compare_and_swap(
-            &self,
-            key: &str,
-            value: &[u8],
-            version: u32,
-        ) -> Result<Write, StoreError> {
-            let w = self.inner.compare_and_swap(key, value, version)?;
-            if key == self.at && w == Write::Done {
-                if let Some(f) = self.then.borrow_mut().take() {
-                    f(&self.inner);
-                }
-            }
-            Ok(w)
-        }
-        fn create(&self, key: &str, value: &[u8]) -> Result<Write, StoreError> {
-            self.inner.create(key, value)
-        }
-    }
-
     #[test]
     fn a_claim_someone_already_took_from_is_kept_so_no_token_is_lost() {
         // Two tokens per hour. This worker claims the key's home slot; before it looks for
@@ -690,31 +688,18 @@ mod tests {
         let l = per_ip(2, "1h", "");
         let req = from("10.0.0.7:1");
         let rule = &l.config.rules[0];
-        let fp = l.fingerprints[0];
-        let key = key_hash(l.seed, &rule.name, &rule.key, &req);
-        let n = rule.max_keys;
-        let home = u32::try_from(key % u64::from(n)).unwrap();
-        let (first, second) = (
-            l.slot_key(0, Some(home)),
-            l.slot_key(0, Some((home + 1) % n)),
-        );
-        let theirs = Slot {
-            key,
-            limit: fp,
-            bucket: rule.limit.take(rule.limit.fresh(0), 0).bucket,
-        };
-        let s = AfterWrite {
+        let (key, first, second, theirs) = two_probes(&l, &req);
+        let s = Staged {
             inner: MemoryStore::new(),
             at: first.clone(),
+            after: true,
             then: std::cell::RefCell::new(Some(Box::new(|m: &MemoryStore| {
                 assert_eq!(status(&l.check(&req, 0, m)), 200, "the second request");
-                let e = get_or_create(m, &second, &[]).unwrap();
-                m.compare_and_swap(&second, &theirs.encode(), e.version)
-                    .unwrap();
+                write_slot(m, &second, &theirs);
             }))),
         };
         assert_eq!(status(&l.check(&req, 0, &s)), 200);
-        assert!(s.then.borrow().is_none(), "the staged race ran");
+        assert!(s.ran(), "the staged race ran");
         // The home slot keeps both tokens taken from it: the key is spent.
         let home_slot = Slot::decode(&s.inner.get(&first).unwrap().unwrap().value);
         assert_eq!(home_slot.key, key, "the claim was kept");
