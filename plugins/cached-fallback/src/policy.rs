@@ -173,11 +173,6 @@ fn list_items<'a>(
         .filter(|s| !s.is_empty())
 }
 
-fn has_directive(headers: &[(String, Vec<u8>)], directive: &str) -> bool {
-    list_items(headers, "cache-control")
-        .any(|d| d.split('=').next().map(str::trim) == Some(directive))
-}
-
 /// What a storable response needs to be kept.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Storable {
@@ -194,7 +189,7 @@ pub fn storability(
     max_body: u64,
 ) -> Result<Storable, Skip> {
     let cc = CacheControl::parse(values(response, "cache-control"));
-    if cc.no_store || has_directive(&req.headers, "no-store") {
+    if cc.no_store || CacheControl::parse(values(&req.headers, "cache-control")).no_store {
         return Err(Skip::NoStore);
     }
     if cc.private {
@@ -221,7 +216,7 @@ pub fn storability(
             return Err(Skip::TooManyVary);
         }
     }
-    if cc.must_revalidate || has_directive(response, "no-cache") {
+    if cc.must_revalidate || cc.no_cache {
         return Err(Skip::NoStale);
     }
     let declared = values(response, "content-length")

@@ -314,6 +314,7 @@ impl StoredResponse {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CacheControl {
     pub no_store: bool,
+    pub no_cache: bool,
     pub private: bool,
     pub public: bool,
     pub must_revalidate: bool,
@@ -336,6 +337,7 @@ impl CacheControl {
                 let num = || arg.and_then(|a| a.parse::<u64>().ok());
                 match name {
                     "no-store" => cc.no_store = true,
+                    "no-cache" => cc.no_cache = true,
                     "private" => cc.private = true,
                     "public" => cc.public = true,
                     "must-revalidate" | "proxy-revalidate" => cc.must_revalidate = true,
