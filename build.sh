@@ -44,7 +44,7 @@ usage: ./build.sh [command]
           $ENVOY_TOOLS/ (ENVOY_BIN overrides)
   test    build, then: cargo test --workspace, envoy --mode validate on envoy/*.yaml,
           cargo fmt --check, cargo clippy -D warnings
-  demo    build, then run the demo upstream and Envoy on envoy/edge.yaml
+  demo    build, then run the demo application (tools/demo_app.py) and Envoy on envoy/edge.yaml
           (http://127.0.0.1:$DEMO_LISTENER_PORT) until Ctrl-C
   bench   build, then measure (about 10 minutes, not part of test): module sizes, wasm
           instructions per request in the harness, Envoy CPU per request, throughput and
@@ -301,16 +301,11 @@ demo_examples() {
 Demo running: Envoy on $url (admin http://127.0.0.1:$DEMO_ADMIN_PORT),
 the application on http://127.0.0.1:$DEMO_UPSTREAM_PORT. Try, in another terminal:
 
-  curl -s $url/hello                          # proxied to the demo upstream
+  curl -s $url/hello                          # proxied to the demo application
   curl -s $url/api/flaky                      # JSON from the application
   curl -s 127.0.0.1:$DEMO_ADMIN_PORT/stats | grep wasmcustom   # the plugins' own metrics
 EOF
-  # PLUGIN DEMOS: each plugin issue adds its commands below, in chain order:
-  #   rate limit      - a burst that ends in 429
-  #   flag router     - a request routed by a flag (flags served at /flags.json)
-  #   idempotency     - the same POST /payments twice with one key, the same id both times
-  #   cached fallback - curl -X POST 127.0.0.1:$DEMO_UPSTREAM_PORT/admin/fail, then
-  #                     /api/flaky still answers from the cache (/admin/recover heals it)
+  # One block per plugin, in chain order.
   cat <<EOF
 
 Rate limit: 10 requests to /api/ per client IP at once, then 1 a second. A burst ends in a 429
@@ -372,14 +367,13 @@ cmd_demo() {
     fi
   done
   cmd_build
-  header "cargo build -p edge-e2e --bin demo_upstream"
-  cargo build -p edge-e2e --bin demo_upstream
 
   trap demo_stop EXIT
   trap 'exit 130' INT
   trap 'exit 143' TERM
-  header "starting the demo upstream and Envoy on envoy/edge.yaml"
-  "$CARGO_OUT/debug/demo_upstream" "$DEMO_UPSTREAM_PORT" &
+  header "starting the demo application (tools/demo_app.py) and Envoy on envoy/edge.yaml"
+  # The application is plain Python, the one bench/soak.py serves too: nothing to compile.
+  python3 tools/demo_app.py "$DEMO_UPSTREAM_PORT" &
   DEMO_PIDS+=("$!")
   # Plugin log lines (wasm:info) and Envoy's warnings go to this terminal.
   "$ENVOY_BIN" -c envoy/edge.yaml --concurrency 2 --disable-hot-restart \
@@ -389,13 +383,13 @@ cmd_demo() {
 
   local deadline=$((SECONDS + 30))
   until [[ $(curl -s --max-time 1 "http://127.0.0.1:$DEMO_ADMIN_PORT/ready" 2>/dev/null) == LIVE ]]; do
-    demo_all_alive || die "Envoy or the demo upstream exited during start-up (see above)"
+    demo_all_alive || die "Envoy or the demo application exited during start-up (see above)"
     ((SECONDS < deadline)) || die "Envoy was not ready after 30 s"
     sleep 0.2
   done
   demo_examples
 
-  # Ctrl-C reaches Envoy too (the upstream, started in the background, ignores SIGINT): Envoy
+  # Ctrl-C reaches Envoy too (the application, started in the background, ignores SIGINT): Envoy
   # shuts down cleanly, often before this shell runs its own INT trap.
   local status=0
   wait -n "${DEMO_PIDS[@]}" || status=$?
@@ -403,7 +397,7 @@ cmd_demo() {
     echo "Envoy stopped; stopping the demo"
     exit 0
   fi
-  die "Envoy or the demo upstream exited with status $status (see above); stopping the demo"
+  die "Envoy or the demo application exited with status $status (see above); stopping the demo"
 }
 
 # --- bench -----------------------------------------------------------------------------------
