@@ -1,4 +1,5 @@
 //! Rate limiting: token buckets per client key, exact across Envoy's worker threads.
+#![doc = include_str!("../README.md")]
 
 pub mod bucket;
 pub mod config;
