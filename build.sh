@@ -248,7 +248,7 @@ cmd_test() {
   ensure_component clippy clippy
   cargo clippy --workspace --all-targets -- -D warnings
   # The hostcall imports exist only on wasm32: lint the plugins as they ship, too.
-  local pkg clippy_args=(-p edge-common)
+  local pkg clippy_args=(-p edge-core -p edge-host)
   for pkg in "${PLUGINS[@]}"; do clippy_args+=(-p "$pkg"); done
   cargo clippy --target "$TARGET" "${clippy_args[@]}" -- -D warnings
 

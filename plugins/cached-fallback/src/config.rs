@@ -2,8 +2,8 @@
 //! validated once into [`Config`]. Every field is optional; the defaults are the constants
 //! below (and the README's configuration reference).
 
-use edge_common::route::Route;
-use edge_common::{parse_json, ConfigError, Node};
+use edge_core::route::Route;
+use edge_core::{parse_json, ConfigError, Node};
 
 pub const DEFAULT_METHODS: [&str; 2] = ["GET", "HEAD"];
 pub const DEFAULT_FAIL_STATUSES: [u16; 4] = [500, 502, 503, 504];

@@ -4,17 +4,17 @@
 
 use crate::config::Config;
 use crate::policy::{Fallback, Pending, RequestAction, ResponseAction, Served};
-use edge_common::ffi;
-use edge_common::host::{
+use edge_core::problem::Reply;
+use edge_core::request::RequestParts;
+use edge_core::throttle::Throttle;
+use edge_core::StoreError;
+use edge_host::ffi;
+use edge_host::host::{
     answer, load_config, namespace_and_seed, now_ns, property, response_body_chunk,
     response_headers, response_status, warn_throttled, HostRequest,
 };
-use edge_common::metrics::Counters;
-use edge_common::problem::Reply;
-use edge_common::request::RequestParts;
-use edge_common::shared_data::SharedData;
-use edge_common::throttle::Throttle;
-use edge_common::StoreError;
+use edge_host::metrics::Counters;
+use edge_host::shared_data::SharedData;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 use std::rc::Rc;

@@ -4,7 +4,7 @@
 //! [`SlotStore`], time as nanoseconds.
 //!
 //! # State layout (namespace `cached_fallback/<root_id>/`)
-//! - an [`edge_common::table::Table`] of `maxEntries` records with at most `maxTotalBytes` of
+//! - an [`edge_core::table::Table`] of `maxEntries` records with at most `maxTotalBytes` of
 //!   bodies. A response without `Vary` is one record under the request's base key (method,
 //!   host, path, query, listed headers). A response with `Vary` is two: under the base key a
 //!   record naming the `Vary` headers (no body), and under the variant key (base key plus the
@@ -15,13 +15,13 @@
 
 use crate::circuit::{self, Admit, State};
 use crate::config::{Config, FailOn};
-use edge_common::key::KeyHasher;
-use edge_common::problem::{problem_json, Reply};
-use edge_common::request::{RequestParts, RequestView};
-use edge_common::store::{update, update_or_create};
-use edge_common::stored::{CacheControl, Copied, CopyBudget, ResponseCopy, StoredResponse};
-use edge_common::table::{Claim, Found, Record, Table};
-use edge_common::{SlotStore, StoreError};
+use edge_core::key::KeyHasher;
+use edge_core::problem::{problem_json, Reply};
+use edge_core::request::{RequestParts, RequestView};
+use edge_core::store::{update, update_or_create};
+use edge_core::stored::{CacheControl, Copied, CopyBudget, ResponseCopy, StoredResponse};
+use edge_core::table::{Claim, Found, Record, Table};
+use edge_core::{SlotStore, StoreError};
 
 /// Read-modify-write attempts on the circuit before the store counts as failing.
 pub const ATTEMPTS: u32 = 16;
@@ -79,7 +79,7 @@ pub enum Verdict {
 /// host that does not report it) the status decides.
 pub fn classify(fail_on: &FailOn, status: u16, details: Option<&str>) -> Verdict {
     let d = details.unwrap_or("via_upstream");
-    if edge_common::route::from_upstream(details) {
+    if edge_core::route::from_upstream(details) {
         return if fail_on.statuses.contains(&status) {
             Verdict::Failure(Reason::Status)
         } else {
@@ -221,7 +221,7 @@ pub fn storability(
     }
     let declared = values(response, "content-length")
         .next()
-        .and_then(edge_common::text::parse_u64);
+        .and_then(edge_core::text::parse_u64);
     if declared.is_some_and(|n| n > max_body) {
         return Err(Skip::TooLarge);
     }
@@ -362,7 +362,7 @@ pub fn cache_status(hit: bool, fwd: Option<(&str, u16)>, reason: Reason) -> Stri
 
 impl Fallback {
     /// `namespace` prefixes every store key (`cached_fallback/<root_id>/`); `seed` keys the
-    /// hash of request keys (see `edge_common::key::shared_seed`).
+    /// hash of request keys (see `edge_core::key::shared_seed`).
     pub fn new(config: Config, namespace: &str, seed: u64) -> Fallback {
         Fallback {
             table: Table::new(namespace, config.max_entries, config.max_total_bytes),
@@ -375,7 +375,7 @@ impl Fallback {
 
     /// Whether `routes` and `methods` cover the request.
     pub fn covers(&self, req: &impl RequestView) -> bool {
-        edge_common::route::covers(&self.config.methods, &self.config.routes, req)
+        edge_core::route::covers(&self.config.methods, &self.config.routes, req)
     }
 
     /// The key of method, host, path (with the query if `key.query`) and the listed headers,
@@ -465,7 +465,7 @@ impl Fallback {
         };
         let upstream_age = response
             .header("age")
-            .and_then(edge_common::text::parse_u64)
+            .and_then(edge_core::text::parse_u64)
             .unwrap_or(0);
         let age_secs = now
             .saturating_sub(found.record.at_ns)
@@ -772,8 +772,8 @@ fn stale_reply(response: StoredResponse, age_secs: u64, status_line: &str) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
-    use edge_common::store::MemoryStore;
-    use edge_common::stored::Dropped;
+    use edge_core::store::MemoryStore;
+    use edge_core::stored::Dropped;
 
     const S: u64 = NS_PER_SEC;
     const T0: u64 = 1_000 * S;

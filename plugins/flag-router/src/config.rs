@@ -2,8 +2,8 @@
 //! headers, the bootstrap flags and the optional remote flag source.
 
 use crate::flags::FlagSet;
-use edge_common::key::KeyPart;
-use edge_common::{parse_json, ConfigError, Node};
+use edge_core::key::KeyPart;
+use edge_core::{parse_json, ConfigError, Node};
 use std::time::Duration;
 
 /// Where the flag document is fetched from, through an Envoy cluster.

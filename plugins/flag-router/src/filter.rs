@@ -5,13 +5,13 @@ use crate::config::Config;
 use crate::flags::FlagSet;
 use crate::policy::{decide, Reporter};
 use crate::source::{Fetched, Poller};
-use edge_common::ffi;
-use edge_common::host::{
+use edge_core::throttle::Throttle;
+use edge_host::ffi;
+use edge_host::host::{
     callout_response_body, callout_response_header, edit_request_headers, load_config, now_ns,
     warn_throttled, HostRequest,
 };
-use edge_common::metrics::NamedCounters;
-use edge_common::throttle::Throttle;
+use edge_host::metrics::NamedCounters;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};

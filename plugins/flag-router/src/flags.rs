@@ -2,7 +2,7 @@
 //! load for inline flags, per fetch for a remote source) and evaluated per request.
 
 use crate::logic::Expr;
-use edge_common::{ConfigError, Node, Obj};
+use edge_core::{ConfigError, Node, Obj};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 
@@ -91,7 +91,7 @@ impl FlagSet {
 
     /// Reads a flagd flag-definition document (`flags`, `$evaluators`, `$schema`, `metadata`).
     pub fn from_document(bytes: &[u8]) -> Result<FlagSet, ConfigError> {
-        let doc = edge_common::parse_json(bytes)?;
+        let doc = edge_core::parse_json(bytes)?;
         let o = Node::root(&doc).obj(&["$schema", "flags", "$evaluators", "metadata"])?;
         let evaluators = FlagSet::evaluators(&o)?;
         o.req("flags", |n| FlagSet::read(n, &evaluators))

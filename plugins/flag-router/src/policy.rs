@@ -3,7 +3,7 @@
 
 use crate::config::Config;
 use crate::flags::{FlagSet, Reason};
-use edge_common::RequestView;
+use edge_core::RequestView;
 use serde_json::{Map, Value};
 
 /// One flag's outcome, for metrics and the debug log. Borrows from the configuration and the
@@ -159,7 +159,7 @@ pub fn decide<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use edge_common::RequestParts;
+    use edge_core::RequestParts;
 
     const CONFIG: &str = r#"{
       "targetingKey": { "header": "x-user-id" },

@@ -1,8 +1,8 @@
 //! The plugin configuration, read and checked once at load; every error names its field.
 
-use edge_common::key::KeyPart;
-use edge_common::route::Route;
-use edge_common::{parse_json, ConfigError, Node};
+use edge_core::key::KeyPart;
+use edge_core::route::Route;
+use edge_core::{parse_json, ConfigError, Node};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {

@@ -5,16 +5,17 @@ use crate::config::Config;
 use crate::policy::{
     Begin, BodyFingerprint, BodyPlan, Claim, Completion, Fate, Feed, Idempotency, Identify, Problem,
 };
-use edge_common::host::{
+use edge_core::problem::Reply;
+use edge_core::stored::ResponseCopy;
+use edge_core::throttle::Throttle;
+use edge_core::RequestView;
+use edge_host::ffi;
+use edge_host::host::{
     answer, load_config, namespace_and_seed, now_ns, property, response_body_chunk,
     response_headers, response_status, warn_throttled, HostRequest,
 };
-use edge_common::metrics::Counters;
-use edge_common::problem::Reply;
-use edge_common::shared_data::SharedData;
-use edge_common::stored::ResponseCopy;
-use edge_common::throttle::Throttle;
-use edge_common::{ffi, RequestView};
+use edge_host::metrics::Counters;
+use edge_host::shared_data::SharedData;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 use std::rc::Rc;

@@ -7,6 +7,6 @@ pub mod policy;
 pub mod record;
 
 proxy_wasm::main! {{
-    edge_common::logger::init();
+    edge_host::logger::init();
     proxy_wasm::set_root_context(|_| Box::new(filter::IdempotencyRoot::default()));
 }}

@@ -4,12 +4,12 @@
 
 use crate::config::Config;
 use crate::record::{age, Age, Meta, State};
-use edge_common::key::{KeyHasher, KeyPart};
-use edge_common::problem::{problem_json, Reply};
-use edge_common::sha256::Sha256;
-use edge_common::stored::{Copied, CopyBudget, ResponseCopy, StoredResponse};
-use edge_common::table::{Claim as TableClaim, Found, Record, Table};
-use edge_common::{RequestView, SlotStore, StoreError};
+use edge_core::key::{KeyHasher, KeyPart};
+use edge_core::problem::{problem_json, Reply};
+use edge_core::sha256::Sha256;
+use edge_core::stored::{Copied, CopyBudget, ResponseCopy, StoredResponse};
+use edge_core::table::{Claim as TableClaim, Found, Record, Table};
+use edge_core::{RequestView, SlotStore, StoreError};
 
 /// The header marking a replayed response.
 pub const REPLAYED_HEADER: &str = "idempotent-replayed";
@@ -182,7 +182,7 @@ pub struct Idempotency {
 
 impl Idempotency {
     /// `namespace` prefixes the shared-data keys; `seed` keys record hashes (shared by every
-    /// worker, see `edge_common::key::shared_seed`).
+    /// worker, see `edge_core::key::shared_seed`).
     pub fn new(config: Config, namespace: &str, seed: u64) -> Idempotency {
         let mut parts = config.scope.clone();
         parts.push(KeyPart::Method);
@@ -200,7 +200,7 @@ impl Idempotency {
     }
 
     pub fn covered(&self, req: &impl RequestView) -> bool {
-        edge_common::route::covers(&self.config.methods, &self.config.routes, req)
+        edge_core::route::covers(&self.config.methods, &self.config.routes, req)
     }
 
     pub fn identify(&self, req: &impl RequestView) -> Identify {
@@ -356,7 +356,7 @@ impl Idempotency {
     /// in `storeStatuses`. A local reply (Envoy's 503 for a reset, its 504, another filter's
     /// 429) says nothing about whether the request ran, so the key is given back.
     pub fn response_fate(&self, status: u16, details: Option<&str>) -> Fate {
-        if !edge_common::route::from_upstream(details) {
+        if !edge_core::route::from_upstream(details) {
             Fate::Release("local reply")
         } else if self.config.store_statuses.contains(status) {
             Fate::Keep
@@ -382,7 +382,7 @@ impl Idempotency {
     /// reading anything).
     pub fn declared_too_large(&self, content_length: Option<&[u8]>) -> bool {
         content_length
-            .and_then(edge_common::text::parse_u64)
+            .and_then(edge_core::text::parse_u64)
             .is_some_and(|n| n > self.config.max_body_bytes)
     }
 
@@ -555,9 +555,9 @@ fn replay(r: StoredResponse) -> Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use edge_common::store::MemoryStore;
-    use edge_common::stored::Dropped;
-    use edge_common::RequestParts;
+    use edge_core::store::MemoryStore;
+    use edge_core::stored::Dropped;
+    use edge_core::RequestParts;
 
     const S: u64 = 1_000_000_000;
 

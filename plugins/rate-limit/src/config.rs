@@ -2,9 +2,9 @@
 //! [`Config`] with errors that name the field.
 
 use crate::bucket::Limit;
-use edge_common::key::KeyPart;
-use edge_common::route::Route;
-use edge_common::{parse_json, ConfigError, Node};
+use edge_core::key::KeyPart;
+use edge_core::route::Route;
+use edge_core::{parse_json, ConfigError, Node};
 
 /// The largest `maxKeys`: 16 Mi slots of ~80 bytes is over a GiB of shared memory.
 pub const MAX_KEYS_LIMIT: u64 = 1 << 24;
@@ -197,7 +197,7 @@ mod tests {
         );
         // The match: GET or POST under /api/ from the free tier.
         let req = |m: &str, p: &str, tier: &str| {
-            edge_common::RequestParts::new(m, p).header("x-tier", tier)
+            edge_core::RequestParts::new(m, p).header("x-tier", tier)
         };
         assert!(r.route.matches(&req("GET", "/api/orders", "free")));
         assert!(!r.route.matches(&req("GET", "/health", "free")));

@@ -14,11 +14,11 @@
 
 use crate::bucket::{ceil_secs, Bucket, Limit, Take};
 use crate::config::{Config, FailureMode, Mode, Rule};
-use edge_common::key::{key_hash, KeyHasher};
-use edge_common::problem::{json_string_list, problem_json, Reply};
-use edge_common::store::{contended, get_or_create, update, Write};
-use edge_common::text;
-use edge_common::{RequestView, SlotStore, StoreError};
+use edge_core::key::{key_hash, KeyHasher};
+use edge_core::problem::{json_string_list, problem_json, Reply};
+use edge_core::store::{contended, get_or_create, update, Write};
+use edge_core::text;
+use edge_core::{RequestView, SlotStore, StoreError};
 
 /// Slots examined for a key: its home slot and the next three.
 pub const PROBES: u32 = 4;
@@ -177,7 +177,7 @@ struct Taken {
 impl Limiter {
     /// `namespace` prefixes every store key (the store is shared by every plugin of the VM);
     /// `seed` keys the hash of client keys (shared by all workers, see
-    /// `edge_common::key::shared_seed`).
+    /// `edge_core::key::shared_seed`).
     pub fn new(config: Config, namespace: &str, seed: u64) -> Self {
         Limiter {
             fingerprints: config.rules.iter().map(|r| fingerprint(&r.limit)).collect(),
@@ -551,8 +551,8 @@ impl Limiter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use edge_common::store::MemoryStore;
-    use edge_common::RequestParts;
+    use edge_core::store::MemoryStore;
+    use edge_core::RequestParts;
 
     const S: u64 = 1_000_000_000;
 
@@ -599,7 +599,7 @@ mod tests {
     }
 
     impl SlotStore for Staged<'_> {
-        fn get(&self, key: &str) -> Result<Option<edge_common::store::Entry>, StoreError> {
+        fn get(&self, key: &str) -> Result<Option<edge_core::store::Entry>, StoreError> {
             self.inner.get(key)
         }
         fn compare_and_swap(

@@ -1,7 +1,7 @@
 //! The few hostcall translations every plugin's glue needs, written once.
 
 use crate::ffi::{self, REQUEST_HEADERS};
-use crate::request::{client_ip, RequestView};
+use edge_core::request::{client_ip, RequestView};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::Action;
 
@@ -77,7 +77,7 @@ pub fn response_header(name: &str) -> Option<Vec<u8>> {
 
 /// The response's `:status`; `None` when absent or not a number.
 pub fn response_status() -> Option<u16> {
-    crate::text::parse_u64(&response_header(":status")?).and_then(|s| u16::try_from(s).ok())
+    edge_core::text::parse_u64(&response_header(":status")?).and_then(|s| u16::try_from(s).ok())
 }
 
 /// Every header of the response being filtered (empty when unreadable).
@@ -111,9 +111,9 @@ pub fn send_response(status: u32, headers: &[(&str, &[u8])], body: &[u8]) -> boo
     ffi::send_local_response(status, headers, body) == ffi::OK
 }
 
-/// Logs a warning through `throttle` (see [`crate::throttle`]): at most one line per interval
+/// Logs a warning through `throttle` (see [`edge_core::throttle`]): at most one line per interval
 /// per worker, with the number held back since the last one.
-pub fn warn_throttled(throttle: &crate::throttle::Throttle, line: impl FnOnce() -> String) {
+pub fn warn_throttled(throttle: &edge_core::throttle::Throttle, line: impl FnOnce() -> String) {
     if let Some(held) = throttle.pass(now_ns()) {
         if held > 0 {
             log::warn!("{} ({held} more like it not logged)", line());
@@ -125,7 +125,7 @@ pub fn warn_throttled(throttle: &crate::throttle::Throttle, line: impl FnOnce() 
 
 /// Sends a policy's reply; a refusal is logged (as `plugin`) and reported as false, and the
 /// stream then goes on untouched instead of trapping.
-pub fn send_reply(plugin: &str, r: &crate::problem::Reply) -> bool {
+pub fn send_reply(plugin: &str, r: &edge_core::problem::Reply) -> bool {
     let headers: Vec<(&str, &[u8])> = r
         .headers
         .iter()
@@ -141,7 +141,7 @@ pub fn send_reply(plugin: &str, r: &crate::problem::Reply) -> bool {
 /// Answers with `r` and pauses the stream; when the host refuses the reply (logged), the
 /// plugin's `if_refused` applies: `Continue` where forwarding the request is safe, `Pause`
 /// where it must not reach the upstream unguarded.
-pub fn answer(plugin: &str, r: &crate::problem::Reply, if_refused: Action) -> Action {
+pub fn answer(plugin: &str, r: &edge_core::problem::Reply, if_refused: Action) -> Action {
     if send_reply(plugin, r) {
         Action::Pause
     } else {
@@ -154,7 +154,7 @@ pub fn answer(plugin: &str, r: &crate::problem::Reply, if_refused: Action) -> Ac
 /// (the line Envoy shows and the tests look for) and is `None`.
 pub fn load_config<C>(
     plugin: &str,
-    parse: impl FnOnce(&[u8]) -> Result<C, crate::ConfigError>,
+    parse: impl FnOnce(&[u8]) -> Result<C, edge_core::ConfigError>,
 ) -> Option<C> {
     follow_host_log_level();
     match parse(&plugin_configuration()) {
@@ -181,7 +181,7 @@ pub fn namespace_and_seed(plugin: &str, prefix: &str) -> (String, u64) {
 }
 
 pub fn worker_seed(plugin: &str, namespace: &str, random: u64) -> u64 {
-    let (seed, failed) = crate::key::shared_seed(
+    let (seed, failed) = edge_core::key::shared_seed(
         &crate::shared_data::SharedData,
         &format!("{namespace}seed"),
         random,

@@ -1,0 +1,24 @@
+//! What every edge plugin's policy uses, written once and free of any host: configuration
+//! parsing with errors that name the field, durations, request matching and keys, the
+//! cross-worker slot store as a trait (and its bounded read-modify-write), the record table,
+//! stored responses with Cache-Control, problem+json replies, hashing and log throttling.
+//! Nothing here makes a hostcall, so all of it is unit-tested natively; the host side of these
+//! mechanisms lives in edge-host.
+
+pub mod config;
+pub mod duration;
+pub mod key;
+pub mod problem;
+pub mod request;
+pub mod route;
+pub mod sha256;
+pub mod store;
+pub mod stored;
+pub mod table;
+pub mod text;
+pub mod throttle;
+
+pub use config::{parse_json, ConfigError, Node, Obj};
+pub use duration::parse_duration;
+pub use request::{RequestParts, RequestView};
+pub use store::{SlotStore, StoreError};
