@@ -7,7 +7,8 @@
 //! - Every marked block is its file, byte for byte, and every file is shown at least once.
 //! - `examples/*.json` are configurations the plugin accepts.
 //! - `examples/rejected/*.json` are configurations it refuses, and the README quotes the
-//!   refusal (the error Envoy logs) word for word.
+//!   refusal (the error Envoy logs) word for word in a ```` ```text ```` block right after the
+//!   example's block.
 
 use std::fs;
 use std::path::Path;
@@ -19,35 +20,46 @@ const MARKER: &str = "<!-- example: ";
 pub fn check(crate_dir: &str, readme: &str, parse: impl Fn(&[u8]) -> Result<(), String>) {
     let shown = marked_blocks(readme);
     assert!(!shown.is_empty(), "the README marks no example");
-    for (name, block) in &shown {
+    for example in &shown {
+        let name = &example.name;
         let file = fs::read_to_string(Path::new(crate_dir).join(name))
             .unwrap_or_else(|e| panic!("the README shows {name}, which cannot be read: {e}"));
-        assert_eq!(block, &file, "the README's block for {name} differs from the file");
+        assert_eq!(example.json, file, "the README's block for {name} differs from the file");
     }
     for (dir, accepted) in [("examples", true), ("examples/rejected", false)] {
         for name in json_files(crate_dir, dir) {
-            assert!(
-                shown.iter().any(|(shown, _)| *shown == name),
-                "{name} is not shown in the README (add `{MARKER}{name} -->` before its block)"
-            );
+            let Some(example) = shown.iter().find(|shown| shown.name == name) else {
+                panic!("{name} is not shown in the README (add `{MARKER}{name} -->` before its block)")
+            };
             let text = fs::read(Path::new(crate_dir).join(&name)).unwrap();
             match (parse(&text), accepted) {
                 (Ok(()), true) => {}
                 (Err(e), true) => panic!("{name} is refused: {e}"),
                 (Ok(()), false) => panic!("{name} is accepted, but it is under examples/rejected/"),
-                (Err(e), false) => assert!(
-                    readme.contains(&e),
-                    "the README does not quote the refusal of {name}: {e}"
+                (Err(e), false) => assert_eq!(
+                    example.then_text.as_deref(),
+                    Some(format!("{e}\n").as_str()),
+                    "the ```text block after {name} must quote its refusal"
                 ),
             }
         }
     }
 }
 
-/// Every marked block as (path after the marker, the block's text with a newline per line).
-pub fn marked_blocks(readme: &str) -> Vec<(String, String)> {
+/// A README block marked as an example file.
+pub struct Shown {
+    /// The path after the marker, relative to the crate.
+    pub name: String,
+    /// The block's text, a newline after each line (as the file is).
+    pub json: String,
+    /// The ```` ```text ```` block that follows it, if one does before any other text.
+    pub then_text: Option<String>,
+}
+
+/// Every marked block of `readme`, in order.
+pub fn marked_blocks(readme: &str) -> Vec<Shown> {
     let mut out = Vec::new();
-    let mut lines = readme.lines();
+    let mut lines = readme.lines().peekable();
     while let Some(line) = lines.next() {
         let Some(name) = line.trim().strip_prefix(MARKER) else {
             continue;
@@ -55,23 +67,40 @@ pub fn marked_blocks(readme: &str) -> Vec<(String, String)> {
         let name = name
             .strip_suffix("-->")
             .unwrap_or_else(|| panic!("marker without `-->`: {line}"))
-            .trim();
+            .trim()
+            .to_string();
         assert_eq!(
             lines.next().map(str::trim_end),
             Some("```json"),
             "the marker for {name} must be followed by a ```json line"
         );
-        let mut block = String::new();
-        for line in lines.by_ref() {
-            if line.trim_end() == "```" {
-                break;
-            }
-            block.push_str(line);
-            block.push('\n');
+        let json = fence_body(&mut lines);
+        while lines.peek().is_some_and(|l| l.trim().is_empty()) {
+            lines.next();
         }
-        out.push((name.to_string(), block));
+        let then_text = lines
+            .next_if(|l| l.trim_end() == "```text")
+            .map(|_| fence_body(&mut lines));
+        out.push(Shown {
+            name,
+            json,
+            then_text,
+        });
     }
     out
+}
+
+/// The lines up to the closing fence, each followed by a newline.
+fn fence_body<'a>(lines: &mut impl Iterator<Item = &'a str>) -> String {
+    let mut body = String::new();
+    for line in lines.by_ref() {
+        if line.trim_end() == "```" {
+            break;
+        }
+        body.push_str(line);
+        body.push('\n');
+    }
+    body
 }
 
 /// `dir/*.json` under the crate, as paths relative to it, sorted.

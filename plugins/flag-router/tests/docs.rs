@@ -1,0 +1,47 @@
+//! The README is the plugin's reference: its examples are the files in `examples/`, the plugin
+//! accepts them (or refuses them with the error the README quotes), and what the README says
+//! they mean holds.
+
+use flag_router::config::Config;
+
+#[cfg(test)]
+#[path = "../../readme_examples.rs"]
+mod readme_examples;
+
+const README: &str = include_str!("../README.md");
+
+fn parse(json: &str) -> Config {
+    Config::parse(json.as_bytes()).unwrap()
+}
+
+#[test]
+fn the_readme_shows_the_example_files_and_the_plugin_reads_them() {
+    readme_examples::check(env!("CARGO_MANIFEST_DIR"), README, |json| {
+        Config::parse(json).map(drop).map_err(|e| e.to_string())
+    });
+}
+
+#[test]
+fn the_rollout_example_fetches_the_flag_it_does_not_define() {
+    let c = parse(include_str!("../examples/checkout-rollout.json"));
+    assert!(c.flags.flags.contains_key("new-checkout"));
+    assert!(!c.flags.flags.contains_key("search-v2"));
+    assert!(c.headers.contains(&("search-v2".into(), "x-route-search".into())));
+    let s = c.source.unwrap();
+    assert_eq!(
+        (s.authority.as_str(), s.poll_ms(), s.timeout_ms()),
+        ("flags.internal", 5_000, 1_000)
+    );
+}
+
+#[test]
+fn a_source_alone_polls_its_cluster_every_30_s_with_a_5_s_timeout() {
+    let c = parse(include_str!("../examples/fetched-flags.json"));
+    assert!(c.flags.flags.is_empty());
+    let s = c.source.unwrap();
+    assert_eq!(
+        (s.cluster.as_str(), s.authority.as_str(), s.path.as_str()),
+        ("flags", "flags", "/flags.json")
+    );
+    assert_eq!((s.poll_ms(), s.timeout_ms()), (30_000, 5_000));
+}
