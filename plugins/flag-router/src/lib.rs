@@ -1,7 +1,6 @@
 //! Feature-flag header routing: flagd flag definitions evaluated at the edge, the result sent
 //! upstream as request headers that Envoy's routes match on.
 #![doc = include_str!("../README.md")]
-#![doc = include_str!("../README.md")]
 
 pub mod config;
 pub mod filter;
