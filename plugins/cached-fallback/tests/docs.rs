@@ -1,0 +1,63 @@
+//! The README is the plugin's reference: its examples are the files in `examples/`, the plugin
+//! accepts them (or refuses them with the error the README quotes), and what the README says
+//! they mean holds.
+
+use cached_fallback::config::{Breaker, Config};
+
+#[cfg(test)]
+#[path = "../../readme_examples.rs"]
+mod readme_examples;
+
+const README: &str = include_str!("../README.md");
+const SECOND_NS: u64 = 1_000_000_000;
+
+fn parse(json: &str) -> Config {
+    Config::parse(json.as_bytes()).unwrap()
+}
+
+#[test]
+fn the_readme_shows_the_example_files_and_the_plugin_reads_them() {
+    readme_examples::check(env!("CARGO_MANIFEST_DIR"), README, |json| {
+        Config::parse(json).map(drop).map_err(|e| e.to_string())
+    });
+}
+
+#[test]
+fn the_full_example_serves_an_hour_old_answer_or_the_static_503() {
+    let c = parse(include_str!("../examples/recommendations.json"));
+    assert_eq!(c.max_stale_ns, 3_600 * SECOND_NS);
+    assert_eq!(c.key.headers, ["accept-language"]);
+    assert_eq!(c.static_fallback.map(|s| s.status), Some(503));
+    assert_eq!(
+        c.circuit_breaker,
+        Some(Breaker {
+            failures: 5,
+            window_ns: 10 * SECOND_NS,
+            open_ns: 30 * SECOND_NS
+        })
+    );
+}
+
+#[test]
+fn an_empty_circuit_breaker_is_on_with_the_documented_defaults() {
+    let c = parse(include_str!("../examples/circuit-defaults.json"));
+    assert_eq!(
+        c.circuit_breaker,
+        Some(Breaker {
+            failures: 5,
+            window_ns: 10 * SECOND_NS,
+            open_ns: 30 * SECOND_NS
+        })
+    );
+    assert_eq!(c.methods, ["GET", "HEAD"]);
+    // Every 2xx but 206 is kept.
+    assert!((200..300).all(|s| c.stores_status(s) == (s != 206)));
+    assert!(!c.stores_status(301) && !c.stores_status(404));
+    assert_eq!(c.max_stale_ns, 3_600 * SECOND_NS);
+    assert_eq!(
+        (c.max_entries, c.max_body_bytes, c.max_total_bytes),
+        (10_000, 1 << 20, 64 << 20)
+    );
+    assert_eq!(c.max_buffered_bytes, 32 << 20);
+    assert_eq!(c.static_fallback, None);
+}
