@@ -1,5 +1,6 @@
 //! Idempotency keys: the first request with a key is forwarded, duplicates get its stored
 //! response (or 409 while it runs, 422 for a different payload), exactly once across workers.
+#![doc = include_str!("../README.md")]
 
 pub mod config;
 pub mod filter;

@@ -1,0 +1,46 @@
+//! The README is the plugin's reference: its examples are the files in `examples/`, the plugin
+//! accepts them (or refuses them with the error the README quotes), and what the README says
+//! they mean holds.
+
+use edge_core::key::KeyPart;
+use idempotency::config::Config;
+
+#[cfg(test)]
+#[path = "../../readme_examples.rs"]
+mod readme_examples;
+
+const README: &str = include_str!("../README.md");
+const SECOND_NS: u64 = 1_000_000_000;
+
+fn parse(json: &str) -> Config {
+    Config::parse(json.as_bytes()).unwrap()
+}
+
+#[test]
+fn the_readme_shows_the_example_files_and_the_plugin_reads_them() {
+    readme_examples::check(env!("CARGO_MANIFEST_DIR"), README, |json| {
+        Config::parse(json).map(drop).map_err(|e| e.to_string())
+    });
+}
+
+#[test]
+fn the_full_example_requires_a_key_and_replays_for_a_day() {
+    let c = parse(include_str!("../examples/payments.json"));
+    assert!(c.required);
+    assert_eq!(c.methods, ["POST", "PATCH"]);
+    assert_eq!(c.ttl_ns, 86_400 * SECOND_NS);
+}
+
+#[test]
+fn the_demo_config_takes_the_documented_defaults() {
+    let c = parse(include_str!("../examples/required-key.json"));
+    assert_eq!(c.methods, ["POST", "PATCH"]);
+    assert_eq!(c.header, "idempotency-key");
+    assert_eq!(c.scope, [KeyPart::Header("authorization".into())]);
+    assert_eq!(c.ttl_ns, 3_600 * SECOND_NS);
+    assert!(c.fingerprint, "a reused key with another body gets 422");
+    assert_eq!(c.in_flight_timeout_ns, 30 * SECOND_NS);
+    // 2xx to 4xx are kept; a 5xx gives the key back.
+    assert!((200..500).all(|s| c.store_statuses.contains(s)));
+    assert!(!(500..600).any(|s| c.store_statuses.contains(s)));
+}
