@@ -165,7 +165,7 @@ fn fuel(edge: &Edge) -> BTreeMap<&'static str, u64> {
 }
 
 /// `--loop PLUGIN/PATH SECONDS`: sends that case's request over and over, for a sampling
-/// profiler to attribute the guest's time to its functions (see `./build.sh profile`).
+/// profiler to attribute the guest's time to its functions (bench/README.md, "Profiling").
 fn repeat(which: &str, seconds: f64) -> anyhow::Result<()> {
     let Some(case) = cases()
         .into_iter()

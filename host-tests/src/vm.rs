@@ -47,7 +47,7 @@ impl Module {
     pub fn from_bytes(name: &str, bytes: &[u8]) -> Result<Module> {
         let mut config = wasmtime::Config::new();
         config.consume_fuel(true);
-        // For `perf record` of the guest's functions by name (`./build.sh profile`).
+        // For `perf record` of the guest's functions by name (bench/README.md, "Profiling").
         if std::env::var_os("EDGE_PERFMAP").is_some() {
             config.profiler(wasmtime::ProfilingStrategy::PerfMap);
         }
