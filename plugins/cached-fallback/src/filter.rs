@@ -8,15 +8,11 @@ use edge_core::problem::Reply;
 use edge_core::request::RequestParts;
 use edge_core::throttle::Throttle;
 use edge_core::StoreError;
-use edge_host::ffi;
 use edge_host::host::{
-    answer, load_config, namespace_and_seed, now_ns, property, response_body_chunk,
-    response_headers, response_status, warn_throttled, HostRequest,
+    answer, load_config, namespace_and_seed, now_ns, property, request_headers,
+    response_body_chunk, response_headers, response_status, warn_throttled, Action, Context,
+    ContextType, Counters, HostRequest, HttpContext, RootContext, SharedData,
 };
-use edge_host::metrics::Counters;
-use edge_host::shared_data::SharedData;
-use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType};
 use std::rc::Rc;
 
 /// The counters, `cached_fallback.<name>` (Envoy: `wasmcustom.cached_fallback.<name>`).
@@ -147,7 +143,7 @@ impl FallbackStream {
 
 /// The request as plain data: method, `:path` and every header (pseudo-headers included).
 fn capture() -> RequestParts {
-    let headers = ffi::get_header_pairs(ffi::REQUEST_HEADERS).unwrap_or_default();
+    let headers = request_headers();
     let find = |name: &str| {
         headers
             .iter()

@@ -6,15 +6,11 @@ use crate::flags::FlagSet;
 use crate::policy::{decide, Reporter};
 use crate::source::{Fetched, Poller};
 use edge_core::throttle::Throttle;
-use edge_host::ffi;
 use edge_host::host::{
-    callout_response_body, callout_response_header, edit_request_headers, load_config, now_ns,
-    warn_throttled, HostRequest,
+    callout_response_body, callout_response_header, dispatch_http_call, edit_request_headers,
+    load_config, now_ns, set_tick_period_ms, warn_throttled, Action, Context, ContextType,
+    HostRequest, HttpContext, NamedCounters, RootContext,
 };
-use edge_host::metrics::NamedCounters;
-use proxy_wasm::hostcalls;
-use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType};
 use std::cell::RefCell;
 use std::rc::Rc;
 
@@ -66,12 +62,8 @@ impl FlagRouterRoot {
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
         self.metrics.borrow_mut().inc("flag_router.source_fetches");
-        // The SDK's wrapper is used here (unlike everywhere else) because its dispatcher must
-        // register the token to route the answer back; it traps only on a status other than
-        // Ok, BadArgument or InternalFailure, the only ones Envoy's http_call returns for
-        // valid memory.
         let timeout = std::time::Duration::from_millis(u64::from(source.timeout_ms()));
-        match hostcalls::dispatch_http_call(&source.cluster, headers, None, vec![], timeout) {
+        match dispatch_http_call(&source.cluster, headers, timeout) {
             Ok(token) => self.poller.sent(token),
             Err(status) => {
                 self.metrics.borrow_mut().inc("flag_router.source_errors");
@@ -129,8 +121,7 @@ impl RootContext for FlagRouterRoot {
         if let Some(source) = &config.source {
             // Without the timer the file is fetched once and never again: the kill switch
             // would not work, so the configuration is refused before any of it applies.
-            let status = ffi::set_tick_period_ms(source.poll_ms());
-            if status != ffi::OK {
+            if let Err(status) = set_tick_period_ms(source.poll_ms()) {
                 log::error!("flag-router: configuration rejected: the host refused the poll timer (status {status})");
                 return false;
             }

@@ -9,7 +9,4 @@ pub mod logic;
 pub mod policy;
 pub mod source;
 
-proxy_wasm::main! {{
-    edge_host::logger::init();
-    proxy_wasm::set_root_context(|_| Box::new(filter::FlagRouterRoot::default()));
-}}
+edge_host::host::main!(filter::FlagRouterRoot);

@@ -1,9 +1,29 @@
-//! The few hostcall translations every plugin's glue needs, written once.
+//! The one way a plugin's glue reaches the host: every hostcall it makes, each status turned
+//! into a value (the SDK's wrappers trap on a status they do not expect), the counters, shared
+//! data as a [`SlotStore`](edge_core::SlotStore), and the SDK's context traits the glue
+//! implements. Policies never import this module (a plugin built without its `host` feature
+//! cannot), so a hostcall cannot creep into them.
 
 use crate::ffi::{self, REQUEST_HEADERS};
 use edge_core::request::{client_ip, RequestView};
 use proxy_wasm::hostcalls;
-use proxy_wasm::types::Action;
+use proxy_wasm::types::{NewRootContext, Status};
+
+pub use crate::metrics::{Counters, NamedCounters};
+pub use crate::shared_data::SharedData;
+pub use proxy_wasm::traits::{Context, HttpContext, RootContext};
+pub use proxy_wasm::types::{Action, ContextType};
+
+/// Wires a plugin's root context into the module's entry point: `main!(filter::Root)` in
+/// lib.rs, `Root: Default`. Installs the logger first, so configure-time lines are kept.
+pub use crate::__edge_main as main;
+
+/// What [`main!`] runs when the VM starts.
+#[doc(hidden)]
+pub fn start(root: NewRootContext) {
+    crate::logger::init();
+    proxy_wasm::set_root_context(root);
+}
 
 /// The request being filtered, read through hostcalls. Meaningful only during
 /// `on_http_request_headers` (later, Envoy refuses request-header reads: they read as absent).
@@ -33,12 +53,12 @@ pub fn now_ns() -> u64 {
 }
 
 /// Adds `n` to counter `id` (defined at configure time); a refusal is ignored, never a trap.
-pub fn count(id: u32, n: u64) {
+pub(crate) fn count(id: u32, n: u64) {
     let _ = ffi::increment_metric(id, i64::try_from(n).unwrap_or(i64::MAX));
 }
 
 /// The plugin's configuration bytes (empty when none was given).
-pub fn plugin_configuration() -> Vec<u8> {
+fn plugin_configuration() -> Vec<u8> {
     hostcalls::get_buffer(
         proxy_wasm::types::BufferType::PluginConfiguration,
         0,
@@ -49,14 +69,8 @@ pub fn plugin_configuration() -> Vec<u8> {
     .unwrap_or_default()
 }
 
-/// Follows Envoy's log level for the `wasm` component (read at configure time), so debug
-/// lines cost nothing unless Envoy would print them.
-pub fn follow_host_log_level() {
-    crate::logger::follow_host_level();
-}
-
 /// The filter's `root_id` (empty when not configured).
-pub fn root_id() -> String {
+fn root_id() -> String {
     hostcalls::get_property(vec!["plugin_root_id"])
         .ok()
         .flatten()
@@ -71,7 +85,7 @@ pub fn callout_response_header(name: &str) -> Option<String> {
 }
 
 /// A header of the response being filtered (`None` when absent or unreadable).
-pub fn response_header(name: &str) -> Option<Vec<u8>> {
+fn response_header(name: &str) -> Option<Vec<u8>> {
     ffi::get_header(ffi::RESPONSE_HEADERS, name)
 }
 
@@ -85,9 +99,15 @@ pub fn response_headers() -> Vec<(String, Vec<u8>)> {
     ffi::get_header_pairs(ffi::RESPONSE_HEADERS).unwrap_or_default()
 }
 
-/// The bytes of the current request body chunk (`size` as the body callback reported it).
-pub fn request_body_chunk(size: usize) -> Vec<u8> {
-    ffi::get_buffer(ffi::REQUEST_BODY, 0, size).unwrap_or_default()
+/// Every header of the request being filtered, pseudo-headers included (empty when
+/// unreadable: outside `on_http_request_headers`, Envoy refuses the read).
+pub fn request_headers() -> Vec<(String, Vec<u8>)> {
+    ffi::get_header_pairs(REQUEST_HEADERS).unwrap_or_default()
+}
+
+/// `len` bytes of the request body buffered so far, from `start` (empty when unreadable).
+pub fn request_body(start: usize, len: usize) -> Vec<u8> {
+    ffi::get_buffer(ffi::REQUEST_BODY, start, len).unwrap_or_default()
 }
 
 /// The body of the response to this root context's callout (empty when unreadable).
@@ -107,7 +127,7 @@ pub fn property(path: &[&str]) -> Option<String> {
 
 /// Sends a local reply (any header value bytes). False when the host refused it (the SDK's
 /// wrapper would trap instead), e.g. when the response has already started.
-pub fn send_response(status: u32, headers: &[(&str, &[u8])], body: &[u8]) -> bool {
+fn send_response(status: u32, headers: &[(&str, &[u8])], body: &[u8]) -> bool {
     ffi::send_local_response(status, headers, body) == ffi::OK
 }
 
@@ -156,7 +176,9 @@ pub fn load_config<C>(
     plugin: &str,
     parse: impl FnOnce(&[u8]) -> Result<C, edge_core::ConfigError>,
 ) -> Option<C> {
-    follow_host_log_level();
+    // Envoy's level for the `wasm` component, read at configure time: debug lines cost
+    // nothing unless Envoy would print them.
+    crate::logger::follow_host_level();
     match parse(&plugin_configuration()) {
         Ok(c) => Some(c),
         Err(e) => {
@@ -166,8 +188,6 @@ pub fn load_config<C>(
     }
 }
 
-/// The key seed every worker shares, kept at `<namespace>seed`; when shared data fails, this
-/// worker's own `random` (logged: its keys then hash apart until a reload).
 /// The shared-data namespace of this plugin instance (`<prefix>/<root id>/`: two instances
 /// of a plugin in one Envoy keep apart) and the key seed every worker shares.
 pub fn namespace_and_seed(plugin: &str, prefix: &str) -> (String, u64) {
@@ -180,7 +200,9 @@ pub fn namespace_and_seed(plugin: &str, prefix: &str) -> (String, u64) {
     (namespace, seed)
 }
 
-pub fn worker_seed(plugin: &str, namespace: &str, random: u64) -> u64 {
+/// The key seed every worker shares, kept at `<namespace>seed`; when shared data fails, this
+/// worker's own `random` (logged: its keys then hash apart until a reload).
+fn worker_seed(plugin: &str, namespace: &str, random: u64) -> u64 {
     let (seed, failed) = edge_core::key::shared_seed(
         &crate::shared_data::SharedData,
         &format!("{namespace}seed"),
@@ -194,7 +216,7 @@ pub fn worker_seed(plugin: &str, namespace: &str, random: u64) -> u64 {
 
 /// Sets (or, with `None`, removes) a request header. False when the host refused, e.g. after
 /// the headers went on; the SDK's wrapper would trap instead.
-pub fn set_request_header(name: &str, value: Option<&[u8]>) -> bool {
+fn set_request_header(name: &str, value: Option<&[u8]>) -> bool {
     ffi::set_header(ffi::REQUEST_HEADERS, name, value) == ffi::OK
 }
 
@@ -220,4 +242,25 @@ where
 /// Sets (or removes) a response header; false when the host refused.
 pub fn set_response_header(name: &str, value: Option<&[u8]>) -> bool {
     ffi::set_header(ffi::RESPONSE_HEADERS, name, value) == ffi::OK
+}
+
+/// Starts the root context's periodic `on_tick`; the host's status when it refuses.
+pub fn set_tick_period_ms(ms: u32) -> Result<(), u32> {
+    match ffi::set_tick_period_ms(ms) {
+        ffi::OK => Ok(()),
+        status => Err(status),
+    }
+}
+
+/// Sends an HTTP callout to `cluster`; its answer arrives in the root context's
+/// `on_http_call_response` with the returned token. The SDK's wrapper is used here (unlike
+/// everywhere else) because its dispatcher must register the token to route the answer back;
+/// it traps only on a status other than Ok, BadArgument or InternalFailure, the only ones
+/// Envoy's http_call returns for valid memory.
+pub fn dispatch_http_call(
+    cluster: &str,
+    headers: Vec<(&str, &str)>,
+    timeout: std::time::Duration,
+) -> Result<u32, Status> {
+    hostcalls::dispatch_http_call(cluster, headers, None, vec![], timeout)
 }

@@ -1,9 +1,26 @@
-//! The edge plugins' way to the proxy-wasm host: the hostcall translations (each status turned
-//! into a value, never a trap), shared data as edge-core's `SlotStore`, the logger, counters
-//! and the key seed. `ffi` holds the workspace's only `unsafe`.
+//! The edge plugins' way to the proxy-wasm host, through one door: [`host`]. Behind it, the
+//! raw imports (`ffi`, the workspace's only `unsafe`), shared data as edge-core's `SlotStore`,
+//! the logger and the counters; each hostcall's status becomes a value, never a trap.
 
-pub mod ffi;
+mod ffi;
 pub mod host;
-pub mod logger;
-pub mod metrics;
-pub mod shared_data;
+mod logger;
+mod metrics;
+mod shared_data;
+
+/// The SDK, for [`host::main!`]'s expansion only.
+#[doc(hidden)]
+pub use proxy_wasm as __sdk;
+
+/// See [`host::main!`].
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __edge_main {
+    ($root:ty) => {
+        $crate::__sdk::main! {{
+            $crate::host::start(|_| {
+                ::std::boxed::Box::new(<$root as ::std::default::Default>::default())
+            });
+        }}
+    };
+}

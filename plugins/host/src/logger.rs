@@ -1,4 +1,4 @@
-//! The `log` facade over edge-common's raw log import. The SDK's logger unwraps the host's
+//! The `log` facade over the raw log import. The SDK's logger unwraps the host's
 //! status on every line, so a refused log call would trap the VM mid-request; here a refused
 //! line is dropped.
 

@@ -1,4 +1,4 @@
-//! Counters, defined through edge-common's raw import (a refused definition is a missing
+//! Counters, defined through the raw import (a refused definition is a missing
 //! counter, never a trap) and incremented with [`crate::host::count`].
 
 use std::collections::HashMap;

@@ -9,15 +9,11 @@ use edge_core::problem::Reply;
 use edge_core::stored::ResponseCopy;
 use edge_core::throttle::Throttle;
 use edge_core::RequestView;
-use edge_host::ffi;
 use edge_host::host::{
-    answer, load_config, namespace_and_seed, now_ns, property, response_body_chunk,
-    response_headers, response_status, warn_throttled, HostRequest,
+    answer, load_config, namespace_and_seed, now_ns, property, request_body, response_body_chunk,
+    response_headers, response_status, warn_throttled, Action, Context, ContextType, Counters,
+    HostRequest, HttpContext, RootContext, SharedData,
 };
-use edge_host::metrics::Counters;
-use edge_host::shared_data::SharedData;
-use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType};
 use std::rc::Rc;
 
 /// Counters, `idempotency.<name>` (in Envoy: `wasmcustom.idempotency.<name>`).
@@ -257,7 +253,7 @@ impl HttpContext for IdempotencyStream {
         };
         let key = *key;
         let fed = body.feed(body_size, end_of_stream, |start, len| {
-            ffi::get_buffer(ffi::REQUEST_BODY, start, len).unwrap_or_default()
+            request_body(start, len)
         });
         match fed {
             Feed::More => Action::Pause,

@@ -7,7 +7,4 @@ pub mod filter;
 pub mod policy;
 pub mod record;
 
-proxy_wasm::main! {{
-    edge_host::logger::init();
-    proxy_wasm::set_root_context(|_| Box::new(filter::IdempotencyRoot::default()));
-}}
+edge_host::host::main!(filter::IdempotencyRoot);

@@ -4,15 +4,11 @@
 use crate::config::Config;
 use crate::policy::{Action as Verdict, Limiter};
 use edge_core::throttle::Throttle;
-use edge_host::host::warn_throttled;
 use edge_host::host::{
     answer, edit_request_headers, load_config, namespace_and_seed, now_ns, set_response_header,
-    HostRequest,
+    warn_throttled, Action, Context, ContextType, Counters, HostRequest, HttpContext, RootContext,
+    SharedData,
 };
-use edge_host::metrics::Counters;
-use edge_host::shared_data::SharedData;
-use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType};
 use std::rc::Rc;
 
 /// The counters, and the throttle of this worker's warnings.

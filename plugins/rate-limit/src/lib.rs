@@ -6,7 +6,4 @@ pub mod config;
 pub mod filter;
 pub mod policy;
 
-proxy_wasm::main! {{
-    edge_host::logger::init();
-    proxy_wasm::set_root_context(|_| Box::new(filter::RateLimitRoot::default()));
-}}
+edge_host::host::main!(filter::RateLimitRoot);
