@@ -64,6 +64,14 @@ usage: ./build.sh [command]
           host-tests/tests/reliability/regressions/ (replayed by ./build.sh test)
   stress  build, then flood each stateful plugin with 1,000,000 distinct keys and race
           10,000 trials per critical section in the harness (about 10 minutes)
+  package [--push REGISTRY/REPO]
+          build, then write a Wasm OCI image layout per module under dist/oci/<module>/
+          (the variant Istio pulls; same commit, same digest); with --push, push each as
+          REGISTRY/REPO/<module> tagged with the version and latest (with skopeo, Debian
+          package skopeo, installed with apt when missing and run as root), print the
+          digests and write the filled-in Istio manifests of envoy/istio/ to dist/oci/istio/.
+          Credentials: EDGE_REGISTRY_USERNAME and EDGE_REGISTRY_PASSWORD, or skopeo's own
+          login; EDGE_REGISTRY_INSECURE=1 for a plain-HTTP registry (envoy/istio/README.md)
   scenario FILE...
           run scenario files (envoy/scenarios/) in the harness and print the transcripts:
           a dry run of a chain and its configs before it ships (see envoy/scenarios/README.md)
@@ -223,6 +231,9 @@ ensure_component() {
 
 cmd_test() {
   cmd_build
+  # tools/package's registry test pushes every module to a real registry and pulls it back.
+  ensure_apt_package skopeo skopeo
+  ensure_apt_package docker-registry docker-registry
 
   header "1/4 cargo test --workspace --no-fail-fast"
   cargo test --workspace --no-fail-fast
@@ -497,6 +508,32 @@ cmd_scenario() {
   "$CARGO_OUT/debug/edge-scenario" "$@"
 }
 
+# --- package ---------------------------------------------------------------------------------
+
+cmd_package() {
+  local push_args=()
+  case ${1:-} in
+    "") ;;
+    --push)
+      [[ -n ${2:-} ]] || die "package --push needs REGISTRY/REPO"
+      push_args=(--push "$2" --istio envoy/istio)
+      [[ ${EDGE_REGISTRY_INSECURE:-} == 1 ]] && push_args+=(--insecure)
+      ensure_apt_package skopeo skopeo
+      ;;
+    *) die "package: unknown argument '$1' (package [--push REGISTRY/REPO])" ;;
+  esac
+  cmd_build
+  cargo build -q -p edge-package
+  local version revision created
+  version=$(cargo metadata --no-deps --format-version 1 |
+    python3 -c 'import json, sys; print(next(p["version"] for p in json.load(sys.stdin)["packages"] if p["name"] == "edge-package"))')
+  revision=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+  created=$(git log -1 --format=%cI 2>/dev/null || echo 1970-01-01T00:00:00Z)
+  header "OCI images of dist/*.wasm (version $version, revision $revision)"
+  "$CARGO_OUT/debug/edge-package" --dist dist --out dist/oci --version "$version" \
+    --revision "$revision" --created "$created" "${push_args[@]}"
+}
+
 # --- main ------------------------------------------------------------------------------------
 
 case ${1:-build} in
@@ -507,6 +544,7 @@ case ${1:-build} in
   soak) cmd_soak "${2:-}" ;;
   fuzz) cmd_fuzz "${2:-}" ;;
   stress) cmd_stress ;;
+  package) shift && cmd_package "$@" ;;
   scenario) shift && cmd_scenario "$@" ;;
   help | -h | --help) usage ;;
   *)
