@@ -1,8 +1,9 @@
 //! The check every plugin's `tests/docs.rs` runs on its README, so that the reference cannot
 //! drift from what the plugin accepts. A plugin's JSON examples are files under `examples/`; the
 //! README shows each one in a ```` ```json ```` block right after a marker line
-//! `<!-- example: examples/NAME.json -->`. Included by path (`#[path]`), since it is test code
-//! only and no plugin should depend on a crate for it.
+//! `<!-- example: examples/NAME.json -->`. Included by path (`#[cfg(test)] #[path = ...] mod`),
+//! since it is test code only and no plugin should depend on a crate for it; the `cfg(test)`,
+//! always true in a test, lets clippy's test allowances (unwrap, panic) apply to it.
 //!
 //! - Every marked block is its file, byte for byte, and every file is shown at least once.
 //! - `examples/*.json` are configurations the plugin accepts.
@@ -24,12 +25,17 @@ pub fn check(crate_dir: &str, readme: &str, parse: impl Fn(&[u8]) -> Result<(), 
         let name = &example.name;
         let file = fs::read_to_string(Path::new(crate_dir).join(name))
             .unwrap_or_else(|e| panic!("the README shows {name}, which cannot be read: {e}"));
-        assert_eq!(example.json, file, "the README's block for {name} differs from the file");
+        assert_eq!(
+            example.json, file,
+            "the README's block for {name} differs from the file"
+        );
     }
     for (dir, accepted) in [("examples", true), ("examples/rejected", false)] {
         for name in json_files(crate_dir, dir) {
             let Some(example) = shown.iter().find(|shown| shown.name == name) else {
-                panic!("{name} is not shown in the README (add `{MARKER}{name} -->` before its block)")
+                panic!(
+                    "{name} is not shown in the README (add `{MARKER}{name} -->` before its block)"
+                )
             };
             let text = fs::read(Path::new(crate_dir).join(&name)).unwrap();
             match (parse(&text), accepted) {

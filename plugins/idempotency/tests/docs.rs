@@ -3,6 +3,7 @@
 //! they mean holds.
 
 use edge_core::key::KeyPart;
+use edge_core::ConfigError;
 use idempotency::config::Config;
 
 #[cfg(test)]
@@ -12,10 +13,6 @@ mod readme_examples;
 const README: &str = include_str!("../README.md");
 const SECOND_NS: u64 = 1_000_000_000;
 
-fn parse(json: &str) -> Config {
-    Config::parse(json.as_bytes()).unwrap()
-}
-
 #[test]
 fn the_readme_shows_the_example_files_and_the_plugin_reads_them() {
     readme_examples::check(env!("CARGO_MANIFEST_DIR"), README, |json| {
@@ -24,16 +21,17 @@ fn the_readme_shows_the_example_files_and_the_plugin_reads_them() {
 }
 
 #[test]
-fn the_full_example_requires_a_key_and_replays_for_a_day() {
-    let c = parse(include_str!("../examples/payments.json"));
+fn the_full_example_requires_a_key_and_replays_for_a_day() -> Result<(), ConfigError> {
+    let c = Config::parse(include_str!("../examples/payments.json").as_bytes())?;
     assert!(c.required);
     assert_eq!(c.methods, ["POST", "PATCH"]);
     assert_eq!(c.ttl_ns, 86_400 * SECOND_NS);
+    Ok(())
 }
 
 #[test]
-fn the_demo_config_takes_the_documented_defaults() {
-    let c = parse(include_str!("../examples/required-key.json"));
+fn the_demo_config_takes_the_documented_defaults() -> Result<(), ConfigError> {
+    let c = Config::parse(include_str!("../examples/required-key.json").as_bytes())?;
     assert_eq!(c.methods, ["POST", "PATCH"]);
     assert_eq!(c.header, "idempotency-key");
     assert_eq!(c.scope, [KeyPart::Header("authorization".into())]);
@@ -43,4 +41,5 @@ fn the_demo_config_takes_the_documented_defaults() {
     // 2xx to 4xx are kept; a 5xx gives the key back.
     assert!((200..500).all(|s| c.store_statuses.contains(s)));
     assert!(!(500..600).any(|s| c.store_statuses.contains(s)));
+    Ok(())
 }

@@ -2,6 +2,9 @@
 //! accepts them (or refuses them with the error the README quotes), and what the README says
 //! they mean holds.
 
+use edge_core::key::KeyPart;
+use edge_core::ConfigError;
+use edge_core::RequestParts;
 use rate_limit::config::{Config, Mode};
 
 #[cfg(test)]
@@ -9,10 +12,6 @@ use rate_limit::config::{Config, Mode};
 mod readme_examples;
 
 const README: &str = include_str!("../README.md");
-
-fn parse(json: &str) -> Config {
-    Config::parse(json.as_bytes()).unwrap()
-}
 
 #[test]
 fn the_readme_shows_the_example_files_and_the_plugin_reads_them() {
@@ -22,16 +21,32 @@ fn the_readme_shows_the_example_files_and_the_plugin_reads_them() {
 }
 
 #[test]
-fn the_full_example_allows_a_burst_of_20_refilled_at_100_a_minute() {
-    let c = parse(include_str!("../examples/api-per-client.json"));
-    let limit = &c.rules[0].limit;
-    assert_eq!((limit.burst, limit.requests), (20, 100));
-    assert_eq!(limit.window_ns, 60_000_000_000);
+fn the_full_example_limits_free_tier_api_calls_per_client_and_key() -> Result<(), ConfigError> {
+    let c = Config::parse(include_str!("../examples/api-per-client.json").as_bytes())?;
+    let rule = &c.rules[0];
+    let request = |method: &str, path: &str, tier: &str| {
+        RequestParts::new(method, path).header("x-tier", tier)
+    };
+    assert!(rule.route.matches(&request("GET", "/api/orders", "free")));
+    assert!(rule.route.matches(&request("POST", "/api/orders", "free")));
+    assert!(!rule
+        .route
+        .matches(&request("DELETE", "/api/orders", "free")));
+    assert!(!rule.route.matches(&request("GET", "/api/orders", "pro")));
+    assert!(!rule.route.matches(&request("GET", "/health", "free")));
+    assert_eq!(
+        rule.key,
+        [KeyPart::ClientIp, KeyPart::Header("x-api-key".into())]
+    );
+    // 20 at once, refilled at 100 a minute.
+    assert_eq!((rule.limit.burst, rule.limit.requests), (20, 100));
+    assert_eq!(rule.limit.window_ns, 60_000_000_000);
+    Ok(())
 }
 
 #[test]
-fn the_minimal_example_takes_the_documented_defaults() {
-    let c = parse(include_str!("../examples/per-client-ip.json"));
+fn the_minimal_example_takes_the_documented_defaults() -> Result<(), ConfigError> {
+    let c = Config::parse(include_str!("../examples/per-client-ip.json").as_bytes())?;
     let rule = &c.rules[0];
     // Without `burst`: 10 at once, then one a second.
     assert_eq!(rule.limit.burst, rule.limit.requests);
@@ -39,4 +54,5 @@ fn the_minimal_example_takes_the_documented_defaults() {
     assert_eq!((rule.status, rule.max_keys), (429, 65_536));
     assert!(c.response_headers);
     assert_eq!(c.mode, Mode::Enforce);
+    Ok(())
 }
