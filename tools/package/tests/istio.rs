@@ -2,7 +2,7 @@
 //! `pluginConfig`, turned into JSON the way Istio hands it to the plugin, equals the
 //! configuration of the matching `envoy/*.yaml` and is accepted by the plugin in the harness;
 //! the four run in the README's order; `failStrategy` is the documented one and agrees with
-//! the Envoy files' `fail_open`; and the README's table of ABI features is what the plugins
+//! the Envoy files' `failure_policy`; and the README's table of ABI features is what the plugins
 //! call.
 
 use std::collections::BTreeSet;
@@ -209,11 +209,16 @@ fn fail_strategy_is_the_documented_one_and_the_envoy_files_agree() -> Result<()>
         let documented = row.last().cloned().unwrap_or_default();
         let strategy = manifest(module)?["spec"]["failStrategy"].clone();
         assert_eq!(strategy, documented.as_str(), "{module}");
-        let fail_open = envoy_filter(file, module)?["fail_open"] == true;
+        // Envoy spells Istio's FAIL_CLOSE as FAIL_CLOSED.
+        let envoy_policy = envoy_filter(file, module)?["failure_policy"].clone();
+        let expected = if documented == "FAIL_OPEN" {
+            "FAIL_OPEN"
+        } else {
+            "FAIL_CLOSED"
+        };
         assert_eq!(
-            fail_open,
-            documented == "FAIL_OPEN",
-            "envoy/{file}.yaml fail_open for {module}"
+            envoy_policy, expected,
+            "envoy/{file}.yaml failure_policy for {module}"
         );
     }
     Ok(())
