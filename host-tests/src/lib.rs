@@ -23,15 +23,14 @@
 pub mod abi;
 mod edge;
 mod hostcalls;
-mod properties;
 pub mod scenario;
 mod state;
 mod vm;
 mod wasi;
 
 pub use edge::{
-    details, flags, Edge, EdgeBuilder, FlightId, Plugin, Request, Response, Step, Upstream,
-    UpstreamRequest,
+    details, flags, Callback, Edge, EdgeBuilder, FlightId, Plugin, Request, Response, Step,
+    Upstream, UpstreamRequest,
 };
 pub use state::{
     CalloutReply, CalloutRequest, GrpcReply, GrpcRequest, HeaderMap, LocalReply, LogRecord,

@@ -5,6 +5,7 @@
 use crate::abi::{LogLevel, MetricType, Status};
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::ops::{Index, IndexMut};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -300,9 +301,106 @@ pub struct PluginInfo {
     pub env: Vec<(String, String)>,
 }
 
-/// A request or response direction of an exchange.
-pub(crate) const REQ: usize = 0;
-pub(crate) const RESP: usize = 1;
+/// A direction of an HTTP stream: the request on its way up, the response on its way down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Direction {
+    Request,
+    Response,
+}
+
+/// One value for each direction of a stream.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct PerDirection<T> {
+    pub request: T,
+    pub response: T,
+}
+
+impl<T> Index<Direction> for PerDirection<T> {
+    type Output = T;
+    fn index(&self, direction: Direction) -> &T {
+        match direction {
+            Direction::Request => &self.request,
+            Direction::Response => &self.response,
+        }
+    }
+}
+
+impl<T> IndexMut<Direction> for PerDirection<T> {
+    fn index_mut(&mut self, direction: Direction) -> &mut T {
+        match direction {
+            Direction::Request => &mut self.request,
+            Direction::Response => &mut self.response,
+        }
+    }
+}
+
+/// The four header maps of a stream (ABI map types 0 to 3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum StreamMap {
+    RequestHeaders,
+    RequestTrailers,
+    ResponseHeaders,
+    ResponseTrailers,
+}
+
+impl StreamMap {
+    /// The stream map an ABI map type names (`None` for callout and gRPC maps).
+    pub fn from_abi(map_type: u32) -> Option<StreamMap> {
+        match map_type {
+            crate::abi::map::REQUEST_HEADERS => Some(StreamMap::RequestHeaders),
+            crate::abi::map::REQUEST_TRAILERS => Some(StreamMap::RequestTrailers),
+            crate::abi::map::RESPONSE_HEADERS => Some(StreamMap::ResponseHeaders),
+            crate::abi::map::RESPONSE_TRAILERS => Some(StreamMap::ResponseTrailers),
+            _ => None,
+        }
+    }
+
+    pub fn headers(direction: Direction) -> StreamMap {
+        match direction {
+            Direction::Request => StreamMap::RequestHeaders,
+            Direction::Response => StreamMap::ResponseHeaders,
+        }
+    }
+
+    pub fn trailers(direction: Direction) -> StreamMap {
+        match direction {
+            Direction::Request => StreamMap::RequestTrailers,
+            Direction::Response => StreamMap::ResponseTrailers,
+        }
+    }
+}
+
+/// One value for each header map of a stream.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct PerMap<T> {
+    pub request_headers: T,
+    pub request_trailers: T,
+    pub response_headers: T,
+    pub response_trailers: T,
+}
+
+impl<T> Index<StreamMap> for PerMap<T> {
+    type Output = T;
+    fn index(&self, map: StreamMap) -> &T {
+        match map {
+            StreamMap::RequestHeaders => &self.request_headers,
+            StreamMap::RequestTrailers => &self.request_trailers,
+            StreamMap::ResponseHeaders => &self.response_headers,
+            StreamMap::ResponseTrailers => &self.response_trailers,
+        }
+    }
+}
+
+impl<T> IndexMut<StreamMap> for PerMap<T> {
+    fn index_mut(&mut self, map: StreamMap) -> &mut T {
+        match map {
+            StreamMap::RequestHeaders => &mut self.request_headers,
+            StreamMap::RequestTrailers => &mut self.request_trailers,
+            StreamMap::ResponseHeaders => &mut self.response_headers,
+            StreamMap::ResponseTrailers => &mut self.response_trailers,
+        }
+    }
+}
 
 /// Downstream connection facts, as Envoy's stream info reports them.
 #[derive(Clone, Debug)]
@@ -313,9 +411,9 @@ pub struct Peer {
 
 /// One HTTP stream as every filter of the chain sees it.
 pub(crate) struct Exchange {
-    pub maps: [HeaderMap; 4],
+    pub maps: PerMap<HeaderMap>,
     /// Body data waiting at, or buffered by, each filter (indexed by chain position), per direction.
-    pub data: [Vec<Vec<u8>>; 2],
+    pub data: PerDirection<Vec<Vec<u8>>>,
     pub peer: Peer,
     pub start_ns: u64,
     pub response_code: Option<u16>,
@@ -336,16 +434,28 @@ pub(crate) struct Binding {
     pub filter: usize,
     /// Which of the four header maps this filter may touch now (Envoy drops its pointer to a
     /// map once the filter lets the headers go).
-    pub open: [bool; 4],
+    pub open: PerMap<bool>,
     /// The body buffer visible now: Some(direction) inside a body callback or while buffering.
-    pub body: Option<usize>,
+    pub body: Option<Direction>,
     pub log_phase: bool,
+}
+
+impl Binding {
+    /// Envoy drops the filter's pointers to the request maps and body (the request is over for
+    /// it, or it continued).
+    pub fn let_go_of_request(&mut self) {
+        self.open.request_headers = false;
+        self.open.request_trailers = false;
+        if self.body == Some(Direction::Request) {
+            self.body = None;
+        }
+    }
 }
 
 /// What a callback asked the host to do once it returns.
 #[derive(Clone, Debug)]
 pub(crate) enum Effect {
-    Continue { context: u32, dir: usize },
+    Continue { context: u32, direction: Direction },
     Close { context: u32 },
     LocalReply { context: u32, reply: LocalReply },
     Done { context: u32 },

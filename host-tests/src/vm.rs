@@ -60,6 +60,7 @@ impl Module {
         }
         let mut linker = Linker::new(&engine);
         crate::hostcalls::link(&mut linker).map_err(|e| anyhow!("{e}"))?;
+        crate::wasi::link(&mut linker).map_err(|e| anyhow!("{e}"))?;
         let pre = linker.instantiate_pre(&module).map_err(|e| {
             anyhow!("module {name} cannot be loaded: {e} (the host does not provide that import)")
         })?;

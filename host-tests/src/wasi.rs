@@ -2,9 +2,9 @@
 //! environment from the VM config, empty args, the host clock, seeded randomness, proc_exit.
 
 use crate::abi::LogLevel;
-use crate::hostcalls::{read, write, write_u32, C};
+use crate::hostcalls::memory::{read, write, write_u32, HostcallError};
 use crate::state::VmState;
-use wasmtime::Linker;
+use wasmtime::{Caller, Linker};
 
 const SUCCESS: u32 = 0;
 const BADF: u32 = 8;
@@ -14,21 +14,24 @@ const NOENT: u32 = 44;
 const NOSYS: u32 = 52;
 const NOTSUP: u32 = 58;
 
-const W: &str = "wasi_snapshot_preview1";
+const WASI: &str = "wasi_snapshot_preview1";
 
-fn errno<T>(r: Result<T, crate::hostcalls::Fail>) -> u32 {
-    match r {
+/// WASI's answer for a memory access: a fault when it was out of bounds.
+fn errno<T>(result: Result<T, HostcallError>) -> u32 {
+    match result {
         Ok(_) => SUCCESS,
         Err(_) => FAULT,
     }
 }
 
-pub(crate) fn link(l: &mut Linker<VmState>) -> wasmtime::Result<()> {
+/// Registers the `wasi_snapshot_preview1` imports (proxy-wasm ABI v0.2.1 § Logging, Clocks,
+/// Randomness and Environment variables name the ones plugins rely on).
+pub(crate) fn link(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
     // fd_write: fd 1 → info log, fd 2 → error log (Envoy logs each write as one line).
-    l.func_wrap(
-        W,
+    linker.func_wrap(
+        WASI,
         "fd_write",
-        |mut c: C<'_>, fd: u32, iovs: u32, n: u32, ret: u32| -> u32 {
+        |mut caller: Caller<'_, VmState>, fd: u32, iovs: u32, n: u32, ret: u32| -> u32 {
             let level = match fd {
                 1 => LogLevel::Info,
                 2 => LogLevel::Error,
@@ -36,12 +39,12 @@ pub(crate) fn link(l: &mut Linker<VmState>) -> wasmtime::Result<()> {
             };
             let mut text = Vec::new();
             for i in 0..n {
-                let Ok(iov) = read(&mut c, iovs.wrapping_add(i * 8), 8) else {
+                let Ok(iov) = read(&mut caller, iovs.wrapping_add(i * 8), 8) else {
                     return FAULT;
                 };
                 let ptr = u32::from_le_bytes([iov[0], iov[1], iov[2], iov[3]]);
                 let len = u32::from_le_bytes([iov[4], iov[5], iov[6], iov[7]]);
-                match read(&mut c, ptr, len) {
+                match read(&mut caller, ptr, len) {
                     Ok(b) => text.extend_from_slice(&b),
                     Err(_) => return FAULT,
                 }
@@ -51,64 +54,85 @@ pub(crate) fn link(l: &mut Linker<VmState>) -> wasmtime::Result<()> {
                 .trim_end_matches('\n')
                 .to_string();
             if !line.is_empty() {
-                c.data().log(level, line);
+                caller.data().log(level, line);
             }
-            errno(write_u32(&mut c, ret, written))
+            errno(write_u32(&mut caller, ret, written))
         },
     )?;
-    l.func_wrap(W, "fd_read", |_: C<'_>, _: u32, _: u32, _: u32, _: u32| {
-        NOSYS
-    })?;
-    l.func_wrap(W, "fd_close", |_: C<'_>, _: u32| SUCCESS)?;
-    l.func_wrap(W, "fd_seek", |_: C<'_>, _: u32, _: i64, _: u32, _: u32| {
-        SUCCESS
-    })?;
-    l.func_wrap(
-        W,
+    linker.func_wrap(
+        WASI,
+        "fd_read",
+        |_: Caller<'_, VmState>, _: u32, _: u32, _: u32, _: u32| NOSYS,
+    )?;
+    linker.func_wrap(WASI, "fd_close", |_: Caller<'_, VmState>, _: u32| SUCCESS)?;
+    linker.func_wrap(
+        WASI,
+        "fd_seek",
+        |_: Caller<'_, VmState>, _: u32, _: i64, _: u32, _: u32| SUCCESS,
+    )?;
+    linker.func_wrap(
+        WASI,
         "fd_fdstat_get",
-        |mut c: C<'_>, fd: u32, ret: u32| -> u32 {
+        |mut caller: Caller<'_, VmState>, fd: u32, ret: u32| -> u32 {
             if fd != 1 && fd != 2 {
                 return BADF;
             }
             // As Envoy: filetype 0, no flags, rights_base FD_WRITE (64).
             let mut stat = [0u8; 24];
             stat[8] = 64;
-            errno(write(&mut c, ret, &stat))
+            errno(write(&mut caller, ret, &stat))
         },
     )?;
-    l.func_wrap(W, "fd_fdstat_set_flags", |_: C<'_>, _: u32, _: u32| NOSYS)?;
-    l.func_wrap(W, "fd_prestat_get", |_: C<'_>, _: u32, _: u32| BADF)?;
-    l.func_wrap(
-        W,
+    linker.func_wrap(
+        WASI,
+        "fd_fdstat_set_flags",
+        |_: Caller<'_, VmState>, _: u32, _: u32| NOSYS,
+    )?;
+    linker.func_wrap(
+        WASI,
+        "fd_prestat_get",
+        |_: Caller<'_, VmState>, _: u32, _: u32| BADF,
+    )?;
+    linker.func_wrap(
+        WASI,
         "fd_prestat_dir_name",
-        |_: C<'_>, _: u32, _: u32, _: u32| NOSYS,
+        |_: Caller<'_, VmState>, _: u32, _: u32, _: u32| NOSYS,
     )?;
-    l.func_wrap(
-        W,
+    linker.func_wrap(
+        WASI,
         "path_open",
-        |_: C<'_>, _: u32, _: u32, _: u32, _: u32, _: u32, _: i64, _: i64, _: u32, _: u32| NOENT,
+        |_: Caller<'_, VmState>,
+         _: u32,
+         _: u32,
+         _: u32,
+         _: u32,
+         _: u32,
+         _: i64,
+         _: i64,
+         _: u32,
+         _: u32| NOENT,
     )?;
-    l.func_wrap(
-        W,
+    linker.func_wrap(
+        WASI,
         "environ_sizes_get",
-        |mut c: C<'_>, count: u32, size: u32| -> u32 {
-            let env = env_strings(c.data());
+        |mut caller: Caller<'_, VmState>, count: u32, size: u32| -> u32 {
+            let env = env_strings(caller.data());
             let total: usize = env.iter().map(Vec::len).sum();
             errno(
-                write_u32(&mut c, count, env.len() as u32)
-                    .and_then(|_| write_u32(&mut c, size, total as u32)),
+                write_u32(&mut caller, count, env.len() as u32)
+                    .and_then(|_| write_u32(&mut caller, size, total as u32)),
             )
         },
     )?;
-    l.func_wrap(
-        W,
+    linker.func_wrap(
+        WASI,
         "environ_get",
-        |mut c: C<'_>, ptrs: u32, buf: u32| -> u32 {
-            let env = env_strings(c.data());
+        |mut caller: Caller<'_, VmState>, ptrs: u32, buf: u32| -> u32 {
+            let env = env_strings(caller.data());
             let mut at = buf;
             for (i, s) in env.iter().enumerate() {
-                if write_u32(&mut c, ptrs.wrapping_add(i as u32 * 4), at).is_err()
-                    || write(&mut c, at, s).is_err()
+                if write_u32(&mut caller, ptrs.wrapping_add(i as u32 * 4), at).is_err()
+                    || write(&mut caller, at, s).is_err()
                 {
                     return FAULT;
                 }
@@ -117,50 +141,62 @@ pub(crate) fn link(l: &mut Linker<VmState>) -> wasmtime::Result<()> {
             SUCCESS
         },
     )?;
-    l.func_wrap(
-        W,
+    linker.func_wrap(
+        WASI,
         "args_sizes_get",
-        |mut c: C<'_>, count: u32, size: u32| -> u32 {
-            errno(write_u32(&mut c, count, 0).and_then(|_| write_u32(&mut c, size, 0)))
+        |mut caller: Caller<'_, VmState>, count: u32, size: u32| -> u32 {
+            errno(write_u32(&mut caller, count, 0).and_then(|_| write_u32(&mut caller, size, 0)))
         },
     )?;
-    l.func_wrap(W, "args_get", |_: C<'_>, _: u32, _: u32| SUCCESS)?;
-    l.func_wrap(
-        W,
+    linker.func_wrap(
+        WASI,
+        "args_get",
+        |_: Caller<'_, VmState>, _: u32, _: u32| SUCCESS,
+    )?;
+    linker.func_wrap(
+        WASI,
         "clock_time_get",
-        |mut c: C<'_>, id: u32, _precision: u64, ret: u32| -> u32 {
+        |mut caller: Caller<'_, VmState>, id: u32, _precision: u64, ret: u32| -> u32 {
             let now = {
-                let host = c.data().host.borrow();
+                let host = caller.data().host.borrow();
                 match id {
                     0 => host.realtime_ns,
                     1 => host.monotonic_ns,
                     _ => return NOTSUP,
                 }
             };
-            errno(write(&mut c, ret, &now.to_le_bytes()))
+            errno(write(&mut caller, ret, &now.to_le_bytes()))
         },
     )?;
-    l.func_wrap(W, "random_get", |mut c: C<'_>, ptr: u32, len: u32| -> u32 {
-        if len > 64 * 1024 {
-            return INVAL;
-        }
-        let mut buf = vec![0u8; len as usize];
-        c.data().host.borrow_mut().rng.fill(&mut buf);
-        errno(write(&mut c, ptr, &buf))
-    })?;
-    l.func_wrap(W, "sched_yield", |_: C<'_>| SUCCESS)?;
-    l.func_wrap(
-        W,
-        "poll_oneoff",
-        |mut c: C<'_>, _: u32, _: u32, _: u32, n: u32| -> u32 { errno(write_u32(&mut c, n, 0)) },
+    linker.func_wrap(
+        WASI,
+        "random_get",
+        |mut caller: Caller<'_, VmState>, ptr: u32, len: u32| -> u32 {
+            if len > 64 * 1024 {
+                return INVAL;
+            }
+            let mut buf = vec![0u8; len as usize];
+            caller.data().host.borrow_mut().rng.fill(&mut buf);
+            errno(write(&mut caller, ptr, &buf))
+        },
     )?;
-    l.func_wrap(
-        W,
+    linker.func_wrap(WASI, "sched_yield", |_: Caller<'_, VmState>| SUCCESS)?;
+    linker.func_wrap(
+        WASI,
+        "poll_oneoff",
+        |mut caller: Caller<'_, VmState>, _: u32, _: u32, _: u32, n: u32| -> u32 {
+            errno(write_u32(&mut caller, n, 0))
+        },
+    )?;
+    linker.func_wrap(
+        WASI,
         "proc_exit",
         // Envoy returns from proc_exit (the guest usually traps right after).
-        |mut c: C<'_>, code: u32| {
-            c.data().log(LogLevel::Trace, format!("proc_exit({code})"));
-            c.data_mut().exit_code = Some(code);
+        |mut caller: Caller<'_, VmState>, code: u32| {
+            caller
+                .data()
+                .log(LogLevel::Trace, format!("proc_exit({code})"));
+            caller.data_mut().exit_code = Some(code);
         },
     )?;
     Ok(())

@@ -4,7 +4,7 @@
 mod common;
 use anyhow::Result;
 use common::assert_rejected;
-use host_tests::{Edge, EdgeBuilder, Module, Plugin, Request, Response, Step, Upstream};
+use host_tests::{Callback, Edge, EdgeBuilder, Module, Plugin, Request, Response, Step, Upstream};
 use std::time::Duration;
 
 fn module() -> Module {
@@ -368,8 +368,8 @@ fn after_open_for_one_probe_reaches_the_upstream_a_failure_reopens_a_success_clo
     // Two requests in flight at once on both workers: only one is let through.
     let probe = edge.begin(recs(0))?;
     let other = edge.begin(recs(1))?;
-    assert_eq!(edge.step(probe)?, Step::Ran("proxy_on_request_headers"));
-    assert_eq!(edge.step(other)?, Step::Ran("proxy_on_request_headers"));
+    assert_eq!(edge.step(probe)?, Step::Ran(Callback::RequestHeaders));
+    assert_eq!(edge.step(other)?, Step::Ran(Callback::RequestHeaders));
     assert_circuit_hit(&edge.finish(other)?);
     let res = edge.finish(probe)?;
     assert_stale(&res, 503, "upstream-status");
@@ -414,7 +414,7 @@ fn a_probe_that_never_reports_does_not_wedge_the_circuit() -> Result<()> {
     edge.advance(Duration::from_secs(30))?;
     // The probe is let through, and then nothing is heard of it for another openFor.
     let probe = edge.begin(recs(0))?;
-    assert_eq!(edge.step(probe)?, Step::Ran("proxy_on_request_headers"));
+    assert_eq!(edge.step(probe)?, Step::Ran(Callback::RequestHeaders));
     assert_circuit_hit(&edge.send(recs(1))?);
     edge.advance(Duration::from_secs(30))?;
     // Another request takes over as the probe; it succeeds and closes the circuit.

@@ -2,7 +2,7 @@
 mod common;
 use anyhow::Result;
 use common::assert_rejected;
-use host_tests::{Edge, EdgeBuilder, FlightId, Module, Plugin, Request, Step, Upstream};
+use host_tests::{Callback, Edge, EdgeBuilder, FlightId, Module, Plugin, Request, Step, Upstream};
 use std::time::Duration;
 
 fn module() -> Module {
@@ -37,13 +37,13 @@ fn pay(key: &str, body: &str) -> Request {
         .body(body.as_bytes().to_vec())
 }
 
-/// Steps `id` until it has run the callback `name`.
-fn run_until(edge: &mut Edge, id: FlightId, name: &str) -> Result<()> {
+/// Steps `id` until it has run `callback`.
+fn run_until(edge: &mut Edge, id: FlightId, callback: Callback) -> Result<()> {
     loop {
         match edge.step(id)? {
-            Step::Ran(n) if n == name => return Ok(()),
+            Step::Ran(ran) if ran == callback => return Ok(()),
             Step::Ran(_) => {}
-            other => anyhow::bail!("stream stopped ({other:?}) before {name}"),
+            other => anyhow::bail!("stream stopped ({other:?}) before {callback:?}"),
         }
     }
 }
@@ -58,10 +58,10 @@ fn duplicates_arriving_on_both_workers_at_once_reach_the_upstream_once() -> Resu
     let a = edge.begin(pay("k1", "{\"amount\":10}").worker(0))?;
     let b = edge.begin(pay("k1", "{\"amount\":10}").worker(1))?;
     // Both have their headers read before either has its body read and decides.
-    run_until(&mut edge, a, "proxy_on_request_headers")?;
-    run_until(&mut edge, b, "proxy_on_request_headers")?;
-    run_until(&mut edge, a, "proxy_on_request_body")?;
-    run_until(&mut edge, b, "proxy_on_request_body")?;
+    run_until(&mut edge, a, Callback::RequestHeaders)?;
+    run_until(&mut edge, b, Callback::RequestHeaders)?;
+    run_until(&mut edge, a, Callback::RequestBody)?;
+    run_until(&mut edge, b, Callback::RequestBody)?;
     let (rb, ra) = (edge.finish(b)?, edge.finish(a)?);
     assert_eq!(ra.status, 201);
     assert_eq!(rb.status, 409);
@@ -157,7 +157,7 @@ fn a_reset_before_any_answer_releases_the_key_a_client_gone_mid_answer_keeps_it(
     // The application answered 201 (the payment ran); the client left mid-body.
     edge.set_upstream(|_| Upstream::status(201).chunks(vec![b"a".to_vec(), b"b".to_vec()]));
     let id = edge.begin(pay("k2", "{}"))?;
-    run_until(&mut edge, id, "proxy_on_response_body")?;
+    run_until(&mut edge, id, Callback::ResponseBody)?;
     assert!(edge.reset(id)?.reset);
     assert_eq!(edge.metric("idempotency.released"), Some(1));
     assert_eq!(edge.metric("idempotency.stored"), Some(1));
@@ -201,7 +201,7 @@ fn local_replies_of_other_filters_are_not_kept() -> Result<()> {
 fn a_claim_whose_request_hangs_past_the_in_flight_timeout_is_abandoned() -> Result<()> {
     let mut edge = edge(PAYMENTS).build()?;
     let stuck = edge.begin(pay("k1", "{}").worker(0))?;
-    run_until(&mut edge, stuck, "proxy_on_request_body")?;
+    run_until(&mut edge, stuck, Callback::RequestBody)?;
     assert_eq!(edge.send(pay("k1", "{}").worker(1))?.status, 409);
     edge.advance(Duration::from_secs(29))?;
     assert_eq!(edge.send(pay("k1", "{}").worker(1))?.status, 409);
@@ -315,7 +315,7 @@ fn a_flood_of_keys_stays_within_the_configured_bounds() -> Result<()> {
     // 500-byte answers: the byte budget (8 of them), not the 50 slots, is what binds.
     edge.set_upstream(|_| Upstream::status(201).body(vec![b'p'; 500]));
     let hot = edge.begin(pay("hot", "{}"))?;
-    run_until(&mut edge, hot, "proxy_on_request_body")?;
+    run_until(&mut edge, hot, Callback::RequestBody)?;
     for i in 0..2000 {
         edge.send(pay(&format!("key-{i}"), "{}"))?;
         if i % 100 == 0 {

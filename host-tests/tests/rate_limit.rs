@@ -2,7 +2,7 @@
 mod common;
 use anyhow::Result;
 use common::assert_rejected;
-use host_tests::{Edge, EdgeBuilder, Module, Plugin, Request, Step};
+use host_tests::{Callback, Edge, EdgeBuilder, Module, Plugin, Request, Step};
 use std::time::Duration;
 
 fn module() -> Module {
@@ -93,8 +93,8 @@ fn streams_of_both_workers_interleaved_at_callbacks_admit_one() -> Result<()> {
         edge(r#"{"rules":[{"name":"one","limit":{"requests":1,"window":"60s"}}]}"#).build()?;
     let a = edge.begin(Request::get("/pay").worker(0))?;
     let b = edge.begin(Request::get("/pay").worker(1))?;
-    assert_eq!(edge.step(a)?, Step::Ran("proxy_on_request_headers"));
-    assert_eq!(edge.step(b)?, Step::Ran("proxy_on_request_headers"));
+    assert_eq!(edge.step(a)?, Step::Ran(Callback::RequestHeaders));
+    assert_eq!(edge.step(b)?, Step::Ran(Callback::RequestHeaders));
     let mut got = [edge.finish(a)?.status, edge.finish(b)?.status];
     got.sort();
     assert_eq!(got, [200, 429]);

@@ -173,7 +173,7 @@ fn pause_on_headers_holds_body_callbacks_until_continue() -> anyhow::Result<()> 
     )?;
     assert_eq!(
         edge.step(id)?,
-        host_tests::Step::Ran("proxy_on_request_headers")
+        host_tests::Step::Ran(host_tests::Callback::RequestHeaders)
     );
     assert_eq!(
         edge.step(id)?,

@@ -1,7 +1,7 @@
 //! Several workers sharing one shared-data store; traps and failure policies; fuel.
 mod common;
 use common::*;
-use host_tests::{Edge, Plugin, Request, Step};
+use host_tests::{Callback, Edge, Plugin, Request, Step};
 
 #[test]
 fn shared_data_counter_is_exact_across_workers() -> anyhow::Result<()> {
@@ -25,8 +25,8 @@ fn interleaved_workers_racing_on_one_cas_lose_exactly_once() -> anyhow::Result<(
     let a = edge.begin(Request::get("/a").header("x-probe", "cas-read").worker(0))?;
     let b = edge.begin(Request::get("/b").header("x-probe", "cas-read").worker(1))?;
     // Both read the same cas before either writes.
-    assert_eq!(edge.step(a)?, Step::Ran("proxy_on_request_headers"));
-    assert_eq!(edge.step(b)?, Step::Ran("proxy_on_request_headers"));
+    assert_eq!(edge.step(a)?, Step::Ran(Callback::RequestHeaders));
+    assert_eq!(edge.step(b)?, Step::Ran(Callback::RequestHeaders));
     let ra = edge.finish(a)?;
     let rb = edge.finish(b)?;
     assert_eq!(

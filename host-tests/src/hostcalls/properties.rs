@@ -1,16 +1,59 @@
-//! `proxy_get_property` paths with Envoy's encodings: strings as raw bytes, integers as 8-byte
-//! little-endian, booleans as one byte, timestamps as int64 nanoseconds, maps in the ABI's pair
-//! format. Path segments arrive joined by NUL.
+//! Properties: `proxy_get_property` paths with Envoy's encodings (strings as raw bytes,
+//! integers as 8-byte little-endian, booleans as one byte, timestamps as int64 nanoseconds,
+//! maps in the ABI's pair format; path segments arrive joined by NUL), and the values a
+//! plugin sets on its stream.
 
-use crate::abi::encode_map;
-use crate::state::{header_value, Exchange, VmState};
+use super::memory::{hand_over, read, HostcallError};
+use crate::abi::{encode_map, Status};
+use crate::state::{header_value, Exchange, HeaderMap, VmState};
+use wasmtime::{Caller, Linker};
+
+pub(super) fn link(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
+    // § Properties: the value at a path.
+    import!(linker, "proxy_get_property", get_property(
+        path_data: u32, path_size: u32, return_value_data: u32, return_value_size: u32));
+    // § Properties: a value on the stream, readable back at that path.
+    import!(linker, "proxy_set_property", set_property(
+        path_data: u32, path_size: u32, value_data: u32, value_size: u32));
+    Ok(())
+}
+
+fn get_property(
+    caller: &mut Caller<'_, VmState>,
+    path_data: u32,
+    path_size: u32,
+    return_value_data: u32,
+    return_value_size: u32,
+) -> Result<(), HostcallError> {
+    let path = read(caller, path_data, path_size)?;
+    let value = lookup(caller.data(), &path).ok_or(Status::NotFound)?;
+    hand_over(caller, &value, return_value_data, return_value_size)
+}
+
+fn set_property(
+    caller: &mut Caller<'_, VmState>,
+    path_data: u32,
+    path_size: u32,
+    value_data: u32,
+    value_size: u32,
+) -> Result<(), HostcallError> {
+    let path = read(caller, path_data, path_size)?;
+    let value = read(caller, value_data, value_size)?;
+    let state = caller.data();
+    let binding = state
+        .bindings
+        .get(&state.effective)
+        .ok_or(Status::NotFound)?;
+    binding.exchange.borrow_mut().properties.insert(path, value);
+    Ok(())
+}
 
 fn int(v: i64) -> Vec<u8> {
     v.to_le_bytes().to_vec()
 }
 
 /// The value at `path`, or `None` (the hostcall then returns NotFound).
-pub(crate) fn get(s: &VmState, path: &[u8]) -> Option<Vec<u8>> {
+fn lookup(s: &VmState, path: &[u8]) -> Option<Vec<u8>> {
     let segs: Vec<&[u8]> = path.split(|b| *b == 0).collect();
     let seg = |i: usize| -> &[u8] { segs.get(i).copied().unwrap_or(&[]) };
     match (seg(0), segs.len()) {
@@ -28,7 +71,7 @@ pub(crate) fn get(s: &VmState, path: &[u8]) -> Option<Vec<u8>> {
 }
 
 fn stream_property(ex: &Exchange, segs: &[&[u8]], now_ns: u64) -> Option<Vec<u8>> {
-    let req = &ex.maps[0];
+    let req = &ex.maps.request_headers;
     let hdr = |name: &str| header_value(req, name).map(|v| v.as_bytes().to_vec());
     let seg = |i: usize| -> &[u8] { segs.get(i).copied().unwrap_or(&[]) };
     let path = header_value(req, ":path").unwrap_or("");
@@ -60,10 +103,10 @@ fn stream_property(ex: &Exchange, segs: &[&[u8]], now_ns: u64) -> Option<Vec<u8>
             .map(|_| ex.code_details.clone().into_bytes()),
         (b"response", b"flags") => ex.response_code.map(|_| int(ex.response_flags as i64)),
         (b"response", b"size") => ex.response_code.map(|_| int(ex.response_bytes as i64)),
-        (b"response", b"headers") if segs.len() == 2 => {
-            ex.response_code.map(|_| encode_map(&ex.maps[2]))
-        }
-        (b"response", b"headers") => joined(&ex.maps[2], seg(2)),
+        (b"response", b"headers") if segs.len() == 2 => ex
+            .response_code
+            .map(|_| encode_map(&ex.maps.response_headers)),
+        (b"response", b"headers") => joined(&ex.maps.response_headers, seg(2)),
         (b"source", b"address") => Some(ex.peer.source.clone().into_bytes()),
         (b"source", b"port") => port_of(&ex.peer.source).map(int),
         (b"destination", b"address") => Some(ex.peer.destination.clone().into_bytes()),
@@ -77,7 +120,7 @@ fn stream_property(ex: &Exchange, segs: &[&[u8]], now_ns: u64) -> Option<Vec<u8>
 }
 
 /// All values of a header joined with ",", as Envoy's `request.headers.<name>` does.
-fn joined(map: &crate::state::HeaderMap, name: &[u8]) -> Option<Vec<u8>> {
+fn joined(map: &HeaderMap, name: &[u8]) -> Option<Vec<u8>> {
     let name = name.to_ascii_lowercase();
     let values: Vec<&[u8]> = map
         .iter()
