@@ -43,7 +43,8 @@ usage: ./build.sh [command]
           the test-only modules into target/modules/, and install Envoy $ENVOY_VERSION into
           $ENVOY_TOOLS/ (ENVOY_BIN overrides)
   test    build, then: cargo test --workspace, envoy --mode validate on envoy/*.yaml,
-          cargo fmt --check, cargo clippy -D warnings
+          cargo fmt --check, cargo clippy -D warnings, and each plugin without its host glue
+          (cargo check --no-default-features: a policy cannot reach the host)
   demo    build, then run the demo application (tools/demo_app.py) and Envoy on envoy/edge.yaml
           (http://127.0.0.1:$DEMO_LISTENER_PORT) until Ctrl-C
   bench   build, then measure (about 10 minutes, not part of test): module sizes, wasm
@@ -235,10 +236,10 @@ cmd_test() {
   ensure_apt_package skopeo skopeo
   ensure_apt_package docker-registry docker-registry
 
-  header "1/4 cargo test --workspace --no-fail-fast"
+  header "1/5 cargo test --workspace --no-fail-fast"
   cargo test --workspace --no-fail-fast
 
-  header "2/4 envoy --mode validate envoy/*.yaml"
+  header "2/5 envoy --mode validate envoy/*.yaml"
   local config out configs=0
   for config in envoy/*.yaml; do
     if out=$("$ENVOY_BIN" --mode validate -c "$config" --disable-hot-restart \
@@ -251,11 +252,11 @@ cmd_test() {
     fi
   done
 
-  header "3/4 cargo fmt --all -- --check"
+  header "3/5 cargo fmt --all -- --check"
   ensure_component fmt rustfmt
   cargo fmt --all -- --check
 
-  header "4/4 cargo clippy -D warnings (workspace, and the plugins for $TARGET)"
+  header "4/5 cargo clippy -D warnings (workspace, and the plugins for $TARGET)"
   ensure_component clippy clippy
   cargo clippy --workspace --all-targets -- -D warnings
   # The hostcall imports exist only on wasm32: lint the plugins as they ship, too.
@@ -263,8 +264,17 @@ cmd_test() {
   for pkg in "${PLUGINS[@]}"; do clippy_args+=(-p "$pkg"); done
   cargo clippy --target "$TARGET" "${clippy_args[@]}" -- -D warnings
 
+  header "5/5 the policies without the host (cargo check --no-default-features per plugin)"
+  # A plugin's proxy-wasm glue is its default `host` feature; without it only the pure modules
+  # compile, against edge-core alone, so one that names edge_host or proxy_wasm fails here.
+  for pkg in "${PLUGINS[@]}"; do
+    echo "  $pkg"
+    cargo check --quiet -p "$pkg" --no-default-features
+  done
+
   echo
-  echo "all passed: cargo test (unit, harness, e2e), $configs Envoy config(s) valid, rustfmt, clippy"
+  echo "all passed: cargo test (unit, harness, e2e), $configs Envoy config(s) valid, rustfmt, clippy," \
+    "policies free of the host"
 }
 
 # --- demo ------------------------------------------------------------------------------------

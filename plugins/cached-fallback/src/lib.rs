@@ -4,7 +4,9 @@
 
 pub mod circuit;
 pub mod config;
+#[cfg(feature = "host")]
 pub mod filter;
 pub mod policy;
 
+#[cfg(feature = "host")]
 edge_host::host::main!(filter::FallbackRoot);

@@ -3,10 +3,12 @@
 #![doc = include_str!("../README.md")]
 
 pub mod config;
+#[cfg(feature = "host")]
 pub mod filter;
 pub mod flags;
 pub mod logic;
 pub mod policy;
 pub mod source;
 
+#[cfg(feature = "host")]
 edge_host::host::main!(filter::FlagRouterRoot);

@@ -3,8 +3,10 @@
 #![doc = include_str!("../README.md")]
 
 pub mod config;
+#[cfg(feature = "host")]
 pub mod filter;
 pub mod policy;
 pub mod record;
 
+#[cfg(feature = "host")]
 edge_host::host::main!(filter::IdempotencyRoot);

@@ -3,7 +3,9 @@
 
 pub mod bucket;
 pub mod config;
+#[cfg(feature = "host")]
 pub mod filter;
 pub mod policy;
 
+#[cfg(feature = "host")]
 edge_host::host::main!(filter::RateLimitRoot);
