@@ -1,24 +1,4 @@
-//! A proxy-wasm (ABI 0.2.1) host on wasmtime that behaves like Envoy 1.40, for testing plugins
-//! without a proxy.
-//!
-//! The host is stateful, like Envoy: tests send requests through a chain of plugins and then
-//! look at what the client got, what the upstream saw, and the host's state (shared data,
-//! metrics, logs). Nothing is global: each [`Edge`] owns its VMs, clock and stores, so tests
-//! run in parallel.
-//!
-//! ```no_run
-//! use host_tests::{Edge, Module, Plugin, Request, Upstream};
-//! # fn main() -> anyhow::Result<()> {
-//! let module = Module::from_file("dist/rate_limit.wasm")?;
-//! let mut edge = Edge::builder()
-//!     .plugin(Plugin::new(&module, r#"{"rules":[]}"#))
-//!     .workers(2)
-//!     .upstream(|_req| Upstream::ok("hello"))
-//!     .build()?;
-//! let res = edge.send(Request::get("/api").header("x-api-key", "k1"))?;
-//! assert_eq!(res.status, 200);
-//! # Ok(()) }
-//! ```
+#![doc = include_str!("../README.md")]
 
 pub mod abi;
 mod edge;

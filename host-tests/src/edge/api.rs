@@ -262,18 +262,18 @@ impl Response {
     }
 }
 
-/// Identifies a stream started with [`Edge::begin`].
+/// Identifies a stream started with [`Edge::begin`](crate::Edge::begin).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FlightId(pub(crate) u64);
 
-/// What one [`Edge::step`] did.
+/// What one [`Edge::step`](crate::Edge::step) did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Step {
     /// Ran one guest callback of one filter, or one host stage of the stream.
     Ran(Callback),
     /// Nothing can run until a continue (callout, timer, queue) arrives.
     Waiting,
-    /// The stream is over; [`Edge::finish`] returns its response.
+    /// The stream is over; [`Edge::finish`](crate::Edge::finish) returns its response.
     Done,
 }
 
