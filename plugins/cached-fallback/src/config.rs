@@ -2,6 +2,7 @@
 //! validated once into [`Config`]. Every field is optional; the defaults are the constants
 //! below (and the README's configuration reference).
 
+use edge_core::config::{StatusBounds, Statuses};
 use edge_core::route::Route;
 use edge_core::{parse_json, ConfigError, Node};
 
@@ -57,7 +58,7 @@ pub struct Config {
     pub methods: Vec<String>,
     pub fail_on: FailOn,
     /// Statuses kept; `None` is every 2xx but 206.
-    pub store_statuses: Option<Vec<u16>>,
+    pub store_statuses: Option<Statuses>,
     pub max_stale_ns: u64,
     pub key: KeySpec,
     pub max_entries: u32,
@@ -68,13 +69,16 @@ pub struct Config {
     pub static_fallback: Option<StaticFallback>,
     /// `None`: no circuit breaker (the default).
     pub circuit_breaker: Option<Breaker>,
+    /// What the configuration said that still works but is deprecated, for the log.
+    pub warnings: Vec<String>,
 }
 
 impl Config {
-    /// Whether a response with `status` is kept.
+    /// Whether a response with `status` is kept. A range in `storeStatuses` never keeps 206
+    /// or 304, which cannot be listed on their own either.
     pub fn stores_status(&self, status: u16) -> bool {
         match &self.store_statuses {
-            Some(list) => list.contains(&status),
+            Some(list) => list.contains(status) && status != 206 && status != 304,
             None => (200..300).contains(&status) && status != 206,
         }
     }
@@ -130,30 +134,9 @@ impl Config {
                 upstream_reset: true,
                 timeout: true,
             });
-        let store_statuses = o.opt("storeStatuses", |n| {
-            let items = n
-                .value
-                .as_array()
-                .ok_or_else(|| n.err("expected a list of statuses"))?;
-            let mut out = Vec::with_capacity(items.len());
-            for (i, v) in items.iter().enumerate() {
-                let path = format!("{}[{i}]", n.path());
-                let item = Node::at(v, &path);
-                let s = item.status_in(200, 399, "a success status")?;
-                if s == 206 {
-                    return Err(item
-                        .err("206 cannot be kept: a partial response is not the whole resource"));
-                }
-                if s == 304 {
-                    return Err(item.err("304 cannot be kept: it has no content to replay"));
-                }
-                out.push(s);
-            }
-            if out.is_empty() {
-                return Err(n.err("must list at least one status"));
-            }
-            Ok(out)
-        })?;
+        let store_statuses = o.statuses("storeStatuses", &STORE_STATUSES)?;
+        let mut warnings = Vec::new();
+        warnings.extend(store_statuses.as_ref().and_then(|l| l.deprecated.clone()));
         let max_stale_ns = o
             .opt("maxStale", |n| n.duration_ns())?
             .unwrap_or(DEFAULT_MAX_STALE_NS);
@@ -207,7 +190,7 @@ impl Config {
             routes,
             methods,
             fail_on,
-            store_statuses,
+            store_statuses: store_statuses.map(|l| l.statuses),
             max_stale_ns,
             key,
             max_entries: u32::try_from(max_entries).unwrap_or(u32::MAX),
@@ -216,9 +199,21 @@ impl Config {
             max_buffered_bytes: limits.max_buffered,
             static_fallback,
             circuit_breaker,
+            warnings,
         })
     }
 }
+
+/// What `storeStatuses` may list: successes and redirects with content to replay.
+const STORE_STATUSES: StatusBounds<'static> = StatusBounds {
+    lo: 200,
+    hi: 399,
+    what: "a success status",
+    refused: &[
+        (206, "a partial response is not the whole resource"),
+        (304, "it has no content to replay"),
+    ],
+};
 
 #[cfg(test)]
 mod tests {
@@ -320,6 +315,28 @@ mod tests {
         assert_eq!(c.max_body_bytes, 1000);
         let c = Config::parse(br#"{"storeStatuses":[200,301]}"#).unwrap();
         assert!(c.stores_status(301) && !c.stores_status(204));
+        assert!(c.warnings.is_empty());
+    }
+
+    #[test]
+    fn store_statuses_take_ranges_and_the_old_string_form_with_a_warning() {
+        let c = Config::parse(br#"{"storeStatuses":["2xx", 301, "307-308"]}"#).unwrap();
+        assert!(c.stores_status(200) && c.stores_status(299) && c.stores_status(308));
+        // A range keeps no partial answer; what is not listed is not kept.
+        assert!(!c.stores_status(206) && !c.stores_status(302));
+        assert!(c.warnings.is_empty());
+        let c = Config::parse(br#"{"storeStatuses":"200-204, 301"}"#).unwrap();
+        assert!(c.stores_status(204) && c.stores_status(301) && !c.stores_status(205));
+        assert_eq!(
+            c.warnings,
+            [
+                "storeStatuses: a string of statuses is deprecated and will be refused in a \
+              later release; write a list: [\"200-204\", \"301\"]"
+            ]
+        );
+        assert!(err(r#"{"storeStatuses":"200, 206"}"#).starts_with("storeStatuses: 206 cannot"));
+        assert!(err(r#"{"storeStatuses":["3xx-2xx"]}"#)
+            .starts_with("storeStatuses[0]: \"3xx-2xx\" is an empty range"));
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! as it streams (never pausing it), keeps it once the stream has ended, and counts.
 
 use crate::config::Config;
-use crate::policy::{Fallback, Pending, RequestAction, ResponseAction, Served};
+use crate::policy::{
+    Answer, Counter, Covered, Fallback, Pending, RequestAction, ResponseAction, Served,
+};
 use edge_core::problem::Reply;
 use edge_core::request::RequestParts;
 use edge_core::throttle::Throttle;
@@ -15,35 +17,13 @@ use edge_host::host::{
 };
 use std::rc::Rc;
 
-/// The counters, `cached_fallback.<name>` (Envoy: `wasmcustom.cached_fallback.<name>`).
-#[derive(Clone, Copy)]
-enum Counter {
-    Stored,
-    StoreSkipped,
-    ServedStale,
-    ServedStatic,
-    PassedThrough,
-    CircuitOpened,
-    CircuitShortCircuited,
-}
-
-const COUNTERS: [&str; 7] = [
-    "cached_fallback.stored",
-    "cached_fallback.store_skipped",
-    "cached_fallback.served_stale",
-    "cached_fallback.served_static",
-    "cached_fallback.passed_through",
-    "cached_fallback.circuit_opened",
-    "cached_fallback.circuit_short_circuited",
-];
-
 /// The counters, and the throttle of this worker's warnings.
 #[derive(Default)]
-struct Metrics(Counters, Throttle);
+struct Metrics(Counters<Counter>, Throttle);
 
 impl Metrics {
     fn define() -> Metrics {
-        Metrics(Counters::define(COUNTERS), Throttle::default())
+        Metrics(Counters::define("cached_fallback"), Throttle::default())
     }
 
     /// Store failures come with every request while they last: one line per interval.
@@ -56,14 +36,12 @@ impl Metrics {
     }
 
     fn add(&self, c: Counter) {
-        self.0.add(c as usize, 1);
+        self.0.add(c, 1);
     }
 
     fn served(&self, s: Served) {
-        match s {
-            Served::Stale => self.add(Counter::ServedStale),
-            Served::Static => self.add(Counter::ServedStatic),
-            Served::Unavailable => {}
+        if let Some(c) = s.counter() {
+            self.add(c);
         }
     }
 }
@@ -81,6 +59,9 @@ impl RootContext for FallbackRoot {
         let Some(config) = load_config("cached-fallback", Config::parse) else {
             return false;
         };
+        for w in &config.warnings {
+            log::warn!("cached-fallback: {w}");
+        }
         let (namespace, seed) = namespace_and_seed("cached-fallback", "cached_fallback");
         log::info!(
             "cached-fallback: {} route(s), {} entries, {} bytes, circuit breaker {}",
@@ -169,11 +150,14 @@ impl HttpContext for FallbackStream {
         }
         let req = capture();
         self.base = policy.base_key(&req);
-        let mut errors = Vec::new();
-        let action = policy.on_request(&req, self.base, now_ns(), &SharedData, &mut errors);
-        self.metrics.warn(&errors);
+        let at = Covered {
+            req: &req,
+            base: self.base,
+        };
+        let d = policy.on_request(at, now_ns(), &SharedData);
+        self.metrics.warn(&d.errors);
         self.request = Some(req);
-        match action {
+        match d.action {
             RequestAction::Forward { probe } => {
                 if probe.is_some() {
                     log::debug!("cached-fallback: circuit half-open, probing the upstream");
@@ -206,16 +190,16 @@ impl HttpContext for FallbackStream {
             Vec::new()
         };
         let now = now_ns();
-        let d = policy.on_response(
+        let at = Covered {
             req,
-            self.base,
-            self.probe,
+            base: self.base,
+        };
+        let answer = Answer {
             status,
-            details.as_deref(),
-            &headers,
-            now,
-            &SharedData,
-        );
+            details: details.as_deref(),
+            headers: &headers,
+        };
+        let d = policy.on_response(at, self.probe, &answer, now, &SharedData);
         self.metrics.warn(&d.errors);
         if d.settled {
             self.probe = None;

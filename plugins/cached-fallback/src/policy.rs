@@ -16,7 +16,8 @@
 use crate::circuit::{self, Admit, State};
 use crate::config::{Config, FailOn};
 use edge_core::key::KeyHasher;
-use edge_core::problem::{problem_json, Reply};
+use edge_core::metrics;
+use edge_core::problem::{problem_json, retry_after, retry_after_secs, Reply};
 use edge_core::request::{RequestParts, RequestView};
 use edge_core::store::{update, update_or_create};
 use edge_core::stored::{CacheControl, Copied, CopyBudget, ResponseCopy, StoredResponse};
@@ -30,6 +31,69 @@ pub const MAX_VARY_NAMES: usize = 16;
 const NS_PER_SEC: u64 = 1_000_000_000;
 const KIND_RESPONSE: u8 = 1;
 const KIND_VARY: u8 = 2;
+
+/// The counters, `cached_fallback.<name>` (Envoy: `wasmcustom.cached_fallback.<name>`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    Stored,
+    StoreSkipped,
+    ServedStale,
+    ServedStatic,
+    PassedThrough,
+    CircuitOpened,
+    CircuitShortCircuited,
+}
+
+impl metrics::Counter for Counter {
+    const ALL: &'static [Counter] = &[
+        Counter::Stored,
+        Counter::StoreSkipped,
+        Counter::ServedStale,
+        Counter::ServedStatic,
+        Counter::PassedThrough,
+        Counter::CircuitOpened,
+        Counter::CircuitShortCircuited,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Counter::Stored => "stored",
+            Counter::StoreSkipped => "store_skipped",
+            Counter::ServedStale => "served_stale",
+            Counter::ServedStatic => "served_static",
+            Counter::PassedThrough => "passed_through",
+            Counter::CircuitOpened => "circuit_opened",
+            Counter::CircuitShortCircuited => "circuit_short_circuited",
+        }
+    }
+}
+
+impl Served {
+    /// The counter of what was served (a 503 for want of anything counts nothing).
+    pub fn counter(self) -> Option<Counter> {
+        match self {
+            Served::Stale => Some(Counter::ServedStale),
+            Served::Static => Some(Counter::ServedStatic),
+            Served::Unavailable => None,
+        }
+    }
+}
+
+/// A covered request as the glue captured it, and its base key.
+#[derive(Clone, Copy)]
+pub struct Covered<'a> {
+    pub req: &'a RequestParts,
+    pub base: u64,
+}
+
+/// The upstream's answer as the response-headers phase sees it: its status, Envoy's
+/// `response.code_details`, and its headers (read only when the answer may be kept).
+#[derive(Clone, Copy)]
+pub struct Answer<'a> {
+    pub status: u16,
+    pub details: Option<&'a str>,
+    pub headers: &'a [(String, Vec<u8>)],
+}
 
 /// Why an answer was replaced: the `detail` of `Cache-Status`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -240,6 +304,13 @@ pub enum Served {
     Static,
     /// The circuit is open and there was nothing to serve: a 503.
     Unavailable,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestDecision {
+    pub action: RequestAction,
+    /// Store failures, for the warning log; the decision was made as if nothing were stored.
+    pub errors: Vec<StoreError>,
 }
 
 /// What the request phase does.
@@ -479,17 +550,18 @@ impl Fallback {
     /// when the circuit kept the request from the upstream), or `None` for "pass it through".
     fn fallback(
         &self,
-        req: &RequestParts,
-        base: u64,
+        at: Covered<'_>,
         (reason, fwd): (Reason, Option<u16>),
         now: u64,
         store: &impl SlotStore,
         errors: &mut Vec<StoreError>,
     ) -> Option<(Reply, Served)> {
-        let found = self.lookup(req, base, now, store).unwrap_or_else(|e| {
-            errors.push(e);
-            Lookup::Miss
-        });
+        let found = self
+            .lookup(at.req, at.base, now, store)
+            .unwrap_or_else(|e| {
+                errors.push(e);
+                Lookup::Miss
+            });
         let too_old = match found {
             Lookup::Hit { response, age_secs } => {
                 let status_line = cache_status(true, fwd.map(|s| ("stale", s)), reason);
@@ -518,10 +590,15 @@ impl Fallback {
     }
 
     /// The request phase: with the circuit open, the answer; else forward (maybe as probe).
-    pub fn on_request(
+    pub fn on_request(&self, at: Covered<'_>, now: u64, store: &impl SlotStore) -> RequestDecision {
+        let mut errors = Vec::new();
+        let action = self.admit(at, now, store, &mut errors);
+        RequestDecision { action, errors }
+    }
+
+    fn admit(
         &self,
-        req: &RequestParts,
-        base: u64,
+        at: Covered<'_>,
         now: u64,
         store: &impl SlotStore,
         errors: &mut Vec<StoreError>,
@@ -555,16 +632,15 @@ impl Fallback {
             }
         };
         if let Some((reply, served)) =
-            self.fallback(req, base, (Reason::CircuitOpen, None), now, store, errors)
+            self.fallback(at, (Reason::CircuitOpen, None), now, store, errors)
         {
             return RequestAction::Answer { reply, served };
         }
-        let retry = retry_after_ns.div_ceil(NS_PER_SEC).max(1);
         RequestAction::Answer {
             reply: Reply::problem(
                 503,
                 vec![
-                    ("retry-after".into(), retry.to_string().into_bytes()),
+                    retry_after(retry_after_secs(retry_after_ns)),
                     (
                         "cache-status".into(),
                         cache_status(false, None, Reason::CircuitOpen).into_bytes(),
@@ -588,20 +664,23 @@ impl Fallback {
             && self.config.stores_status(status)
     }
 
-    /// The response-headers phase: report to the circuit, then replace a failure, start
-    /// copying a response to keep, or leave it.
-    #[allow(clippy::too_many_arguments)]
+    /// The response-headers phase of the covered request `at` (the circuit's probe when
+    /// `probe` is its token): report to the circuit, then replace a failure, start copying a
+    /// response to keep, or leave it.
     pub fn on_response(
         &self,
-        req: &RequestParts,
-        base: u64,
+        at: Covered<'_>,
         probe: Option<u64>,
-        status: u16,
-        details: Option<&str>,
-        headers: &[(String, Vec<u8>)],
+        answer: &Answer<'_>,
         now: u64,
         store: &impl SlotStore,
     ) -> ResponseDecision {
+        let Covered { req, base } = at;
+        let Answer {
+            status,
+            details,
+            headers,
+        } = *answer;
         let verdict = classify(&self.config.fail_on, status, details);
         let mut errors = Vec::new();
         let mut circuit_opened = false;
@@ -623,7 +702,7 @@ impl Fallback {
         }
         let action = match verdict {
             Verdict::Failure(reason) => {
-                match self.fallback(req, base, (reason, Some(status)), now, store, &mut errors) {
+                match self.fallback(at, (reason, Some(status)), now, store, &mut errors) {
                     Some((reply, served)) => ResponseAction::Replace { reply, served },
                     None => ResponseAction::PassThrough,
                 }
@@ -804,12 +883,13 @@ mod tests {
     ) -> bool {
         let base = f.base_key(req);
         let d = f.on_response(
-            req,
-            base,
+            Covered { req, base },
             None,
-            200,
-            Some("via_upstream"),
-            &hdrs(headers),
+            &Answer {
+                status: 200,
+                details: Some("via_upstream"),
+                headers: &hdrs(headers),
+            },
             now,
             s,
         );
@@ -830,15 +910,55 @@ mod tests {
         s: &MemoryStore,
     ) -> ResponseDecision {
         f.on_response(
-            req,
-            f.base_key(req),
+            Covered {
+                req,
+                base: f.base_key(req),
+            },
             None,
-            status,
-            Some(details),
-            &[],
+            &Answer {
+                status,
+                details: Some(details),
+                headers: &[],
+            },
             now,
             s,
         )
+    }
+
+    /// The request phase of `req` (its store failures added to `errors`).
+    fn on_request(
+        f: &Fallback,
+        req: &RequestParts,
+        now: u64,
+        s: &MemoryStore,
+        errors: &mut Vec<StoreError>,
+    ) -> RequestAction {
+        let d = f.on_request(
+            Covered {
+                req,
+                base: f.base_key(req),
+            },
+            now,
+            s,
+        );
+        errors.extend(d.errors);
+        d.action
+    }
+
+    #[test]
+    fn counters_keep_their_names() {
+        assert_eq!(
+            metrics::names::<Counter>(&["cached_fallback"]),
+            [
+                "cached_fallback.stored",
+                "cached_fallback.store_skipped",
+                "cached_fallback.served_stale",
+                "cached_fallback.served_static",
+                "cached_fallback.passed_through",
+                "cached_fallback.circuit_opened",
+                "cached_fallback.circuit_short_circuited",
+            ]
+        );
     }
 
     fn replaced(d: &ResponseDecision) -> &Reply {
@@ -1170,12 +1290,16 @@ mod tests {
     /// The copy a 200 from the upstream starts, at T0.
     fn collect(f: &Fallback, req: &RequestParts, s: &MemoryStore) -> Box<Pending> {
         let d = f.on_response(
-            req,
-            f.base_key(req),
+            Covered {
+                req,
+                base: f.base_key(req),
+            },
             None,
-            200,
-            Some("via_upstream"),
-            &[],
+            &Answer {
+                status: 200,
+                details: Some("via_upstream"),
+                headers: &[],
+            },
             T0,
             s,
         );
@@ -1289,7 +1413,7 @@ mod tests {
         assert!(!fail(&f, &req, 503, "via_upstream", T0 + S, &s).circuit_opened);
         assert!(fail(&f, &req, 503, "via_upstream", T0 + 2 * S, &s).circuit_opened);
         // Open: answered from the store without the upstream, or with the static answer.
-        match f.on_request(&req, base, T0 + 3 * S, &s, &mut errs) {
+        match on_request(&f, &req, T0 + 3 * S, &s, &mut errs) {
             RequestAction::Answer {
                 reply,
                 served: Served::Stale,
@@ -1303,7 +1427,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let other = get("/b");
-        match f.on_request(&other, f.base_key(&other), T0 + 3 * S, &s, &mut errs) {
+        match on_request(&f, &other, T0 + 3 * S, &s, &mut errs) {
             RequestAction::Answer {
                 reply,
                 served: Served::Static,
@@ -1312,28 +1436,28 @@ mod tests {
         }
         // After openFor: one probe, the others still answered locally.
         let t = T0 + 32 * S;
-        let RequestAction::Forward { probe: Some(token) } =
-            f.on_request(&req, base, t, &s, &mut errs)
+        let RequestAction::Forward { probe: Some(token) } = on_request(&f, &req, t, &s, &mut errs)
         else {
             panic!()
         };
         assert!(matches!(
-            f.on_request(&req, base, t, &s, &mut errs),
+            on_request(&f, &req, t, &s, &mut errs),
             RequestAction::Answer { .. }
         ));
         let d = f.on_response(
-            &req,
-            base,
+            Covered { req: &req, base },
             Some(token),
-            200,
-            Some("via_upstream"),
-            &[],
+            &Answer {
+                status: 200,
+                details: Some("via_upstream"),
+                headers: &[],
+            },
             t,
             &s,
         );
         assert!(d.settled);
         assert_eq!(
-            f.on_request(&req, base, t, &s, &mut errs),
+            on_request(&f, &req, t, &s, &mut errs),
             RequestAction::Forward { probe: None }
         );
         assert!(errs.is_empty());
@@ -1348,7 +1472,7 @@ mod tests {
         let RequestAction::Answer {
             reply,
             served: Served::Unavailable,
-        } = f.on_request(&req, f.base_key(&req), T0 + 10 * S, &s, &mut Vec::new())
+        } = on_request(&f, &req, T0 + 10 * S, &s, &mut Vec::new())
         else {
             panic!()
         };
@@ -1368,25 +1492,26 @@ mod tests {
         let base = f.base_key(&req);
         fail(&f, &req, 500, "via_upstream", T0, &s);
         let RequestAction::Forward { probe: Some(token) } =
-            f.on_request(&req, base, T0 + 30 * S, &s, &mut Vec::new())
+            on_request(&f, &req, T0 + 30 * S, &s, &mut Vec::new())
         else {
             panic!()
         };
         // Another filter answered it: nothing learnt about the upstream.
         let d = f.on_response(
-            &req,
-            base,
+            Covered { req: &req, base },
             Some(token),
-            429,
-            Some("rate_limited"),
-            &[],
+            &Answer {
+                status: 429,
+                details: Some("rate_limited"),
+                headers: &[],
+            },
             T0 + 30 * S,
             &s,
         );
         assert!(!d.settled);
         f.abandon_probe(token, T0 + 31 * S, &s).unwrap();
         assert!(matches!(
-            f.on_request(&req, base, T0 + 31 * S, &s, &mut Vec::new()),
+            on_request(&f, &req, T0 + 31 * S, &s, &mut Vec::new()),
             RequestAction::Forward { probe: Some(_) }
         ));
     }
@@ -1399,7 +1524,7 @@ mod tests {
         let req = get("/a");
         let mut errs = Vec::new();
         assert_eq!(
-            f.on_request(&req, f.base_key(&req), T0, &s, &mut errs),
+            on_request(&f, &req, T0, &s, &mut errs),
             RequestAction::Forward { probe: None }
         );
         assert_eq!(errs.len(), 1);

@@ -3,6 +3,8 @@
 
 use crate::duration::parse_duration;
 use serde_json::{Map, Value};
+#[cfg(debug_assertions)]
+use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::time::Duration;
 
@@ -55,10 +57,51 @@ pub struct Node<'a> {
     path: &'a str,
 }
 
-/// An object whose fields were checked against the allowed names.
+/// An object whose fields were checked against the allowed names before any is read, so a
+/// misspelt field is named even when it is a required one.
+///
+/// The allowed list and the reader must agree: in debug builds (every native test) the object
+/// records the fields its reader asks for, and an object read without an error that was never
+/// asked for an allowed field, or was asked for one not allowed, fails when it is dropped. A
+/// field that is accepted on purpose and not read says so with [`Obj::ignore`].
 pub struct Obj<'a> {
     map: &'a Map<String, Value>,
     path: String,
+    #[cfg(debug_assertions)]
+    audit: Audit<'a>,
+}
+
+/// What a reader asked of an object (debug builds only: release modules carry none of it).
+#[cfg(debug_assertions)]
+struct Audit<'a> {
+    allowed: &'a [&'a str],
+    asked: RefCell<Vec<bool>>,
+    strays: RefCell<Vec<String>>,
+    failed: Cell<bool>,
+}
+
+#[cfg(debug_assertions)]
+impl Drop for Obj<'_> {
+    fn drop(&mut self) {
+        let a = &self.audit;
+        if a.failed.get() || std::thread::panicking() {
+            return;
+        }
+        let asked = a.asked.borrow();
+        let never: Vec<&str> = a
+            .allowed
+            .iter()
+            .zip(asked.iter())
+            .filter(|(_, asked)| !**asked)
+            .map(|(f, _)| *f)
+            .collect();
+        let strays = a.strays.borrow();
+        assert!(
+            never.is_empty() && strays.is_empty(),
+            "config reader of `{}`: allowed but never read {never:?}, read but not allowed {strays:?}",
+            if self.path.is_empty() { "configuration" } else { &self.path }
+        );
+    }
 }
 
 fn kind(v: &Value) -> &'static str {
@@ -99,8 +142,12 @@ impl<'a> Node<'a> {
         self.err(format!("expected {what}, found {}", kind(self.value)))
     }
 
-    /// This value as an object with only the `allowed` fields.
-    pub fn obj(&self, allowed: &[&str]) -> Result<Obj<'a>, ConfigError> {
+    /// This value as an object with only the `allowed` fields (each of which its reader
+    /// must read, see [`Obj`]).
+    pub fn obj<'b>(&self, allowed: &'b [&'b str]) -> Result<Obj<'b>, ConfigError>
+    where
+        'a: 'b,
+    {
         let map = self
             .value
             .as_object()
@@ -118,6 +165,13 @@ impl<'a> Node<'a> {
         Ok(Obj {
             map,
             path: self.path.to_string(),
+            #[cfg(debug_assertions)]
+            audit: Audit {
+                allowed,
+                asked: RefCell::new(vec![false; allowed.len()]),
+                strays: RefCell::new(Vec::new()),
+                failed: Cell::new(false),
+            },
         })
     }
 
@@ -225,8 +279,20 @@ impl<'a> Node<'a> {
         Ok(h)
     }
 
-    /// One of the given words.
-    pub fn one_of(&self, words: &[&str]) -> Result<usize, ConfigError> {
+    /// One of the given words, as the choice it names: `choices` pairs each word with its
+    /// value (`[("enforce", Mode::Enforce), ("shadow", Mode::Shadow)]`).
+    pub fn one_of<T: Clone>(&self, choices: &[(&str, T)]) -> Result<T, ConfigError> {
+        let words: Vec<&str> = choices.iter().map(|(w, _)| *w).collect();
+        let i = self.word(&words)?;
+        choices
+            .get(i)
+            .map(|(_, v)| v.clone())
+            .ok_or_else(|| self.err("unknown value"))
+    }
+
+    /// The position of this value in `words` (the part of [`Node::one_of`] that is the same
+    /// for every type, compiled once).
+    fn word(&self, words: &[&str]) -> Result<usize, ConfigError> {
         let s = self.str()?;
         words.iter().position(|w| *w == s).ok_or_else(|| {
             self.err(format!(
@@ -252,6 +318,82 @@ pub struct ByteLimits {
     pub max_buffered: u64,
 }
 
+/// HTTP status ranges (`storeStatuses`): `(first, last)` pairs, both included.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Statuses(pub Vec<(u16, u16)>);
+
+impl Statuses {
+    pub fn contains(&self, status: u16) -> bool {
+        self.0.iter().any(|(lo, hi)| (*lo..=*hi).contains(&status))
+    }
+}
+
+/// What a status list may hold: statuses in `lo..=hi` (`what` names them in errors, "a
+/// success status"), and statuses that cannot be listed on their own, with why.
+pub struct StatusBounds<'a> {
+    pub lo: u16,
+    pub hi: u16,
+    pub what: &'a str,
+    pub refused: &'a [(u16, &'a str)],
+}
+
+/// A status list as read, with the warning to log when it was written in the deprecated form.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StatusList {
+    pub statuses: Statuses,
+    pub deprecated: Option<String>,
+}
+
+/// `s` split at the first `sep` (a byte search: the module carries no `char` searcher for it).
+fn split_at_byte(s: &str, sep: u8) -> Option<(&str, &str)> {
+    let i = s.bytes().position(|b| b == sep)?;
+    Some((s.get(..i)?, s.get(i + 1..)?))
+}
+
+/// One term of a status list: a status (`404`), a class (`4xx`), or a range of either
+/// (`200-299`, `2xx-4xx`), within `lo..=hi`.
+fn status_term(term: &str, lo: u16, hi: u16) -> Result<(u16, u16), String> {
+    let bound = |t: &str, high: bool| {
+        let t = t.trim();
+        let n = match t.as_bytes() {
+            [d @ b'0'..=b'9', x, y]
+                if x.eq_ignore_ascii_case(&b'x') && y.eq_ignore_ascii_case(&b'x') =>
+            {
+                Some(u16::from(d - b'0') * 100 + if high { 99 } else { 0 })
+            }
+            [_, _, _] => t.parse::<u16>().ok(),
+            _ => None,
+        };
+        match n {
+            None => Err(format!("\"{t}\" is not a status (NNN) or class (Nxx)")),
+            Some(n) if !(lo..=hi).contains(&n) => Err(format!("\"{t}\" is outside {lo}-{hi}")),
+            Some(n) => Ok(n),
+        }
+    };
+    let (a, b) = split_at_byte(term, b'-').unwrap_or((term, term));
+    let range = (bound(a, false)?, bound(b, true)?);
+    if range.0 > range.1 {
+        return Err(format!("\"{}\" is an empty range", term.trim()));
+    }
+    Ok(range)
+}
+
+impl StatusBounds<'_> {
+    /// A term (`n` holds it, or the string of terms it came from) as a range.
+    fn term(&self, n: Node<'_>, term: &str) -> Result<(u16, u16), ConfigError> {
+        let range = status_term(term, self.lo, self.hi).map_err(|m| n.err(m))?;
+        self.check(n, range)
+    }
+
+    /// Refuses a status that cannot be listed on its own.
+    fn check(&self, n: Node<'_>, range: (u16, u16)) -> Result<(u16, u16), ConfigError> {
+        match self.refused.iter().find(|(s, _)| range == (*s, *s)) {
+            Some((s, why)) => Err(n.err(format!("{s} cannot be kept: {why}"))),
+            None => Ok(range),
+        }
+    }
+}
+
 /// The most `maxBufferedBytes` may be: a wasm32 VM has 4 GiB of memory in all.
 pub const MAX_BUFFERED_BYTES_LIMIT: u64 = 1 << 30;
 
@@ -264,7 +406,44 @@ impl<'a> Obj<'a> {
         }
     }
 
-    /// Runs `read` on field `name` if present (`null` counts as absent).
+    /// Records that the reader asked for `name` (debug builds).
+    fn ask(&self, name: &str) {
+        #[cfg(debug_assertions)]
+        {
+            let a = &self.audit;
+            match a.allowed.iter().position(|f| *f == name) {
+                Some(i) => {
+                    if let Some(asked) = a.asked.borrow_mut().get_mut(i) {
+                        *asked = true;
+                    }
+                }
+                None => a.strays.borrow_mut().push(name.to_string()),
+            }
+        }
+        #[cfg(not(debug_assertions))]
+        let _ = name;
+    }
+
+    /// Marks the read as failed: an object left half read is not audited (debug builds).
+    fn failed(&self) {
+        #[cfg(debug_assertions)]
+        self.audit.failed.set(true);
+    }
+
+    fn noted<T>(&self, r: Result<T, ConfigError>) -> Result<T, ConfigError> {
+        if r.is_err() {
+            self.failed();
+        }
+        r
+    }
+
+    /// Fields that are allowed and deliberately not read (a flagd file's `metadata`).
+    pub fn ignore(&self, names: &[&str]) {
+        for name in names {
+            self.ask(name);
+        }
+    }
+
     /// `maxTotalBytes`, `maxBodyBytes` and `maxBufferedBytes`, each bounded by the others.
     pub fn byte_limits(&self, default_total: u64) -> Result<ByteLimits, ConfigError> {
         let body_limit = crate::stored::MAX_BODY_BYTES_LIMIT;
@@ -288,16 +467,18 @@ impl<'a> Obj<'a> {
         })
     }
 
+    /// Runs `read` on field `name` if present (`null` counts as absent).
     pub fn opt<T>(
         &self,
         name: &str,
         read: impl FnOnce(Node<'_>) -> Result<T, ConfigError>,
     ) -> Result<Option<T>, ConfigError> {
+        self.ask(name);
         match self.map.get(name) {
             None | Some(Value::Null) => Ok(None),
             Some(value) => {
                 let path = self.child_path(name);
-                read(Node { value, path: &path }).map(Some)
+                self.noted(read(Node { value, path: &path }).map(Some))
             }
         }
     }
@@ -309,7 +490,7 @@ impl<'a> Obj<'a> {
         read: impl FnOnce(Node<'_>) -> Result<T, ConfigError>,
     ) -> Result<T, ConfigError> {
         self.opt(name, read)?
-            .ok_or_else(|| ConfigError::new(self.child_path(name), "required field is missing"))
+            .ok_or_else(|| self.err(name, "required field is missing"))
     }
 
     /// Runs `read` on each element of list field `name` (absent = empty list).
@@ -350,6 +531,66 @@ impl<'a> Obj<'a> {
         .map(Option::unwrap_or_default)
     }
 
+    /// Reads status list field `name` (`storeStatuses`) within `bounds`: a list whose items
+    /// are statuses (`404`), classes (`"2xx"`) or ranges of either (`"200-299"`,
+    /// `"2xx-4xx"`). A list, because that is how Envoy takes statuses (a route's
+    /// `retriable_status_codes: [503, 504]`, a health check's `expected_statuses`): in YAML a
+    /// list of numbers and ranges, each checked and named on its own (`storeStatuses[1]`).
+    /// The older form, one string of comma-separated terms (`"2xx-4xx, 409"`), is still read
+    /// (its errors naming the field, as they did), with a deprecation warning to log.
+    pub fn statuses(
+        &self,
+        name: &str,
+        bounds: &StatusBounds<'_>,
+    ) -> Result<Option<StatusList>, ConfigError> {
+        self.opt(name, |n| {
+            let mut out = Vec::new();
+            let listed = match n.value {
+                Value::Array(items) => {
+                    for (i, value) in items.iter().enumerate() {
+                        let path = format!("{}[{i}]", n.path);
+                        let item = Node { value, path: &path };
+                        out.push(match value {
+                            Value::Number(_) => {
+                                let s = item.status_in(bounds.lo, bounds.hi, bounds.what)?;
+                                bounds.check(item, (s, s))?
+                            }
+                            Value::String(t) => bounds.term(item, t)?,
+                            _ => return Err(item.expected("a status or a range of statuses")),
+                        });
+                    }
+                    true
+                }
+                Value::String(text) => {
+                    for t in text.split([',']) {
+                        out.push(bounds.term(n, t)?);
+                    }
+                    false
+                }
+                _ => return Err(n.err("expected a list of statuses")),
+            };
+            if out.is_empty() {
+                return Err(n.err("must list at least one status"));
+            }
+            let deprecated = match n.value {
+                Value::String(text) if !listed => {
+                    let terms: Vec<&str> = text.split([',']).map(str::trim).collect();
+                    Some(format!(
+                        "{}: a string of statuses is deprecated and will be refused in a later \
+                         release; write a list: [\"{}\"]",
+                        n.path(),
+                        terms.join("\", \"")
+                    ))
+                }
+                _ => None,
+            };
+            Ok(StatusList {
+                statuses: Statuses(out),
+                deprecated,
+            })
+        })
+    }
+
     /// Reads list field `name` of HTTP methods (upper-cased). Absent: `default`; present, it
     /// must not be empty. A non-empty `allowed` limits the methods accepted, naming `why`.
     pub fn methods(
@@ -383,11 +624,13 @@ impl<'a> Obj<'a> {
     }
 
     pub fn has(&self, name: &str) -> bool {
+        self.ask(name);
         self.map.get(name).is_some_and(|v| !v.is_null())
     }
 
     /// An error about field `name` of this object.
     pub fn err(&self, name: &str, message: impl Into<String>) -> ConfigError {
+        self.failed();
         ConfigError::new(self.child_path(name), message)
     }
 }
@@ -529,11 +772,130 @@ mod tests {
 
     #[test]
     fn words_are_checked_against_the_choices() {
+        let choices = [("enforce", 1), ("shadow", 2)];
+        let v = serde_json::json!("shadow");
+        assert_eq!(Node::root(&v).one_of(&choices), Ok(2));
         let v = serde_json::json!("log");
-        let e = Node::root(&v).one_of(&["enforce", "shadow"]).unwrap_err();
+        let e = Node::root(&v).one_of(&choices).unwrap_err();
         assert_eq!(
             e.to_string(),
             "configuration: unknown value \"log\", expected one of \"enforce\", \"shadow\""
+        );
+    }
+
+    fn statuses(json: &str) -> Result<StatusList, String> {
+        let v = parse_json(json.as_bytes()).map_err(|e| e.to_string())?;
+        let o = Node::root(&v).obj(&["s"]).map_err(|e| e.to_string())?;
+        let bounds = StatusBounds {
+            lo: 200,
+            hi: 399,
+            what: "a success status",
+            refused: &[(206, "partial")],
+        };
+        o.statuses("s", &bounds)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| "absent".to_string())
+    }
+
+    #[test]
+    fn status_lists_take_numbers_classes_and_ranges() {
+        let l = statuses(r#"{"s":[200, "3xx", "201-204", " 2XX-2xx "]}"#).unwrap();
+        assert_eq!(
+            l.statuses,
+            Statuses(vec![(200, 200), (300, 399), (201, 204), (200, 299)])
+        );
+        assert_eq!(l.deprecated, None);
+        assert!(l.statuses.contains(350) && !l.statuses.contains(400));
+        for (json, want) in [
+            (
+                r#"{"s":[200, 500]}"#,
+                "s[1]: 500 is not a success status (200-399)",
+            ),
+            (r#"{"s":["500"]}"#, "s[0]: \"500\" is outside 200-399"),
+            (
+                r#"{"s":["3xx-2xx"]}"#,
+                "s[0]: \"3xx-2xx\" is an empty range",
+            ),
+            (
+                r#"{"s":["20x"]}"#,
+                "s[0]: \"20x\" is not a status (NNN) or class (Nxx)",
+            ),
+            (
+                r#"{"s":["2xx-1x"]}"#,
+                "s[0]: \"1x\" is not a status (NNN) or class (Nxx)",
+            ),
+            (r#"{"s":[206]}"#, "s[0]: 206 cannot be kept: partial"),
+            (r#"{"s":["206"]}"#, "s[0]: 206 cannot be kept: partial"),
+            (r#"{"s":[]}"#, "s: must list at least one status"),
+            (r#"{"s":{}}"#, "s: expected a list of statuses"),
+            (
+                r#"{"s":[true]}"#,
+                "s[0]: expected a status or a range of statuses, found a boolean",
+            ),
+        ] {
+            assert_eq!(statuses(json).unwrap_err(), want, "{json}");
+        }
+    }
+
+    #[test]
+    fn a_string_of_statuses_is_read_as_before_with_a_deprecation() {
+        let l = statuses(r#"{"s":"2xx-3xx, 204"}"#).unwrap();
+        assert_eq!(l.statuses, Statuses(vec![(200, 399), (204, 204)]));
+        assert_eq!(
+            l.deprecated.as_deref(),
+            Some(
+                "s: a string of statuses is deprecated and will be refused in a later release; \
+                 write a list: [\"2xx-3xx\", \"204\"]"
+            )
+        );
+        // Its errors name the field, as they always did.
+        assert_eq!(
+            statuses(r#"{"s":"2xx-9xx"}"#).unwrap_err(),
+            "s: \"9xx\" is outside 200-399"
+        );
+        assert_eq!(
+            statuses(r#"{"s":"2xx, 206"}"#).unwrap_err(),
+            "s: 206 cannot be kept: partial"
+        );
+        assert_eq!(
+            statuses(r#"{"s":""}"#).unwrap_err(),
+            "s: \"\" is not a status (NNN) or class (Nxx)"
+        );
+    }
+
+    /// Reads `{"a": .., "b": ..}` allowing `allowed`, asking for `asked` only.
+    fn audited(allowed: &[&str], asked: &[&str], json: &str) -> Result<(), ConfigError> {
+        let v = parse_json(json.as_bytes())?;
+        let o = Node::root(&v).obj(allowed)?;
+        for name in asked {
+            o.opt(name, |n| n.u64())?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    #[should_panic(expected = "allowed but never read [\"b\"]")]
+    fn an_allowed_field_nobody_reads_fails_in_tests() {
+        let _ = audited(&["a", "b"], &["a"], r#"{"a":1}"#);
+    }
+
+    #[test]
+    #[should_panic(expected = "read but not allowed [\"c\"]")]
+    fn a_read_of_a_field_not_allowed_fails_in_tests() {
+        let _ = audited(&["a"], &["a", "c"], r#"{"a":1}"#);
+    }
+
+    #[test]
+    fn a_reader_that_asks_for_every_field_passes_and_a_failed_read_is_not_audited() {
+        assert_eq!(audited(&["a", "b"], &["a", "b"], r#"{"a":1}"#), Ok(()));
+        // The reader stops at the bad `a`: `b`, never reached, is not held against it.
+        let e = audited(&["a", "b"], &["a", "b"], r#"{"a":"x"}"#).unwrap_err();
+        assert!(e.to_string().starts_with("a: expected a whole number"));
+        // An unknown field is still named before anything is read.
+        let e = audited(&["a"], &["a"], r#"{"a":"x","z":1}"#).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "configuration: unknown field `z`, expected one of `a`"
         );
     }
 }

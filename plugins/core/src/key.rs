@@ -36,11 +36,13 @@ impl KeyPart {
                 Ok(s.to_string())
             }
         };
-        if let Some(s) = o.opt("source", |n| n.one_of(&["clientIp", "path", "method"]))? {
-            return Ok([KeyPart::ClientIp, KeyPart::Path, KeyPart::Method]
-                .into_iter()
-                .nth(s)
-                .unwrap_or(KeyPart::Path));
+        let sources = [
+            ("clientIp", KeyPart::ClientIp),
+            ("path", KeyPart::Path),
+            ("method", KeyPart::Method),
+        ];
+        if let Some(part) = o.opt("source", |n| n.one_of(&sources))? {
+            return Ok(part);
         }
         if let Some(h) = o.opt("header", |n| n.header_name())? {
             return Ok(KeyPart::Header(h));

@@ -7,7 +7,9 @@
 
 pub mod config;
 pub mod duration;
+pub mod headers;
 pub mod key;
+pub mod metrics;
 pub mod problem;
 pub mod request;
 pub mod route;

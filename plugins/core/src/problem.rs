@@ -38,6 +38,17 @@ pub fn first_header<'a>(headers: &'a [(String, Vec<u8>)], name: &str) -> Option<
         .map(|(_, v)| v.as_slice())
 }
 
+/// Whole seconds a client is told to wait for `wait_ns`: rounded up, and at least 1 (a
+/// `Retry-After: 0` invites an immediate retry that would fail the same way).
+pub fn retry_after_secs(wait_ns: u64) -> u64 {
+    wait_ns.div_ceil(1_000_000_000).max(1)
+}
+
+/// The `retry-after` header of a reply that asks the client to come back in `secs` seconds.
+pub fn retry_after(secs: u64) -> (String, Vec<u8>) {
+    ("retry-after".to_string(), secs.to_string().into_bytes())
+}
+
 /// `s` as a JSON string literal.
 pub fn json_string(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
@@ -91,6 +102,15 @@ pub fn json_string_list<'a>(items: impl IntoIterator<Item = &'a str>) -> String 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_after_rounds_up_to_whole_seconds_and_is_never_zero() {
+        assert_eq!(retry_after_secs(0), 1);
+        assert_eq!(retry_after_secs(1), 1);
+        assert_eq!(retry_after_secs(1_000_000_000), 1);
+        assert_eq!(retry_after_secs(1_000_000_001), 2);
+        assert_eq!(retry_after(30), ("retry-after".to_string(), b"30".to_vec()));
+    }
 
     #[test]
     fn has_the_standard_members_and_extensions() {

@@ -80,7 +80,8 @@ mod tests {
 
     fn read(json: &str) -> Result<Route, ConfigError> {
         let v: serde_json::Value = serde_json::from_str(&format!(r#"{{"match":{json}}}"#)).unwrap();
-        Node::root(&v).obj(&["match"])?.req("match", Route::read)
+        let o = Node::root(&v).obj(&["match"])?;
+        o.req("match", Route::read)
     }
 
     fn route(json: &str) -> Route {

@@ -4,12 +4,12 @@
 use crate::config::Config;
 use crate::flags::FlagSet;
 use crate::policy::{decide, Reporter};
-use crate::source::{Fetched, Poller};
+use crate::source::{Answer, Fetched, Poller, SourceCounter};
 use edge_core::throttle::Throttle;
 use edge_host::host::{
     callout_response_body, callout_response_header, dispatch_http_call, edit_request_headers,
     load_config, now_ns, set_tick_period_ms, warn_throttled, Action, Context, ContextType,
-    HostRequest, HttpContext, NamedCounters, RootContext,
+    Counters, HostRequest, HttpContext, NamedCounters, RootContext,
 };
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -20,7 +20,10 @@ use std::rc::Rc;
 pub const MAX_COUNTERS: usize = 512;
 
 pub struct Metrics {
+    /// Per flag and variant (named by the flag file).
     counters: NamedCounters,
+    /// The source's, defined when a source is configured.
+    source: Counters<SourceCounter>,
     reporter: Reporter,
     throttle: Throttle,
 }
@@ -29,15 +32,10 @@ impl Default for Metrics {
     fn default() -> Metrics {
         Metrics {
             counters: NamedCounters::new(MAX_COUNTERS, "flag_router.other"),
+            source: Counters::default(),
             reporter: Reporter::default(),
             throttle: Throttle::default(),
         }
-    }
-}
-
-impl Metrics {
-    fn inc(&mut self, name: &str) {
-        self.counters.add(name, 1);
     }
 }
 
@@ -61,12 +59,12 @@ impl FlagRouterRoot {
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
-        self.metrics.borrow_mut().inc("flag_router.source_fetches");
+        self.metrics.borrow().source.add(SourceCounter::Fetches, 1);
         let timeout = std::time::Duration::from_millis(u64::from(source.timeout_ms()));
         match dispatch_http_call(&source.cluster, headers, timeout) {
             Ok(token) => self.poller.sent(token),
             Err(status) => {
-                self.metrics.borrow_mut().inc("flag_router.source_errors");
+                self.metrics.borrow().source.add(SourceCounter::Errors, 1);
                 log::warn!(
                     "flag-router: cannot fetch flags from cluster {}: {status:?}; keeping the last good flags",
                     source.cluster
@@ -93,11 +91,16 @@ impl Context for FlagRouterRoot {
                 Vec::new()
             }
         };
-        let Some(fetched) = self.poller.reply_to(token, status, etag, body_size, read) else {
+        let answer = Answer {
+            status,
+            etag,
+            body_size,
+        };
+        let Some(fetched) = self.poller.reply_to(token, answer, read) else {
             return;
         };
         if let Some(counter) = fetched.counter() {
-            self.metrics.borrow_mut().inc(counter);
+            self.metrics.borrow().source.add(counter, 1);
         }
         match fetched {
             Fetched::Updated(set) => {
@@ -131,6 +134,7 @@ impl RootContext for FlagRouterRoot {
         let polled = config.source.is_some();
         self.config = Some(Rc::new(config));
         if polled {
+            self.metrics.borrow_mut().source = Counters::define("flag_router");
             self.poller = Poller::default();
             self.fetch();
         }
@@ -168,7 +172,7 @@ impl HttpContext for FlagRouterStream {
             return Action::Continue;
         };
         let d = decide(&config, &self.flags, &HostRequest, now_ns() / 1_000_000_000);
-        if !edit_request_headers(&d.remove, &d.set) {
+        if !edit_request_headers(&d.edits) {
             warn_throttled(&self.metrics.borrow().throttle, || {
                 "flag-router: the host refused a routing header edit".into()
             });

@@ -93,6 +93,8 @@ impl FlagSet {
     pub fn from_document(bytes: &[u8]) -> Result<FlagSet, ConfigError> {
         let doc = edge_core::parse_json(bytes)?;
         let o = Node::root(&doc).obj(&["$schema", "flags", "$evaluators", "metadata"])?;
+        // What flagd itself ignores when it evaluates.
+        o.ignore(&["$schema", "metadata"]);
         let evaluators = FlagSet::evaluators(&o)?;
         o.req("flags", |n| FlagSet::read(n, &evaluators))
     }
@@ -157,7 +159,10 @@ fn read_flag(
         "targeting",
         "metadata",
     ])?;
-    let enabled = o.req("state", |n| n.one_of(&["ENABLED", "DISABLED"]))? == 0;
+    o.ignore(&["metadata"]);
+    let enabled = o.req("state", |n| {
+        n.one_of(&[("ENABLED", true), ("DISABLED", false)])
+    })?;
     let variants: BTreeMap<String, String> = o
         .entries("variants", |k, n| Ok((k.to_string(), header_value(n)?)))?
         .into_iter()

@@ -3,6 +3,7 @@
 
 use crate::config::Config;
 use crate::flags::{FlagSet, Reason};
+use edge_core::headers::HeaderEdits;
 use edge_core::RequestView;
 use serde_json::{Map, Value};
 
@@ -35,9 +36,9 @@ impl Evaluation<'_> {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Decision<'a> {
-    /// Headers to remove first (every mapped header: a client never picks its own route).
-    pub remove: Vec<&'a str>,
-    pub set: Vec<(&'a str, &'a str)>,
+    /// Every mapped header is removed first (a client never picks its own route), then the
+    /// resolved flags' values are set.
+    pub edits: HeaderEdits<&'a str>,
     pub evaluations: Vec<Evaluation<'a>>,
 }
 
@@ -129,8 +130,10 @@ pub fn decide<'a>(
 ) -> Decision<'a> {
     let mut data = context(config, req);
     let mut d = Decision {
-        remove: config.headers.iter().map(|(_, h)| h.as_str()).collect(),
-        set: Vec::with_capacity(config.headers.len()),
+        edits: HeaderEdits {
+            remove: config.headers.iter().map(|(_, h)| h.as_str()).collect(),
+            set: Vec::with_capacity(config.headers.len()),
+        },
         evaluations: Vec::with_capacity(config.headers.len()),
     };
     for (flag, header) in &config.headers {
@@ -144,7 +147,7 @@ pub fn decide<'a>(
             data = m;
         }
         if let Some(value) = r.value {
-            d.set.push((header.as_str(), value));
+            d.edits.set.push((header.as_str(), value));
         }
         d.evaluations.push(Evaluation {
             flag: flag.as_str(),
@@ -198,7 +201,7 @@ mod tests {
     }
 
     fn header<'a>(d: &'a Decision, name: &str) -> Option<&'a str> {
-        d.set.iter().find(|(k, _)| *k == name).map(|(_, v)| *v)
+        d.edits.get(name)
     }
 
     #[test]
@@ -234,7 +237,7 @@ mod tests {
     fn every_mapped_header_is_removed_and_disabled_flags_set_none() {
         let c = config();
         let d = decide(&c, &c.flags, &RequestParts::new("GET", "/"), 0);
-        let mut removed = d.remove.clone();
+        let mut removed = d.edits.remove.clone();
         removed.sort_unstable();
         assert_eq!(removed, ["x-dark", "x-route-checkout", "x-route-search"]);
         assert_eq!(header(&d, "x-route-search"), None);

@@ -3,6 +3,31 @@
 
 use crate::config::Source;
 use crate::flags::FlagSet;
+use edge_core::metrics::Counter;
+
+/// The source's counters, `flag_router.<name>` (the per-flag ones are named by the flag file).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SourceCounter {
+    Fetches,
+    Updates,
+    Errors,
+}
+
+impl Counter for SourceCounter {
+    const ALL: &'static [SourceCounter] = &[
+        SourceCounter::Fetches,
+        SourceCounter::Updates,
+        SourceCounter::Errors,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            SourceCounter::Fetches => "source_fetches",
+            SourceCounter::Updates => "source_updates",
+            SourceCounter::Errors => "source_errors",
+        }
+    }
+}
 
 /// The outcome of one fetch.
 pub enum Fetched {
@@ -16,13 +41,21 @@ pub enum Fetched {
 
 impl Fetched {
     /// The counter a fetch's outcome increments (an unchanged file counts nothing).
-    pub fn counter(&self) -> Option<&'static str> {
+    pub fn counter(&self) -> Option<SourceCounter> {
         match self {
-            Fetched::Updated(_) => Some("flag_router.source_updates"),
+            Fetched::Updated(_) => Some(SourceCounter::Updates),
             Fetched::NotModified => None,
-            Fetched::Failed(_) => Some("flag_router.source_errors"),
+            Fetched::Failed(_) => Some(SourceCounter::Errors),
         }
     }
+}
+
+/// The answer to a fetch as the callout reports it: its status (`None` when the call failed:
+/// reset, timeout, no host), its `ETag`, and the size of its body.
+pub struct Answer {
+    pub status: Option<u32>,
+    pub etag: Option<String>,
+    pub body_size: usize,
 }
 
 /// The largest flag file read: every worker parses and keeps it.
@@ -46,20 +79,23 @@ impl Poller {
         self.in_flight = Some(token);
     }
 
-    /// A reply to callout `token`: `None` when it is not the fetch this poller waits for.
-    /// The reply to fetch `token`: a body of `body_size` bytes, read by `read` only when it
-    /// is a flag file of at most [`MAX_FILE_BYTES`] (a larger one is refused unread).
+    /// The answer to callout `token` (`None` when it is not the fetch this poller waits
+    /// for); its body is read by `read` only when it is a flag file of at most
+    /// [`MAX_FILE_BYTES`] (a larger one is refused unread).
     pub fn reply_to(
         &mut self,
         token: u32,
-        status: Option<u32>,
-        etag: Option<String>,
-        body_size: usize,
+        answer: Answer,
         read: impl FnOnce() -> Vec<u8>,
     ) -> Option<Fetched> {
         if self.in_flight != Some(token) {
             return None;
         }
+        let Answer {
+            status,
+            etag,
+            body_size,
+        } = answer;
         self.in_flight = None;
         if status == Some(200) && body_size > MAX_FILE_BYTES {
             return Some(Fetched::Failed(format!(
@@ -120,6 +156,14 @@ mod tests {
         }
     }
 
+    fn answer(status: Option<u32>, body_size: usize) -> Answer {
+        Answer {
+            status,
+            etag: None,
+            body_size,
+        }
+    }
+
     const DOC: &[u8] = br#"{"$schema":"https://flagd.dev/schema/v0/flags.json",
         "flags":{"f":{"state":"DISABLED","variants":{"a":"A"},"defaultVariant":"a"}},
         "metadata":{"version":"1"}}"#;
@@ -153,17 +197,17 @@ mod tests {
         p.sent(7);
         assert!(p.next(&source()).is_none(), "a fetch is on its way");
         assert!(
-            p.reply_to(6, Some(200), None, DOC.len(), || DOC.to_vec())
+            p.reply_to(6, answer(Some(200), DOC.len()), || DOC.to_vec())
                 .is_none(),
             "a stale token is ignored"
         );
         assert!(matches!(
-            p.reply_to(7, Some(304), None, 0, Vec::new),
+            p.reply_to(7, answer(Some(304), 0), Vec::new),
             Some(Fetched::NotModified)
         ));
         assert!(p.next(&source()).is_some());
         assert!(
-            p.reply_to(7, Some(200), None, DOC.len(), || DOC.to_vec())
+            p.reply_to(7, answer(Some(200), DOC.len()), || DOC.to_vec())
                 .is_none(),
             "answered once only"
         );
@@ -176,7 +220,7 @@ mod tests {
             assert!(p.next(&source()).is_some());
             p.sent(1);
             let read = std::cell::Cell::new(false);
-            let _ = p.reply_to(1, status, None, 3 << 20, || {
+            let _ = p.reply_to(1, answer(status, 3 << 20), || {
                 read.set(true);
                 Vec::new()
             });
@@ -190,22 +234,30 @@ mod tests {
         assert!(p.next(&source()).is_some());
         p.sent(2);
         let read = std::cell::Cell::new(false);
-        let r = p.reply_to(2, Some(200), None, MAX_FILE_BYTES + 1, || {
+        let r = p.reply_to(2, answer(Some(200), MAX_FILE_BYTES + 1), || {
             read.set(true);
             DOC.to_vec()
         });
         assert!(!read.get(), "the body was read");
         let r = r.unwrap();
         assert!(matches!(&r, Fetched::Failed(w) if w.contains("more than")));
-        assert_eq!(r.counter(), Some("flag_router.source_errors"));
+        assert_eq!(r.counter(), Some(SourceCounter::Errors));
         // At the limit it is read.
         assert!(p.next(&source()).is_some());
         p.sent(3);
         let r = p
-            .reply_to(3, Some(200), None, MAX_FILE_BYTES, || DOC.to_vec())
+            .reply_to(3, answer(Some(200), MAX_FILE_BYTES), || DOC.to_vec())
             .unwrap();
-        assert_eq!(r.counter(), Some("flag_router.source_updates"));
+        assert_eq!(r.counter(), Some(SourceCounter::Updates));
         assert_eq!(Fetched::NotModified.counter(), None);
+        assert_eq!(
+            edge_core::metrics::names::<SourceCounter>(&["flag_router"]),
+            [
+                "flag_router.source_fetches",
+                "flag_router.source_updates",
+                "flag_router.source_errors"
+            ]
+        );
     }
 
     #[test]

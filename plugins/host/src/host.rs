@@ -5,6 +5,7 @@
 //! cannot), so a hostcall cannot creep into them.
 
 use crate::ffi::{self, REQUEST_HEADERS};
+use edge_core::headers::HeaderEdits;
 use edge_core::request::{client_ip, RequestView};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{NewRootContext, Status};
@@ -214,34 +215,28 @@ fn worker_seed(plugin: &str, namespace: &str, random: u64) -> u64 {
     seed
 }
 
-/// Sets (or, with `None`, removes) a request header. False when the host refused, e.g. after
-/// the headers went on; the SDK's wrapper would trap instead.
-fn set_request_header(name: &str, value: Option<&[u8]>) -> bool {
-    ffi::set_header(ffi::REQUEST_HEADERS, name, value) == ffi::OK
+/// Applies a policy's edits to the request. False when the host refused any of them (the
+/// caller logs: a header the plugin promised to strip may still be there).
+pub fn edit_request_headers<S: AsRef<str>>(edits: &HeaderEdits<S>) -> bool {
+    edit_headers(ffi::REQUEST_HEADERS, edits)
 }
 
-/// Removes `remove`, then sets `set`, on the request: a plugin's header edits in one place.
-/// False when the host refused any of them (the caller logs: a header the plugin promised to
-/// strip may still be there).
-pub fn edit_request_headers<R, K, V>(remove: &[R], set: &[(K, V)]) -> bool
-where
-    R: AsRef<str>,
-    K: AsRef<str>,
-    V: AsRef<[u8]>,
-{
+/// Applies a policy's edits to the response; false when the host refused any of them.
+pub fn edit_response_headers<S: AsRef<str>>(edits: &HeaderEdits<S>) -> bool {
+    edit_headers(ffi::RESPONSE_HEADERS, edits)
+}
+
+/// Removes, then sets, in header map `map`: every plugin's header edits in one place. A
+/// refusal (e.g. after the headers went on) is a `false`, where the SDK's wrapper would trap.
+fn edit_headers<S: AsRef<str>>(map: u32, edits: &HeaderEdits<S>) -> bool {
     let mut all = true;
-    for name in remove {
-        all &= set_request_header(name.as_ref(), None);
+    for name in &edits.remove {
+        all &= ffi::set_header(map, name.as_ref(), None) == ffi::OK;
     }
-    for (name, value) in set {
-        all &= set_request_header(name.as_ref(), Some(value.as_ref()));
+    for (name, value) in &edits.set {
+        all &= ffi::set_header(map, name.as_ref(), Some(value.as_ref().as_bytes())) == ffi::OK;
     }
     all
-}
-
-/// Sets (or removes) a response header; false when the host refused.
-pub fn set_response_header(name: &str, value: Option<&[u8]>) -> bool {
-    ffi::set_header(ffi::RESPONSE_HEADERS, name, value) == ffi::OK
 }
 
 /// Starts the root context's periodic `on_tick`; the host's status when it refuses.

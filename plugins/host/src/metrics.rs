@@ -2,27 +2,54 @@
 //! counter, never a trap) and incremented with [`crate::host::count`].
 
 use std::collections::HashMap;
+use std::marker::PhantomData;
 
 use crate::ffi;
 use crate::host::count;
+use edge_core::metrics::{self, Counter};
 
-/// A fixed set of counters defined at configure time, incremented by index.
-#[derive(Default)]
-pub struct Counters(Vec<Option<u32>>);
+/// A plugin's counters, the variants of its [`Counter`] enum: defined at configure time,
+/// counted by variant. One set per prefix (`cached_fallback`, or `rate_limit.<rule>` per rule).
+pub struct Counters<C> {
+    ids: Vec<Option<u32>>,
+    kind: PhantomData<C>,
+}
 
-impl Counters {
-    pub fn define<S: AsRef<str>>(names: impl IntoIterator<Item = S>) -> Counters {
-        Counters(
-            names
-                .into_iter()
-                .map(|n| ffi::define_counter(n.as_ref()))
-                .collect(),
-        )
+impl<C> Default for Counters<C> {
+    /// No counters (before the first configuration): adding counts nothing.
+    fn default() -> Self {
+        Counters {
+            ids: Vec::new(),
+            kind: PhantomData,
+        }
+    }
+}
+
+impl<C: Counter> Counters<C> {
+    /// `<prefix>.<name>` for every counter of `C`.
+    pub fn define(prefix: &str) -> Self {
+        Self::define_sets(&[prefix])
     }
 
-    /// Adds `n` to counter `index` (nothing for an unknown index, a refused definition or 0).
-    pub fn add(&self, index: usize, n: u64) {
-        if let (Some(Some(id)), true) = (self.0.get(index), n > 0) {
+    /// One set of `C`'s counters for each prefix.
+    pub fn define_sets(prefixes: &[impl AsRef<str>]) -> Self {
+        Counters {
+            ids: metrics::names::<C>(prefixes)
+                .iter()
+                .map(|n| ffi::define_counter(n))
+                .collect(),
+            kind: PhantomData,
+        }
+    }
+
+    /// Adds `n` to `c` (of the first set).
+    pub fn add(&self, c: C, n: u64) {
+        self.add_in(0, c, n);
+    }
+
+    /// Adds `n` to `c` of set `set` (nothing for a set not defined, a refused definition or 0).
+    pub fn add_in(&self, set: usize, c: C, n: u64) {
+        if let (Some(Some(id)), true) = (self.ids.get(metrics::index(set, c)), n > 0) {
             count(*id, n);
         }
     }

@@ -1,5 +1,6 @@
 //! The plugin configuration, read and checked once at load; every error names its field.
 
+use edge_core::config::{StatusBounds, Statuses};
 use edge_core::key::KeyPart;
 use edge_core::route::Route;
 use edge_core::{parse_json, ConfigError, Node};
@@ -21,52 +22,19 @@ pub struct Config {
     pub max_total_bytes: u64,
     /// Response bodies one worker holds in copies at once.
     pub max_buffered_bytes: u64,
+    /// Statuses whose responses are kept (`storeStatuses`, default 2xx-4xx).
     pub store_statuses: Statuses,
+    /// What the configuration said that still works but is deprecated, for the log.
+    pub warnings: Vec<String>,
 }
 
-/// Status ranges whose responses are kept, e.g. `"2xx-4xx"` or `"200-299, 409"`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Statuses(pub Vec<(u16, u16)>);
-
-impl Statuses {
-    pub fn contains(&self, status: u16) -> bool {
-        self.0.iter().any(|(lo, hi)| (*lo..=*hi).contains(&status))
-    }
-
-    /// Terms separated by commas: `NNN`, `Nxx`, or a range of either (`2xx-4xx`, `200-204`).
-    pub fn parse(text: &str) -> Result<Statuses, String> {
-        let bound = |t: &str, high: bool| -> Result<u16, String> {
-            let t = t.trim();
-            let lower = t.to_ascii_lowercase();
-            let n = if let Some(d) = lower.strip_suffix("xx").filter(|d| d.len() == 1) {
-                d.parse::<u16>()
-                    .map(|d| d * 100 + if high { 99 } else { 0 })
-            } else if t.len() == 3 {
-                t.parse::<u16>()
-            } else {
-                return Err(format!("\"{t}\" is not a status (NNN) or class (Nxx)"));
-            }
-            .map_err(|_| format!("\"{t}\" is not a status (NNN) or class (Nxx)"))?;
-            if (100..=599).contains(&n) {
-                Ok(n)
-            } else {
-                Err(format!("\"{t}\" is outside 100-599"))
-            }
-        };
-        let mut out = Vec::new();
-        for term in text.split(',') {
-            let (lo, hi) = match term.split_once('-') {
-                Some((a, b)) => (bound(a, false)?, bound(b, true)?),
-                None => (bound(term, false)?, bound(term, true)?),
-            };
-            if lo > hi {
-                return Err(format!("\"{}\" is an empty range", term.trim()));
-            }
-            out.push((lo, hi));
-        }
-        Ok(Statuses(out))
-    }
-}
+/// What `storeStatuses` may list: any status.
+const STORE_STATUSES: StatusBounds<'static> = StatusBounds {
+    lo: 100,
+    hi: 599,
+    what: "a status",
+    refused: &[],
+};
 
 const FIELDS: &[&str] = &[
     "routes",
@@ -102,6 +70,9 @@ impl Config {
             .opt("inFlightTimeout", |n| n.positive_duration_ns())?
             .unwrap_or(30_000_000_000);
         let limits = o.byte_limits(128 << 20)?;
+        let store_statuses = o.statuses("storeStatuses", &STORE_STATUSES)?;
+        let mut warnings = Vec::new();
+        warnings.extend(store_statuses.as_ref().and_then(|l| l.deprecated.clone()));
         Ok(Config {
             routes: o.list("routes", Route::read)?,
             methods,
@@ -112,7 +83,11 @@ impl Config {
             scope,
             ttl_ns,
             in_flight_timeout_ns,
-            fingerprint: o.opt("fingerprint", |n| n.one_of(&["body", "none"]))? != Some(1),
+            fingerprint: o
+                .opt("fingerprint", |n| {
+                    n.one_of(&[("body", true), ("none", false)])
+                })?
+                .unwrap_or(true),
             max_key_length: o
                 .opt("maxKeyLength", |n| n.u64_in(1, 8192))?
                 .map_or(255, |v| usize::try_from(v).unwrap_or(255)),
@@ -122,11 +97,9 @@ impl Config {
                 .map_or(100_000, |v| u32::try_from(v).unwrap_or(100_000)),
             max_total_bytes: limits.max_total,
             max_buffered_bytes: limits.max_buffered,
-            store_statuses: o
-                .opt("storeStatuses", |n| {
-                    Statuses::parse(n.str()?).map_err(|m| n.err(m))
-                })?
-                .unwrap_or_else(|| Statuses(vec![(200, 499)])),
+            store_statuses: store_statuses
+                .map_or_else(|| Statuses(vec![(200, 499)]), |l| l.statuses),
+            warnings,
         })
     }
 }
@@ -172,7 +145,7 @@ mod tests {
             "header":"Idempotency-Key","required":true,"scope":[{"source":"clientIp"}],
             "ttl":"1h","inFlightTimeout":"5s","fingerprint":"none","maxKeyLength":64,
             "maxBodyBytes":1000,"maxEntries":10,"maxTotalBytes":5000,
-            "storeStatuses":"200-204, 409"}"#,
+            "storeStatuses":["200-204", 409]}"#,
         )
         .unwrap();
         assert_eq!(c.routes.len(), 1);
@@ -185,7 +158,27 @@ mod tests {
             (3_600_000_000_000, 5_000_000_000)
         );
         assert_eq!(c.store_statuses, Statuses(vec![(200, 204), (409, 409)]));
+        assert!(c.warnings.is_empty());
         assert_eq!(Config::parse(br#"{"scope":[]}"#).unwrap().scope, []);
+    }
+
+    #[test]
+    fn store_statuses_as_the_old_string_are_read_with_a_deprecation_warning() {
+        let c = Config::parse(br#"{"storeStatuses":"2xx, 409"}"#).unwrap();
+        assert_eq!(c.store_statuses, Statuses(vec![(200, 299), (409, 409)]));
+        assert_eq!(
+            c.warnings,
+            [
+                "storeStatuses: a string of statuses is deprecated and will be refused in a \
+              later release; write a list: [\"2xx\", \"409\"]"
+            ]
+        );
+        let c = Config::parse(br#"{"storeStatuses":["2xx", "409"]}"#).unwrap();
+        assert_eq!(c.store_statuses, Statuses(vec![(200, 299), (409, 409)]));
+        assert!(c.warnings.is_empty());
+        assert!(err(r#"{"storeStatuses":[700]}"#)
+            .starts_with("storeStatuses[0]: 700 is not a status (100-599)"));
+        assert!(err(r#"{"storeStatuses":["4xx-2xx"]}"#).starts_with("storeStatuses[0]:"));
     }
 
     #[test]

@@ -3,7 +3,8 @@
 
 use crate::config::Config;
 use crate::policy::{
-    Begin, BodyFingerprint, BodyPlan, Claim, Completion, Fate, Feed, Idempotency, Identify, Problem,
+    Begin, BodyFingerprint, BodyPlan, Claim, Completion, Counter, Fate, Feed, Idempotency,
+    Identify, Problem,
 };
 use edge_core::problem::Reply;
 use edge_core::stored::ResponseCopy;
@@ -16,32 +17,13 @@ use edge_host::host::{
 };
 use std::rc::Rc;
 
-/// Counters, `idempotency.<name>` (in Envoy: `wasmcustom.idempotency.<name>`).
-const COUNTERS: [&str; 12] = [
-    "forwarded",
-    "replayed",
-    "stored",
-    "released",
-    "evicted",
-    "conflict_409",
-    "mismatch_422",
-    "rejected_400",
-    "rejected_413",
-    "unavailable_503",
-    "lost",
-    "unrecorded",
-];
-
 /// The counters, and the throttle of this worker's warnings.
 #[derive(Default)]
-struct Metrics(Counters, Throttle);
+struct Metrics(Counters<Counter>, Throttle);
 
 impl Metrics {
     fn define() -> Metrics {
-        Metrics(
-            Counters::define(COUNTERS.map(|n| format!("idempotency.{n}"))),
-            Throttle::default(),
-        )
+        Metrics(Counters::define("idempotency"), Throttle::default())
     }
 
     /// Warnings that can come with every request (a failing store): one line per interval.
@@ -49,10 +31,8 @@ impl Metrics {
         warn_throttled(&self.1, line);
     }
 
-    fn add(&self, name: &str, n: u64) {
-        if let Some(i) = COUNTERS.iter().position(|c| *c == name) {
-            self.0.add(i, n);
-        }
+    fn add(&self, c: Counter, n: u64) {
+        self.0.add(c, n);
     }
 }
 
@@ -69,6 +49,9 @@ impl RootContext for IdempotencyRoot {
         let Some(config) = load_config("idempotency", Config::parse) else {
             return false;
         };
+        for w in &config.warnings {
+            log::warn!("idempotency: {w}");
+        }
         let (namespace, seed) = namespace_and_seed("idempotency", "idempotency");
         log::info!(
             "idempotency: header {}, {} route(s), up to {} records",
@@ -134,15 +117,16 @@ impl IdempotencyStream {
 
     fn decide(&mut self, policy: &Idempotency, key: u64, fingerprint: Option<[u8; 32]>) -> Action {
         let begin = policy.begin(&SharedData, key, fingerprint, now_ns());
-        self.metrics.add("evicted", policy.table().take_evictions());
+        self.metrics
+            .add(Counter::Evicted, policy.table().take_evictions());
         match begin {
             Begin::Forward(claim) => {
-                self.metrics.add("forwarded", 1);
+                self.metrics.add(Counter::Forwarded, 1);
                 self.phase = Phase::Claimed(claim);
                 Action::Continue
             }
             Begin::Replay(reply) => {
-                self.metrics.add("replayed", 1);
+                self.metrics.add(Counter::Replayed, 1);
                 self.reply(&reply)
             }
             Begin::Refuse(problem, detail) => self.refuse(policy, problem, &detail),
@@ -158,10 +142,10 @@ impl IdempotencyStream {
         };
         match policy.release(&SharedData, &claim) {
             Ok(true) => {
-                self.metrics.add("released", 1);
+                self.metrics.add(Counter::Released, 1);
                 log::debug!("idempotency: key released: {why}");
             }
-            Ok(false) => self.metrics.add("lost", 1),
+            Ok(false) => self.metrics.add(Counter::Lost, 1),
             Err(e) => self
                 .metrics
                 .warn(|| format!("idempotency: cannot release a key ({why}): {e}")),
@@ -187,9 +171,9 @@ impl IdempotencyStream {
             return;
         };
         match policy.complete(&SharedData, &claim, copy.finish(), now_ns()) {
-            Ok(Completion::Stored) => self.metrics.add("stored", 1),
+            Ok(Completion::Stored) => self.metrics.add(Counter::Stored, 1),
             Ok(Completion::StoredWithoutResponse) => {
-                self.metrics.add("stored", 1);
+                self.metrics.add(Counter::Stored, 1);
                 self.metrics.warn(|| {
                     "idempotency: a response could not be kept whole (maxBodyBytes, \
                      maxBufferedBytes, maxTotalBytes, or the stream was cut short); duplicates \
@@ -198,7 +182,7 @@ impl IdempotencyStream {
                 });
             }
             Ok(Completion::Lost) => {
-                self.metrics.add("lost", 1);
+                self.metrics.add(Counter::Lost, 1);
                 self.metrics.warn(|| {
                     "idempotency: a request outlived inFlightTimeout and its key was taken by a retry"
                         .into()
@@ -208,13 +192,14 @@ impl IdempotencyStream {
             // The claim stays until `inFlightTimeout` (duplicates get 409 meanwhile) and is
             // then counted as lost.
             Err(e) => {
-                self.metrics.add("unrecorded", 1);
+                self.metrics.add(Counter::Unrecorded, 1);
                 self.metrics.warn(|| {
                     format!("idempotency: cannot record a completed request, its key stays claimed: {e}")
                 });
             }
         }
-        self.metrics.add("evicted", policy.table().take_evictions());
+        self.metrics
+            .add(Counter::Evicted, policy.table().take_evictions());
     }
 }
 

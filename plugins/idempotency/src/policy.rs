@@ -5,7 +5,8 @@
 use crate::config::Config;
 use crate::record::{age, Age, Meta, State};
 use edge_core::key::{KeyHasher, KeyPart};
-use edge_core::problem::{problem_json, Reply};
+use edge_core::metrics;
+use edge_core::problem::{problem_json, retry_after, Reply};
 use edge_core::sha256::Sha256;
 use edge_core::stored::{Copied, CopyBudget, ResponseCopy, StoredResponse};
 use edge_core::table::{Claim as TableClaim, Found, Record, Table};
@@ -51,6 +52,57 @@ pub fn parse_key(raw: &[u8], max_len: usize) -> Result<Vec<u8>, String> {
     Ok(key)
 }
 
+/// The counters, `idempotency.<name>` (in Envoy: `wasmcustom.idempotency.<name>`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    Forwarded,
+    Replayed,
+    Stored,
+    Released,
+    Evicted,
+    Conflict409,
+    Mismatch422,
+    Rejected400,
+    Rejected413,
+    Unavailable503,
+    Lost,
+    Unrecorded,
+}
+
+impl metrics::Counter for Counter {
+    const ALL: &'static [Counter] = &[
+        Counter::Forwarded,
+        Counter::Replayed,
+        Counter::Stored,
+        Counter::Released,
+        Counter::Evicted,
+        Counter::Conflict409,
+        Counter::Mismatch422,
+        Counter::Rejected400,
+        Counter::Rejected413,
+        Counter::Unavailable503,
+        Counter::Lost,
+        Counter::Unrecorded,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Counter::Forwarded => "forwarded",
+            Counter::Replayed => "replayed",
+            Counter::Stored => "stored",
+            Counter::Released => "released",
+            Counter::Evicted => "evicted",
+            Counter::Conflict409 => "conflict_409",
+            Counter::Mismatch422 => "mismatch_422",
+            Counter::Rejected400 => "rejected_400",
+            Counter::Rejected413 => "rejected_413",
+            Counter::Unavailable503 => "unavailable_503",
+            Counter::Lost => "lost",
+            Counter::Unrecorded => "unrecorded",
+        }
+    }
+}
+
 /// Why a request is refused before it reaches the store.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Problem {
@@ -75,13 +127,13 @@ impl Problem {
     }
 
     /// The counter it adds to.
-    pub fn counter(self) -> &'static str {
+    pub fn counter(self) -> Counter {
         match self {
-            Problem::Missing | Problem::Invalid => "rejected_400",
-            Problem::TooLarge => "rejected_413",
-            Problem::InFlight | Problem::Unreplayable => "conflict_409",
-            Problem::Mismatch => "mismatch_422",
-            Problem::Unavailable => "unavailable_503",
+            Problem::Missing | Problem::Invalid => Counter::Rejected400,
+            Problem::TooLarge => Counter::Rejected413,
+            Problem::InFlight | Problem::Unreplayable => Counter::Conflict409,
+            Problem::Mismatch => Counter::Mismatch422,
+            Problem::Unavailable => Counter::Unavailable503,
         }
     }
 
@@ -111,7 +163,7 @@ impl Problem {
         let status = self.status();
         let mut headers = Vec::new();
         if matches!(self, Problem::InFlight | Problem::Unavailable) {
-            headers.push(("retry-after".into(), b"1".to_vec()));
+            headers.push(retry_after(1));
         }
         Reply::problem(
             status,
@@ -263,7 +315,7 @@ impl Idempotency {
     ) -> Begin {
         match self.try_begin(store, key, fingerprint, now_ns) {
             Ok(b) => b,
-            Err(e) => Begin::Refuse(Problem::Unavailable, e.0),
+            Err(e) => Begin::Refuse(Problem::Unavailable, e.to_string()),
         }
     }
 
@@ -558,6 +610,28 @@ mod tests {
     use edge_core::store::MemoryStore;
     use edge_core::stored::Dropped;
     use edge_core::RequestParts;
+
+    #[test]
+    fn counters_keep_their_names() {
+        let names = metrics::names::<Counter>(&["idempotency"]);
+        assert_eq!(
+            names,
+            [
+                "idempotency.forwarded",
+                "idempotency.replayed",
+                "idempotency.stored",
+                "idempotency.released",
+                "idempotency.evicted",
+                "idempotency.conflict_409",
+                "idempotency.mismatch_422",
+                "idempotency.rejected_400",
+                "idempotency.rejected_413",
+                "idempotency.unavailable_503",
+                "idempotency.lost",
+                "idempotency.unrecorded",
+            ]
+        );
+    }
 
     const S: u64 = 1_000_000_000;
 

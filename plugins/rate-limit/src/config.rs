@@ -17,11 +17,23 @@ pub enum Mode {
     Shadow,
 }
 
+impl Mode {
+    /// The words of `mode`.
+    pub const WORDS: [(&'static str, Mode); 2] =
+        [("enforce", Mode::Enforce), ("shadow", Mode::Shadow)];
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum FailureMode {
     #[default]
     Allow,
     Deny,
+}
+
+impl FailureMode {
+    /// The words of `failureMode`.
+    pub const WORDS: [(&'static str, FailureMode); 2] =
+        [("allow", FailureMode::Allow), ("deny", FailureMode::Deny)];
 }
 
 /// A validated configuration.
@@ -65,14 +77,12 @@ impl Config {
         let root = Node::root(&json);
         let o = root.obj(&["mode", "failureMode", "responseHeaders", "status", "rules"])?;
         let status = o.opt("status", error_status)?.unwrap_or(429);
-        let mode = match o.opt("mode", |n| n.one_of(&["enforce", "shadow"]))? {
-            Some(1) => Mode::Shadow,
-            _ => Mode::Enforce,
-        };
-        let failure_mode = match o.opt("failureMode", |n| n.one_of(&["allow", "deny"]))? {
-            Some(1) => FailureMode::Deny,
-            _ => FailureMode::Allow,
-        };
+        let mode = o
+            .opt("mode", |n| n.one_of(&Mode::WORDS))?
+            .unwrap_or_default();
+        let failure_mode = o
+            .opt("failureMode", |n| n.one_of(&FailureMode::WORDS))?
+            .unwrap_or_default();
         let response_headers = o.opt("responseHeaders", |n| n.bool())?.unwrap_or(true);
         if !o.has("rules") {
             return Err(o.err("rules", "required: list at least one rule"));

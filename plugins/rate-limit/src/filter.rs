@@ -2,10 +2,11 @@
 //! decision into a local reply or added headers, counters and log lines.
 
 use crate::config::Config;
-use crate::policy::{Action as Verdict, Limiter};
+use crate::policy::{Action as Verdict, Limiter, Outcome};
+use edge_core::headers::HeaderEdits;
 use edge_core::throttle::Throttle;
 use edge_host::host::{
-    answer, edit_request_headers, load_config, namespace_and_seed, now_ns, set_response_header,
+    answer, edit_request_headers, edit_response_headers, load_config, namespace_and_seed, now_ns,
     warn_throttled, Action, Context, ContextType, Counters, HostRequest, HttpContext, RootContext,
     SharedData,
 };
@@ -13,7 +14,7 @@ use std::rc::Rc;
 
 /// The counters, and the throttle of this worker's warnings.
 #[derive(Default)]
-struct Metrics(Counters, Throttle);
+struct Metrics(Counters<Outcome>, Throttle);
 
 #[derive(Default)]
 pub struct RateLimitRoot {
@@ -29,7 +30,7 @@ impl RootContext for RateLimitRoot {
             return false;
         };
         let (namespace, seed) = namespace_and_seed("rate-limit", "rate_limit");
-        let metrics = Counters::define(Limiter::counter_names(&config));
+        let metrics = Counters::define_sets(&Limiter::counter_sets(&config));
         log::info!(
             "rate-limit: {} rule(s), mode {:?}",
             config.rules.len(),
@@ -48,7 +49,7 @@ impl RootContext for RateLimitRoot {
         Some(Box::new(RateLimitStream {
             limiter: self.limiter.clone(),
             metrics: self.metrics.clone(),
-            response_headers: Vec::new(),
+            response_headers: HeaderEdits::default(),
         }))
     }
 }
@@ -56,7 +57,7 @@ impl RootContext for RateLimitRoot {
 pub struct RateLimitStream {
     limiter: Option<Rc<Limiter>>,
     metrics: Rc<Metrics>,
-    response_headers: Vec<(String, String)>,
+    response_headers: HeaderEdits,
 }
 
 impl Context for RateLimitStream {}
@@ -68,7 +69,7 @@ impl HttpContext for RateLimitStream {
         };
         let d = limiter.check(&HostRequest, now_ns(), &SharedData);
         for r in &d.results {
-            self.metrics.0.add(Limiter::counter(r.rule, r.outcome), 1);
+            self.metrics.0.add_in(r.rule, r.outcome, 1);
         }
         // Store failures come with every request while they last: one line per interval.
         if let Some(e) = d.errors.first() {
@@ -101,17 +102,13 @@ impl HttpContext for RateLimitStream {
             log::debug!("rate-limit: {}", parts.join("; "));
         }
         match d.action {
-            Verdict::Continue {
-                remove_upstream,
-                upstream_headers,
-                response_headers,
-            } => {
-                if !edit_request_headers(&remove_upstream, &upstream_headers) {
+            Verdict::Continue { upstream, response } => {
+                if !edit_request_headers(&upstream) {
                     warn_throttled(&self.metrics.1, || {
                         "rate-limit: the host refused a request header edit".into()
                     });
                 }
-                self.response_headers = response_headers;
+                self.response_headers = response;
                 Action::Continue
             }
             // A limited request (or `failureMode: deny`'s 503) never reaches the upstream,
@@ -121,9 +118,8 @@ impl HttpContext for RateLimitStream {
     }
 
     fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
-        for (k, v) in std::mem::take(&mut self.response_headers) {
-            set_response_header(&k, Some(v.as_bytes()));
-        }
+        // A refused quota header is not worth a line: the answer itself is unchanged.
+        let _ = edit_response_headers(&std::mem::take(&mut self.response_headers));
         Action::Continue
     }
 }

@@ -14,8 +14,10 @@
 
 use crate::bucket::{ceil_secs, Bucket, Limit, Take};
 use crate::config::{Config, FailureMode, Mode, Rule};
+use edge_core::headers::HeaderEdits;
 use edge_core::key::{key_hash, KeyHasher};
-use edge_core::problem::{json_string_list, problem_json, Reply};
+use edge_core::metrics::Counter;
+use edge_core::problem::{json_string_list, problem_json, retry_after, retry_after_secs, Reply};
 use edge_core::store::{contended, get_or_create, update, Write};
 use edge_core::text;
 use edge_core::{RequestView, SlotStore, StoreError};
@@ -39,17 +41,16 @@ pub enum Outcome {
     StoreError,
 }
 
-impl Outcome {
-    /// Every outcome, in the order of [`Outcome::counter`] names.
-    pub const ALL: [Outcome; 4] = [
+/// Each outcome is a counter of its rule's, `rate_limit.<rule>.<outcome>`.
+impl Counter for Outcome {
+    const ALL: &'static [Outcome] = &[
         Outcome::Allowed,
         Outcome::Limited,
         Outcome::ShadowLimited,
         Outcome::StoreError,
     ];
 
-    /// The rule's counter this outcome increments (`rate_limit.<rule>.<counter>`).
-    pub fn counter(self) -> &'static str {
+    fn name(self) -> &'static str {
         match self {
             Outcome::Allowed => "allowed",
             Outcome::Limited => "limited",
@@ -75,12 +76,10 @@ pub struct RuleResult {
 /// What the filter does with the request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
-    /// Forward it: remove `remove_upstream`, then add `upstream_headers` to the request; add
-    /// `response_headers` to the response.
+    /// Forward it with these edits of the request, and of the response when it comes.
     Continue {
-        remove_upstream: Vec<String>,
-        upstream_headers: Vec<(String, String)>,
-        response_headers: Vec<(String, String)>,
+        upstream: HeaderEdits,
+        response: HeaderEdits,
     },
     /// Answer locally.
     Reply(Reply),
@@ -90,8 +89,8 @@ pub enum Action {
 pub struct Decision {
     pub results: Vec<RuleResult>,
     pub action: Action,
-    /// Store failures, for the warning log.
-    pub errors: Vec<String>,
+    /// Store failures (each naming its rule), for the warning log; `failureMode` decided.
+    pub errors: Vec<StoreError>,
 }
 
 /// The compiled limiter: a config plus the namespace of its keys in the store.
@@ -166,6 +165,16 @@ fn fingerprint(l: &Limit) -> u64 {
         .finish()
 }
 
+/// The bucket a request is charged to: rule `index` (`rule`, whose limit has fingerprint
+/// `fp`) for the client key `key`.
+#[derive(Clone, Copy)]
+struct Target<'r> {
+    index: usize,
+    rule: &'r Rule,
+    fp: u64,
+    key: u64,
+}
+
 struct Taken {
     take: Take,
     slot_key: String,
@@ -196,19 +205,14 @@ impl Limiter {
         }
     }
 
-    /// The counters, `rate_limit.<rule>.<outcome>`, in the order [`Limiter::counter`] indexes.
-    pub fn counter_names(config: &Config) -> Vec<String> {
+    /// The prefix of each rule's set of [`Outcome`] counters, `rate_limit.<rule>`, in rule
+    /// order (a result's `rule` is its set).
+    pub fn counter_sets(config: &Config) -> Vec<String> {
         config
             .rules
             .iter()
-            .flat_map(|r| Outcome::ALL.map(|o| format!("rate_limit.{}.{}", r.name, o.counter())))
+            .map(|r| format!("rate_limit.{}", r.name))
             .collect()
-    }
-
-    /// The index in [`Limiter::counter_names`] of rule `rule`'s `outcome` counter.
-    pub fn counter(rule: usize, outcome: Outcome) -> usize {
-        let at = Outcome::ALL.iter().position(|x| *x == outcome).unwrap_or(0);
-        rule * Outcome::ALL.len() + at
     }
 
     /// Decides on one request at `now_ns` (wall clock, nanoseconds).
@@ -223,7 +227,13 @@ impl Limiter {
             }
             let key = key_hash(self.seed, &rule.name, &rule.key, req);
             let fp = self.fingerprints.get(i).copied().unwrap_or(1);
-            match self.take(i, rule, fp, key, now_ns, store) {
+            let target = Target {
+                index: i,
+                rule,
+                fp,
+                key,
+            };
+            match self.take(&target, now_ns, store) {
                 Ok(t) => {
                     let outcome = match (t.take.allowed, self.config.mode) {
                         (true, _) => Outcome::Allowed,
@@ -240,7 +250,7 @@ impl Limiter {
                     taken.push((i, t));
                 }
                 Err(e) => {
-                    errors.push(format!("rule {}: {e}", rule.name));
+                    errors.push(StoreError(format!("rule {}: {e}", rule.name)));
                     results.push(RuleResult {
                         rule: i,
                         outcome: Outcome::StoreError,
@@ -288,23 +298,27 @@ impl Limiter {
                 .filter_map(|r| self.config.rules.get(r.rule).map(|x| x.name.as_str()))
                 .collect();
             Action::Continue {
-                // In shadow mode a client-sent marker is always dropped: it could fake a verdict.
-                remove_upstream: if self.config.mode == Mode::Shadow {
-                    vec![SHADOW_HEADER.into()]
-                } else {
-                    Vec::new()
+                upstream: HeaderEdits {
+                    // In shadow mode a client-sent marker is always dropped: it could fake a
+                    // verdict.
+                    remove: if self.config.mode == Mode::Shadow {
+                        vec![SHADOW_HEADER.into()]
+                    } else {
+                        Vec::new()
+                    },
+                    set: if shadow.is_empty() {
+                        Vec::new()
+                    } else {
+                        vec![(SHADOW_HEADER.into(), shadow.join(", "))]
+                    },
                 },
-                upstream_headers: if shadow.is_empty() {
-                    Vec::new()
-                } else {
-                    vec![(SHADOW_HEADER.into(), shadow.join(", "))]
-                },
-                response_headers: if self.config.response_headers
-                    && self.config.mode == Mode::Enforce
-                {
-                    self.quota_headers(&taken)
-                } else {
-                    Vec::new()
+                response: HeaderEdits {
+                    remove: Vec::new(),
+                    set: if self.config.response_headers && self.config.mode == Mode::Enforce {
+                        self.quota_headers(&taken)
+                    } else {
+                        Vec::new()
+                    },
                 },
             }
         };
@@ -358,13 +372,12 @@ impl Limiter {
             .collect();
         let retry = limited
             .iter()
-            .map(|(_, t)| ceil_secs(t.take.retry_after_ns))
+            .map(|(_, t)| retry_after_secs(t.take.retry_after_ns))
             .max()
-            .unwrap_or(1)
-            .max(1);
+            .unwrap_or(1);
         let status = limited.first().map(|(r, _)| r.status).unwrap_or(429);
         let names: Vec<&str> = limited.iter().map(|(r, _)| r.name.as_str()).collect();
-        let mut headers = vec![("retry-after".to_string(), retry.to_string().into_bytes())];
+        let mut headers = vec![retry_after(retry)];
         if self.config.response_headers {
             headers.extend(
                 self.quota_headers(taken)
@@ -394,15 +407,13 @@ impl Limiter {
     }
 
     /// Takes a token from the key's bucket (see the module docs for the slot search).
-    fn take(
-        &self,
-        i: usize,
-        rule: &Rule,
-        fp: u64,
-        key: u64,
-        now: u64,
-        store: &impl SlotStore,
-    ) -> Result<Taken, StoreError> {
+    fn take(&self, t: &Target<'_>, now: u64, store: &impl SlotStore) -> Result<Taken, StoreError> {
+        let Target {
+            index: i,
+            rule,
+            fp,
+            key,
+        } = *t;
         let empty = Slot::default().encode();
         let n = rule.max_keys.max(1);
         let home = u32::try_from(key % u64::from(n)).unwrap_or(0);
@@ -459,7 +470,7 @@ impl Limiter {
                 // written: once another request has taken from this bucket, emptying it would
                 // lose that token, so it stays and the other claim yields instead.
                 if claiming
-                    && self.claimed_elsewhere(i, rule, fp, key, home, &slot_key, store)?
+                    && self.claimed_elsewhere(t, home, &slot_key, store)?
                     && self.give_up(&slot_key, &slot.encode(), &empty, store)?
                 {
                     continue;
@@ -492,18 +503,20 @@ impl Limiter {
         }
     }
 
-    /// Whether another probed slot than `mine` holds `key`'s current bucket.
-    #[allow(clippy::too_many_arguments)]
+    /// Whether another probed slot than `mine` holds the target key's current bucket.
     fn claimed_elsewhere(
         &self,
-        i: usize,
-        rule: &Rule,
-        fp: u64,
-        key: u64,
+        t: &Target<'_>,
         home: u32,
         mine: &str,
         store: &impl SlotStore,
     ) -> Result<bool, StoreError> {
+        let Target {
+            index: i,
+            rule,
+            fp,
+            key,
+        } = *t;
         let n = rule.max_keys.max(1);
         for p in 0..PROBES.min(n) {
             let other = self.slot_key(i, Some((home + p) % n));
@@ -719,12 +732,7 @@ mod tests {
 
     fn header<'a>(d: &'a Decision, name: &str) -> Option<&'a str> {
         match &d.action {
-            Action::Continue {
-                response_headers, ..
-            } => response_headers
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.as_str()),
+            Action::Continue { response, .. } => response.get(name),
             Action::Reply(r) => r.header(name).and_then(|v| std::str::from_utf8(v).ok()),
         }
     }
@@ -867,36 +875,25 @@ mod tests {
         assert_eq!(status(&l.check(&from("10.0.0.1:1"), 0, &s)), 200);
         let d = l.check(&from("10.0.0.1:1"), 0, &s);
         assert_eq!(d.results[0].outcome, Outcome::ShadowLimited);
-        let Action::Continue {
-            remove_upstream,
-            upstream_headers,
-            response_headers,
-        } = &d.action
-        else {
+        let Action::Continue { upstream, response } = &d.action else {
             panic!("shadow mode rejected: {d:?}")
         };
-        assert_eq!(remove_upstream, &["x-ratelimit-shadow".to_string()]);
+        assert_eq!(upstream.remove, ["x-ratelimit-shadow".to_string()]);
         assert_eq!(
-            upstream_headers,
-            &[("x-ratelimit-shadow".to_string(), "per-ip".to_string())]
+            upstream.set,
+            [("x-ratelimit-shadow".to_string(), "per-ip".to_string())]
         );
-        assert!(
-            response_headers.is_empty(),
-            "clients see no change in shadow mode"
-        );
+        assert!(response.is_empty(), "clients see no change in shadow mode");
     }
 
     #[test]
     fn enforce_mode_leaves_client_headers_alone() {
         let l = per_ip(1, "60s", "");
         let d = l.check(&from("10.0.0.1:1"), 0, &MemoryStore::new());
-        let Action::Continue {
-            remove_upstream, ..
-        } = &d.action
-        else {
+        let Action::Continue { upstream, .. } = &d.action else {
             panic!("{d:?}")
         };
-        assert!(remove_upstream.is_empty());
+        assert!(upstream.remove.is_empty());
     }
 
     #[test]
@@ -905,9 +902,9 @@ mod tests {
             r#"{"rules":[{"name":"a","limit":{"requests":1,"window":"1s"}},
                          {"name":"b","limit":{"requests":1,"window":"1s"}}]}"#,
         );
-        let names = Limiter::counter_names(&l.config);
+        let names = edge_core::metrics::names::<Outcome>(&Limiter::counter_sets(&l.config));
         assert_eq!(names.len(), 8);
-        let name = |rule, o| names[Limiter::counter(rule, o)].as_str();
+        let name = |rule, o| names[edge_core::metrics::index(rule, o)].as_str();
         assert_eq!(name(0, Outcome::Allowed), "rate_limit.a.allowed");
         assert_eq!(name(0, Outcome::StoreError), "rate_limit.a.store_errors");
         assert_eq!(name(1, Outcome::Limited), "rate_limit.b.limited");
@@ -925,9 +922,13 @@ mod tests {
             r#"{"rules":[{"name":"fast","limit":{"requests":1000000000,"window":"1s","burst":1}}]}"#,
         );
         let s = MemoryStore::new();
-        let t = l
-            .take(0, &l.config.rules[0], l.fingerprints[0], 5, 0, &s)
-            .unwrap();
+        let target = Target {
+            index: 0,
+            rule: &l.config.rules[0],
+            fp: l.fingerprints[0],
+            key: 5,
+        };
+        let t = l.take(&target, 0, &s).unwrap();
         assert!(t.take.allowed);
         // Another key takes the slot over once the bucket is full again.
         let other = Slot {
