@@ -235,6 +235,8 @@ cmd_test() {
   # tools/package's registry test pushes every module to a real registry and pulls it back.
   ensure_apt_package skopeo skopeo
   ensure_apt_package docker-registry docker-registry
+  # envoy/ratelimit-service's tests count in a real Redis.
+  ensure_apt_package redis-server redis-server
 
   header "1/5 cargo test --workspace --no-fail-fast"
   cargo test --workspace --no-fail-fast
