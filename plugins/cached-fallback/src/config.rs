@@ -134,7 +134,11 @@ impl Config {
                 upstream_reset: true,
                 timeout: true,
             });
-        let store_statuses = o.statuses("storeStatuses", &STORE_STATUSES)?;
+        let store_statuses = o.statuses("storeStatuses", &STORE_STATUSES, |range| match range {
+            (206, 206) => Some("206 cannot be kept: a partial response is not the whole resource"),
+            (304, 304) => Some("304 cannot be kept: it has no content to replay"),
+            _ => None,
+        })?;
         let mut warnings = Vec::new();
         warnings.extend(store_statuses.as_ref().and_then(|l| l.deprecated.clone()));
         let max_stale_ns = o
@@ -204,15 +208,11 @@ impl Config {
     }
 }
 
-/// What `storeStatuses` may list: successes and redirects with content to replay.
+/// What `storeStatuses` may list: successes and redirects (not 206 or 304 on their own).
 const STORE_STATUSES: StatusBounds<'static> = StatusBounds {
     lo: 200,
     hi: 399,
     what: "a success status",
-    refused: &[
-        (206, "a partial response is not the whole resource"),
-        (304, "it has no content to replay"),
-    ],
 };
 
 #[cfg(test)]

@@ -282,28 +282,24 @@ impl<'a> Node<'a> {
     /// One of the given words, as the choice it names: `choices` pairs each word with its
     /// value (`[("enforce", Mode::Enforce), ("shadow", Mode::Shadow)]`).
     pub fn one_of<T: Clone>(&self, choices: &[(&str, T)]) -> Result<T, ConfigError> {
-        let words: Vec<&str> = choices.iter().map(|(w, _)| *w).collect();
-        let i = self.word(&words)?;
-        choices
-            .get(i)
-            .map(|(_, v)| v.clone())
-            .ok_or_else(|| self.err("unknown value"))
+        let s = self.str()?;
+        match choices.iter().find(|(w, _)| *w == s) {
+            Some((_, v)) => Ok(v.clone()),
+            None => Err(self.unknown(s, &choices.iter().map(|(w, _)| *w).collect::<Vec<_>>())),
+        }
     }
 
-    /// The position of this value in `words` (the part of [`Node::one_of`] that is the same
+    /// The error for a word not among `words` (the part of [`Node::one_of`] that is the same
     /// for every type, compiled once).
-    fn word(&self, words: &[&str]) -> Result<usize, ConfigError> {
-        let s = self.str()?;
-        words.iter().position(|w| *w == s).ok_or_else(|| {
-            self.err(format!(
-                "unknown value \"{s}\", expected one of {}",
-                words
-                    .iter()
-                    .map(|w| format!("\"{w}\""))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ))
-        })
+    fn unknown(&self, s: &str, words: &[&str]) -> ConfigError {
+        self.err(format!(
+            "unknown value \"{s}\", expected one of {}",
+            words
+                .iter()
+                .map(|w| format!("\"{w}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
     }
 }
 
@@ -329,12 +325,11 @@ impl Statuses {
 }
 
 /// What a status list may hold: statuses in `lo..=hi` (`what` names them in errors, "a
-/// success status"), and statuses that cannot be listed on their own, with why.
+/// success status").
 pub struct StatusBounds<'a> {
     pub lo: u16,
     pub hi: u16,
     pub what: &'a str,
-    pub refused: &'a [(u16, &'a str)],
 }
 
 /// A status list as read, with the warning to log when it was written in the deprecated form.
@@ -376,22 +371,6 @@ fn status_term(term: &str, lo: u16, hi: u16) -> Result<(u16, u16), String> {
         return Err(format!("\"{}\" is an empty range", term.trim()));
     }
     Ok(range)
-}
-
-impl StatusBounds<'_> {
-    /// A term (`n` holds it, or the string of terms it came from) as a range.
-    fn term(&self, n: Node<'_>, term: &str) -> Result<(u16, u16), ConfigError> {
-        let range = status_term(term, self.lo, self.hi).map_err(|m| n.err(m))?;
-        self.check(n, range)
-    }
-
-    /// Refuses a status that cannot be listed on its own.
-    fn check(&self, n: Node<'_>, range: (u16, u16)) -> Result<(u16, u16), ConfigError> {
-        match self.refused.iter().find(|(s, _)| range == (*s, *s)) {
-            Some((s, why)) => Err(n.err(format!("{s} cannot be kept: {why}"))),
-            None => Ok(range),
-        }
-    }
 }
 
 /// The most `maxBufferedBytes` may be: a wasm32 VM has 4 GiB of memory in all.
@@ -542,51 +521,61 @@ impl<'a> Obj<'a> {
         &self,
         name: &str,
         bounds: &StatusBounds<'_>,
+        refuse: impl Fn((u16, u16)) -> Option<&'static str>,
     ) -> Result<Option<StatusList>, ConfigError> {
+        let (lo, hi) = (bounds.lo, bounds.hi);
         self.opt(name, |n| {
             let mut out = Vec::new();
-            let listed = match n.value {
+            match n.value {
                 Value::Array(items) => {
                     for (i, value) in items.iter().enumerate() {
                         let path = format!("{}[{i}]", n.path);
                         let item = Node { value, path: &path };
-                        out.push(match value {
+                        let range = match value {
                             Value::Number(_) => {
-                                let s = item.status_in(bounds.lo, bounds.hi, bounds.what)?;
-                                bounds.check(item, (s, s))?
+                                let s = item.status_in(lo, hi, bounds.what)?;
+                                (s, s)
                             }
-                            Value::String(t) => bounds.term(item, t)?,
+                            Value::String(t) => status_term(t, lo, hi).map_err(|m| item.err(m))?,
                             _ => return Err(item.expected("a status or a range of statuses")),
-                        });
+                        };
+                        if let Some(why) = refuse(range) {
+                            return Err(item.err(why));
+                        }
+                        out.push(range);
                     }
-                    true
                 }
                 Value::String(text) => {
+                    // The terms as a list would write them, for the warning.
+                    let mut shown = String::new();
                     for t in text.split([',']) {
-                        out.push(bounds.term(n, t)?);
+                        let range = status_term(t, lo, hi).map_err(|m| n.err(m))?;
+                        if let Some(why) = refuse(range) {
+                            return Err(n.err(why));
+                        }
+                        out.push(range);
+                        if !shown.is_empty() {
+                            shown.push_str("\", \"");
+                        }
+                        shown.push_str(t.trim());
                     }
-                    false
+                    return Ok(StatusList {
+                        statuses: Statuses(out),
+                        deprecated: Some(format!(
+                            "{}: a string of statuses is deprecated and will be refused in a \
+                             later release; write a list: [\"{shown}\"]",
+                            n.path()
+                        )),
+                    });
                 }
                 _ => return Err(n.err("expected a list of statuses")),
-            };
+            }
             if out.is_empty() {
                 return Err(n.err("must list at least one status"));
             }
-            let deprecated = match n.value {
-                Value::String(text) if !listed => {
-                    let terms: Vec<&str> = text.split([',']).map(str::trim).collect();
-                    Some(format!(
-                        "{}: a string of statuses is deprecated and will be refused in a later \
-                         release; write a list: [\"{}\"]",
-                        n.path(),
-                        terms.join("\", \"")
-                    ))
-                }
-                _ => None,
-            };
             Ok(StatusList {
                 statuses: Statuses(out),
-                deprecated,
+                deprecated: None,
             })
         })
     }
@@ -790,11 +779,12 @@ mod tests {
             lo: 200,
             hi: 399,
             what: "a success status",
-            refused: &[(206, "partial")],
         };
-        o.statuses("s", &bounds)
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| "absent".to_string())
+        o.statuses("s", &bounds, |r| {
+            (r == (206, 206)).then_some("206 cannot be kept: partial")
+        })
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| "absent".to_string())
     }
 
     #[test]

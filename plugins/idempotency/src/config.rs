@@ -33,7 +33,6 @@ const STORE_STATUSES: StatusBounds<'static> = StatusBounds {
     lo: 100,
     hi: 599,
     what: "a status",
-    refused: &[],
 };
 
 const FIELDS: &[&str] = &[
@@ -70,7 +69,7 @@ impl Config {
             .opt("inFlightTimeout", |n| n.positive_duration_ns())?
             .unwrap_or(30_000_000_000);
         let limits = o.byte_limits(128 << 20)?;
-        let store_statuses = o.statuses("storeStatuses", &STORE_STATUSES)?;
+        let store_statuses = o.statuses("storeStatuses", &STORE_STATUSES, |_| None)?;
         let mut warnings = Vec::new();
         warnings.extend(store_statuses.as_ref().and_then(|l| l.deprecated.clone()));
         Ok(Config {
