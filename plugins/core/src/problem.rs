@@ -3,7 +3,7 @@
 
 pub const CONTENT_TYPE: &str = "application/problem+json";
 
-/// A local reply a plugin's policy decides on: plain data, sent by `edge_host::host::send_reply`.
+/// A local reply a plugin's policy decides on: plain data, sent by `edge_host::host::answer`.
 /// Header values are bytes, so a stored response is replayed exactly as the upstream sent it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Reply {

@@ -146,7 +146,7 @@ pub fn warn_throttled(throttle: &edge_core::throttle::Throttle, line: impl FnOnc
 
 /// Sends a policy's reply; a refusal is logged (as `plugin`) and reported as false, and the
 /// stream then goes on untouched instead of trapping.
-pub fn send_reply(plugin: &str, r: &edge_core::problem::Reply) -> bool {
+fn send_reply(plugin: &str, r: &edge_core::problem::Reply) -> bool {
     let headers: Vec<(&str, &[u8])> = r
         .headers
         .iter()
