@@ -235,8 +235,9 @@ cmd_test() {
   # tools/package's registry test pushes every module to a real registry and pulls it back.
   ensure_apt_package skopeo skopeo
   ensure_apt_package docker-registry docker-registry
-  # envoy/ratelimit-service's tests count in a real Redis.
+  # The engines of envoy/engines: Redis (the rate limit service counts in it) and etcd.
   ensure_apt_package redis-server redis-server
+  ensure_apt_package etcd etcd-server
 
   header "1/5 cargo test --workspace --no-fail-fast"
   cargo test --workspace --no-fail-fast

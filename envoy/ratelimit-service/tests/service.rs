@@ -1,14 +1,14 @@
 //! The service against a real Redis (Debian's `redis-server`, started per test on a free
-//! loopback port and stopped by a guard): exact counting under concurrent calls, the statuses
+//! loopback port and stopped by its guard, `edge_engines::Redis`): exact counting under concurrent calls, the statuses
 //! it answers, window expiry, shadow mode, and gRPC UNAVAILABLE while Redis is hung or dead,
 //! with recovery and no restart. The binary itself: its address line, a bad file, SIGTERM.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
+use edge_engines::Redis;
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::{
     rate_limit_descriptor::Entry, RateLimitDescriptor,
 };
@@ -17,85 +17,6 @@ use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::R
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 use ratelimit_service::{config::Config, Service};
 use tonic::transport::Channel;
-
-/// A redis-server process on a loopback port, killed when dropped.
-struct Redis {
-    child: Child,
-    port: u16,
-}
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn pings(port: u16) -> bool {
-    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
-    let mut buf = [0u8; 7];
-    s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
-}
-
-impl Redis {
-    fn start() -> Result<Redis> {
-        // A port just released can be taken by someone else before redis binds it: try again.
-        for _ in 0..5 {
-            let port = free_port()?;
-            if let Ok(r) = Redis::start_on(port) {
-                return Ok(r);
-            }
-        }
-        bail!(
-            "redis-server did not start (Debian package redis-server; ./build.sh test installs it)"
-        )
-    }
-
-    fn start_on(port: u16) -> Result<Redis> {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--logfile", ""])
-            .stdout(Stdio::null())
-            .spawn()
-            .context("starting redis-server (Debian package redis-server)")?;
-        let mut redis = Redis { child, port };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if pings(port) {
-                return Ok(redis);
-            }
-            if redis.child.try_wait()?.is_some() {
-                bail!("redis-server exited (port {port} taken?)");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        redis.kill();
-        bail!("redis-server on port {port} did not answer PING")
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn signal(&self, sig: &str) {
-        let _ = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .stderr(Stdio::null())
-            .status();
-    }
-
-    fn kill(&mut self) {
-        self.signal("-CONT");
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 /// The service in this process on a free port, and a client for it.
 async fn serve(
@@ -284,7 +205,7 @@ async fn a_hung_or_dead_redis_is_unavailable_and_recovery_needs_no_restart() -> 
     let mut client = serve(PER_KEY, &redis, timeout).await?;
     assert_eq!(call(&mut client, "r").await?.overall_code, Code::Ok as i32);
 
-    redis.signal("-STOP");
+    redis.process().pause();
     let started = Instant::now();
     let err = call(&mut client, "r").await.expect_err("hung redis");
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
@@ -293,11 +214,11 @@ async fn a_hung_or_dead_redis_is_unavailable_and_recovery_needs_no_restart() -> 
         "answered after {:?}",
         started.elapsed()
     );
-    redis.signal("-CONT");
+    redis.process().resume();
     assert_eq!(call(&mut client, "r").await?.overall_code, Code::Ok as i32);
 
-    let port = redis.port;
-    redis.kill();
+    let port = redis.port();
+    redis.process().kill();
     let err = call(&mut client, "r").await.expect_err("dead redis");
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
     let _again = Redis::start_on(port)?;
@@ -343,7 +264,7 @@ impl Drop for Process {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_prints_its_address_serves_and_stops_on_sigterm() -> Result<()> {
     let redis = Redis::start()?;
-    let dir = std::env::temp_dir().join(format!("rls-{}-{}", std::process::id(), redis.port));
+    let dir = redis.dir().join("service");
     std::fs::create_dir_all(&dir)?;
     let file = dir.join("config.yaml");
     std::fs::write(&file, PER_KEY)?;
@@ -386,7 +307,6 @@ async fn the_binary_prints_its_address_serves_and_stops_on_sigterm() -> Result<(
         .arg(&file)
         .args(["--redis", &redis.url(), "--listen", "127.0.0.1:0"])
         .output()?;
-    let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("descriptors[0].rate_limit.unit"), "{err}");

@@ -3,13 +3,11 @@
 //! skopeo, and checked against what Istio reads: the media types, and a Wasm layer that is
 //! byte-for-byte the module.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+use std::process::Command;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
+use edge_engines::Registry as TestRegistry;
 use edge_package::{
     push, write_layouts, Meta, Registry, WASM_CONFIG_MEDIA_TYPE, WASM_LAYER_MEDIA_TYPE,
 };
@@ -17,65 +15,6 @@ use serde_json::Value;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// A registry process, stopped when dropped (also when the test fails).
-struct TestRegistry {
-    child: Child,
-    port: u16,
-    _storage: tempfile::TempDir,
-}
-
-impl TestRegistry {
-    fn start() -> Result<TestRegistry> {
-        let storage = tempfile::tempdir()?;
-        let config = storage.path().join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog: {{level: info}}\nstorage: {{filesystem: {{rootdirectory: {}}}}}\n\
-                 http: {{addr: \"127.0.0.1:0\"}}\n",
-                storage.path().join("data").display()
-            ),
-        )?;
-        let mut child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting docker-registry (Debian package docker-registry; ./build.sh test installs it)")?;
-        let stderr = child.stderr.take().context("registry stderr")?;
-        let (tx, rx) = mpsc::channel();
-        // The registry logs the port it bound; the rest of its log is drained so it never blocks.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split("listening on 127.0.0.1:").nth(1) {
-                    let port: String = rest.chars().take_while(char::is_ascii_digit).collect();
-                    let _ = tx.send(port.parse::<u16>().unwrap_or(0));
-                }
-            }
-        });
-        let registry = |port| TestRegistry {
-            child,
-            port,
-            _storage: storage,
-        };
-        match rx.recv_timeout(Duration::from_secs(10)) {
-            Ok(port) if port > 0 => Ok(registry(port)),
-            _ => {
-                drop(registry(0));
-                bail!("docker-registry did not report its port within 10 s")
-            }
-        }
-    }
-}
-
-impl Drop for TestRegistry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn skopeo(args: &[&str]) -> Result<Vec<u8>> {
@@ -121,7 +60,7 @@ fn every_module_is_pushed_and_pulled_back_by_digest_byte_for_byte() -> Result<()
         );
     }
     let target = Registry {
-        target: format!("127.0.0.1:{}/edge", registry.port),
+        target: format!("127.0.0.1:{}/edge", registry.port()),
         insecure: true,
         credentials: None,
     };
