@@ -6,7 +6,9 @@
 //! always true in a test, lets clippy's test allowances (unwrap, panic) apply to it.
 //!
 //! - Every marked block is its file, byte for byte, and every file is shown at least once.
-//! - `examples/*.json` are configurations the plugin accepts.
+//! - `examples/*.json` are configurations the plugin accepts. One it accepts with warnings (a
+//!   deprecated form) has them quoted in a ```` ```text ```` block right after its block; one
+//!   without that block must give no warning.
 //! - `examples/rejected/*.json` are configurations it refuses, and the README quotes the
 //!   refusal (the error Envoy logs) word for word in a ```` ```text ```` block right after the
 //!   example's block.
@@ -17,8 +19,9 @@ use std::path::Path;
 const MARKER: &str = "<!-- example: ";
 
 /// Runs the checks above for the crate at `crate_dir` with its README text; `parse` is the
-/// plugin's configuration parser, returning the error message a refusal logs.
-pub fn check(crate_dir: &str, readme: &str, parse: impl Fn(&[u8]) -> Result<(), String>) {
+/// plugin's configuration parser, returning the warnings it logs for an accepted configuration
+/// or the error it logs for a refused one.
+pub fn check(crate_dir: &str, readme: &str, parse: impl Fn(&[u8]) -> Result<Vec<String>, String>) {
     let shown = marked_blocks(readme);
     assert!(!shown.is_empty(), "the README marks no example");
     for example in &shown {
@@ -38,16 +41,17 @@ pub fn check(crate_dir: &str, readme: &str, parse: impl Fn(&[u8]) -> Result<(), 
                 )
             };
             let text = fs::read(Path::new(crate_dir).join(&name)).unwrap();
-            match (parse(&text), accepted) {
-                (Ok(()), true) => {}
+            let logged = match (parse(&text), accepted) {
+                (Ok(warnings), true) => warnings,
                 (Err(e), true) => panic!("{name} is refused: {e}"),
-                (Ok(()), false) => panic!("{name} is accepted, but it is under examples/rejected/"),
-                (Err(e), false) => assert_eq!(
-                    example.then_text.as_deref(),
-                    Some(format!("{e}\n").as_str()),
-                    "the ```text block after {name} must quote its refusal"
-                ),
-            }
+                (Ok(_), false) => panic!("{name} is accepted, but it is under examples/rejected/"),
+                (Err(e), false) => vec![e],
+            };
+            let quoted = (!logged.is_empty()).then(|| logged.join("\n") + "\n");
+            assert_eq!(
+                example.then_text, quoted,
+                "the ```text block after {name} must quote what the plugin logs for it"
+            );
         }
     }
 }

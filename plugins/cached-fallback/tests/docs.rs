@@ -15,7 +15,9 @@ const SECOND_NS: u64 = 1_000_000_000;
 #[test]
 fn the_readme_shows_the_example_files_and_the_plugin_reads_them() {
     readme_examples::check(env!("CARGO_MANIFEST_DIR"), README, |json| {
-        Config::parse(json).map(drop).map_err(|e| e.to_string())
+        Config::parse(json)
+            .map(|c| c.warnings)
+            .map_err(|e| e.to_string())
     });
 }
 
@@ -58,5 +60,14 @@ fn an_empty_circuit_breaker_is_on_with_the_documented_defaults() -> Result<(), C
     );
     assert_eq!(c.max_buffered_bytes, 32 << 20);
     assert_eq!(c.static_fallback, None);
+    Ok(())
+}
+
+#[test]
+fn a_status_class_keeps_every_status_in_it_but_206() -> Result<(), ConfigError> {
+    let c = Config::parse(include_str!("../examples/kept-statuses.json").as_bytes())?;
+    assert!((200..300).all(|s| c.stores_status(s) == (s != 206)));
+    assert!(c.stores_status(301));
+    assert!(!c.stores_status(302) && !c.stores_status(304));
     Ok(())
 }

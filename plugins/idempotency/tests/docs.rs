@@ -16,7 +16,9 @@ const SECOND_NS: u64 = 1_000_000_000;
 #[test]
 fn the_readme_shows_the_example_files_and_the_plugin_reads_them() {
     readme_examples::check(env!("CARGO_MANIFEST_DIR"), README, |json| {
-        Config::parse(json).map(drop).map_err(|e| e.to_string())
+        Config::parse(json)
+            .map(|c| c.warnings)
+            .map_err(|e| e.to_string())
     });
 }
 
@@ -41,5 +43,17 @@ fn the_demo_config_takes_the_documented_defaults() -> Result<(), ConfigError> {
     // 2xx to 4xx are kept; a 5xx gives the key back.
     assert!((200..500).all(|s| c.store_statuses.contains(s)));
     assert!(!(500..600).any(|s| c.store_statuses.contains(s)));
+    Ok(())
+}
+
+#[test]
+fn the_old_status_string_is_read_as_the_list_it_stands_for() -> Result<(), ConfigError> {
+    let old = Config::parse(include_str!("../examples/status-string.json").as_bytes())?;
+    let list =
+        Config::parse(br#"{"routes":[{"pathPrefix":"/payments"}],"storeStatuses":["2xx","409"]}"#)?;
+    assert_eq!(old.store_statuses, list.store_statuses);
+    assert!(old.store_statuses.contains(204) && old.store_statuses.contains(409));
+    assert!(!old.store_statuses.contains(404));
+    assert!(list.warnings.is_empty());
     Ok(())
 }
