@@ -5,6 +5,7 @@ pub mod bucket;
 pub mod config;
 #[cfg(feature = "host")]
 pub mod filter;
+pub mod global;
 pub mod policy;
 
 #[cfg(feature = "host")]
