@@ -27,7 +27,7 @@ fn errno<T>(result: Result<T, HostcallError>) -> u32 {
 /// Registers the `wasi_snapshot_preview1` imports (proxy-wasm ABI v0.2.1 § Logging, Clocks,
 /// Randomness and Environment variables name the ones plugins rely on).
 pub(crate) fn link(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
-    // fd_write: fd 1 → info log, fd 2 → error log (Envoy logs each write as one line).
+    // § Logging: fd 1 → info log, fd 2 → error log (Envoy logs each write as one line).
     linker.func_wrap(
         WASI,
         "fd_write",
@@ -59,6 +59,7 @@ pub(crate) fn link(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
             errno(write_u32(&mut caller, ret, written))
         },
     )?;
+    // Not in the spec, answered as Envoy does: no input, no files, stdout/stderr only.
     linker.func_wrap(
         WASI,
         "fd_read",
@@ -112,6 +113,7 @@ pub(crate) fn link(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
          _: u32,
          _: u32| NOENT,
     )?;
+    // § Environment variables: count and size of the VM's variables.
     linker.func_wrap(
         WASI,
         "environ_sizes_get",
@@ -124,6 +126,7 @@ pub(crate) fn link(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
             )
         },
     )?;
+    // § Environment variables: the VM's variables.
     linker.func_wrap(
         WASI,
         "environ_get",
@@ -141,6 +144,7 @@ pub(crate) fn link(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
             SUCCESS
         },
     )?;
+    // Not in the spec: no arguments.
     linker.func_wrap(
         WASI,
         "args_sizes_get",
@@ -153,6 +157,7 @@ pub(crate) fn link(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         "args_get",
         |_: Caller<'_, VmState>, _: u32, _: u32| SUCCESS,
     )?;
+    // § Clocks: realtime (0) and monotonic (1) host time.
     linker.func_wrap(
         WASI,
         "clock_time_get",
@@ -168,6 +173,7 @@ pub(crate) fn link(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
             errno(write(&mut caller, ret, &now.to_le_bytes()))
         },
     )?;
+    // § Randomness: the edge's seeded generator.
     linker.func_wrap(
         WASI,
         "random_get",

@@ -281,6 +281,17 @@ impl Chain {
     }
 }
 
+/// A local reply Envoy itself sends on a filter's behalf.
+fn envoy_reply(status: u16, details: &str, body: &[u8]) -> LocalReply {
+    LocalReply {
+        status,
+        details: details.into(),
+        body: body.to_vec(),
+        headers: Vec::new(),
+        grpc_status: -1,
+    }
+}
+
 /// The chain's side of a stream's step, run by `Edge::step`.
 pub(super) enum Pumped {
     Ran(Callback),
@@ -510,13 +521,7 @@ impl Edge {
         let flight = self.flight(id)?;
         let filter = flight.chains[direction].filters[position].filter;
         flight.skipped[filter] = true;
-        let reply = LocalReply {
-            status: 503,
-            details: details::WASM_FAIL.into(),
-            body: Vec::new(),
-            headers: Vec::new(),
-            grpc_status: -1,
-        };
+        let reply = envoy_reply(503, details::WASM_FAIL, b"");
         self.local_reply(id, direction, filter, reply)
     }
 
@@ -528,13 +533,7 @@ impl Edge {
             Direction::Request => (413, details::REQUEST_TOO_LARGE, "Payload Too Large"),
             Direction::Response => (500, details::RESPONSE_TOO_LARGE, "Internal Server Error"),
         };
-        let reply = LocalReply {
-            status,
-            details: details.into(),
-            body: body.as_bytes().to_vec(),
-            headers: Vec::new(),
-            grpc_status: -1,
-        };
+        let reply = envoy_reply(status, details, body.as_bytes());
         self.local_reply(id, direction, filter, reply)
     }
 }

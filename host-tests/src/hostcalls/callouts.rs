@@ -36,8 +36,8 @@ pub(super) fn link(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         stream_id: u32, message_data: u32, message_size: u32, end_stream: u32));
     // § gRPC calls: cancels a call or stream.
     import!(linker, "proxy_grpc_cancel", grpc_cancel(call_or_stream_id: u32));
-    // § gRPC calls: closes a call or stream.
-    import!(linker, "proxy_grpc_close", grpc_close(call_or_stream_id: u32));
+    // § gRPC calls: closes a call or stream (the harness has nothing to flush: a cancel).
+    import!(linker, "proxy_grpc_close", grpc_cancel(call_or_stream_id: u32));
     // § Common stream operations: the status of the callout being answered.
     import!(linker, "proxy_get_status", get_status(
         return_status_code: u32, return_status_message_data: u32,
@@ -300,13 +300,6 @@ fn grpc_cancel(
         .remove(&call_or_stream_id)
         .map(|_| ())
         .ok_or(Status::NotFound.into())
-}
-
-fn grpc_close(
-    caller: &mut Caller<'_, VmState>,
-    call_or_stream_id: u32,
-) -> Result<(), HostcallError> {
-    grpc_cancel(caller, call_or_stream_id)
 }
 
 fn get_status(

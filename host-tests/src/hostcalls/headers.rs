@@ -19,11 +19,13 @@ pub(super) fn link(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
     import!(linker, "proxy_get_header_map_value", get_header_map_value(
         map_id: u32, key_data: u32, key_size: u32, return_value_data: u32, return_value_size: u32));
     // § HTTP fields: sets a key to one value.
-    import!(linker, "proxy_replace_header_map_value", replace_header_map_value(
-        map_id: u32, key_data: u32, key_size: u32, value_data: u32, value_size: u32));
+    import!(linker, "proxy_replace_header_map_value", set_header_map_value(
+        map_id: u32, key_data: u32, key_size: u32, value_data: u32, value_size: u32),
+        ValueEdit::Replace);
     // § HTTP fields: adds a value to a key.
-    import!(linker, "proxy_add_header_map_value", add_header_map_value(
-        map_id: u32, key_data: u32, key_size: u32, value_data: u32, value_size: u32));
+    import!(linker, "proxy_add_header_map_value", set_header_map_value(
+        map_id: u32, key_data: u32, key_size: u32, value_data: u32, value_size: u32),
+        ValueEdit::Add);
     // § HTTP fields: removes a key.
     import!(linker, "proxy_remove_header_map_value", remove_header_map_value(
         map_id: u32, key_data: u32, key_size: u32));
@@ -159,19 +161,29 @@ fn get_header_map_value(
     hand_over(caller, &value, return_value_data, return_value_size)
 }
 
-fn replace_header_map_value(
+/// How a value joins a key's values.
+enum ValueEdit {
+    /// The first value becomes it and the others go (a new key is added).
+    Replace,
+    /// It is added after them.
+    Add,
+}
+
+fn set_header_map_value(
     caller: &mut Caller<'_, VmState>,
     map_id: u32,
     key_data: u32,
     key_size: u32,
     value_data: u32,
     value_size: u32,
+    edit: ValueEdit,
 ) -> Result<(), HostcallError> {
     let key = lower(&read(caller, key_data, key_size)?);
     let value = read(caller, value_data, value_size)?;
     with_map(caller, map_id, true, |map| {
-        match map.iter().position(|(name, _)| *name == key) {
-            Some(first) => {
+        let first = map.iter().position(|(name, _)| *name == key);
+        match (edit, first) {
+            (ValueEdit::Replace, Some(first)) => {
                 if let Some(slot) = map.get_mut(first) {
                     slot.1 = value;
                 }
@@ -181,24 +193,8 @@ fn replace_header_map_value(
                     index - 1 == first || *name != key
                 });
             }
-            None => map.push((key, value)),
+            (ValueEdit::Replace, None) | (ValueEdit::Add, _) => map.push((key, value)),
         }
-        Ok(())
-    })
-}
-
-fn add_header_map_value(
-    caller: &mut Caller<'_, VmState>,
-    map_id: u32,
-    key_data: u32,
-    key_size: u32,
-    value_data: u32,
-    value_size: u32,
-) -> Result<(), HostcallError> {
-    let key = lower(&read(caller, key_data, key_size)?);
-    let value = read(caller, value_data, value_size)?;
-    with_map(caller, map_id, true, |map| {
-        map.push((key, value));
         Ok(())
     })
 }

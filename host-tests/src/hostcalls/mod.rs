@@ -10,16 +10,21 @@ use std::collections::BTreeMap;
 use wasmtime::Linker;
 
 /// Registers one `env` import: counts the call (a host/VM crossing Envoy pays for), runs the
-/// implementation and turns its result into the status code or trap the guest sees.
+/// implementation and turns its result into the status code or trap the guest sees. Values
+/// after the parameter list are passed after the guest's arguments, so that imports differing
+/// only in what they do share one implementation.
 macro_rules! import {
-    ($linker:expr, $name:literal, $implementation:ident ($($parameter:ident : $type:ty),*)) => {
+    ($linker:expr, $name:literal, $implementation:ident ($($parameter:ident : $type:ty),*)
+        $(, $extra:expr)*) => {
         $linker.func_wrap(
             "env",
             $name,
             |mut caller: wasmtime::Caller<'_, crate::state::VmState>, $($parameter: $type),*|
                 -> wasmtime::Result<u32> {
                 *caller.data_mut().hostcalls.entry($name).or_default() += 1;
-                crate::hostcalls::memory::status_code($implementation(&mut caller, $($parameter),*))
+                crate::hostcalls::memory::status_code(
+                    $implementation(&mut caller $(, $parameter)* $(, $extra)*),
+                )
             },
         )?;
     };

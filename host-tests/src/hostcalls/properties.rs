@@ -48,71 +48,81 @@ fn set_property(
     Ok(())
 }
 
-fn int(v: i64) -> Vec<u8> {
-    v.to_le_bytes().to_vec()
+/// Integers are 8-byte little-endian, as Envoy encodes them.
+fn int(value: i64) -> Vec<u8> {
+    value.to_le_bytes().to_vec()
 }
 
 /// The value at `path`, or `None` (the hostcall then returns NotFound).
-fn lookup(s: &VmState, path: &[u8]) -> Option<Vec<u8>> {
-    let segs: Vec<&[u8]> = path.split(|b| *b == 0).collect();
-    let seg = |i: usize| -> &[u8] { segs.get(i).copied().unwrap_or(&[]) };
-    match (seg(0), segs.len()) {
-        (b"plugin_name", 1) => return Some(s.plugin.name.clone().into_bytes()),
-        (b"plugin_root_id", 1) => return Some(s.plugin.root_id.clone().into_bytes()),
-        (b"plugin_vm_id", 1) => return Some(s.plugin.vm_id.clone().into_bytes()),
+fn lookup(state: &VmState, path: &[u8]) -> Option<Vec<u8>> {
+    let segments: Vec<&[u8]> = path.split(|b| *b == 0).collect();
+    let segment = |index: usize| -> &[u8] { segments.get(index).copied().unwrap_or(&[]) };
+    match (segment(0), segments.len()) {
+        (b"plugin_name", 1) => return Some(state.plugin.name.clone().into_bytes()),
+        (b"plugin_root_id", 1) => return Some(state.plugin.root_id.clone().into_bytes()),
+        (b"plugin_vm_id", 1) => return Some(state.plugin.vm_id.clone().into_bytes()),
         _ => {}
     }
-    let b = s.bindings.get(&s.effective)?;
-    let ex = b.exchange.borrow();
-    if let Some(v) = ex.properties.get(path) {
-        return Some(v.clone());
+    let binding = state.bindings.get(&state.effective)?;
+    let exchange = binding.exchange.borrow();
+    if let Some(value) = exchange.properties.get(path) {
+        return Some(value.clone());
     }
-    stream_property(&ex, &segs, s.host.borrow().monotonic_ns)
+    stream_property(&exchange, &segments, state.host.borrow().monotonic_ns)
 }
 
-fn stream_property(ex: &Exchange, segs: &[&[u8]], now_ns: u64) -> Option<Vec<u8>> {
-    let req = &ex.maps.request_headers;
-    let hdr = |name: &str| header_value(req, name).map(|v| v.as_bytes().to_vec());
-    let seg = |i: usize| -> &[u8] { segs.get(i).copied().unwrap_or(&[]) };
-    let path = header_value(req, ":path").unwrap_or("");
+/// A property of the stream, from its headers and stream info.
+fn stream_property(exchange: &Exchange, segments: &[&[u8]], now_ns: u64) -> Option<Vec<u8>> {
+    let request = &exchange.maps.request_headers;
+    let header = |name: &str| header_value(request, name).map(|value| value.as_bytes().to_vec());
+    let segment = |index: usize| -> &[u8] { segments.get(index).copied().unwrap_or(&[]) };
+    let path = header_value(request, ":path").unwrap_or("");
     let (url_path, query) = path.split_once('?').unwrap_or((path, ""));
-    match (seg(0), seg(1)) {
-        (b"request", b"path") => hdr(":path"),
+    match (segment(0), segment(1)) {
+        (b"request", b"path") => header(":path"),
         (b"request", b"url_path") => Some(url_path.as_bytes().to_vec()),
         (b"request", b"query") => Some(query.as_bytes().to_vec()),
-        (b"request", b"host") => hdr(":authority"),
-        (b"request", b"scheme") => hdr(":scheme"),
-        (b"request", b"method") => hdr(":method"),
-        (b"request", b"referer") => hdr("referer"),
-        (b"request", b"useragent") => hdr("user-agent"),
-        (b"request", b"id") => hdr("x-request-id"),
-        (b"request", b"protocol") => Some(ex.protocol.clone().into_bytes()),
-        (b"request", b"time") => Some(int(ex.start_ns as i64)),
-        (b"request", b"duration") => ex
+        (b"request", b"host") => header(":authority"),
+        (b"request", b"scheme") => header(":scheme"),
+        (b"request", b"method") => header(":method"),
+        (b"request", b"referer") => header("referer"),
+        (b"request", b"useragent") => header("user-agent"),
+        (b"request", b"id") => header("x-request-id"),
+        (b"request", b"protocol") => Some(exchange.protocol.clone().into_bytes()),
+        (b"request", b"time") => Some(int(exchange.start_ns as i64)),
+        (b"request", b"duration") => exchange
             .response_code
-            .map(|_| int(now_ns.saturating_sub(ex.start_ns) as i64)),
-        (b"request", b"size") => match hdr("content-length") {
-            Some(v) => std::str::from_utf8(&v).ok()?.parse::<i64>().ok().map(int),
-            None => Some(int(ex.request_bytes as i64)),
+            .map(|_| int(now_ns.saturating_sub(exchange.start_ns) as i64)),
+        (b"request", b"size") => match header("content-length") {
+            Some(value) => std::str::from_utf8(&value)
+                .ok()?
+                .parse::<i64>()
+                .ok()
+                .map(int),
+            None => Some(int(exchange.request_bytes as i64)),
         },
-        (b"request", b"headers") if segs.len() == 2 => Some(encode_map(req)),
-        (b"request", b"headers") => joined(req, seg(2)),
-        (b"response", b"code") => ex.response_code.map(|c| int(i64::from(c))),
-        (b"response", b"code_details") => ex
+        (b"request", b"headers") if segments.len() == 2 => Some(encode_map(request)),
+        (b"request", b"headers") => joined(request, segment(2)),
+        (b"response", b"code") => exchange.response_code.map(|code| int(i64::from(code))),
+        (b"response", b"code_details") => exchange
             .response_code
-            .map(|_| ex.code_details.clone().into_bytes()),
-        (b"response", b"flags") => ex.response_code.map(|_| int(ex.response_flags as i64)),
-        (b"response", b"size") => ex.response_code.map(|_| int(ex.response_bytes as i64)),
-        (b"response", b"headers") if segs.len() == 2 => ex
+            .map(|_| exchange.code_details.clone().into_bytes()),
+        (b"response", b"flags") => exchange
             .response_code
-            .map(|_| encode_map(&ex.maps.response_headers)),
-        (b"response", b"headers") => joined(&ex.maps.response_headers, seg(2)),
-        (b"source", b"address") => Some(ex.peer.source.clone().into_bytes()),
-        (b"source", b"port") => port_of(&ex.peer.source).map(int),
-        (b"destination", b"address") => Some(ex.peer.destination.clone().into_bytes()),
-        (b"destination", b"port") => port_of(&ex.peer.destination).map(int),
-        (b"connection", b"id") => Some(int(ex.connection_id as i64)),
-        (b"connection_id", b"") => Some(int(ex.connection_id as i64)),
+            .map(|_| int(exchange.response_flags as i64)),
+        (b"response", b"size") => exchange
+            .response_code
+            .map(|_| int(exchange.response_bytes as i64)),
+        (b"response", b"headers") if segments.len() == 2 => exchange
+            .response_code
+            .map(|_| encode_map(&exchange.maps.response_headers)),
+        (b"response", b"headers") => joined(&exchange.maps.response_headers, segment(2)),
+        (b"source", b"address") => Some(exchange.peer.source.clone().into_bytes()),
+        (b"source", b"port") => port_of(&exchange.peer.source).map(int),
+        (b"destination", b"address") => Some(exchange.peer.destination.clone().into_bytes()),
+        (b"destination", b"port") => port_of(&exchange.peer.destination).map(int),
+        (b"connection", b"id") => Some(int(exchange.connection_id as i64)),
+        (b"connection_id", b"") => Some(int(exchange.connection_id as i64)),
         (b"connection", b"mtls") => Some(vec![0]),
         (b"connection", b"requested_server_name") => Some(Vec::new()),
         _ => None,
@@ -124,13 +134,15 @@ fn joined(map: &HeaderMap, name: &[u8]) -> Option<Vec<u8>> {
     let name = name.to_ascii_lowercase();
     let values: Vec<&[u8]> = map
         .iter()
-        .filter(|(k, _)| *k == name)
-        .map(|(_, v)| v.as_slice())
+        .filter(|(key, _)| *key == name)
+        .map(|(_, value)| value.as_slice())
         .collect();
     (!values.is_empty()).then(|| values.join(&b","[..]))
 }
 
 /// Port of an `ip:port` or `[ipv6]:port` address.
-fn port_of(addr: &str) -> Option<i64> {
-    addr.rsplit_once(':').and_then(|(_, p)| p.parse().ok())
+fn port_of(address: &str) -> Option<i64> {
+    address
+        .rsplit_once(':')
+        .and_then(|(_, port)| port.parse().ok())
 }

@@ -8,9 +8,11 @@ use wasmtime::{Caller, Linker};
 
 pub(super) fn link(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
     // § Common stream operations: resumes a paused direction.
-    import!(linker, "proxy_continue_stream", continue_stream(stream_type: u32));
+    import!(linker, "proxy_continue_stream", stream_effect(stream_type: u32),
+        StreamControl::Continue);
     // § Common stream operations: resets the stream.
-    import!(linker, "proxy_close_stream", close_stream(stream_type: u32));
+    import!(linker, "proxy_close_stream", stream_effect(stream_type: u32),
+        StreamControl::Close);
     // § HTTP: answers the client instead of the upstream.
     import!(linker, "proxy_send_local_response", send_local_response(
         status_code: u32, status_code_details_data: u32, status_code_details_size: u32,
@@ -19,12 +21,20 @@ pub(super) fn link(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
     Ok(())
 }
 
-/// What a continue or close asks of the stream, queued until the callback returns.
+/// What a plugin asks of its stream.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum StreamControl {
+    Continue,
+    Close,
+}
+
+/// A continue or close, queued until the callback returns.
 fn stream_effect(
     caller: &mut Caller<'_, VmState>,
     stream_type: u32,
-    close: bool,
+    control: StreamControl,
 ) -> Result<(), HostcallError> {
+    let close = control == StreamControl::Close;
     let state = caller.data_mut();
     let direction = match stream_type {
         stream::REQUEST => Direction::Request,
@@ -49,17 +59,6 @@ fn stream_effect(
         Effect::Continue { context, direction }
     });
     Ok(())
-}
-
-fn continue_stream(
-    caller: &mut Caller<'_, VmState>,
-    stream_type: u32,
-) -> Result<(), HostcallError> {
-    stream_effect(caller, stream_type, false)
-}
-
-fn close_stream(caller: &mut Caller<'_, VmState>, stream_type: u32) -> Result<(), HostcallError> {
-    stream_effect(caller, stream_type, true)
 }
 
 #[allow(clippy::too_many_arguments)] // the ABI's signature
