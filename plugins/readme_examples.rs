@@ -1,9 +1,10 @@
 //! The check every plugin's `tests/docs.rs` runs on its README, so that the reference cannot
 //! drift from what the plugin accepts. A plugin's JSON examples are files under `examples/`; the
 //! README shows each one in a ```` ```json ```` block right after a marker line
-//! `<!-- example: examples/NAME.json -->`. Included by path (`#[cfg(test)] #[path = ...] mod`),
-//! since it is test code only and no plugin should depend on a crate for it; the `cfg(test)`,
-//! always true in a test, lets clippy's test allowances (unwrap, panic) apply to it.
+//! `<!-- example: examples/NAME.json -->`. Included by path (`#[cfg(test)] #[macro_use]
+//! #[path = ...] mod`), since it is test code only and no plugin should depend on a crate for
+//! it; the `cfg(test)`, always true in a test, lets clippy's test allowances (unwrap, panic)
+//! apply to it. [`readme_test!`] then writes the test.
 //!
 //! - Every marked block is its file, byte for byte, and every file is shown at least once.
 //! - `examples/*.json` are configurations the plugin accepts. One it accepts with warnings (a
@@ -18,11 +19,25 @@ use std::path::Path;
 
 const MARKER: &str = "<!-- example: ";
 
-/// Runs the checks above for the crate at `crate_dir` with its README text; `parse` is the
-/// plugin's configuration parser, returning the warnings it logs for an accepted configuration
-/// or the error it logs for a refused one.
-pub fn check(crate_dir: &str, readme: &str, parse: impl Fn(&[u8]) -> Result<Vec<String>, String>) {
-    let shown = marked_blocks(readme);
+/// `readme_test!(parse, warnings)`: the test that runs [`check`] on the calling crate, with its
+/// configuration parser and what it warns about for a parsed configuration.
+macro_rules! readme_test {
+    ($parse:path, $warnings:expr) => {
+        #[test]
+        fn the_readme_shows_the_example_files_and_the_plugin_reads_them() {
+            readme_examples::check(env!("CARGO_MANIFEST_DIR"), |json| {
+                $parse(json).map($warnings).map_err(|e| e.to_string())
+            });
+        }
+    };
+}
+
+/// Runs the checks above on the README of the crate at `crate_dir`; `parse` is the plugin's
+/// configuration parser, returning the warnings it logs for an accepted configuration or the
+/// error it logs for a refused one.
+pub fn check(crate_dir: &str, parse: impl Fn(&[u8]) -> Result<Vec<String>, String>) {
+    let readme = fs::read_to_string(Path::new(crate_dir).join("README.md")).unwrap();
+    let shown = marked_blocks(&readme);
     assert!(!shown.is_empty(), "the README marks no example");
     for example in &shown {
         let name = &example.name;

@@ -60,6 +60,14 @@ ROUTE_HEADER = "x-route-checkout"
 # A request head larger than this is refused: the application serves small demo requests only.
 MAX_HEAD = 64 * 1024
 
+# POST path: (the State field it sets, to what, the answer).
+ADMIN = {
+    "/admin/checkout/disable": ("checkout_disabled", True, '{"new-checkout":"DISABLED"}'),
+    "/admin/checkout/enable": ("checkout_disabled", False, '{"new-checkout":"ENABLED"}'),
+    "/admin/fail": ("failing", True, '{"flaky":"failing"}'),
+    "/admin/recover": ("failing", False, '{"flaky":"healthy"}'),
+}
+
 JSON = "application/json"
 TEXT = "text/plain"
 
@@ -81,24 +89,16 @@ def answer(state, method, target, headers, body):
     path = target.split("?", 1)[0]
     if method in ("GET", "HEAD") and path == "/flags.json":
         return flags(state, headers)
-    if method == "POST" and path == "/admin/checkout/disable":
-        state.checkout_disabled = True
-        return json_reply(200, "admin", '{"new-checkout":"DISABLED"}')
-    if method == "POST" and path == "/admin/checkout/enable":
-        state.checkout_disabled = False
-        return json_reply(200, "admin", '{"new-checkout":"ENABLED"}')
+    if method == "POST" and path in ADMIN:
+        field, value, text = ADMIN[path]
+        setattr(state, field, value)
+        return json_reply(200, "admin", text)
     if path == "/api/flaky":
         if state.failing:
             return json_reply(503, "flaky failing",
-                        '{"error":"the backend is failing; POST /admin/recover heals it"}')
+                              '{"error":"the backend is failing; POST /admin/recover heals it"}')
         return json_reply(200, "flaky", '{"items":["alpha","beta","gamma"],"generated_at_ms":%d}'
-                    % unix_millis())
-    if method == "POST" and path == "/admin/fail":
-        state.failing = True
-        return json_reply(200, "admin", '{"flaky":"failing"}')
-    if method == "POST" and path == "/admin/recover":
-        state.failing = False
-        return json_reply(200, "admin", '{"flaky":"healthy"}')
+                          % unix_millis())
     if method == "POST" and path == "/payments":
         state.payments += 1
         # The clock keeps ids from two runs apart; the counter, ids within a run.

@@ -6,20 +6,19 @@ use cached_fallback::config::{Breaker, Config};
 use edge_core::ConfigError;
 
 #[cfg(test)]
+#[macro_use]
 #[path = "../../readme_examples.rs"]
 mod readme_examples;
 
-const README: &str = include_str!("../README.md");
 const SECOND_NS: u64 = 1_000_000_000;
+/// The circuit breaker of the full example, and of `{}`.
+const FIVE_IN_10_S_OPENS_FOR_30_S: Breaker = Breaker {
+    failures: 5,
+    window_ns: 10 * SECOND_NS,
+    open_ns: 30 * SECOND_NS,
+};
 
-#[test]
-fn the_readme_shows_the_example_files_and_the_plugin_reads_them() {
-    readme_examples::check(env!("CARGO_MANIFEST_DIR"), README, |json| {
-        Config::parse(json)
-            .map(|c| c.warnings)
-            .map_err(|e| e.to_string())
-    });
-}
+readme_test!(Config::parse, |c| c.warnings);
 
 #[test]
 fn the_full_example_serves_an_hour_old_answer_or_the_static_503() -> Result<(), ConfigError> {
@@ -27,28 +26,14 @@ fn the_full_example_serves_an_hour_old_answer_or_the_static_503() -> Result<(), 
     assert_eq!(c.max_stale_ns, 3_600 * SECOND_NS);
     assert_eq!(c.key.headers, ["accept-language"]);
     assert_eq!(c.static_fallback.map(|s| s.status), Some(503));
-    assert_eq!(
-        c.circuit_breaker,
-        Some(Breaker {
-            failures: 5,
-            window_ns: 10 * SECOND_NS,
-            open_ns: 30 * SECOND_NS
-        })
-    );
+    assert_eq!(c.circuit_breaker, Some(FIVE_IN_10_S_OPENS_FOR_30_S));
     Ok(())
 }
 
 #[test]
 fn an_empty_circuit_breaker_is_on_with_the_documented_defaults() -> Result<(), ConfigError> {
     let c = Config::parse(include_str!("../examples/circuit-defaults.json").as_bytes())?;
-    assert_eq!(
-        c.circuit_breaker,
-        Some(Breaker {
-            failures: 5,
-            window_ns: 10 * SECOND_NS,
-            open_ns: 30 * SECOND_NS
-        })
-    );
+    assert_eq!(c.circuit_breaker, Some(FIVE_IN_10_S_OPENS_FOR_30_S));
     assert_eq!(c.methods, ["GET", "HEAD"]);
     // Every 2xx but 206 is kept.
     assert!((200..300).all(|s| c.stores_status(s) == (s != 206)));

@@ -6,19 +6,11 @@ use edge_core::ConfigError;
 use flag_router::config::Config;
 
 #[cfg(test)]
+#[macro_use]
 #[path = "../../readme_examples.rs"]
 mod readme_examples;
 
-const README: &str = include_str!("../README.md");
-
-#[test]
-fn the_readme_shows_the_example_files_and_the_plugin_reads_them() {
-    readme_examples::check(env!("CARGO_MANIFEST_DIR"), README, |json| {
-        Config::parse(json)
-            .map(|_| Vec::new())
-            .map_err(|e| e.to_string())
-    });
-}
+readme_test!(Config::parse, |_| Vec::new());
 
 #[test]
 fn the_rollout_example_fetches_the_flag_it_does_not_define() -> Result<(), ConfigError> {

@@ -7,20 +7,13 @@ use edge_core::ConfigError;
 use idempotency::config::Config;
 
 #[cfg(test)]
+#[macro_use]
 #[path = "../../readme_examples.rs"]
 mod readme_examples;
 
-const README: &str = include_str!("../README.md");
 const SECOND_NS: u64 = 1_000_000_000;
 
-#[test]
-fn the_readme_shows_the_example_files_and_the_plugin_reads_them() {
-    readme_examples::check(env!("CARGO_MANIFEST_DIR"), README, |json| {
-        Config::parse(json)
-            .map(|c| c.warnings)
-            .map_err(|e| e.to_string())
-    });
-}
+readme_test!(Config::parse, |c| c.warnings);
 
 #[test]
 fn the_full_example_requires_a_key_and_replays_for_a_day() -> Result<(), ConfigError> {

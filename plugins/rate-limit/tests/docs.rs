@@ -8,19 +8,11 @@ use edge_core::RequestParts;
 use rate_limit::config::{Config, Mode};
 
 #[cfg(test)]
+#[macro_use]
 #[path = "../../readme_examples.rs"]
 mod readme_examples;
 
-const README: &str = include_str!("../README.md");
-
-#[test]
-fn the_readme_shows_the_example_files_and_the_plugin_reads_them() {
-    readme_examples::check(env!("CARGO_MANIFEST_DIR"), README, |json| {
-        Config::parse(json)
-            .map(|_| Vec::new())
-            .map_err(|e| e.to_string())
-    });
-}
+readme_test!(Config::parse, |_| Vec::new());
 
 #[test]
 fn the_full_example_limits_free_tier_api_calls_per_client_and_key() -> Result<(), ConfigError> {
