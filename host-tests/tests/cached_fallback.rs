@@ -550,3 +550,14 @@ fn instructions_per_request_on_the_store_and_serve_paths() -> Result<()> {
     assert!(store.fuel < 150_000 && serve.fuel < 150_000 && uncovered.fuel < 10_000);
     Ok(())
 }
+
+#[test]
+fn store_statuses_as_a_string_still_load_and_say_they_are_deprecated() -> Result<()> {
+    let warning = "cached-fallback: storeStatuses: a string of statuses is deprecated";
+    let listed = edge(r#"{"storeStatuses":["2xx", 301]}"#).build()?;
+    assert!(!listed.logged(warning), "a list is the current syntax");
+    let old = edge(r#"{"storeStatuses":"2xx, 301"}"#).build()?;
+    assert!(old.logged(warning));
+    assert!(old.logged("write a list: [\"2xx\", \"301\"]"));
+    Ok(())
+}

@@ -386,3 +386,23 @@ fn a_refusal_the_host_cannot_send_is_held_not_forwarded() -> Result<()> {
     assert!(edge.upstream_requests().is_empty(), "it ran unguarded");
     Ok(())
 }
+
+#[test]
+fn store_statuses_as_the_old_string_still_load_and_say_they_are_deprecated() -> Result<()> {
+    let warning = "idempotency: storeStatuses: a string of statuses is deprecated";
+    let listed = edge_with(r#"{"storeStatuses":["2xx-4xx"]}"#)?;
+    assert!(!listed.logged(warning), "a list is the current syntax");
+    let mut old = edge_with(r#"{"storeStatuses":"2xx-4xx"}"#)?;
+    assert!(old.logged(warning));
+    assert!(
+        old.logged("write a list: [\"2xx-4xx\"]"),
+        "the warning shows the list"
+    );
+    // Read as before: the answer is kept and replayed.
+    assert_eq!(old.send(pay("k", "{}"))?.status, 201);
+    assert_eq!(
+        old.send(pay("k", "{}"))?.header("idempotent-replayed"),
+        Some("true")
+    );
+    Ok(())
+}

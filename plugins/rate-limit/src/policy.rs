@@ -511,21 +511,15 @@ impl Limiter {
         mine: &str,
         store: &impl SlotStore,
     ) -> Result<bool, StoreError> {
-        let Target {
-            index: i,
-            rule,
-            fp,
-            key,
-        } = *t;
-        let n = rule.max_keys.max(1);
+        let n = t.rule.max_keys.max(1);
         for p in 0..PROBES.min(n) {
-            let other = self.slot_key(i, Some((home + p) % n));
+            let other = self.slot_key(t.index, Some((home + p) % n));
             if other == mine {
                 continue;
             }
             if let Some(e) = store.get(&other)? {
                 let s = Slot::decode(&e.value);
-                if s.key == key && s.limit == fp {
+                if s.key == t.key && s.limit == t.fp {
                     return Ok(true);
                 }
             }
