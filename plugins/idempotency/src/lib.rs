@@ -3,6 +3,7 @@
 #![doc = include_str!("../README.md")]
 
 pub mod config;
+pub mod etcd;
 #[cfg(feature = "host")]
 pub mod filter;
 pub mod policy;
