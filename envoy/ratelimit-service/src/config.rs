@@ -313,6 +313,30 @@ descriptors:
         assert_eq!(c.limit_for(&[]), None);
     }
 
+    #[test]
+    fn the_readme_example_is_the_example_file_and_means_what_it_says() {
+        let file = include_str!("../examples/limits.yaml");
+        let readme = include_str!("../README.md");
+        assert!(
+            readme.contains(&format!(
+                "<!-- example: examples/limits.yaml -->\n```yaml\n{file}```"
+            )),
+            "the README's example differs from examples/limits.yaml"
+        );
+        let c = Config::parse(file).unwrap();
+        let limit = |key: &str| c.limit_for(&entries(&[("rule", "per-key"), ("x-api-key", key)]));
+        assert_eq!(limit("any"), Some(&counted(100, Unit::Minute, false)));
+        assert_eq!(
+            limit("partner-1"),
+            Some(&counted(1000, Unit::Minute, false))
+        );
+        assert_eq!(limit("test-9"), Some(&counted(1, Unit::Second, true)));
+        assert!(matches!(
+            c.limit_for(&entries(&[("rule", "internal")])),
+            Some(Limit::Unlimited { .. })
+        ));
+    }
+
     fn error(text: &str) -> String {
         format!("{:#}", Config::parse(text).unwrap_err())
     }
