@@ -6,7 +6,7 @@
 use super::api::{details, Callback, Part};
 use super::{Edge, Phase};
 use crate::abi::action;
-use crate::state::{Binding, Direction, Effect, LocalReply, StreamMap};
+use crate::state::{Binding, Direction, Effect, LocalReply, StreamMap, VmRef};
 use crate::vm::Outcome;
 use anyhow::{anyhow, Result};
 use std::collections::VecDeque;
@@ -376,7 +376,7 @@ impl Edge {
         let flight = self.flight(id)?;
         let filter = flight.chains[direction].filters[position].filter;
         let worker = flight.worker;
-        if flight.skipped[filter] {
+        if flight.filters[filter].skipped {
             return self.advance_filter(id, direction, position, part, true);
         }
         if self.workers[worker][filter].store.data().failed {
@@ -402,7 +402,7 @@ impl Edge {
         match outcome {
             Outcome::Trapped(_) => {
                 if self.plugins[filter].fail_open {
-                    self.flight(id)?.skipped[filter] = true;
+                    self.flight(id)?.filters[filter].skipped = true;
                     self.advance_filter(id, direction, position, part, true)?;
                 } else {
                     self.fail_stream(id, direction, position)?;
@@ -446,7 +446,7 @@ impl Edge {
         let progress = &chain.filters[position];
         let filter = progress.filter;
         let (headers_done, buffering) = (progress.headers == Stage::Done, progress.buffering);
-        let context = flight.contexts[filter];
+        let context = flight.filters[filter].context;
         if context == 0 {
             return Ok(());
         }
@@ -473,8 +473,8 @@ impl Edge {
     /// The filter's stream context, created (`proxy_on_context_create`) on first use.
     fn ensure_context(&mut self, id: u64, filter: usize) -> Result<u32> {
         let flight = self.flight(id)?;
-        if flight.contexts[filter] != 0 {
-            return Ok(flight.contexts[filter]);
+        if flight.filters[filter].context != 0 {
+            return Ok(flight.filters[filter].context);
         }
         let worker = flight.worker;
         let exchange = flight.exchange.clone();
@@ -495,9 +495,13 @@ impl Edge {
         );
         let _ = vm.call("proxy_on_context_create", context, &[context, root]);
         let fuel = vm.last_fuel;
-        self.owners.insert((worker, filter, context), id);
+        let vm_ref = VmRef {
+            worker,
+            plugin: filter,
+        };
+        self.owners.insert((vm_ref, context), id);
         let flight = self.flight(id)?;
-        flight.contexts[filter] = context;
+        flight.filters[filter].context = context;
         flight.fuel += fuel;
         Ok(context)
     }
@@ -520,7 +524,7 @@ impl Edge {
     ) -> Result<()> {
         let flight = self.flight(id)?;
         let filter = flight.chains[direction].filters[position].filter;
-        flight.skipped[filter] = true;
+        flight.filters[filter].skipped = true;
         let reply = envoy_reply(503, details::WASM_FAIL, b"");
         self.local_reply(id, direction, filter, reply)
     }

@@ -4,7 +4,7 @@
 use super::api::{details, Part};
 use super::chain::{Chain, Stage};
 use super::{Edge, Phase};
-use crate::state::{header_value, Direction, Effect, HeaderMap, LocalReply};
+use crate::state::{header_value, Direction, Effect, HeaderMap, LocalReply, VmRef};
 use anyhow::Result;
 
 /// The response headers of a local reply: its status, its own headers, and for a body the
@@ -48,7 +48,7 @@ impl Edge {
                 | Effect::LocalReply { context, .. }
                 | Effect::Done { context } => *context,
             };
-            let Some(&id) = self.owners.get(&(worker, plugin, context)) else {
+            let Some(&id) = self.owners.get(&(VmRef { worker, plugin }, context)) else {
                 continue;
             };
             let _ = self.apply_effect(id, plugin, effect);
@@ -124,7 +124,7 @@ impl Edge {
     /// The filter let its buffered body go: Envoy no longer shows it that buffer.
     fn release_body(&mut self, id: u64, filter: usize) -> Result<()> {
         let flight = self.flight(id)?;
-        let (worker, context) = (flight.worker, flight.contexts[filter]);
+        let (worker, context) = (flight.worker, flight.filters[filter].context);
         if let Some(binding) = self.workers[worker][filter]
             .store
             .data_mut()
@@ -196,7 +196,7 @@ impl Edge {
     pub(super) fn close_request_maps(&mut self, id: u64) -> Result<()> {
         let flight = self.flight(id)?;
         let worker = flight.worker;
-        let contexts = flight.contexts.clone();
+        let contexts = flight.contexts();
         for (filter, context) in contexts.iter().enumerate() {
             if *context == 0 {
                 continue;

@@ -26,7 +26,7 @@ pub use builder::EdgeBuilder;
 
 use crate::state::{
     header_value, Direction, Exchange, ExchangeRef, HeaderMap, HostShared, Peer, PerDirection,
-    PerMap, PluginInfo,
+    PerMap, PluginInfo, VmRef,
 };
 use crate::vm::Vm;
 use anyhow::{anyhow, bail, Result};
@@ -46,14 +46,21 @@ enum Phase {
     Complete,
 }
 
+/// One filter's part in a stream.
+#[derive(Clone, Copy)]
+struct FilterStream {
+    /// Its stream context on the worker's VM (0: not created yet).
+    context: u32,
+    /// It no longer runs for this stream (its VM failed with fail_open).
+    skipped: bool,
+}
+
 /// One stream in flight on one worker.
 struct Flight {
     worker: usize,
     exchange: ExchangeRef,
-    /// Each filter's stream context on this worker's VM (0: not created yet).
-    contexts: Vec<u32>,
-    /// Filters that no longer run for this stream (their VM failed with fail_open).
-    skipped: Vec<bool>,
+    /// Each filter's part in the stream, by plugin index.
+    filters: Vec<FilterStream>,
     chains: PerDirection<Chain>,
     phase: Phase,
     /// A filter already sent a local reply during the request.
@@ -64,6 +71,11 @@ struct Flight {
 }
 
 impl Flight {
+    /// Each filter's stream context (0: none), by plugin index.
+    fn contexts(&self) -> Vec<u32> {
+        self.filters.iter().map(|filter| filter.context).collect()
+    }
+
     /// The response the client gets, from the exchange as it stands (a reset carries no
     /// status, headers or trailers).
     fn downstream(&self, body: Vec<u8>, reset: bool) -> Response {
@@ -101,8 +113,8 @@ pub struct Edge {
     workers: Vec<Vec<Vm>>,
     upstream: EmulatedUpstream,
     flights: HashMap<u64, Flight>,
-    /// (worker, plugin, stream context) → the stream it belongs to.
-    owners: HashMap<(usize, usize, u32), u64>,
+    /// A VM's stream context → the stream it belongs to.
+    owners: HashMap<(VmRef, u32), u64>,
     next_flight: u64,
     next_worker: usize,
 }
@@ -194,9 +206,12 @@ impl Edge {
         let flight = Flight {
             worker,
             exchange: Rc::new(RefCell::new(exchange)),
-            contexts: vec![0; filters],
-            skipped: (0..filters)
-                .map(|p| self.workers[worker][p].store.data().failed && self.plugins[p].fail_open)
+            filters: (0..filters)
+                .map(|plugin| FilterStream {
+                    context: 0,
+                    skipped: self.workers[worker][plugin].store.data().failed
+                        && self.plugins[plugin].fail_open,
+                })
                 .collect(),
             chains: PerDirection {
                 request: Chain::new(order, req.chunks.clone(), !req.trailers.is_empty()),
@@ -325,7 +340,7 @@ impl Edge {
             let body = std::mem::take(&mut flight.chains.response.delivered_body);
             flight.response = Some(flight.downstream(body, flight.reset));
         }
-        let contexts = flight.contexts.clone();
+        let contexts = flight.contexts();
         for (filter, context) in contexts.iter().enumerate() {
             if *context == 0 || self.workers[worker][filter].store.data().failed {
                 continue;
