@@ -13,23 +13,83 @@
 //! - `examples/rejected/*.json` are configurations it refuses, and the README quotes the
 //!   refusal (the error Envoy logs) word for word in a ```` ```text ```` block right after the
 //!   example's block.
+//! - The `## Fields` table names exactly the fields the parser allows, in every object the
+//!   test probes: a field added to the parser, or one the README lists that it no longer takes,
+//!   fails the test.
 
 use std::fs;
 use std::path::Path;
 
 const MARKER: &str = "<!-- example: ";
 
-/// `readme_test!(parse, warnings)`: the test that runs [`check`] on the calling crate, with its
-/// configuration parser and what it warns about for a parsed configuration.
+/// `readme_test!(parse, warnings, [(prefix, probe), ...])`: the tests that run [`check`] and
+/// [`check_fields`] on the calling crate, with its configuration parser and what it warns about
+/// for a parsed configuration.
 macro_rules! readme_test {
-    ($parse:path, $warnings:expr) => {
+    ($parse:path, $warnings:expr, [$(($prefix:expr, $probe:expr)),+ $(,)?]) => {
+        fn parse_for_readme(json: &[u8]) -> Result<Vec<String>, String> {
+            $parse(json).map($warnings).map_err(|e| e.to_string())
+        }
+
         #[test]
         fn the_readme_shows_the_example_files_and_the_plugin_reads_them() {
-            readme_examples::check(env!("CARGO_MANIFEST_DIR"), |json| {
-                $parse(json).map($warnings).map_err(|e| e.to_string())
-            });
+            readme_examples::check(env!("CARGO_MANIFEST_DIR"), parse_for_readme);
+        }
+
+        #[test]
+        fn the_readme_lists_exactly_the_fields_the_plugin_reads() {
+            readme_examples::check_fields(
+                env!("CARGO_MANIFEST_DIR"),
+                parse_for_readme,
+                &[$(($prefix, $probe)),+],
+            );
         }
     };
+}
+
+/// For each `(prefix, probe)`: `probe` is a configuration with an unknown field `zzz` in the
+/// object the README's fields table writes as `prefix` (`""` for the top level, `"rules[]."`,
+/// `"source."`), so the parser's refusal lists the fields that object allows; they must be the
+/// table's fields under `prefix` (a nested field, `rules[].limit.window`, names `limit`).
+pub fn check_fields(
+    crate_dir: &str,
+    parse: impl Fn(&[u8]) -> Result<Vec<String>, String>,
+    probes: &[(&str, &str)],
+) {
+    let readme = fs::read_to_string(Path::new(crate_dir).join("README.md")).unwrap();
+    let documented = documented_fields(&readme);
+    for (prefix, probe) in probes {
+        let error = parse(probe.as_bytes()).expect_err("a probe has an unknown field");
+        let (_, allowed) = error
+            .split_once("unknown field `zzz`, expected one of ")
+            .unwrap_or_else(|| panic!("{probe} was refused for another reason: {error}"));
+        let mut allowed: Vec<&str> = allowed.split(", ").map(|f| f.trim_matches('`')).collect();
+        let mut listed: Vec<&str> = documented
+            .iter()
+            .filter_map(|f| f.strip_prefix(prefix))
+            .map(|rest| rest.split(['.', '[']).next().unwrap_or(rest))
+            .collect();
+        allowed.sort_unstable();
+        listed.sort_unstable();
+        listed.dedup();
+        assert_eq!(
+            listed, allowed,
+            "the README's fields under {prefix:?} (left) are not what the parser allows (right)"
+        );
+    }
+}
+
+/// The first column of the `## Fields` table: `rules[].limit.window` and the like.
+fn documented_fields(readme: &str) -> Vec<String> {
+    readme
+        .split("\n## ")
+        .find(|section| section.starts_with("Fields\n"))
+        .expect("a `## Fields` section")
+        .lines()
+        .filter_map(|line| line.strip_prefix("| `"))
+        .filter_map(|cell| cell.split_once('`'))
+        .map(|(field, _)| field.to_string())
+        .collect()
 }
 
 /// Runs the checks above on the README of the crate at `crate_dir`; `parse` is the plugin's

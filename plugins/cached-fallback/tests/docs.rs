@@ -18,7 +18,17 @@ const FIVE_IN_10_S_OPENS_FOR_30_S: Breaker = Breaker {
     open_ns: 30 * SECOND_NS,
 };
 
-readme_test!(Config::parse, |c| c.warnings);
+readme_test!(
+    Config::parse,
+    |c| c.warnings,
+    [
+        ("", r#"{"zzz":1}"#),
+        ("failOn.", r#"{"failOn":{"zzz":1}}"#),
+        ("key.", r#"{"key":{"zzz":1}}"#),
+        ("staticFallback.", r#"{"staticFallback":{"zzz":1}}"#),
+        ("circuitBreaker.", r#"{"circuitBreaker":{"zzz":1}}"#),
+    ]
+);
 
 #[test]
 fn the_full_example_serves_an_hour_old_answer_or_the_static_503() -> Result<(), ConfigError> {

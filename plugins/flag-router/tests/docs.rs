@@ -10,7 +10,14 @@ use flag_router::config::Config;
 #[path = "../../readme_examples.rs"]
 mod readme_examples;
 
-readme_test!(Config::parse, |_| Vec::new());
+readme_test!(
+    Config::parse,
+    |_| Vec::new(),
+    [
+        ("", r#"{"zzz":1}"#),
+        ("source.", r#"{"headers":{"f":"x-f"},"source":{"zzz":1}}"#),
+    ]
+);
 
 #[test]
 fn the_rollout_example_fetches_the_flag_it_does_not_define() -> Result<(), ConfigError> {

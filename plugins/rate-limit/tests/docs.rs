@@ -12,7 +12,18 @@ use rate_limit::config::{Config, Mode};
 #[path = "../../readme_examples.rs"]
 mod readme_examples;
 
-readme_test!(Config::parse, |_| Vec::new());
+readme_test!(
+    Config::parse,
+    |_| Vec::new(),
+    [
+        ("", r#"{"zzz":1}"#),
+        ("rules[].", r#"{"rules":[{"zzz":1}]}"#),
+        (
+            "rules[].limit.",
+            r#"{"rules":[{"name":"a","limit":{"zzz":1}}]}"#
+        ),
+    ]
+);
 
 #[test]
 fn the_full_example_limits_free_tier_api_calls_per_client_and_key() -> Result<(), ConfigError> {
