@@ -36,12 +36,12 @@ impl KeyPart {
                 Ok(s.to_string())
             }
         };
-        let sources = [
+        const SOURCES: [(&str, KeyPart); 3] = [
             ("clientIp", KeyPart::ClientIp),
             ("path", KeyPart::Path),
             ("method", KeyPart::Method),
         ];
-        if let Some(part) = o.opt("source", |n| n.one_of(&sources))? {
+        if let Some(part) = o.opt("source", |n| n.one_of(&SOURCES))? {
             return Ok(part);
         }
         if let Some(h) = o.opt("header", |n| n.header_name())? {
