@@ -22,11 +22,14 @@ use std::path::Path;
 
 const MARKER: &str = "<!-- example: ";
 
-/// `readme_test!(parse, warnings, [(prefix, probe), ...])`: the tests that run [`check`] and
-/// [`check_fields`] on the calling crate, with its configuration parser and what it warns about
-/// for a parsed configuration.
+/// `readme_test!(parse, [warnings,] [(prefix, probe), ...])`: the tests that run [`check`] and
+/// [`check_fields`] on the calling crate, with its configuration parser, what it warns about
+/// for a parsed configuration (nothing when not given) and the nested objects to probe.
 macro_rules! readme_test {
-    ($parse:path, $warnings:expr, [$(($prefix:expr, $probe:expr)),+ $(,)?]) => {
+    ($parse:path, [$(($prefix:expr, $probe:expr)),* $(,)?]) => {
+        readme_test!($parse, |_| Vec::new(), [$(($prefix, $probe)),*]);
+    };
+    ($parse:path, $warnings:expr, [$(($prefix:expr, $probe:expr)),* $(,)?]) => {
         fn parse_for_readme(json: &[u8]) -> Result<Vec<String>, String> {
             $parse(json).map($warnings).map_err(|e| e.to_string())
         }
@@ -41,16 +44,17 @@ macro_rules! readme_test {
             readme_examples::check_fields(
                 env!("CARGO_MANIFEST_DIR"),
                 parse_for_readme,
-                &[$(($prefix, $probe)),+],
+                &[("", r#"{"zzz":1}"#), $(($prefix, $probe)),*],
             );
         }
     };
 }
 
 /// For each `(prefix, probe)`: `probe` is a configuration with an unknown field `zzz` in the
-/// object the README's fields table writes as `prefix` (`""` for the top level, `"rules[]."`,
-/// `"source."`), so the parser's refusal lists the fields that object allows; they must be the
-/// table's fields under `prefix` (a nested field, `rules[].limit.window`, names `limit`).
+/// object the README's fields table writes as `prefix` (`""` for the top level, probed by
+/// [`readme_test!`] always; `"rules[]."`, `"source."`), so the parser's refusal lists the fields
+/// that object allows; they must be the table's fields under `prefix` (a nested field,
+/// `rules[].limit.window`, names `limit`).
 pub fn check_fields(
     crate_dir: &str,
     parse: impl Fn(&[u8]) -> Result<Vec<String>, String>,

@@ -22,7 +22,6 @@ readme_test!(
     Config::parse,
     |c| c.warnings,
     [
-        ("", r#"{"zzz":1}"#),
         ("failOn.", r#"{"failOn":{"zzz":1}}"#),
         ("key.", r#"{"key":{"zzz":1}}"#),
         ("staticFallback.", r#"{"staticFallback":{"zzz":1}}"#),

@@ -14,9 +14,7 @@ mod readme_examples;
 
 readme_test!(
     Config::parse,
-    |_| Vec::new(),
     [
-        ("", r#"{"zzz":1}"#),
         ("rules[].", r#"{"rules":[{"zzz":1}]}"#),
         (
             "rules[].limit.",
