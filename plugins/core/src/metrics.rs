@@ -16,13 +16,22 @@ pub trait Counter: Copy + PartialEq + 'static {
 /// The full names of `C`'s counters, `<prefix>.<name>`, one set per prefix in turn (a plugin
 /// that counts per rule defines one set per rule); [`index`] counts in this order.
 pub fn names<C: Counter>(prefixes: &[impl AsRef<str>]) -> Vec<String> {
-    let mut names = Vec::with_capacity(prefixes.len() * C::ALL.len());
+    let own: Vec<&str> = C::ALL.iter().map(|c| c.name()).collect();
+    let prefixes: Vec<&str> = prefixes.iter().map(AsRef::as_ref).collect();
+    full_names(&prefixes, &own)
+}
+
+/// Every `<prefix>.<name>`. Not inlined: with the names known at compile time the loop would
+/// be unrolled into one `format!` per counter in every module.
+#[inline(never)]
+fn full_names(prefixes: &[&str], names: &[&str]) -> Vec<String> {
+    let mut out = Vec::with_capacity(prefixes.len() * names.len());
     for p in prefixes {
-        for c in C::ALL {
-            names.push(format!("{}.{}", p.as_ref(), c.name()));
+        for n in names {
+            out.push(format!("{p}.{n}"));
         }
     }
-    names
+    out
 }
 
 /// Where counter `c` of set `set` is in [`names`].
