@@ -114,14 +114,19 @@ impl FlagSet {
             return none(Reason::Disabled, None);
         }
         let chosen = match &flag.targeting {
-            None => Ok((flag.default_variant.as_deref(), Reason::Static)),
+            // flagd: a flag without targeting resolves STATIC to its default variant, and
+            // DEFAULT (with no variant) when it has none.
+            None if flag.default_variant.is_some() => {
+                Ok((flag.default_variant.as_deref(), Reason::Static))
+            }
+            None => Ok((None, Reason::Default)),
             Some(expr) => match expr.eval(data) {
                 Ok(Value::Null) => Ok((flag.default_variant.as_deref(), Reason::Default)),
                 Ok(Value::String(s)) => flag
                     .variants
                     .get_key_value(s.as_str())
                     .map(|(k, _)| (Some(k.as_str()), Reason::TargetingMatch))
-                    .ok_or_else(|| format!("targeting chose unknown variant \"{s}\"")),
+                    .ok_or_else(|| format!("targeting chose unknown variant {}", brief(&s))),
                 // flagd turns a boolean result into the variant named "true"/"false".
                 Ok(Value::Bool(b)) => {
                     let name = if b { "true" } else { "false" };
@@ -130,7 +135,10 @@ impl FlagSet {
                         .map(|(k, _)| (Some(k.as_str()), Reason::TargetingMatch))
                         .ok_or_else(|| format!("targeting chose unknown variant \"{name}\""))
                 }
-                Ok(other) => Err(format!("targeting returned {other}, not a variant name")),
+                Ok(other) => Err(format!(
+                    "targeting returned {}, not a variant name",
+                    describe(&other)
+                )),
                 Err(e) => Err(e),
             },
         };
@@ -194,6 +202,27 @@ fn read_flag(
     })
 }
 
+/// A string for a log line, cut to 64 characters: a rule can return a value of megabytes, and
+/// an error is built on every request that gets it.
+fn brief(s: &str) -> String {
+    const MAX: usize = 64;
+    match s.char_indices().nth(MAX) {
+        None => format!("\"{s}\""),
+        Some((end, _)) => format!("\"{}…\" ({} bytes)", s.get(..end).unwrap_or(""), s.len()),
+    }
+}
+
+/// A value for a log line by its kind and size, never its whole text.
+fn describe(v: &Value) -> String {
+    match v {
+        Value::Array(a) => format!("an array of {} items", a.len()),
+        Value::Object(m) => format!("an object of {} members", m.len()),
+        Value::Number(n) => format!("the number {n}"),
+        Value::String(s) => brief(s),
+        other => other.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,6 +243,50 @@ mod tests {
             "flags": flags,
         }))
         .unwrap()
+    }
+
+    fn set(flags: Value) -> FlagSet {
+        let doc = serde_json::json!({ "flags": flags });
+        FlagSet::from_document(doc.to_string().as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn reasons_are_flagds_static_default_and_targeting_match() {
+        let flags = set(serde_json::json!({
+            "fixed": {"state": "ENABLED", "variants": {"a": "A"}, "defaultVariant": "a"},
+            "none": {"state": "ENABLED", "variants": {"a": "A"}},
+            "none-targeted": {"state": "ENABLED", "variants": {"a": "A"},
+                "targeting": {"if": [{"var": "beta"}, "a", null]}},
+        }));
+        let ctx = serde_json::json!({});
+        let r = flags.resolve("fixed", &ctx);
+        assert_eq!((r.reason, r.variant), (Reason::Static, Some("a")));
+        // No defaultVariant and no targeting: DEFAULT with no variant, not STATIC.
+        let r = flags.resolve("none", &ctx);
+        assert_eq!((r.reason, r.variant), (Reason::Default, None));
+        let r = flags.resolve("none-targeted", &ctx);
+        assert_eq!((r.reason, r.variant), (Reason::Default, None));
+        let r = flags.resolve("none-targeted", &serde_json::json!({"beta": true}));
+        assert_eq!((r.reason, r.variant), (Reason::TargetingMatch, Some("a")));
+    }
+
+    #[test]
+    fn an_error_names_a_large_result_without_copying_it() {
+        let huge = "x".repeat(4 << 20);
+        let flags = set(serde_json::json!({
+            "s": {"state": "ENABLED", "variants": {"a": "A"}, "targeting": huge},
+            "list": {"state": "ENABLED", "variants": {"a": "A"},
+                "targeting": {"merge": [[1, 2, 3], [4]]}},
+        }));
+        let ctx = serde_json::json!({});
+        let e = flags.resolve("s", &ctx).error.unwrap();
+        assert!(e.len() < 200, "{} bytes", e.len());
+        assert!(e.contains("4194304 bytes"), "{e}");
+        let e = flags.resolve("list", &ctx).error.unwrap();
+        assert_eq!(
+            e,
+            "targeting returned an array of 4 items, not a variant name"
+        );
     }
 
     #[test]

@@ -2,7 +2,6 @@
 //! bounds, and the literal checks of flagd's operators.
 
 use super::fractional::check_fractional;
-use super::semver::check_sem_ver;
 use super::{Node, Op, MAX_DEPTH};
 use serde_json::{Map, Value};
 
@@ -47,9 +46,11 @@ pub(super) const OPS: &[(&str, Op, usize, usize)] = &[
     ("all", Op::All, 2, 2),
     ("some", Op::Some, 2, 2),
     ("none", Op::None, 2, 2),
-    ("starts_with", Op::StartsWith, 2, 2),
-    ("ends_with", Op::EndsWith, 2, 2),
-    ("sem_ver", Op::SemVer, 3, 3),
+    // flagd's own operators take any number of operands and answer `null` for a wrong one,
+    // as flagd does, so a rule around them takes its else branch instead of failing the file.
+    ("starts_with", Op::StartsWith, 0, MANY),
+    ("ends_with", Op::EndsWith, 0, MANY),
+    ("sem_ver", Op::SemVer, 0, MANY),
     ("fractional", Op::Fractional, 1, MANY),
 ];
 
@@ -119,10 +120,8 @@ impl Compiler<'_> {
                 args.len()
             ));
         }
-        match op {
-            Op::SemVer => check_sem_ver(args)?,
-            Op::Fractional => check_fractional(args)?,
-            _ => {}
+        if op == Op::Fractional {
+            check_fractional(args)?;
         }
         Ok(Node::Op(op, self.all(args, depth)?))
     }

@@ -18,7 +18,12 @@ pub(super) fn arg<'v>(v: &'v [Cow<'_, Value>], i: usize) -> &'v Value {
 /// element or 8 string bytes an operator builds costs one more. A flag file can nest `map`s or
 /// double a list in a `reduce`; the budget turns that into an error instead of exhausting
 /// memory (a trap in Envoy).
-pub(super) struct Budget(pub(super) std::cell::Cell<u64>);
+/// The second cell counts the elements the array operators have visited, which the budget's
+/// steps cannot show once they are gone.
+pub(super) struct Budget(
+    pub(super) std::cell::Cell<u64>,
+    pub(super) std::cell::Cell<u64>,
+);
 
 /// Steps per evaluation: far above any real targeting rule (the fractional rollouts in
 /// flagd's test vectors take under 50), far below what would strain a worker.
@@ -174,11 +179,17 @@ fn ev_node<'a>(n: &'a Node, data: &'a Value, b: &Budget) -> Cow<'a, Value> {
             };
             let list = ev(list, data, b);
             let items = list.as_array().map_or(&[][..], Vec::as_slice);
+            // Once the budget is gone every step is null: stop iterating rather than walk
+            // (and for `reduce`, copy) the rest of a long list for nothing.
             let test = |v: &Value| truthy(&ev(logic, v, b));
+            let live = || {
+                b.1.set(b.1.get().saturating_add(1));
+                !b.exhausted()
+            };
             return Cow::Owned(match op {
                 Op::Map => {
                     let mut out = Vec::with_capacity(items.len());
-                    for v in items {
+                    for v in items.iter().take_while(|_| live()) {
                         let r = ev(logic, v, b);
                         // A borrowed result is copied into the list: charge the copy first.
                         if let Cow::Borrowed(x) = &r {
@@ -190,15 +201,24 @@ fn ev_node<'a>(n: &'a Node, data: &'a Value, b: &Budget) -> Cow<'a, Value> {
                     }
                     Value::Array(out)
                 }
-                Op::Filter => Value::Array(items.iter().filter(|v| test(v)).cloned().collect()),
-                Op::All => Value::Bool(!items.is_empty() && items.iter().all(test)),
-                Op::Some => Value::Bool(items.iter().any(test)),
-                Op::None => Value::Bool(!items.iter().any(test)),
+                Op::Filter => Value::Array(
+                    items
+                        .iter()
+                        .take_while(|_| live())
+                        .filter(|v| test(v))
+                        .cloned()
+                        .collect(),
+                ),
+                Op::All => {
+                    Value::Bool(!items.is_empty() && items.iter().take_while(|_| live()).all(test))
+                }
+                Op::Some => Value::Bool(items.iter().take_while(|_| live()).any(test)),
+                Op::None => Value::Bool(!items.iter().take_while(|_| live()).any(test)),
                 _ => {
                     let init = args
                         .get(2)
                         .map_or(Value::Null, |i| ev(i, data, b).into_owned());
-                    items.iter().fold(init, |acc, cur| {
+                    items.iter().take_while(|_| live()).fold(init, |acc, cur| {
                         let mut scope = Map::new();
                         scope.insert("current".into(), cur.clone());
                         scope.insert("accumulator".into(), acc);
@@ -299,14 +319,16 @@ fn ev_node<'a>(n: &'a Node, data: &'a Value, b: &Budget) -> Cow<'a, Value> {
                 Value::Array(gone)
             }
         }
+        // flagd answers null for anything but two strings.
         Op::StartsWith | Op::EndsWith => match (x, y) {
+            _ if v.len() != 2 => Value::Null,
             (Value::String(s), Value::String(p)) if op == Op::StartsWith => {
                 Value::Bool(s.starts_with(p.as_str()))
             }
             (Value::String(s), Value::String(p)) => Value::Bool(s.ends_with(p.as_str())),
             _ => Value::Null,
         },
-        Op::SemVer => sem_ver(x, y, arg(&v, 2)),
+        Op::SemVer if v.len() == 3 => sem_ver(x, y, arg(&v, 2)),
         Op::Fractional => fractional(&v, data).unwrap_or(Value::Null),
         _ => Value::Null,
     })
@@ -349,7 +371,65 @@ mod tests {
     use super::super::compile::OPS;
     use super::super::testing::*;
     use super::super::Expr;
+    use super::{ev, Budget, BUDGET};
     use serde_json::{json, Map, Value};
+    use std::cell::Cell;
+
+    #[test]
+    fn looping_operators_stop_once_the_budget_is_spent() {
+        let long: Vec<Value> = (0..200_000).map(|i| json!(i)).collect();
+        let data = json!({ "xs": long });
+        for logic in [
+            json!({"reduce": [{"var": "xs"}, {"+": [{"var": "accumulator"}, {"var": "current"}]}, 0]}),
+            json!({"map": [{"var": "xs"}, {"+": [{"var": ""}, 1]}]}),
+            json!({"filter": [{"var": "xs"}, {">": [{"var": ""}, -1]}]}),
+            json!({"all": [{"var": "xs"}, {">": [{"var": ""}, -1]}]}),
+            json!({"some": [{"var": "xs"}, {"<": [{"var": ""}, -1]}]}),
+            json!({"none": [{"var": "xs"}, {"<": [{"var": ""}, -1]}]}),
+        ] {
+            let expr = compile(&logic).unwrap();
+            let b = Budget(Cell::new(BUDGET), Cell::new(0));
+            let _ = ev(&expr.0, &data, &b);
+            assert!(
+                b.exhausted(),
+                "{logic} fits the budget: the test proves nothing"
+            );
+            assert!(
+                b.1.get() <= BUDGET,
+                "{logic} visited {} of 200,000 elements after its budget of {BUDGET} was spent",
+                b.1.get()
+            );
+            assert!(expr.eval(&data).is_err(), "{logic}");
+        }
+    }
+
+    #[test]
+    fn starts_with_and_ends_with_need_two_strings_else_null_like_flagd() {
+        table(
+            json!({"email": "ann@example.com"}),
+            &[
+                (
+                    json!({"starts_with": [{"var": "email"}, "ann"]}),
+                    json!(true),
+                ),
+                (
+                    json!({"ends_with": [{"var": "email"}, ".com"]}),
+                    json!(true),
+                ),
+                (json!({"starts_with": [{"var": "email"}]}), json!(null)),
+                (json!({"ends_with": "ann@example.com"}), json!(null)),
+                (
+                    json!({"starts_with": [{"var": "email"}, "a", "b"]}),
+                    json!(null),
+                ),
+                (json!({"ends_with": [{"var": "email"}, 7]}), json!(null)),
+                (
+                    json!({"if": [{"starts_with": "x"}, "on", "off"]}),
+                    json!("off"),
+                ),
+            ],
+        );
+    }
 
     #[test]
     fn literals_evaluate_to_themselves_and_arrays_element_wise() {

@@ -6,7 +6,8 @@ use serde_json::Value;
 use std::borrow::Cow;
 
 /// Literal distributions of `fractional` must match flagd's schema: `[variant]` or
-/// `[variant, weight]` with a whole weight in 0..=2^31-1.
+/// `[variant, weight]` with a whole weight of at most 2^31-1. A negative weight is allowed and
+/// counts as 0, as flagd clamps it.
 pub(super) fn check_fractional(args: &[Value]) -> Result<(), String> {
     let first = args.first();
     if first.is_some_and(|b| b.is_number() || b.is_boolean()) {
@@ -25,7 +26,8 @@ pub(super) fn check_fractional(args: &[Value]) -> Result<(), String> {
                     && match d.get(1) {
                         None | Some(Value::Object(_)) => true,
                         Some(Value::Number(n)) => n.as_f64().is_some_and(|w| {
-                            w.fract() == 0.0 && (0.0..=f64::from(i32::MAX)).contains(&w)
+                            w.fract() == 0.0
+                                && (f64::from(i32::MIN)..=f64::from(i32::MAX)).contains(&w)
                         }),
                         Some(_) => false,
                     }
@@ -35,7 +37,7 @@ pub(super) fn check_fractional(args: &[Value]) -> Result<(), String> {
         if !ok {
             return Err(format!(
                 "fractional[{i}]: expected [variant] or [variant, weight] with a whole weight \
-                 from 0 to 2147483647, got {d}"
+                 of at most 2147483647, got {d}"
             ));
         }
     }
@@ -200,7 +202,6 @@ mod tests {
             json!({"fractional": []}),
             json!({"fractional": [{"var": "b"}, []]}),
             json!({"fractional": [{"var": "b"}, ["a", 1, 2]]}),
-            json!({"fractional": [{"var": "b"}, ["a", -1]]}),
             json!({"fractional": [{"var": "b"}, ["a", "5"]]}),
             json!({"fractional": [{"var": "b"}, ["a", 1.5]]}),
             json!({"fractional": [{"var": "b"}, ["a", null]]}),
@@ -218,5 +219,17 @@ mod tests {
             compile(&json!({"fractional": [{"var": "b"}, {"var": "d"}, [{"var": "v"}]]})).is_ok()
         );
         assert!(compile(&json!({"fractional": ["constant", ["a", 1]]})).is_ok());
+    }
+
+    #[test]
+    fn a_negative_weight_counts_as_zero_like_flagd() {
+        // flagd clamps a negative weight to 0: every user lands in "b".
+        let rule = json!({"fractional": [{"var": "u"}, ["a", -50], ["b", 50]]});
+        for u in ["u1", "u2", "u3", "u4", "u5", "u6", "u7", "u8"] {
+            assert_eq!(run(rule.clone(), &json!({"u": u})), json!("b"), "{u}");
+        }
+        // All weights at 0 (after clamping): null, so the default variant.
+        let none = json!({"fractional": [{"var": "u"}, ["a", -1], ["b", 0]]});
+        assert_eq!(run(none, &json!({"u": "u1"})), json!(null));
     }
 }

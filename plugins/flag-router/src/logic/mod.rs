@@ -124,7 +124,7 @@ impl Expr {
     /// represent (`1/0`) is `null` too. The one error is a rule that spends more than its
     /// budget of steps and built values (see [`BUDGET`]).
     pub fn eval(&self, data: &Value) -> Result<Value, String> {
-        let b = Budget(std::cell::Cell::new(BUDGET));
+        let b = Budget(std::cell::Cell::new(BUDGET), std::cell::Cell::new(0));
         let v = ev(&self.0, data, &b).into_owned();
         if b.exhausted() {
             return Err(format!(

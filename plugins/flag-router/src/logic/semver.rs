@@ -6,26 +6,6 @@ use serde_json::Value;
 use std::borrow::Cow;
 use std::cmp::Ordering;
 
-const SEMVER_OPS: [&str; 8] = ["=", "!=", "<", "<=", ">", ">=", "^", "~"];
-
-/// Literal operands of `sem_ver` must be what flagd could ever accept; expressions are checked
-/// when evaluated.
-pub(super) fn check_sem_ver(args: &[Value]) -> Result<(), String> {
-    if let Some(op) = args.get(1).filter(|v| !v.is_object()) {
-        if !op.as_str().is_some_and(|o| SEMVER_OPS.contains(&o)) {
-            return Err(format!(
-                "sem_ver: unknown comparison {op} (use one of {SEMVER_OPS:?})"
-            ));
-        }
-    }
-    for v in [args.first(), args.get(2)].into_iter().flatten() {
-        if !v.is_object() && version_text(v).as_deref().and_then(parse_version).is_none() {
-            return Err(format!("sem_ver: {v} is not a semantic version"));
-        }
-    }
-    Ok(())
-}
-
 /// A version's text as flagd reads it: strings as they are, numbers printed (`1.2`).
 fn version_text(v: &Value) -> Option<Cow<'_, str>> {
     match v {
@@ -222,36 +202,24 @@ mod tests {
     }
 
     #[test]
-    fn malformed_sem_ver_fails_at_compile() {
-        for (logic, part) in [
-            (
-                json!({"sem_ver": ["1.0.0", "=>", "1.0.0"]}),
-                "unknown comparison",
-            ),
-            (
-                json!({"sem_ver": ["1.0.0", 1, "1.0.0"]}),
-                "unknown comparison",
-            ),
-            (
-                json!({"sem_ver": ["1.0.0.0", "=", {"var": "v"}]}),
-                "not a semantic version",
-            ),
-            (
-                json!({"sem_ver": [{"var": "v"}, "=", "x1"]}),
-                "not a semantic version",
-            ),
-            (
-                json!({"sem_ver": [true, "=", "1.0.0"]}),
-                "not a semantic version",
-            ),
-            (
-                json!({"sem_ver": ["1.0.0", "="]}),
-                "takes 3 arguments, got 2",
-            ),
+    fn malformed_sem_ver_is_null_like_flagd_not_a_load_error() {
+        // flagd evaluates each of these to null: an `if` takes its else branch, and a
+        // flag whose targeting is null gets its defaultVariant.
+        for logic in [
+            json!({"sem_ver": ["1.0.0", "===", "1.0.0"]}),
+            json!({"sem_ver": ["1.0.0", "=>", "1.0.0"]}),
+            json!({"sem_ver": ["1.0.0", 1, "1.0.0"]}),
+            json!({"sem_ver": ["2.0.0.0", "=", "2.0.0"]}),
+            json!({"sem_ver": ["invalid", "=", "1.0.0"]}),
+            json!({"sem_ver": [true, "=", "1.0.0"]}),
+            json!({"sem_ver": ["1.0.0", "="]}),
+            json!({"sem_ver": ["1.0.0", "=", "1.0.0", "1.0.0"]}),
+            json!({"sem_ver": []}),
+            json!({"sem_ver": "1.0.0"}),
         ] {
-            let e = compile_err(logic.clone());
-            assert!(e.contains("sem_ver") && e.contains(part), "{logic}: {e}");
+            assert_eq!(run(logic.clone(), &json!({})), json!(null), "{logic}");
+            let guarded = json!({"if": [logic.clone(), "new", "old"]});
+            assert_eq!(run(guarded, &json!({})), json!("old"), "{logic}");
         }
-        assert!(compile(&json!({"sem_ver": [{"var": "v"}, {"var": "op"}, "v2"]})).is_ok());
     }
 }
