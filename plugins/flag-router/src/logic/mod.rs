@@ -3,9 +3,10 @@
 //! request.
 //!
 //! Core operators coerce like json-logic-js (JavaScript's `==`, `<`, `+`, string conversion);
-//! flagd's operators follow flagd's Go evaluator, which answers `null` for bad operands, so an
-//! `if` around them takes its else branch exactly as it would in flagd. What is wrong in the flag
-//! file itself (unknown operator, fixed arity, a literal that can never be a version or a
+//! flagd's operators follow flagd's Go evaluator, which answers `null` for bad operands (a wrong
+//! count, an unknown `sem_ver` comparison, a version that does not parse), so an `if` around
+//! them takes its else branch exactly as it would in flagd. What flagd itself cannot evaluate
+//! (an unknown operator, a JsonLogic operator's fixed arity, a malformed `fractional`
 //! distribution, a `$ref` cycle) fails at compile time instead. Compilation bounds depth and node
 //! count, so a hostile flag file can neither overflow the stack nor explode through `$ref`s.
 //!
