@@ -1,0 +1,388 @@
+//! The checks of one Envoy document: each plugin's configuration, then the chain around them.
+
+use crate::plugins::{Filter, Parsed, Plugin};
+use crate::yaml::{self, Node};
+use crate::{Finding, Severity};
+
+const BUFFER_FILTER: &str = "envoy.filters.http.buffer";
+
+/// The clusters a plugin may name: `None` when they come from CDS and cannot be known here.
+struct Clusters<'a>(Option<Vec<&'a str>>);
+
+impl Clusters<'_> {
+    fn read<'a>(doc: &'a Node<'_>) -> Clusters<'a> {
+        if yaml::path(doc, &["dynamic_resources", "cds_config"]).is_some() {
+            return Clusters(None);
+        }
+        let clusters = yaml::items(yaml::path(doc, &["static_resources", "clusters"]));
+        Clusters(Some(
+            clusters
+                .iter()
+                .filter_map(|c| yaml::str_at(c, &["name"]))
+                .collect(),
+        ))
+    }
+
+    fn lacks(&self, name: &str) -> bool {
+        self.0.as_ref().is_some_and(|c| !c.contains(&name))
+    }
+}
+
+/// What the lints of one chain see.
+struct Chain<'a, 'i> {
+    file: &'a str,
+    /// The `http_filters` entries.
+    entries: &'a [Node<'i>],
+    /// Ours among them, in order.
+    ours: Vec<Filter>,
+    /// The connection manager holding them (its `route_config`).
+    manager: &'a Node<'i>,
+}
+
+pub fn document(file: &str, text: &str, doc: &Node<'_>, out: &mut Vec<Finding>) {
+    let clusters = Clusters::read(doc);
+    let mut maps = Vec::new();
+    yaml::mappings(doc, &mut maps);
+    for manager in maps {
+        let entries = yaml::items(yaml::get(manager, "http_filters"));
+        if entries.is_empty() {
+            continue;
+        }
+        let ours = entries
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| Filter::read(text, e, i))
+            .collect();
+        let chain = Chain {
+            file,
+            entries,
+            ours,
+            manager,
+        };
+        chain.configs(out);
+        chain.buffer(out);
+        chain.flag_sources(&clusters, out);
+        chain.route_values(out);
+        chain.order(out);
+    }
+}
+
+impl Chain<'_, '_> {
+    fn finding(
+        &self,
+        line: usize,
+        plugin: Option<Plugin>,
+        path: impl Into<String>,
+        severity: Severity,
+        message: impl Into<String>,
+    ) -> Finding {
+        Finding {
+            file: self.file.to_string(),
+            line,
+            plugin,
+            path: path.into(),
+            severity,
+            message: message.into(),
+        }
+    }
+
+    /// Each configuration, read by its plugin's parser: what Envoy would refuse at load.
+    fn configs(&self, out: &mut Vec<Finding>) {
+        for f in &self.ours {
+            if let Err(e) = &f.config {
+                let (line, message) = match f.syntax_error_line() {
+                    Some((line, json_line)) => (
+                        line,
+                        format!(
+                            "{} (the JSON's line {json_line}; its `value` is at line {})",
+                            e.message, f.config_line
+                        ),
+                    ),
+                    None => (f.line_of(&e.field), e.message.clone()),
+                };
+                out.push(self.finding(
+                    line,
+                    Some(f.plugin),
+                    &e.field,
+                    Severity::Error,
+                    format!("{message}: Envoy refuses this configuration"),
+                ));
+            }
+        }
+    }
+
+    fn name_at(&self, index: usize) -> Option<&str> {
+        self.entries
+            .get(index)
+            .and_then(|e| yaml::str_at(e, &["name"]))
+    }
+
+    /// Idempotency needs Envoy's buffer filter after it, holding at least `maxBodyBytes`.
+    fn buffer(&self, out: &mut Vec<Finding>) {
+        for f in &self.ours {
+            let Ok(Parsed::Idempotency(config)) = &f.config else {
+                continue;
+            };
+            let buffer = (f.index + 1..self.entries.len())
+                .find(|&i| self.name_at(i) == Some(BUFFER_FILTER))
+                .and_then(|i| self.entries.get(i));
+            let Some(buffer) = buffer else {
+                out.push(self.finding(
+                    f.line,
+                    Some(f.plugin),
+                    format!("http_filters[{}]", f.index),
+                    Severity::Error,
+                    format!(
+                        "no {BUFFER_FILTER} after idempotency: a duplicate's headers reach the \
+                         application before the plugin has read the body and answered, and \
+                         Envoy then resets that upstream request (plugins/idempotency/README.md)"
+                    ),
+                ));
+                continue;
+            };
+            let max = yaml::path(buffer, &["typed_config", "max_request_bytes"]);
+            let Some((max, line)) = max.and_then(|m| Some((yaml::integer(m)?, yaml::line(m))))
+            else {
+                continue;
+            };
+            if u64::try_from(max).unwrap_or(0) < config.max_body_bytes {
+                out.push(self.finding(
+                    line,
+                    Some(f.plugin),
+                    "maxBodyBytes",
+                    Severity::Error,
+                    format!(
+                        "the buffer filter's max_request_bytes {max} is below idempotency's \
+                         maxBodyBytes {}: a body between the two, which idempotency accepts, \
+                         gets the buffer filter's 413 instead",
+                        config.max_body_bytes
+                    ),
+                ));
+            }
+        }
+    }
+
+    /// A flag source whose cluster the YAML does not define is never fetched.
+    fn flag_sources(&self, clusters: &Clusters<'_>, out: &mut Vec<Finding>) {
+        for f in &self.ours {
+            let Ok(Parsed::FlagRouter(config)) = &f.config else {
+                continue;
+            };
+            let Some(source) = &config.source else {
+                continue;
+            };
+            if clusters.lacks(&source.cluster) {
+                out.push(self.finding(
+                    f.line_of("source.cluster"),
+                    Some(f.plugin),
+                    "source.cluster",
+                    Severity::Error,
+                    format!(
+                        "\"{}\" is not a cluster of static_resources.clusters: every fetch of \
+                         the flag document fails, so the router only ever has its inline flags",
+                        source.cluster
+                    ),
+                ));
+            }
+        }
+    }
+
+    /// A route matching an `x-route-*` value that no variant of the flag behind that header
+    /// produces can never be taken.
+    fn route_values(&self, out: &mut Vec<Finding>) {
+        let routers: Vec<(&Filter, &flag_router::config::Config)> = self
+            .ours
+            .iter()
+            .filter_map(|f| match &f.config {
+                Ok(Parsed::FlagRouter(c)) => Some((f, c)),
+                _ => None,
+            })
+            .collect();
+        if routers.is_empty() {
+            return;
+        }
+        let hosts = yaml::items(yaml::path(self.manager, &["route_config", "virtual_hosts"]));
+        for route in hosts
+            .iter()
+            .flat_map(|h| yaml::items(yaml::get(h, "routes")))
+        {
+            for matcher in yaml::items(yaml::path(route, &["match", "headers"])) {
+                let Some(header) = yaml::str_at(matcher, &["name"]) else {
+                    continue;
+                };
+                let header = header.to_ascii_lowercase();
+                let Some(test) = ValueTest::read(matcher) else {
+                    continue;
+                };
+                let set_by = routers.iter().find_map(|(f, c)| {
+                    c.headers
+                        .iter()
+                        .find(|(_, h)| *h == header)
+                        .map(|(flag, _)| (*f, *c, flag.as_str()))
+                });
+                let Some((f, config, flag)) = set_by else {
+                    if header.starts_with("x-route-") {
+                        out.push(self.finding(
+                            test.line,
+                            None,
+                            format!("route match header {header}"),
+                            Severity::Warning,
+                            format!(
+                                "no flag router `headers` entry sets {header}: the flag router \
+                                 removes only the headers it sets, so only a client's own \
+                                 {header} can take this route"
+                            ),
+                        ));
+                    }
+                    continue;
+                };
+                // Flags fetched from a source are not known here: only inline ones are linted.
+                let Some(definition) = config.flags.flags.get(flag) else {
+                    continue;
+                };
+                if definition.variants.values().any(|v| test.matches(v)) {
+                    continue;
+                }
+                let values: Vec<&str> = definition.variants.values().map(String::as_str).collect();
+                out.push(self.finding(
+                    test.line,
+                    Some(f.plugin),
+                    format!("flags.{flag}.variants"),
+                    Severity::Warning,
+                    format!(
+                        "the route matches {header} {} \"{}\", which no variant of flag \
+                         \"{flag}\" produces (its values: {}): the route is never taken{}",
+                        test.how,
+                        test.value,
+                        values.join(", "),
+                        if config.source.is_some() {
+                            " (unless the fetched flag document defines other variants)"
+                        } else {
+                            ""
+                        }
+                    ),
+                ));
+            }
+        }
+    }
+
+    /// The README's order, rate limit → flag router → idempotency → cached fallback; each
+    /// pair the other way round has a documented consequence.
+    fn order(&self, out: &mut Vec<Finding>) {
+        for (i, early) in self.ours.iter().enumerate() {
+            for late in self.ours.iter().skip(i + 1) {
+                if early.plugin <= late.plugin {
+                    continue;
+                }
+                out.push(self.finding(
+                    early.line,
+                    Some(early.plugin),
+                    format!("http_filters[{}]", early.index),
+                    Severity::Warning,
+                    format!(
+                        "{} (line {}) runs before {} (line {}), against the README's order \
+                         (rate_limit, flag_router, idempotency, cached_fallback): {}",
+                        early.plugin.name(),
+                        early.line,
+                        late.plugin.name(),
+                        late.line,
+                        consequence(late.plugin, early.plugin)
+                    ),
+                ));
+            }
+        }
+    }
+}
+
+/// What goes wrong when `later` (README: first) runs after `earlier` (README: second).
+fn consequence(first: Plugin, second: Plugin) -> &'static str {
+    use Plugin::*;
+    match (first, second) {
+        (RateLimit, FlagRouter) => {
+            "flags are evaluated for requests the rate limiter then refuses, which the README's \
+             order refuses before any other work"
+        }
+        (RateLimit, Idempotency) => {
+            "replays and 409s are answered before the rate limiter counts them, so repeating a \
+             key uses no quota, and a limited request first claims its key \
+             (envoy/scenarios/chain-02-rate-limit-429-not-kept-by-idempotency.yaml, \
+             chain-03-rate-limit-first-counts-replays.yaml)"
+        }
+        (RateLimit, CachedFallback) => {
+            "while its circuit is open cached_fallback answers before the rate limiter counts \
+             the request, so those requests use no quota \
+             (envoy/scenarios/chain-01-rate-limit-429-not-replaced-by-fallback.yaml)"
+        }
+        (FlagRouter, Idempotency) => {
+            "idempotency answers replays and 409s before any flag is evaluated, and sees the \
+             client's own x-route-* headers, which the flag router has not yet removed"
+        }
+        (FlagRouter, CachedFallback) => {
+            "cached_fallback keys and serves its kept answers before the flag router has set \
+             the x-route-* headers, so a failure can serve one variant's kept answer to the \
+             other variant's users \
+             (envoy/scenarios/chain-05-fallback-keyed-by-flag-variant.yaml)"
+        }
+        (Idempotency, CachedFallback) => {
+            "an upstream failure reaches idempotency's response callbacks before \
+             cached_fallback's, the other way round from the README's request path, and \
+             cached_fallback sees idempotency's replies (a replay is a local reply, which it \
+             does not keep: envoy/scenarios/chain-06-replay-not-kept-by-fallback.yaml)"
+        }
+        _ => "the plugins then see each other's answers in an order none of them documents",
+    }
+}
+
+/// A route's header matcher on a value (exact, prefix, suffix, contains).
+struct ValueTest {
+    how: &'static str,
+    value: String,
+    ignore_case: bool,
+    line: usize,
+}
+
+impl ValueTest {
+    /// `None` for matchers that say nothing about one value (presence, regex, range,
+    /// inverted).
+    fn read(matcher: &Node<'_>) -> Option<ValueTest> {
+        if yaml::get(matcher, "invert_match").and_then(|n| n.data.as_bool()) == Some(true) {
+            return None;
+        }
+        const KINDS: [(&str, &str, &str); 4] = [
+            ("exact", "exact_match", "exactly"),
+            ("prefix", "prefix_match", "by prefix"),
+            ("suffix", "suffix_match", "by suffix"),
+            ("contains", "contains_match", "containing"),
+        ];
+        let string_match = yaml::get(matcher, "string_match");
+        KINDS.iter().find_map(|(kind, legacy, how)| {
+            let (node, ignore_case) = match string_match {
+                Some(m) => (
+                    yaml::get(m, kind)?,
+                    yaml::get(m, "ignore_case").and_then(|n| n.data.as_bool()) == Some(true),
+                ),
+                None => (yaml::get(matcher, legacy)?, false),
+            };
+            Some(ValueTest {
+                how,
+                value: yaml::text(node)?,
+                ignore_case,
+                line: yaml::line(node),
+            })
+        })
+    }
+
+    fn matches(&self, value: &str) -> bool {
+        let (v, want) = if self.ignore_case {
+            (value.to_lowercase(), self.value.to_lowercase())
+        } else {
+            (value.to_string(), self.value.clone())
+        };
+        match self.how {
+            "exactly" => v == want,
+            "by prefix" => v.starts_with(&want),
+            "by suffix" => v.ends_with(&want),
+            _ => v.contains(&want),
+        }
+    }
+}
