@@ -91,8 +91,24 @@ fn grpc_call_round_trips_and_failures_close_with_their_status() -> anyhow::Resul
     down.send(Request::get("/x").header("x-probe", "grpc"))?;
     assert_eq!(
         down.upstream_requests()[0].header("x-grpc"),
-        Some("14:"),
-        "a failed call closes with its status and no message"
+        Some("14:unavailable"),
+        "a failed call closes with its status and message"
+    );
+
+    // The probe's call has a 1 s timeout: an answer after it is Envoy's timeout, status 14
+    // with "upstream request timeout" (what Envoy 1.40 reports), never the late answer.
+    let mut slow = probe_edge("")
+        .grpc_cluster("grpc", |_| GrpcReply {
+            delay: std::time::Duration::from_secs(2),
+            ..GrpcReply::ok("late")
+        })
+        .build()?;
+    let id = slow.begin(Request::get("/x").header("x-probe", "grpc"))?;
+    slow.advance(std::time::Duration::from_millis(1_500))?;
+    slow.finish(id)?;
+    assert_eq!(
+        slow.upstream_requests()[0].header("x-grpc"),
+        Some("14:upstream request timeout")
     );
     Ok(())
 }

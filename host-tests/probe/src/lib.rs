@@ -215,10 +215,15 @@ impl Context for Probe {
     }
 
     fn on_grpc_call_response(&mut self, _token: u32, status: u32, size: usize) {
-        let msg = self
-            .get_grpc_call_response_body(0, size)
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default();
+        // A reply's body, or for a failed call the status message the host reports.
+        let msg = if status == 0 {
+            self.get_grpc_call_response_body(0, size)
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_default()
+        } else {
+            let (_, message) = proxy_wasm::hostcalls::get_grpc_status().unwrap_or((99, None));
+            message.unwrap_or_default()
+        };
         self.set_http_request_header("x-grpc", Some(&format!("{status}:{msg}")));
         self.resume_http_request();
     }

@@ -229,8 +229,10 @@ fn open_grpc(
     Ok(token)
 }
 
-/// Sends one message of an open call and schedules the cluster's answer (DEADLINE_EXCEEDED
-/// when it comes after `timeout`).
+/// Sends one message of an open call and schedules the cluster's answer. One that comes after
+/// `timeout` is, as in Envoy 1.40, gRPC status 14 (UNAVAILABLE) with the message "upstream
+/// request timeout", not DEADLINE_EXCEEDED: a plugin tells a timeout from a refused
+/// connection (also 14) only by that message.
 fn send_grpc(
     caller: &mut Caller<'_, VmState>,
     token: u32,
@@ -260,12 +262,12 @@ fn send_grpc(
     let timeout_ns = u64::from(timeout) * 1_000_000;
     let late = timeout > 0 && reply.delay.as_nanos() as u64 >= timeout_ns;
     let (delay_ns, reply) = if late {
-        let deadline_exceeded = GrpcReply {
-            status: 4,
-            message: Vec::new(),
+        let timed_out = GrpcReply {
+            status: 14,
+            message: b"upstream request timeout".to_vec(),
             delay: Duration::ZERO,
         };
-        (timeout_ns, deadline_exceeded)
+        (timeout_ns, timed_out)
     } else {
         (reply.delay.as_nanos() as u64, reply)
     };
