@@ -123,7 +123,7 @@ impl Expr {
     /// Like flagd, an operator given operands it cannot use (`sem_ver` on a non-version,
     /// `fractional` without a targeting key) yields `null`, and arithmetic that JSON cannot
     /// represent (`1/0`) is `null` too. The one error is a rule that spends more than its
-    /// budget of steps and built values (see [`BUDGET`]).
+    /// budget of steps and built values (`BUDGET`).
     pub fn eval(&self, data: &Value) -> Result<Value, String> {
         let b = Budget(std::cell::Cell::new(BUDGET), std::cell::Cell::new(0));
         let v = ev(&self.0, data, &b).into_owned();
