@@ -76,6 +76,10 @@ usage: ./build.sh [command]
   scenario FILE...
           run scenario files (envoy/scenarios/) in the harness and print the transcripts:
           a dry run of a chain and its configs before it ships (see envoy/scenarios/README.md)
+  check [--format json] FILE...
+          check Envoy YAML files with edge-check (tools/edge-check/README.md): each edge
+          plugin's configuration read by the plugin's own parser, then the chain around them;
+          exit 0 when clean, 1 with findings, 2 when a file cannot be read
   help    this text
 EOF
 }
@@ -521,6 +525,14 @@ cmd_scenario() {
   "$CARGO_OUT/debug/edge-scenario" "$@"
 }
 
+# Native, no wasm build: the plugins' config parsers compile into the CLI. FILEs are relative to
+# the directory ./build.sh was started from (OLDPWD, before the cd at the top).
+cmd_check() {
+  (($#)) || die "check: give one or more Envoy YAML files (envoy/*.yaml)"
+  cargo build -q -p edge-check
+  (cd -- "${OLDPWD:-$ROOT}" && "$CARGO_OUT/debug/edge-check" "$@")
+}
+
 # --- package ---------------------------------------------------------------------------------
 
 cmd_package() {
@@ -559,6 +571,7 @@ case ${1:-build} in
   stress) cmd_stress ;;
   package) shift && cmd_package "$@" ;;
   scenario) shift && cmd_scenario "$@" ;;
+  check) shift && cmd_check "$@" ;;
   help | -h | --help) usage ;;
   *)
     usage >&2

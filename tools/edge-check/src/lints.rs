@@ -243,7 +243,11 @@ impl Chain<'_, '_> {
                 if definition.variants.values().any(|v| test.matches(v)) {
                     continue;
                 }
-                let values: Vec<&str> = definition.variants.values().map(String::as_str).collect();
+                let variants: Vec<String> = definition
+                    .variants
+                    .iter()
+                    .map(|(name, value)| format!("{name}={value}"))
+                    .collect();
                 out.push(self.finding(
                     test.line,
                     Some(f.plugin),
@@ -251,10 +255,10 @@ impl Chain<'_, '_> {
                     Severity::Warning,
                     format!(
                         "the route matches {header} {} \"{}\", which no variant of flag \
-                         \"{flag}\" produces (its values: {}): the route is never taken{}",
+                         \"{flag}\" produces (its variants: {}): the route is never taken{}",
                         test.how,
                         test.value,
-                        values.join(", "),
+                        variants.join(", "),
                         if config.source.is_some() {
                             " (unless the fetched flag document defines other variants)"
                         } else {

@@ -1,0 +1,206 @@
+//! The lints on small chains written for the case, through the library.
+
+// A failed assertion, or a helper's unwrap, is how a test fails.
+#![allow(clippy::unwrap_used, clippy::panic, clippy::indexing_slicing)]
+
+use edge_check::{check, Finding, Plugin, Severity};
+
+/// A listener whose `http_filters` are `filters` (one line each, from line 9), with `routes`
+/// and `clusters` as flow sequences.
+fn envoy(filters: &[String], routes: &str, clusters: &str) -> String {
+    let mut y = String::from(
+        "static_resources:\n  listeners:\n    - filter_chains:\n        - filters:\n            \
+         - name: envoy.filters.network.http_connection_manager\n              typed_config:\n",
+    );
+    y +=
+        &format!("                route_config: {{ virtual_hosts: [ {{ routes: {routes} }} ] }}\n");
+    y += "                http_filters:\n";
+    for f in filters {
+        y += &format!("                  - {f}\n");
+    }
+    y += &format!("  clusters: {clusters}\n");
+    y
+}
+
+fn wasm(file: &str, root_id: &str, json: &str) -> String {
+    format!(
+        "{{ name: envoy.filters.http.wasm, typed_config: {{ config: {{ root_id: {root_id}, \
+         vm_config: {{ code: {{ local: {{ filename: {file} }} }} }}, configuration: {{ value: '{json}' }} }} }} }}"
+    )
+}
+
+fn ours(plugin: &str, json: &str) -> String {
+    wasm(&format!("dist/{plugin}.wasm"), plugin, json)
+}
+
+fn buffer(bytes: u64) -> String {
+    format!("{{ name: envoy.filters.http.buffer, typed_config: {{ max_request_bytes: {bytes} }} }}")
+}
+
+const RATE: &str = r#"{"rules":[{"name":"a","limit":{"requests":1,"window":"1s"}}]}"#;
+const FLAGS: &str = r#"{"headers":{"f":"x-route-f"},"flags":{"f":{"state":"ENABLED","variants":{"on":"new","off":"old"},"defaultVariant":"off"}}}"#;
+
+fn findings(filters: &[String], routes: &str) -> Vec<Finding> {
+    check("t.yaml", &envoy(filters, routes, "[ { name: backend } ]")).unwrap()
+}
+
+#[test]
+fn the_readme_order_with_a_buffer_is_clean() {
+    let chain = [
+        ours("rate_limit", RATE),
+        ours("flag_router", FLAGS),
+        ours("idempotency", "{}"),
+        buffer(1 << 20),
+        ours("cached_fallback", "{}"),
+    ];
+    assert_eq!(findings(&chain, "[]"), []);
+}
+
+#[test]
+fn each_pair_out_of_order_is_one_finding_with_its_consequence() {
+    let chain = [
+        ours("cached_fallback", "{}"),
+        ours("flag_router", FLAGS),
+        ours("rate_limit", RATE),
+    ];
+    let found = findings(&chain, "[]");
+    let said: Vec<(usize, Option<Plugin>, &str)> = found
+        .iter()
+        .map(|f| (f.line, f.plugin, f.path.as_str()))
+        .collect();
+    assert_eq!(
+        said,
+        [
+            (9, Some(Plugin::CachedFallback), "http_filters[0]"),
+            (9, Some(Plugin::CachedFallback), "http_filters[0]"),
+            (10, Some(Plugin::FlagRouter), "http_filters[1]"),
+        ]
+    );
+    assert!(found.iter().all(|f| f.severity == Severity::Warning));
+    assert!(found[0]
+        .message
+        .contains("chain-05-fallback-keyed-by-flag-variant"));
+    assert!(found[1].message.contains("circuit is open"));
+    assert!(found[2].message.contains("refuses before any other work"));
+}
+
+#[test]
+fn a_module_is_ours_by_file_name_or_root_id() {
+    let bad = r#"{"rules":[]}"#;
+    let chain = [
+        wasm("/etc/envoy/rate_limit.wasm", "limiter", bad),
+        wasm("/opt/modules/limiter-v2.wasm", "rate_limit", bad),
+        wasm("/opt/modules/other.wasm", "other", bad),
+    ];
+    let found = findings(&chain, "[]");
+    let lines: Vec<usize> = found.iter().map(|f| f.line).collect();
+    assert_eq!(lines, [9, 10]);
+    assert!(found
+        .iter()
+        .all(|f| f.path == "rules" && f.message.starts_with("must list at least one rule")));
+}
+
+#[test]
+fn a_filter_without_configuration_is_reported_on_its_line() {
+    let chain = [
+        buffer(1),
+        "{ name: envoy.filters.http.wasm, typed_config: { config: { root_id: idempotency } } }"
+            .to_string(),
+    ];
+    let found = findings(&chain, "[]");
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(
+        (found[0].line, found[0].path.as_str()),
+        (10, "configuration")
+    );
+    assert!(found[0].message.contains("needs a JSON configuration"));
+}
+
+#[test]
+fn the_buffer_must_hold_idempotencys_default_max_body_bytes() {
+    let default = idempotency::config::Config::parse(b"{}")
+        .unwrap()
+        .max_body_bytes;
+    let enough = [ours("idempotency", "{}"), buffer(default)];
+    assert_eq!(findings(&enough, "[]"), []);
+    let short = [ours("idempotency", "{}"), buffer(default - 1)];
+    let found = findings(&short, "[]");
+    assert_eq!(found.len(), 1);
+    assert!(found[0]
+        .message
+        .contains(&format!("is below idempotency's maxBodyBytes {default}")));
+    // A buffer before the plugin does not count.
+    let before = [buffer(default), ours("idempotency", "{}")];
+    let found = findings(&before, "[]");
+    assert_eq!(found.len(), 1);
+    assert!(found[0]
+        .message
+        .starts_with("no envoy.filters.http.buffer after"));
+}
+
+#[test]
+fn route_values_are_checked_against_the_variants() {
+    let chain = [ours("flag_router", FLAGS)];
+    let route = |m: &str| {
+        format!("[ {{ match: {{ prefix: /, headers: [ {{ name: x-route-f, {m} }} ] }} }} ]")
+    };
+    for ok in [
+        "string_match: { exact: new }",
+        "string_match: { prefix: ne }",
+        "string_match: { exact: NEW, ignore_case: true }",
+        "exact_match: old",
+        "present_match: true",
+        "string_match: { exact: nope }, invert_match: true",
+    ] {
+        assert_eq!(findings(&chain, &route(ok)), [], "{ok}");
+    }
+    for bad in [
+        "string_match: { exact: NEW }",
+        "string_match: { suffix: x }",
+        "exact_match: v3",
+    ] {
+        let found = findings(&chain, &route(bad));
+        assert_eq!(found.len(), 1, "{bad}");
+        assert_eq!(found[0].path, "flags.f.variants");
+        assert!(
+            found[0].message.contains("(its variants: off=old, on=new)"),
+            "{}",
+            found[0].message
+        );
+    }
+}
+
+#[test]
+fn a_route_on_an_x_route_header_no_flag_sets_is_reported() {
+    let chain = [ours("flag_router", FLAGS)];
+    let routes = "[ { match: { prefix: /, headers: [ { name: x-route-other, string_match: { exact: a } } ] } } ]";
+    let found = findings(&chain, routes);
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].plugin, None);
+    assert!(found[0]
+        .message
+        .contains("only a client's own x-route-other"));
+    // Without a flag router in the chain there is nothing to compare with.
+    assert_eq!(findings(&[ours("rate_limit", RATE)], routes), []);
+}
+
+#[test]
+fn flag_source_clusters_are_looked_up_unless_clusters_come_from_cds() {
+    let with_source = |cluster: &str| {
+        ours(
+            "flag_router",
+            &format!(
+                r#"{{"headers":{{"f":"x-route-f"}},"source":{{"cluster":"{cluster}","path":"/flags.json"}}}}"#
+            ),
+        )
+    };
+    assert_eq!(findings(&[with_source("backend")], "[]"), []);
+    let found = findings(&[with_source("nowhere")], "[]");
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].path, "source.cluster");
+    let cds = format!(
+        "{}dynamic_resources: {{ cds_config: {{ ads: {{}} }} }}\n",
+        envoy(&[with_source("nowhere")], "[]", "[]")
+    );
+    assert_eq!(check("t.yaml", &cds).unwrap(), []);
+}
