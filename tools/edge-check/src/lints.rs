@@ -91,10 +91,11 @@ impl Chain<'_, '_> {
         for f in &self.ours {
             if let Err(e) = &f.config {
                 let (line, message) = match f.syntax_error_line() {
-                    Some((line, json_line)) => (
+                    // serde's message ends with the JSON's own line and column.
+                    Some(line) => (
                         line,
                         format!(
-                            "{} (the JSON's line {json_line}; its `value` is at line {})",
+                            "{} of the JSON in the `value` at line {}",
                             e.message, f.config_line
                         ),
                     ),

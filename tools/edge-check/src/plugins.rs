@@ -137,15 +137,14 @@ impl Filter {
             .unwrap_or(self.config_line)
     }
 
-    /// Where the configuration's JSON breaks: its YAML line and its line inside the JSON.
-    pub fn syntax_error_line(&self) -> Option<(usize, usize)> {
+    /// The YAML line where the configuration's JSON breaks, when it does.
+    pub fn syntax_error_line(&self) -> Option<usize> {
         let j = self.json.as_ref()?;
         if j.text.trim().is_empty() {
             return None;
         }
         let err = serde_json::from_str::<serde_json::Value>(&j.text).err()?;
-        let yaml_line = j.first_line.map_or(j.value_line, |f| f + err.line() - 1);
-        Some((yaml_line, err.line()))
+        Some(j.first_line.map_or(j.value_line, |f| f + err.line() - 1))
     }
 }
 

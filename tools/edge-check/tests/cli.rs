@@ -72,7 +72,7 @@ const FIXTURES: &[(&str, u64, &str, &str, &str, &str)] = &[
         "cached_fallback",
         "configuration",
         "error",
-        "expected `,` or `}` at line 6 column 3 (the JSON's line 6; its `value` is at line 91)",
+        "expected `,` or `}` at line 6 column 3 of the JSON in the `value` at line 91",
     ),
     (
         "missing-buffer.yaml",

@@ -204,3 +204,22 @@ fn flag_source_clusters_are_looked_up_unless_clusters_come_from_cds() {
     );
     assert_eq!(check("t.yaml", &cds).unwrap(), []);
 }
+
+#[test]
+fn a_quoted_value_is_reported_on_its_own_line() {
+    let chain = [
+        buffer(1),
+        ours("rate_limit", r#"{"rules": [}"#),
+        ours("cached_fallback", r#"{"maxStale": "soon"}"#),
+    ];
+    let found = findings(&chain, "[]");
+    let said: Vec<(usize, &str)> = found.iter().map(|f| (f.line, f.path.as_str())).collect();
+    assert_eq!(said, [(10, "configuration"), (11, "maxStale")]);
+    assert!(
+        found[0]
+            .message
+            .contains("at line 1 column 12 of the JSON in the `value` at line 10"),
+        "{}",
+        found[0].message
+    );
+}
