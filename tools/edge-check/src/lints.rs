@@ -112,21 +112,17 @@ impl Chain<'_, '_> {
         }
     }
 
-    fn name_at(&self, index: usize) -> Option<&str> {
-        self.entries
-            .get(index)
-            .and_then(|e| yaml::str_at(e, &["name"]))
-    }
-
     /// Idempotency needs Envoy's buffer filter after it, holding at least `maxBodyBytes`.
     fn buffer(&self, out: &mut Vec<Finding>) {
         for f in &self.ours {
             let Ok(Parsed::Idempotency(config)) = &f.config else {
                 continue;
             };
-            let buffer = (f.index + 1..self.entries.len())
-                .find(|&i| self.name_at(i) == Some(BUFFER_FILTER))
-                .and_then(|i| self.entries.get(i));
+            let buffer = self
+                .entries
+                .iter()
+                .skip(f.index + 1)
+                .find(|e| yaml::str_at(e, &["name"]) == Some(BUFFER_FILTER));
             let Some(buffer) = buffer else {
                 out.push(self.finding(
                     f.line,
@@ -299,7 +295,7 @@ impl Chain<'_, '_> {
     }
 }
 
-/// What goes wrong when `later` (README: first) runs after `earlier` (README: second).
+/// What goes wrong when `first` (earlier in the README's order) runs after `second`.
 fn consequence(first: Plugin, second: Plugin) -> &'static str {
     use Plugin::*;
     match (first, second) {
@@ -338,8 +334,33 @@ fn consequence(first: Plugin, second: Plugin) -> &'static str {
     }
 }
 
-/// A route's header matcher on a value (exact, prefix, suffix, contains).
+/// How a route's header matcher compares a value.
+#[derive(Clone, Copy)]
+enum Compare {
+    Exact,
+    Prefix,
+    Suffix,
+    Contains,
+}
+
+impl Compare {
+    /// Its `string_match` field, its older field of its own, and how a message says it.
+    const ALL: [(Compare, &'static str, &'static str, &'static str); 4] = [
+        (Compare::Exact, "exact", "exact_match", "exactly"),
+        (Compare::Prefix, "prefix", "prefix_match", "by prefix"),
+        (Compare::Suffix, "suffix", "suffix_match", "by suffix"),
+        (
+            Compare::Contains,
+            "contains",
+            "contains_match",
+            "containing",
+        ),
+    ];
+}
+
+/// A route's header matcher on a value.
 struct ValueTest {
+    compare: Compare,
     how: &'static str,
     value: String,
     ignore_case: bool,
@@ -353,28 +374,25 @@ impl ValueTest {
         if yaml::get(matcher, "invert_match").and_then(|n| n.data.as_bool()) == Some(true) {
             return None;
         }
-        const KINDS: [(&str, &str, &str); 4] = [
-            ("exact", "exact_match", "exactly"),
-            ("prefix", "prefix_match", "by prefix"),
-            ("suffix", "suffix_match", "by suffix"),
-            ("contains", "contains_match", "containing"),
-        ];
         let string_match = yaml::get(matcher, "string_match");
-        KINDS.iter().find_map(|(kind, legacy, how)| {
-            let (node, ignore_case) = match string_match {
-                Some(m) => (
-                    yaml::get(m, kind)?,
-                    yaml::get(m, "ignore_case").and_then(|n| n.data.as_bool()) == Some(true),
-                ),
-                None => (yaml::get(matcher, legacy)?, false),
-            };
-            Some(ValueTest {
-                how,
-                value: yaml::text(node)?,
-                ignore_case,
-                line: yaml::line(node),
+        Compare::ALL
+            .iter()
+            .find_map(|&(compare, field, legacy, how)| {
+                let (node, ignore_case) = match string_match {
+                    Some(m) => (
+                        yaml::get(m, field)?,
+                        yaml::get(m, "ignore_case").and_then(|n| n.data.as_bool()) == Some(true),
+                    ),
+                    None => (yaml::get(matcher, legacy)?, false),
+                };
+                Some(ValueTest {
+                    compare,
+                    how,
+                    value: yaml::text(node)?,
+                    ignore_case,
+                    line: yaml::line(node),
+                })
             })
-        })
     }
 
     fn matches(&self, value: &str) -> bool {
@@ -383,11 +401,11 @@ impl ValueTest {
         } else {
             (value.to_string(), self.value.clone())
         };
-        match self.how {
-            "exactly" => v == want,
-            "by prefix" => v.starts_with(&want),
-            "by suffix" => v.ends_with(&want),
-            _ => v.contains(&want),
+        match self.compare {
+            Compare::Exact => v == want,
+            Compare::Prefix => v.starts_with(&want),
+            Compare::Suffix => v.ends_with(&want),
+            Compare::Contains => v.contains(&want),
         }
     }
 }
