@@ -88,6 +88,7 @@ struct JsonText {
     /// YAML line of the text's first line, when the text's lines are the YAML's lines (a
     /// literal block scalar, `value: |`), so a line inside it maps to one of the file.
     first_line: Option<usize>,
+    /// The line of `value:`.
     value_line: usize,
 }
 
@@ -101,14 +102,18 @@ impl Filter {
         let plugin = Plugin::of_wasm(config)?;
         let line = yaml::entry(entry, "name").map_or(yaml::line(entry), |(k, _)| yaml::line(k));
         let value = yaml::path(config, &["configuration"]).and_then(|c| yaml::entry(c, "value"));
-        let json = value.map(|(key, value)| JsonText {
-            text: value.data.as_str().unwrap_or_default().to_string(),
-            first_line: literal_block(source, key).then(|| yaml::line(key) + 1),
-            value_line: if literal_block(source, key) {
-                yaml::line(key)
-            } else {
-                yaml::line(value)
-            },
+        let json = value.map(|(key, value)| {
+            let literal = literal_block(source, key);
+            JsonText {
+                text: value.data.as_str().unwrap_or_default().to_string(),
+                first_line: literal.then(|| yaml::line(key) + 1),
+                // A block's node starts at its text; the reader looks for `value: |`.
+                value_line: if literal {
+                    yaml::line(key)
+                } else {
+                    yaml::line(value)
+                },
+            }
         });
         let config_line = json.as_ref().map_or(line, |j| j.value_line);
         let parsed = match value {
