@@ -5,6 +5,7 @@ use crate::yaml::{self, Node};
 use crate::{Finding, Severity};
 
 const BUFFER_FILTER: &str = "envoy.filters.http.buffer";
+const BUFFER_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer";
 
 /// The clusters a plugin may name: `None` when they come from CDS and cannot be known here.
 struct Clusters<'a>(Option<Vec<&'a str>>);
@@ -122,7 +123,7 @@ impl Chain<'_, '_> {
                 .entries
                 .iter()
                 .skip(f.index + 1)
-                .find(|e| yaml::str_at(e, &["name"]) == Some(BUFFER_FILTER));
+                .find(|e| yaml::is_filter(e, BUFFER_FILTER, BUFFER_TYPE));
             let Some(buffer) = buffer else {
                 out.push(self.finding(
                     f.line,

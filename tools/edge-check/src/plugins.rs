@@ -5,6 +5,8 @@ use crate::json_pos;
 use crate::yaml::{self, Node};
 use edge_core::ConfigError;
 
+const WASM_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
+
 /// The plugins, in the README's order (rate limit first, cached fallback last).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Plugin {
@@ -95,7 +97,7 @@ struct JsonText {
 impl Filter {
     /// Reads a `http_filters` entry; `None` when it is not one of our plugins.
     pub fn read(source: &str, entry: &Node<'_>, index: usize) -> Option<Filter> {
-        if yaml::str_at(entry, &["name"]) != Some("envoy.filters.http.wasm") {
+        if !yaml::is_filter(entry, "envoy.filters.http.wasm", WASM_TYPE) {
             return None;
         }
         let config = yaml::path(entry, &["typed_config", "config"])?;

@@ -30,6 +30,13 @@ pub fn str_at<'a>(n: &'a Node<'_>, keys: &[&str]) -> Option<&'a str> {
     path(n, keys)?.data.as_str()
 }
 
+/// Whether an `http_filters` entry is the Envoy filter `name` (`envoy.filters.http.wasm`),
+/// by its name or, as Envoy itself picks filters, by the type of its `typed_config`.
+pub fn is_filter(entry: &Node<'_>, name: &str, type_url: &str) -> bool {
+    str_at(entry, &["name"]) == Some(name)
+        || str_at(entry, &["typed_config", "@type"]) == Some(type_url)
+}
+
 /// A sequence's items; nothing for anything else.
 pub fn items<'a, 'i>(n: Option<&'a Node<'i>>) -> &'a [Node<'i>] {
     match n.map(|n| &n.data) {

@@ -129,6 +129,16 @@ fn the_buffer_must_hold_idempotencys_default_max_body_bytes() {
     assert!(found[0]
         .message
         .contains(&format!("is below idempotency's maxBodyBytes {default}")));
+    // Envoy picks a filter by its type: the name is free.
+    let renamed = [
+        wasm("dist/idempotency.wasm", "idempotency", "{}")
+            .replace("envoy.filters.http.wasm", "payments-keys")
+            .replace("typed_config: {", "typed_config: { \"@type\": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm,"),
+        "{ name: hold, typed_config: { \"@type\": type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer, max_request_bytes: 10 } }".to_string(),
+    ];
+    let found = findings(&renamed, "[]");
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(found[0].message.contains("max_request_bytes 10 is below"));
     // A buffer before the plugin does not count.
     let before = [buffer(default), ours("idempotency", "{}")];
     let found = findings(&before, "[]");
