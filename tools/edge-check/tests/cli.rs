@@ -1,7 +1,7 @@
 //! `edge-check` as CI runs it: the shipped configs are clean, each broken fixture gives its one
 //! finding at its line, in text and in JSON, with the documented exit codes.
 
-// A failed assertion, or a helper's unwrap, is how a test fails.
+// A failed assertion, or an unwrap in the functions below, is how a test fails.
 #![allow(clippy::unwrap_used, clippy::panic, clippy::indexing_slicing)]
 
 use serde_json::Value;

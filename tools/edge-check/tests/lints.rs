@@ -1,6 +1,6 @@
 //! The lints on small chains written for the case, through the library.
 
-// A failed assertion, or a helper's unwrap, is how a test fails.
+// A failed assertion, or an unwrap in the functions below, is how a test fails.
 #![allow(clippy::unwrap_used, clippy::panic, clippy::indexing_slicing)]
 
 use edge_check::{check, Finding, Plugin, Severity};
