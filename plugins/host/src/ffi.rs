@@ -90,6 +90,12 @@ extern "C" {
         return_buffer_data: *mut *mut u8,
         return_buffer_size: *mut usize,
     ) -> u32;
+    fn proxy_continue_stream(stream_type: u32) -> u32;
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+unsafe fn proxy_continue_stream(_: u32) -> u32 {
+    UNIMPLEMENTED
 }
 
 #[cfg(not(target_arch = "wasm32"))]
@@ -307,6 +313,16 @@ pub fn define_counter(name: &str) -> Option<u32> {
 pub fn set_tick_period_ms(ms: u32) -> u32 {
     // SAFETY: a plain value.
     unsafe { proxy_set_tick_period_milliseconds(ms) }
+}
+
+/// Stream types of `proxy_continue_stream`.
+pub const STREAM_REQUEST: u32 = 0;
+pub const STREAM_RESPONSE: u32 = 1;
+
+/// Resumes a paused request (`STREAM_REQUEST`) or response: the status.
+pub fn continue_stream(stream: u32) -> u32 {
+    // SAFETY: a plain value.
+    unsafe { proxy_continue_stream(stream) }
 }
 
 /// Adds `offset` to metric `id`: the status.

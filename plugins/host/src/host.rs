@@ -259,3 +259,48 @@ pub fn dispatch_http_call(
 ) -> Result<u32, Status> {
     hostcalls::dispatch_http_call(cluster, headers, None, vec![], timeout)
 }
+
+/// Like [`dispatch_http_call`], with a request body, from whichever context runs: called
+/// from a stream, the answer comes back to that stream's `on_http_call_response` (the SDK
+/// routes it by token), and is dropped if the stream has ended by then.
+pub fn http_call(
+    cluster: &str,
+    headers: Vec<(&str, &str)>,
+    body: &[u8],
+    timeout: std::time::Duration,
+) -> Result<u32, Status> {
+    hostcalls::dispatch_http_call(cluster, headers, Some(body), vec![], timeout)
+}
+
+/// The `:status` of the answer to this context's callout; `None` when the callout failed
+/// without one (Envoy delivers a failure with no headers).
+pub fn callout_status() -> Option<u16> {
+    let raw = ffi::get_header(ffi::HTTP_CALL_RESPONSE_HEADERS, ":status")?;
+    edge_core::text::parse_u64(&raw).and_then(|s| u16::try_from(s).ok())
+}
+
+/// Lets a paused request go on; false when the host refused (the SDK's wrapper would trap).
+pub fn resume_request() -> bool {
+    ffi::continue_stream(ffi::STREAM_REQUEST) == ffi::OK
+}
+
+/// Lets a paused response go on; false when the host refused.
+pub fn resume_response() -> bool {
+    ffi::continue_stream(ffi::STREAM_RESPONSE) == ffi::OK
+}
+
+/// 16 random bytes from the host (WASI `random_get`), e.g. a claim's owner token; the clock
+/// and a per-VM counter stand in when the host gives none, which keeps tokens distinct
+/// within the VM.
+pub fn random_token() -> [u8; 16] {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut out = [0u8; 16];
+    if getrandom::fill(&mut out).is_err() {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let (a, b) = out.split_at_mut(8);
+        a.copy_from_slice(&now_ns().to_le_bytes());
+        b.copy_from_slice(&n.to_le_bytes());
+    }
+    out
+}

@@ -270,6 +270,252 @@ pub fn claimed(txn: Txn, owner: &[u8; 16], fingerprint: Option<&[u8; 32]>) -> Cl
     }
 }
 
+/// The most of a response body kept in etcd, whatever `maxBodyBytes` says: a record travels
+/// base64 in one request, and etcd refuses requests over 1.5 MiB by default.
+pub const MAX_KEPT_BODY: u64 = 1 << 20;
+
+/// What etcd being unusable does to a keyed request (`failureMode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailureMode {
+    /// 503 problem+json with `retry-after`, nothing forwarded (the default: a request never
+    /// runs unguarded).
+    Closed,
+    /// Forwarded without a record, and counted: availability over exactly-once.
+    Open,
+}
+
+/// Why a callout to etcd gave no usable answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// No answer within `timeout` (Envoy's 504 `upstream request timeout`).
+    Timeout,
+    /// No member could be reached (Envoy's 503 for a refused or reset connection, no healthy
+    /// member, or a callout that failed without headers).
+    Unreachable,
+    /// The lease a request was attached to is gone (etcd restored or the lease expired early):
+    /// a new one is granted and the request sent again.
+    LeaseGone,
+    /// etcd or something in between answered, but not with a usable answer.
+    Error(String),
+}
+
+impl Failure {
+    /// Whether sending the same request again may help. A claim is safe to resend (its owner
+    /// token recognises its own record), and so are completion and release (they compare the
+    /// claim's revision). A refusal that would be refused again (too large) is not retried.
+    pub fn retryable(&self) -> bool {
+        match self {
+            Failure::Timeout | Failure::Unreachable | Failure::LeaseGone => true,
+            Failure::Error(e) => !e.contains("too large") && !e.contains("space exceeded"),
+        }
+    }
+}
+
+/// Reads a callout's outcome: `status` is the answer's `:status` (`None`: failed without
+/// one), `body` its body. A 200 is etcd's answer (still to be parsed); anything else is why
+/// there is none.
+pub fn outcome(status: Option<u16>, body: &[u8]) -> Result<&[u8], Failure> {
+    let text = || String::from_utf8_lossy(body.get(..body.len().min(160)).unwrap_or_default());
+    match status {
+        None => Err(Failure::Unreachable),
+        Some(200) => Ok(body),
+        Some(504) if body.starts_with(b"upstream request timeout") => Err(Failure::Timeout),
+        Some(_) if body.starts_with(b"{") => match json_of(body) {
+            Err(ProtocolError::Refused(e)) if e.contains("lease not found") => {
+                Err(Failure::LeaseGone)
+            }
+            Err(ProtocolError::Refused(e)) => Err(Failure::Error(e)),
+            _ => Err(Failure::Error(format!("etcd answered {}", text()))),
+        },
+        Some(503) => Err(Failure::Unreachable),
+        Some(s) => Err(Failure::Error(format!("HTTP {s}: {}", text()))),
+    }
+}
+
+/// Reads a protocol error as a failure of the store.
+impl From<ProtocolError> for Failure {
+    fn from(e: ProtocolError) -> Failure {
+        match e {
+            ProtocolError::Malformed => Failure::Error("a malformed answer".into()),
+            ProtocolError::Refused(e) if e.contains("lease not found") => Failure::LeaseGone,
+            ProtocolError::Refused(e) => Failure::Error(e),
+        }
+    }
+}
+
+/// How many times one operation is sent: once, plus `retries` for a retryable failure, so a
+/// failing etcd gets its answer within `(1 + retries) × timeout`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Attempts {
+    pub made: u32,
+    pub retries: u32,
+}
+
+impl Attempts {
+    pub fn new(retries: u32) -> Attempts {
+        Attempts { made: 1, retries }
+    }
+
+    /// After `failure`: whether to send again (and counts the attempt).
+    pub fn again(&mut self, failure: &Failure) -> bool {
+        if failure.retryable() && self.made <= self.retries {
+            self.made += 1;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// What a keyed request gets when the store failed it: refused (closed), or forwarded
+/// unguarded (open). Only a claim may go on unguarded; a completion or release that fails
+/// has nothing left to decide (the claim's lease ends it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unusable {
+    Refuse,
+    ForwardUnguarded,
+}
+
+pub fn on_failure(mode: FailureMode) -> Unusable {
+    match mode {
+        FailureMode::Closed => Unusable::Refuse,
+        FailureMode::Open => Unusable::ForwardUnguarded,
+    }
+}
+
+/// What a lease is for: claims (covering `inFlightTimeout`) or completed records (`ttl`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LeaseKind {
+    Claim,
+    Done,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Lease {
+    id: i64,
+    granted_at_ns: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Slot {
+    lease: Option<Lease>,
+    /// A grant is on its way, sent at this time.
+    granting_since_ns: Option<u64>,
+}
+
+/// One VM's leases: one for claims and one for completed records, each granted once per
+/// interval and attached to every record written in it, so a request pays no grant. A lease
+/// used until `interval` after its grant must outlive what it holds by as much, so it is
+/// granted for `hold + interval`: a claim lives from `inFlightTimeout` to `inFlightTimeout +
+/// interval`, a record from `ttl` to `ttl + interval`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Leases {
+    interval_ns: u64,
+    claim_hold_ns: u64,
+    done_hold_ns: u64,
+    /// How long a grant may be on its way before another is sent.
+    grant_timeout_ns: u64,
+    claim: Slot,
+    done: Slot,
+}
+
+const SECOND_NS: u64 = 1_000_000_000;
+
+impl Leases {
+    /// The interval is a quarter of `inFlightTimeout`, between 1 s and 60 s: claims outlive
+    /// their timeout by at most a quarter of it.
+    pub fn new(in_flight_timeout_ns: u64, ttl_ns: u64, grant_timeout_ns: u64) -> Leases {
+        Leases {
+            interval_ns: (in_flight_timeout_ns / 4).clamp(SECOND_NS, 60 * SECOND_NS),
+            claim_hold_ns: in_flight_timeout_ns,
+            done_hold_ns: ttl_ns,
+            grant_timeout_ns,
+            claim: Slot::default(),
+            done: Slot::default(),
+        }
+    }
+
+    pub fn interval_ns(&self) -> u64 {
+        self.interval_ns
+    }
+
+    fn slot(&self, kind: LeaseKind) -> &Slot {
+        match kind {
+            LeaseKind::Claim => &self.claim,
+            LeaseKind::Done => &self.done,
+        }
+    }
+
+    fn slot_mut(&mut self, kind: LeaseKind) -> &mut Slot {
+        match kind {
+            LeaseKind::Claim => &mut self.claim,
+            LeaseKind::Done => &mut self.done,
+        }
+    }
+
+    /// The TTL to ask for, in whole seconds (rounded up).
+    pub fn ttl_secs(&self, kind: LeaseKind) -> u64 {
+        let hold = match kind {
+            LeaseKind::Claim => self.claim_hold_ns,
+            LeaseKind::Done => self.done_hold_ns,
+        };
+        hold.saturating_add(self.interval_ns).div_ceil(SECOND_NS)
+    }
+
+    /// The lease to attach now, if one granted less than an interval ago is at hand.
+    pub fn usable(&self, kind: LeaseKind, now_ns: u64) -> Option<i64> {
+        let l = self.slot(kind).lease?;
+        (now_ns.saturating_sub(l.granted_at_ns) < self.interval_ns).then_some(l.id)
+    }
+
+    /// Whether to send a grant now: the lease is missing or past half its interval (so the
+    /// next one is there before this one stops being usable), and no grant is on its way
+    /// (one sent longer than the grant timeout ago counts as lost). Marks it as sent.
+    pub fn start_grant(&mut self, kind: LeaseKind, now_ns: u64) -> bool {
+        let (interval, timeout) = (self.interval_ns, self.grant_timeout_ns);
+        let slot = self.slot_mut(kind);
+        let fresh = slot
+            .lease
+            .is_some_and(|l| now_ns.saturating_sub(l.granted_at_ns) < interval / 2);
+        let on_its_way = slot
+            .granting_since_ns
+            .is_some_and(|t| now_ns.saturating_sub(t) < timeout);
+        if fresh || on_its_way {
+            return false;
+        }
+        slot.granting_since_ns = Some(now_ns);
+        true
+    }
+
+    /// A grant was answered: `ttl_secs` is what etcd granted (it may raise a short TTL, never
+    /// lower it; a lease shorter than asked is not used, as it would end claims early).
+    pub fn granted(&mut self, kind: LeaseKind, id: i64, ttl_secs: u64, sent_at_ns: u64) {
+        let wanted = self.ttl_secs(kind);
+        let slot = self.slot_mut(kind);
+        slot.granting_since_ns = None;
+        if ttl_secs >= wanted {
+            slot.lease = Some(Lease {
+                id,
+                granted_at_ns: sent_at_ns,
+            });
+        }
+    }
+
+    /// A grant failed: the next request or tick sends another.
+    pub fn grant_failed(&mut self, kind: LeaseKind) {
+        self.slot_mut(kind).granting_since_ns = None;
+    }
+
+    /// etcd no longer knows lease `id`: it is not attached again.
+    pub fn forget(&mut self, id: i64) {
+        for slot in [&mut self.claim, &mut self.done] {
+            if slot.lease.is_some_and(|l| l.id == id) {
+                slot.lease = None;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -429,5 +675,100 @@ mod tests {
             exists: false,
         };
         assert_eq!(claimed(vanished, &ME, None), Claimed::Retry);
+    }
+
+    #[test]
+    fn callout_outcomes_are_told_apart_and_only_some_are_retried() {
+        assert_eq!(outcome(Some(200), b"{}"), Ok(&b"{}"[..]));
+        assert_eq!(outcome(None, b""), Err(Failure::Unreachable));
+        assert_eq!(
+            outcome(Some(504), b"upstream request timeout"),
+            Err(Failure::Timeout)
+        );
+        assert_eq!(
+            outcome(
+                Some(503),
+                b"upstream connect error or disconnect/reset before headers. reset reason: connection failure"
+            ),
+            Err(Failure::Unreachable)
+        );
+        assert_eq!(
+            outcome(Some(503), b"no healthy upstream"),
+            Err(Failure::Unreachable)
+        );
+        let gone = br#"{"error":"etcdserver: requested lease not found","message":"etcdserver: requested lease not found","code":5}"#;
+        assert_eq!(outcome(Some(404), gone), Err(Failure::LeaseGone));
+        let big = br#"{"error":"etcdserver: request is too large","code":3}"#;
+        let e = outcome(Some(400), big).unwrap_err();
+        assert_eq!(e, Failure::Error("etcdserver: request is too large".into()));
+        assert!(!e.retryable());
+        let e = outcome(Some(500), b"<html>oops</html>").unwrap_err();
+        assert!(
+            matches!(&e, Failure::Error(m) if m.contains("500")),
+            "{e:?}"
+        );
+        assert!(e.retryable());
+        assert!(Failure::Timeout.retryable() && Failure::Unreachable.retryable());
+        assert!(Failure::from(ProtocolError::Malformed).retryable());
+    }
+
+    #[test]
+    fn an_operation_is_sent_at_most_one_plus_retries_times() {
+        let mut a = Attempts::new(1);
+        assert!(a.again(&Failure::Timeout));
+        assert!(!a.again(&Failure::Timeout), "1 + 1 attempts");
+        assert_eq!(a.made, 2);
+        let mut none = Attempts::new(0);
+        assert!(!none.again(&Failure::Unreachable));
+        let mut refused = Attempts::new(3);
+        assert!(!refused.again(&Failure::Error("etcdserver: request is too large".into())));
+        assert_eq!(on_failure(FailureMode::Closed), Unusable::Refuse);
+        assert_eq!(on_failure(FailureMode::Open), Unusable::ForwardUnguarded);
+    }
+
+    #[test]
+    fn leases_are_granted_once_per_interval_and_outlive_what_they_hold() {
+        const S: u64 = SECOND_NS;
+        let mut l = Leases::new(30 * S, 3600 * S, S);
+        assert_eq!(l.interval_ns(), 7_500_000_000);
+        assert_eq!(l.ttl_secs(LeaseKind::Claim), 38, "30 s + 7.5 s, rounded up");
+        assert_eq!(l.ttl_secs(LeaseKind::Done), 3608);
+        assert_eq!(l.usable(LeaseKind::Claim, 0), None);
+        assert!(l.start_grant(LeaseKind::Claim, 0));
+        assert!(
+            !l.start_grant(LeaseKind::Claim, S / 2),
+            "one grant on its way"
+        );
+        l.granted(LeaseKind::Claim, 77, 38, 0);
+        assert_eq!(l.usable(LeaseKind::Claim, 7 * S), Some(77));
+        assert_eq!(l.usable(LeaseKind::Claim, 8 * S), None, "past its interval");
+        assert_eq!(l.usable(LeaseKind::Done, S), None, "each kind its own");
+        assert!(!l.start_grant(LeaseKind::Claim, 3 * S), "fresh");
+        assert!(
+            l.start_grant(LeaseKind::Claim, 4 * S),
+            "renewed at half its interval"
+        );
+        l.grant_failed(LeaseKind::Claim);
+        assert_eq!(
+            l.usable(LeaseKind::Claim, 5 * S),
+            Some(77),
+            "the old one still serves"
+        );
+        assert!(l.start_grant(LeaseKind::Claim, 5 * S));
+        assert!(
+            l.start_grant(LeaseKind::Claim, 7 * S),
+            "a lost grant is sent again"
+        );
+        l.granted(LeaseKind::Claim, 78, 10, 7 * S);
+        assert_eq!(
+            l.usable(LeaseKind::Claim, 7 * S),
+            Some(77),
+            "too short: unused"
+        );
+        l.forget(77);
+        assert_eq!(l.usable(LeaseKind::Claim, 7 * S), None);
+        let short = Leases::new(2 * S, 60 * S, S);
+        assert_eq!(short.interval_ns(), S, "at least a second");
+        assert_eq!(short.ttl_secs(LeaseKind::Claim), 3);
     }
 }
