@@ -12,9 +12,13 @@
 //! Keys and values are base64 in the gateway's JSON; int64 fields are JSON strings; `false`
 //! and zero fields are left out of answers.
 
+use std::time::Duration;
+
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
+use edge_core::metrics;
 use edge_core::stored::StoredResponse;
+use edge_core::{ConfigError, Node};
 use serde_json::{json, Value};
 
 use crate::record::{Meta, State};
@@ -266,6 +270,129 @@ pub fn claimed(txn: Txn, owner: &[u8; 16], fingerprint: Option<&[u8; 32]>) -> Cl
                 (true, None) => Claimed::DoneWithoutResponse,
                 (false, _) => Claimed::Mismatch,
             }
+        }
+    }
+}
+
+/// `store.etcd`: where the fleet's records are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EtcdConfig {
+    /// The Envoy cluster (HTTP/1.1) of the members' client URLs.
+    pub cluster: String,
+    /// Namespaces the record keys in etcd.
+    pub prefix: String,
+    /// How long one request to etcd may take.
+    pub timeout: Duration,
+    /// How many times a failed request is sent again.
+    pub retries: u32,
+    pub failure_mode: FailureMode,
+}
+
+impl EtcdConfig {
+    /// Reads `store` (`{"etcd": {...}}`); `None` is the local store.
+    pub fn read_store(n: Node<'_>) -> Result<Option<EtcdConfig>, ConfigError> {
+        let store = n.obj(&["local", "etcd"])?;
+        let local = store.opt("local", |n| n.obj(&[]).map(|_| ()))?.is_some();
+        let etcd = store.opt("etcd", EtcdConfig::read)?;
+        match (local, etcd) {
+            (true, Some(_)) => Err(n.err("give one store, `local` or `etcd`")),
+            (false, None) => Err(n.err("give a store: `etcd` (or `local`, the default)")),
+            (_, etcd) => Ok(etcd),
+        }
+    }
+
+    fn read(n: Node<'_>) -> Result<EtcdConfig, ConfigError> {
+        let o = n.obj(&["cluster", "prefix", "timeout", "retries", "failureMode"])?;
+        let cluster = o.req("cluster", |n| {
+            let c = n.str()?;
+            if c.is_empty() {
+                Err(n.err("must name an Envoy cluster"))
+            } else {
+                Ok(c.to_string())
+            }
+        })?;
+        let prefix = o
+            .opt("prefix", |n| {
+                let p = n.str()?;
+                if p.is_empty() || p.len() > 256 || !p.bytes().all(|b| (0x21..0x7f).contains(&b)) {
+                    Err(n.err("must be 1 to 256 printable ASCII characters without spaces"))
+                } else {
+                    Ok(p.to_string())
+                }
+            })?
+            .unwrap_or_else(|| "idempotency/".into());
+        let timeout = o
+            .opt("timeout", |n| {
+                n.duration_in(
+                    (Duration::from_millis(1), "1ms"),
+                    (Duration::from_secs(60), "60s"),
+                )
+            })?
+            .unwrap_or(Duration::from_millis(500));
+        let retries = o
+            .opt("retries", |n| n.u64_in(0, 5))?
+            .map_or(1, |r| u32::try_from(r).unwrap_or(1));
+        let failure_mode = o
+            .opt("failureMode", |n| {
+                n.one_of(&[("closed", FailureMode::Closed), ("open", FailureMode::Open)])
+            })?
+            .unwrap_or(FailureMode::Closed);
+        Ok(EtcdConfig {
+            cluster,
+            prefix,
+            timeout,
+            retries,
+            failure_mode,
+        })
+    }
+
+    /// The longest a keyed request waits for etcd before its failure mode applies.
+    pub fn give_up_after(&self) -> Duration {
+        self.timeout.saturating_mul(1 + self.retries)
+    }
+}
+
+/// The store's own counters, `idempotency.<name>`, defined only with the etcd store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreCounter {
+    /// A request to etcd that got no answer within `timeout`.
+    Timeouts,
+    /// A request to etcd that failed otherwise (unreachable, refused, malformed answer).
+    Errors,
+    /// A request sent again after a failure.
+    Retries,
+    /// A keyed request forwarded without a record (`failureMode: "open"`).
+    Unguarded,
+    /// Leases granted.
+    Leases,
+}
+
+impl metrics::Counter for StoreCounter {
+    const ALL: &'static [StoreCounter] = &[
+        StoreCounter::Timeouts,
+        StoreCounter::Errors,
+        StoreCounter::Retries,
+        StoreCounter::Unguarded,
+        StoreCounter::Leases,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            StoreCounter::Timeouts => "store_timeouts",
+            StoreCounter::Errors => "store_errors",
+            StoreCounter::Retries => "store_retries",
+            StoreCounter::Unguarded => "unguarded",
+            StoreCounter::Leases => "leases_granted",
+        }
+    }
+}
+
+impl Failure {
+    /// The counter a failed request to etcd adds to.
+    pub fn counter(&self) -> StoreCounter {
+        match self {
+            Failure::Timeout => StoreCounter::Timeouts,
+            _ => StoreCounter::Errors,
         }
     }
 }
@@ -770,5 +897,69 @@ mod tests {
         let short = Leases::new(2 * S, 60 * S, S);
         assert_eq!(short.interval_ns(), S, "at least a second");
         assert_eq!(short.ttl_secs(LeaseKind::Claim), 3);
+    }
+
+    fn store(json: &str) -> Result<Option<EtcdConfig>, String> {
+        let v: Value = serde_json::from_str(json).unwrap();
+        EtcdConfig::read_store(Node::at(&v, "store")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_store_option_is_read_with_its_defaults_and_bad_values_named() {
+        let c = store(r#"{"etcd":{"cluster":"etcd"}}"#).unwrap().unwrap();
+        assert_eq!(
+            c,
+            EtcdConfig {
+                cluster: "etcd".into(),
+                prefix: "idempotency/".into(),
+                timeout: Duration::from_millis(500),
+                retries: 1,
+                failure_mode: FailureMode::Closed,
+            }
+        );
+        assert_eq!(c.give_up_after(), Duration::from_secs(1));
+        let c = store(
+            r#"{"etcd":{"cluster":"kv","prefix":"pay/","timeout":"50ms","retries":0,"failureMode":"open"}}"#,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!((c.retries, c.failure_mode), (0, FailureMode::Open));
+        assert_eq!(store(r#"{"local":{}}"#), Ok(None));
+        for (bad, needle) in [
+            (r#"{"etcd":{}}"#, "store.etcd.cluster: required"),
+            (
+                r#"{"etcd":{"cluster":""}}"#,
+                "store.etcd.cluster: must name",
+            ),
+            (
+                r#"{"etcd":{"cluster":"e","timeout":"0s"}}"#,
+                "store.etcd.timeout: must be between",
+            ),
+            (
+                r#"{"etcd":{"cluster":"e","retries":9}}"#,
+                "store.etcd.retries: must be between 0 and 5",
+            ),
+            (
+                r#"{"etcd":{"cluster":"e","prefix":"a b"}}"#,
+                "store.etcd.prefix:",
+            ),
+            (
+                r#"{"etcd":{"cluster":"e","failureMode":"maybe"}}"#,
+                "store.etcd.failureMode:",
+            ),
+            (
+                r#"{"etcd":{"cluster":"e","tls":true}}"#,
+                "unknown field `tls`",
+            ),
+            (r#"{"redis":{}}"#, "store: unknown field `redis`"),
+            (r#"{}"#, "store: give a store"),
+            (
+                r#"{"local":{},"etcd":{"cluster":"e"}}"#,
+                "store: give one store",
+            ),
+        ] {
+            let e = store(bad).unwrap_err();
+            assert!(e.starts_with(needle) || e.contains(needle), "{bad}: {e}");
+        }
     }
 }
