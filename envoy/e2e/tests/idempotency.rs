@@ -193,13 +193,13 @@ fn a_5xx_releases_the_key_and_missing_keys_get_400() -> Result<()> {
 fn envoy_refuses_a_bad_configuration_naming_the_field() -> Result<()> {
     let upstream = TestUpstream::start()?;
     let subs = Substitutions::upstream(&upstream).replace(
-        r#""storeStatuses": "2xx-4xx""#,
-        r#""storeStatuses": "2xx-9xx""#,
+        r#""storeStatuses": ["2xx-4xx"]"#,
+        r#""storeStatuses": ["2xx-9xx"]"#,
     );
     edge_e2e::assert_refused(
         || Envoy::start_with(CONFIG, &subs, &["--concurrency", "2"]),
         "idempotency",
-        "storeStatuses: \"9xx\" is outside 100-599",
+        "storeStatuses[0]: \"9xx\" is outside 100-599",
     )
 }
 

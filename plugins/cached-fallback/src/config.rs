@@ -1,6 +1,6 @@
-//! The cached-fallback configuration, read through edge-common's path-naming JSON reader and
+//! The cached-fallback configuration, read through edge-core's path-naming JSON reader and
 //! validated once into [`Config`]. Every field is optional; the defaults are the constants
-//! below (and the README's configuration reference).
+//! below (and the crate's README, its reference).
 
 use edge_core::config::{StatusBounds, Statuses};
 use edge_core::route::Route;
@@ -219,20 +219,8 @@ const STORE_STATUSES: StatusBounds<'static> = StatusBounds {
 mod tests {
     use super::*;
 
-    /// The example of issue 6, as the README shows it.
-    pub const EXAMPLE: &str = r#"{
-      "routes": [ { "pathPrefix": "/api/recommendations" } ],
-      "methods": ["GET", "HEAD"],
-      "failOn": { "statuses": [500, 502, 503, 504], "upstreamReset": true, "timeout": true },
-      "maxStale": "1h",
-      "key": { "headers": ["accept-language"], "query": true },
-      "maxEntries": 10000,
-      "maxBodyBytes": 1048576,
-      "maxTotalBytes": 67108864,
-      "staticFallback": { "status": 503, "headers": { "content-type": "application/json" },
-                          "body": "{\"error\":\"temporarily unavailable\"}" },
-      "circuitBreaker": { "failures": 5, "window": "10s", "openFor": "30s" }
-    }"#;
+    /// The README's full example, read from the file the README shows.
+    pub const EXAMPLE: &str = include_str!("../examples/recommendations.json");
 
     fn err(json: &str) -> String {
         Config::parse(json.as_bytes()).unwrap_err().to_string()

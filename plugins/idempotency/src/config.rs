@@ -5,6 +5,8 @@ use edge_core::key::KeyPart;
 use edge_core::route::Route;
 use edge_core::{parse_json, ConfigError, Node};
 
+use crate::etcd::EtcdConfig;
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
     /// Covered requests: any route matches (empty: every path), and the method is listed.
@@ -24,6 +26,9 @@ pub struct Config {
     pub max_buffered_bytes: u64,
     /// Statuses whose responses are kept (`storeStatuses`, default 2xx-4xx).
     pub store_statuses: Statuses,
+    /// `store.etcd`: records in etcd, shared by every Envoy of a fleet (`None`: this
+    /// Envoy's shared data).
+    pub store: Option<EtcdConfig>,
     /// What the configuration said that still works but is deprecated, for the log.
     pub warnings: Vec<String>,
 }
@@ -50,6 +55,7 @@ const FIELDS: &[&str] = &[
     "maxTotalBytes",
     "maxBufferedBytes",
     "storeStatuses",
+    "store",
 ];
 
 impl Config {
@@ -98,6 +104,7 @@ impl Config {
             max_buffered_bytes: limits.max_buffered,
             store_statuses: store_statuses
                 .map_or_else(|| Statuses(vec![(200, 499)]), |l| l.statuses),
+            store: o.opt("store", EtcdConfig::read_store)?.flatten(),
             warnings,
         })
     }
@@ -134,11 +141,12 @@ mod tests {
             (255, 1 << 20, 100_000, 128 << 20)
         );
         assert!(c.store_statuses.contains(200) && c.store_statuses.contains(499));
+        assert_eq!(c.store, None, "the local store");
         assert!(!c.store_statuses.contains(500) && !c.store_statuses.contains(199));
     }
 
     #[test]
-    fn the_example_from_the_readme_is_read_as_written() {
+    fn every_field_is_read_as_written() {
         let c = Config::parse(
             br#"{"routes":[{"pathPrefix":"/payments"}],"methods":["post","PATCH"],
             "header":"Idempotency-Key","required":true,"scope":[{"source":"clientIp"}],
@@ -197,5 +205,7 @@ mod tests {
         assert!(err(r#"{"routes":[{"prefix":"/x"}]}"#).starts_with("routes[0]"));
         assert!(err(r#"{"ttl":"1h","tll":"1h"}"#).contains("unknown field `tll`"));
         assert!(err("[").starts_with("configuration"), "{}", err("["));
+        assert!(err(r#"{"store":{"etcd":{"cluster":""}}}"#).starts_with("store.etcd.cluster:"));
+        assert!(err(r#"{"store":"etcd"}"#).starts_with("store: expected an object"));
     }
 }

@@ -165,20 +165,8 @@ fn read_rule(n: Node<'_>, default_status: u32) -> Result<Rule, ConfigError> {
 mod tests {
     use super::*;
 
-    const EXAMPLE: &str = r#"{
-      "mode": "enforce",
-      "failureMode": "allow",
-      "responseHeaders": true,
-      "rules": [
-        {
-          "name": "api-per-client",
-          "match": { "pathPrefix": "/api/", "methods": ["GET", "POST"], "headers": { "x-tier": "free" } },
-          "key": [ { "source": "clientIp" }, { "header": "x-api-key" } ],
-          "limit": { "requests": 100, "window": "60s", "burst": 20 },
-          "maxKeys": 65536
-        }
-      ]
-    }"#;
+    /// The README's full example, read from the file the README shows.
+    const EXAMPLE: &str = include_str!("../examples/api-per-client.json");
 
     fn err(json: &str) -> String {
         Config::parse(json.as_bytes()).unwrap_err().to_string()
