@@ -119,9 +119,10 @@ fn root_context_callout_at_configure_is_answered_to_the_root() -> anyhow::Result
         .cluster("flags", |_| CalloutReply::ok(200, &[], "abc"))
         .build()?;
     edge.run_pending()?;
+    // One worker and Envoy's main thread: each VM's root context fetches at configure.
     assert_eq!(
         lines(&edge, "root callout"),
-        ["root callout 4 headers=1 body=3"]
+        ["root callout 4 headers=1 body=3"; 2]
     );
     Ok(())
 }
@@ -132,8 +133,8 @@ fn tick_timers_follow_the_host_clock_on_every_worker() -> anyhow::Result<()> {
     edge.advance(Duration::from_millis(3500))?;
     assert_eq!(
         edge.metric("probe_ticks"),
-        Some(6),
-        "3 ticks on each of 2 workers"
+        Some(9),
+        "3 ticks on each of 2 workers and on the main thread"
     );
     Ok(())
 }

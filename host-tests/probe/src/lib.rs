@@ -361,6 +361,19 @@ impl HttpContext for Probe {
                 Err(e) => self.set_http_request_header("x-grpc-stream", Some(&format!("{e:?}"))),
             }
         }
+        if self.has("prop-of") {
+            // A property another filter set: its path in `x-probe-path`, segments split by `/`.
+            let path = self
+                .get_http_request_header("x-probe-path")
+                .unwrap_or_default();
+            let segments: Vec<&str> = path.split('/').collect();
+            let v = self.prop(&segments);
+            self.set_http_request_header("x-prop-of", Some(&v));
+        }
+        if self.has("grpc-reply") {
+            self.send_grpc_response(GrpcStatusCode::Aborted, Some("msg"), vec![]);
+            return Action::Pause;
+        }
         if self.has("local") {
             self.send_http_response(418, vec![("x-local", "yes")], Some(b"teapot"));
             return Action::Continue;
@@ -445,6 +458,9 @@ impl HttpContext for Probe {
         if let Some((n, cas)) = self.cas.take() {
             let r = self.set_shared_data("probe.race", Some((n + 1).to_string().as_bytes()), cas);
             self.set_http_response_header("x-cas", Some(if r.is_ok() { "ok" } else { "mismatch" }));
+        }
+        if self.has("crlf") {
+            self.set_http_response_header("x-crlf", Some("a\r\nx-injected: b"));
         }
         if self.has("resp-local") {
             self.send_http_response(299, vec![("x-resp-local", "yes")], Some(b"replaced"));

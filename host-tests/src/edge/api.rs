@@ -176,6 +176,10 @@ pub struct Request {
     pub trailers: HeaderMap,
     pub worker: Option<usize>,
     pub source: Option<String>,
+    /// Properties set before the chain runs (path segments joined by NUL, value bytes).
+    pub properties: Vec<(Vec<u8>, Vec<u8>)>,
+    /// The downstream protocol: `HTTP/1.1` (default) or `HTTP/2`.
+    pub protocol: String,
 }
 
 impl Request {
@@ -189,6 +193,8 @@ impl Request {
             trailers: Vec::new(),
             worker: None,
             source: None,
+            properties: Vec::new(),
+            protocol: "HTTP/1.1".into(),
         }
     }
     pub fn get(path: &str) -> Request {
@@ -230,6 +236,34 @@ impl Request {
         self.worker = Some(w);
         self
     }
+    /// A property as a filter before the chain (Lua, ext_authz, a native filter) or the
+    /// listener would have set it: dynamic metadata (`["metadata", "filter_metadata",
+    /// "envoy.filters.http.lua", "key"]`), filter state, or any path. The plugin's
+    /// `proxy_get_property` of that path returns `value` as given (encode integers as 8-byte
+    /// little-endian, as Envoy does); it wins over the host's own value of the same path.
+    pub fn property(mut self, path: &[&str], value: impl Into<Vec<u8>>) -> Request {
+        self.properties
+            .push((path.join("\0").into_bytes(), value.into()));
+        self
+    }
+    /// A gRPC request as a gRPC client sends it: `POST`, `content-type: application/grpc`,
+    /// `te: trailers`, and `message` in gRPC's length-prefixed framing. Envoy then answers
+    /// every local reply (a plugin's, its own) in gRPC form: `200` with `grpc-status`.
+    pub fn grpc(path: &str, message: &[u8]) -> Request {
+        let mut framed = vec![0u8];
+        framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+        framed.extend_from_slice(message);
+        Request::post(path)
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(framed)
+    }
+    /// Over HTTP/2 (`request.protocol` is `HTTP/2`; header values are not split on line
+    /// breaks, as the HTTP/1.1 codec's writes are).
+    pub fn http2(mut self) -> Request {
+        self.protocol = "HTTP/2".into();
+        self
+    }
     /// The downstream address, `ip:port` (default `127.0.0.1:40000`).
     pub fn from(mut self, addr: &str) -> Request {
         self.source = Some(addr.into());
@@ -246,7 +280,9 @@ pub struct Response {
     pub trailers: HeaderMap,
     /// Envoy's `response.code_details` (`via_upstream`, a plugin's local reply details, ...).
     pub details: String,
-    /// The stream was reset (a plugin closed it) instead of answered.
+    /// The stream was reset instead of completed: a plugin closed it (no status, no headers),
+    /// or a filter buffered more response body than the buffer limit after the headers had
+    /// gone to the client (status and headers as the client got them, the body cut short).
     pub reset: bool,
     pub worker: usize,
     /// Wasm fuel (≈ instructions) every plugin spent on this stream, callbacks included.

@@ -37,7 +37,9 @@ impl EdgeBuilder {
         self.plugins.push(p);
         self
     }
-    /// Number of worker threads (VMs per plugin) sharing shared data and queues.
+    /// Number of worker threads sharing shared data and queues. Each plugin runs one VM per
+    /// worker plus one on Envoy's main thread, which ticks and makes callouts but takes no
+    /// streams (its logs and callouts carry worker index `n`).
     pub fn workers(mut self, n: usize) -> Self {
         self.workers = n.max(1);
         self
@@ -116,8 +118,10 @@ impl EdgeBuilder {
             .iter()
             .map(|p| Rc::new(p.info.clone()))
             .collect();
-        let mut workers = Vec::new();
-        for w in 0..self.workers {
+        // Envoy starts each plugin on its main thread first (where it loads the configuration,
+        // ticks and makes its callouts, but never sees a stream), then on every worker: N
+        // workers run N + 1 VMs. The main thread's VMs come last here, at index N.
+        let start = |w: usize| -> Result<Vec<Vm>> {
             let mut vms = Vec::new();
             for (i, p) in self.plugins.iter().enumerate() {
                 let me = VmRef {
@@ -126,12 +130,19 @@ impl EdgeBuilder {
                 };
                 vms.push(Vm::start(&p.module, host.clone(), me, plugins[i].clone())?);
             }
-            workers.push(vms);
+            Ok(vms)
+        };
+        let main = start(self.workers)?;
+        let mut workers = Vec::new();
+        for w in 0..self.workers {
+            workers.push(start(w)?);
         }
+        workers.push(main);
         let mut edge = Edge {
             host,
             plugins,
             workers,
+            stream_workers: self.workers,
             upstream: EmulatedUpstream::new(self.upstream, self.route_timeout),
             flights: HashMap::new(),
             owners: HashMap::new(),

@@ -46,7 +46,8 @@ pub(super) struct Chain {
     fed_all: bool,
     /// What has passed the last filter: the body, and whether headers and the end went out.
     pub delivered_body: Vec<u8>,
-    delivered_headers: bool,
+    /// The headers have passed the last filter (in the response: the client has them).
+    pub delivered_headers: bool,
     delivered_end: bool,
 }
 
@@ -529,10 +530,22 @@ impl Edge {
         self.local_reply(id, direction, filter, reply)
     }
 
-    /// Envoy's answer to a filter that buffers more than the buffer limit.
+    /// Envoy's answer to a filter that buffers more than the buffer limit. Once the response
+    /// headers have gone to the client no reply can follow them: Envoy resets the stream
+    /// (`rs_too_large`), and the client has the headers and whatever body passed.
     fn overflow(&mut self, id: u64, direction: Direction, position: usize) -> Result<()> {
         let flight = self.flight(id)?;
         let filter = flight.chains[direction].filters[position].filter;
+        if direction == Direction::Response && flight.chains.response.delivered_headers {
+            flight.exchange.borrow_mut().code_details = details::RESPONSE_TOO_LARGE.into();
+            let body = std::mem::take(&mut flight.chains.response.delivered_body);
+            let mut response = flight.downstream(body, false);
+            response.reset = true;
+            flight.response = Some(response);
+            flight.reset = true;
+            flight.phase = Phase::Log;
+            return Ok(());
+        }
         let (status, details, body) = match direction {
             Direction::Request => (413, details::REQUEST_TOO_LARGE, "Payload Too Large"),
             Direction::Response => (500, details::RESPONSE_TOO_LARGE, "Internal Server Error"),

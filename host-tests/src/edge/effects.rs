@@ -8,8 +8,15 @@ use crate::state::{header_value, Direction, Effect, HeaderMap, LocalReply, VmRef
 use anyhow::Result;
 
 /// The response headers of a local reply: its status, its own headers, and for a body the
-/// content type (unless given) and length Envoy adds.
-fn reply_headers(reply: &LocalReply) -> HeaderMap {
+/// content type (unless given) and length Envoy adds. To a gRPC request Envoy answers in
+/// gRPC instead ([`grpc_reply_headers`]).
+fn reply_headers(reply: &LocalReply, grpc: bool) -> HeaderMap {
+    if grpc {
+        let code = u32::try_from(reply.grpc_status)
+            .ok()
+            .filter(|code| *code <= MAX_GRPC_STATUS);
+        return grpc_reply_headers(reply.status, code, &reply.headers, &reply.body);
+    }
     let mut headers: HeaderMap = vec![(b":status".to_vec(), reply.status.to_string().into_bytes())];
     headers.extend(reply.headers.iter().cloned());
     if !reply.body.is_empty() {
@@ -20,6 +27,74 @@ fn reply_headers(reply: &LocalReply) -> HeaderMap {
             b"content-length".to_vec(),
             reply.body.len().to_string().into_bytes(),
         ));
+    }
+    headers
+}
+
+/// The highest gRPC status Envoy knows (16, Unauthenticated); a plugin's -1 (or anything
+/// else out of range) means "none given", and Envoy derives one from the HTTP status.
+const MAX_GRPC_STATUS: u32 = 16;
+
+/// Whether Envoy treats the request as gRPC: its `content-type` is `application/grpc`,
+/// optionally followed by `+format` or `;parameters` (Envoy's `hasGrpcContentType`).
+pub(super) fn is_grpc_request(headers: &HeaderMap) -> bool {
+    header_value(headers, "content-type").is_some_and(|value| {
+        value
+            .strip_prefix("application/grpc")
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('+') || rest.starts_with(';'))
+    })
+}
+
+/// Envoy's mapping of an HTTP status to a gRPC status for its own replies
+/// (`Grpc::Utility::httpToGrpcStatus`).
+pub(crate) fn http_to_grpc_status(status: u16) -> u32 {
+    match status {
+        400 => 13,                   // Internal
+        401 => 16,                   // Unauthenticated
+        403 => 7,                    // PermissionDenied
+        404 => 12,                   // Unimplemented
+        429 | 502 | 503 | 504 => 14, // Unavailable
+        _ => 2,                      // Unknown
+    }
+}
+
+/// Envoy's percent-encoding of `grpc-message`: bytes outside printable ASCII, and `%`.
+fn grpc_percent_encode(text: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(text.len());
+    for &b in text {
+        if (b' '..=b'~').contains(&b) && b != b'%' {
+            out.push(b);
+        } else {
+            out.extend_from_slice(format!("%{b:02X}").as_bytes());
+        }
+    }
+    out
+}
+
+/// A local reply to a gRPC request, as Envoy sends it: `200` headers that end the stream
+/// (gRPC's trailers-only form) with `content-type: application/grpc`, `grpc-status` (the one
+/// given, else derived from `status`) and the body text as `grpc-message`; no body and no
+/// `content-length`. The reply's own headers stay, and a `grpc-status` among them wins.
+pub(crate) fn grpc_reply_headers(
+    status: u16,
+    grpc_status: Option<u32>,
+    own: &HeaderMap,
+    body: &[u8],
+) -> HeaderMap {
+    let mut headers: HeaderMap = vec![(b":status".to_vec(), b"200".to_vec())];
+    headers.extend(
+        own.iter()
+            .filter(|(name, _)| name != b"content-type" && name != b"content-length")
+            .cloned(),
+    );
+    headers.push((b"content-type".to_vec(), b"application/grpc".to_vec()));
+    if !headers.iter().any(|(name, _)| name == b"grpc-status") {
+        let code = grpc_status.unwrap_or_else(|| http_to_grpc_status(status));
+        headers.push((b"grpc-status".to_vec(), code.to_string().into_bytes()));
+    }
+    let message = body.strip_suffix(b"\n").unwrap_or(body);
+    if !message.is_empty() {
+        headers.push((b"grpc-message".to_vec(), grpc_percent_encode(message)));
     }
     headers
 }
@@ -152,9 +227,16 @@ impl Edge {
         }
         // Envoy answers a HEAD request with the reply's headers only (content-length kept):
         // no filter sees its body, and neither does the client.
-        let head =
-            header_value(&flight.exchange.borrow().maps.request_headers, ":method") == Some("HEAD");
-        let headers = reply_headers(&reply);
+        let (head, grpc) = {
+            let request = &flight.exchange.borrow().maps.request_headers;
+            (
+                header_value(request, ":method") == Some("HEAD"),
+                is_grpc_request(request),
+            )
+        };
+        let headers = reply_headers(&reply, grpc);
+        // A gRPC reply is headers only: the body went into `grpc-message`.
+        let head = head || grpc;
         {
             let mut exchange = flight.exchange.borrow_mut();
             exchange.response_code = Some(reply.status);

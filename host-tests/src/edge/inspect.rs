@@ -143,7 +143,7 @@ impl Edge {
             .unwrap_or((0, 0))
     }
 
-    /// Whether the VM of `plugin` on `worker` has trapped.
+    /// Whether the VM of `plugin` on `worker` has trapped (`worker_count()`: the main thread).
     pub fn vm_failed(&self, worker: usize, plugin: usize) -> bool {
         self.workers[worker][plugin].store.data().failed
     }
@@ -183,12 +183,13 @@ impl Edge {
         self.host.borrow().realtime_ns
     }
 
-    /// Number of workers.
+    /// Number of workers (streams run on these; the main thread's VMs are extra).
     pub fn worker_count(&self) -> usize {
-        self.workers.len()
+        self.stream_workers
     }
 
-    /// Memory pages (64 KiB) of the VM of `plugin` on `worker`.
+    /// Memory pages (64 KiB) of the VM of `plugin` on `worker` (`worker_count()`: the main
+    /// thread).
     pub fn memory_pages(&mut self, worker: usize, plugin: usize) -> u64 {
         self.workers[worker][plugin].memory_pages()
     }

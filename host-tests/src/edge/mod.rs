@@ -14,6 +14,7 @@
 mod api;
 mod builder;
 mod chain;
+mod codec;
 mod effects;
 mod events;
 mod inspect;
@@ -83,11 +84,15 @@ impl Flight {
         let (status, headers, trailers) = if reset {
             (0, Vec::new(), Vec::new())
         } else {
-            let headers = &exchange.maps.response_headers;
-            let status = header_value(headers, ":status").and_then(|s| s.parse().ok());
+            let headers = if exchange.protocol == "HTTP/1.1" {
+                codec::as_http1_peer_sees(&exchange.maps.response_headers)
+            } else {
+                exchange.maps.response_headers.clone()
+            };
+            let status = header_value(&headers, ":status").and_then(|s| s.parse().ok());
             (
                 status.unwrap_or(0),
-                headers.clone(),
+                headers,
                 exchange.maps.response_trailers.clone(),
             )
         };
@@ -109,8 +114,10 @@ impl Flight {
 pub struct Edge {
     host: Rc<RefCell<HostShared>>,
     plugins: Vec<Rc<PluginInfo>>,
-    /// The VMs of each worker, one per plugin in chain order.
+    /// The VMs of each worker, one per plugin in chain order, then those of the main thread.
     workers: Vec<Vec<Vm>>,
+    /// Workers that take streams (the last entry of `workers` is the main thread).
+    stream_workers: usize,
     upstream: EmulatedUpstream,
     flights: HashMap<u64, Flight>,
     /// A VM's stream context → the stream it belongs to.
@@ -131,12 +138,13 @@ fn downstream_request_headers(request: &Request, host: &mut HostShared) -> Heade
         (b":scheme".to_vec(), b"http".to_vec()),
     ];
     headers.extend(request.headers.iter().cloned());
+    // The connection manager sets x-forwarded-proto, then generates the request id.
+    headers.push((b"x-forwarded-proto".to_vec(), b"http".to_vec()));
     if !headers.iter().any(|(name, _)| name == b"x-request-id") {
         let mut random = [0u8; 16];
         host.rng.fill(&mut random);
         headers.push((b"x-request-id".to_vec(), uuid(&random).into_bytes()));
     }
-    headers.push((b"x-forwarded-proto".to_vec(), b"http".to_vec()));
     headers
 }
 
@@ -163,10 +171,10 @@ impl Edge {
     pub fn begin(&mut self, req: Request) -> Result<FlightId> {
         let filters = self.plugins.len();
         let worker = match req.worker {
-            Some(w) if w < self.workers.len() => w,
-            Some(w) => bail!("no worker {w}: the edge has {}", self.workers.len()),
+            Some(w) if w < self.stream_workers => w,
+            Some(w) => bail!("no worker {w}: the edge has {}", self.stream_workers),
             None => {
-                let w = self.next_worker % self.workers.len();
+                let w = self.next_worker % self.stream_workers;
                 self.next_worker += 1;
                 w
             }
@@ -196,10 +204,10 @@ impl Edge {
             response_code: None,
             code_details: String::new(),
             response_flags: 0,
-            properties: HashMap::new(),
+            properties: req.properties.iter().cloned().collect(),
             request_bytes: req.chunks.iter().map(|c| c.len() as u64).sum(),
             response_bytes: 0,
-            protocol: "HTTP/1.1".into(),
+            protocol: req.protocol.clone(),
             connection_id: id,
         };
         let order: Vec<usize> = (0..filters).collect();

@@ -4,6 +4,7 @@
 
 use super::api::{details, flags, Upstream, UpstreamFn, UpstreamRequest};
 use super::chain::Chain;
+use super::effects::{grpc_reply_headers, is_grpc_request};
 use super::{Edge, Phase};
 use crate::state::HeaderMap;
 use anyhow::Result;
@@ -103,6 +104,46 @@ fn answer(scripted: Upstream, route_timeout: Duration) -> Answer {
     }
 }
 
+/// The most body Envoy reads from an upstream connection at once (its socket read size): a
+/// body arrives in pieces of at most this, each its own data callback, however the upstream
+/// wrote it.
+pub const READ_SIZE: usize = 16 * 1024;
+
+/// Scripted chunks as Envoy's reads deliver them: none larger than [`READ_SIZE`].
+fn as_read(chunks: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+    chunks
+        .into_iter()
+        .flat_map(|chunk| {
+            if chunk.len() <= READ_SIZE {
+                vec![chunk]
+            } else {
+                chunk.chunks(READ_SIZE).map(<[u8]>::to_vec).collect()
+            }
+        })
+        .collect()
+}
+
+/// What an application's answer carries and Envoy's router adds, past the scripted headers:
+/// `content-length` for a body written in one piece (an HTTP/1.1 server's usual framing; a
+/// body in `chunks` is chunked and has none, and Envoy's codec drops `transfer-encoding`), and
+/// `x-envoy-upstream-service-time` (ms the upstream took).
+fn router_headers(answer: &Answer) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    let has = |name: &str| answer.headers.iter().any(|(n, _)| n == name);
+    let bodiless = matches!(answer.status, 100..=199 | 204 | 304);
+    if answer.chunks.len() <= 1 && !bodiless && !has("content-length") && !has("transfer-encoding")
+    {
+        let length: usize = answer.chunks.iter().map(Vec::len).sum();
+        out.push((b"content-length".to_vec(), length.to_string().into_bytes()));
+    }
+    let took = answer.wait.unwrap_or_default().as_millis();
+    out.push((
+        b"x-envoy-upstream-service-time".to_vec(),
+        took.to_string().into_bytes(),
+    ));
+    out
+}
+
 fn to_header_map(pairs: Vec<(String, String)>) -> HeaderMap {
     pairs
         .into_iter()
@@ -119,7 +160,7 @@ impl Edge {
         let request = {
             let exchange = flight.exchange.borrow();
             UpstreamRequest {
-                headers: exchange.maps.request_headers.clone(),
+                headers: super::codec::as_http1_peer_sees(&exchange.maps.request_headers),
                 body: flight.chains.request.delivered_body.clone(),
                 trailers: exchange.maps.request_trailers.clone(),
                 worker: flight.worker,
@@ -131,26 +172,44 @@ impl Edge {
         if let Some(wait) = answer.wait {
             self.advance(wait)?;
         }
+        let framing = if answer.details == details::VIA_UPSTREAM {
+            router_headers(&answer)
+        } else {
+            HeaderMap::new()
+        };
         // A response to HEAD has no body (the upstream codec reads none, and Envoy's own
         // replies send headers only): filters get the headers with end of stream.
         let (chunks, trailers) = if request.method() == "HEAD" {
             (Vec::new(), Vec::new())
         } else {
-            (answer.chunks, answer.trailers)
+            (as_read(answer.chunks), answer.trailers)
         };
         let flight = self.flight(id)?;
         if flight.phase != Phase::Upstream {
             return Ok(()); // a plugin replied while the clock moved
         }
-        let mut headers: HeaderMap =
-            vec![(b":status".to_vec(), answer.status.to_string().into_bytes())];
-        headers.extend(to_header_map(answer.headers));
+        // Envoy's own answer to a failure is a local reply: to a gRPC request it is gRPC
+        // (`200`, `grpc-status: 14` for a refused, reset or timed-out upstream).
+        let grpc_failure =
+            answer.details != details::VIA_UPSTREAM && is_grpc_request(&request.headers);
+        let (mut headers, chunks, trailers) = if grpc_failure {
+            let body: Vec<u8> = chunks.concat();
+            let headers = grpc_reply_headers(answer.status, None, &Vec::new(), &body);
+            (headers, Vec::new(), Vec::new())
+        } else {
+            let mut headers: HeaderMap =
+                vec![(b":status".to_vec(), answer.status.to_string().into_bytes())];
+            headers.extend(to_header_map(answer.headers));
+            headers.extend(framing);
+            (headers, chunks, trailers)
+        };
+        let status = if grpc_failure { 200 } else { answer.status };
         let has_trailers = !trailers.is_empty();
         {
             let mut exchange = flight.exchange.borrow_mut();
-            exchange.maps.response_headers = headers;
+            exchange.maps.response_headers = std::mem::take(&mut headers);
             exchange.maps.response_trailers = to_header_map(trailers);
-            exchange.response_code = Some(answer.status);
+            exchange.response_code = Some(status);
             exchange.code_details = answer.details.into();
             exchange.response_flags = answer.flags;
             exchange.response_bytes = chunks.iter().map(|c| c.len() as u64).sum();

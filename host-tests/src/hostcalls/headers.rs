@@ -86,6 +86,20 @@ fn with_map<T>(
     edit(held.as_mut().ok_or(Status::NotFound)?)
 }
 
+/// A value with CR or LF in a stream's header map: Envoy 1.40 stores it and its HTTP/1.1
+/// codec writes it raw, so the peer reads the rest as headers of its own (header injection).
+/// The harness does the same split on the wire and reports it here.
+fn note_line_breaks(state: &VmState, map_id: u32, key: &[u8], value: &[u8]) {
+    if StreamMap::from_abi(map_id).is_some() && value.iter().any(|b| *b == b'\r' || *b == b'\n') {
+        state.misuse(format!(
+            "header {:?} in map {map_id} set with CR/LF in its value: Envoy writes it raw, and \
+             the peer reads the text after the line break as separate headers (header \
+             injection)",
+            String::from_utf8_lossy(key)
+        ));
+    }
+}
+
 /// Never fails for a known type: an unavailable or empty map comes back empty (address 0).
 fn get_header_map_pairs(
     caller: &mut Caller<'_, VmState>,
@@ -118,6 +132,9 @@ fn set_header_map_pairs(
     serialized_pairs_size: u32,
 ) -> Result<(), HostcallError> {
     let pairs = read_pairs_lenient(caller, serialized_pairs_data, serialized_pairs_size)?;
+    for (key, value) in &pairs {
+        note_line_breaks(caller.data(), map_id, key, value);
+    }
     with_map(caller, map_id, true, |map| {
         map.clear();
         map.extend(pairs.into_iter().map(|(key, value)| (lower(&key), value)));
@@ -180,6 +197,7 @@ fn set_header_map_value(
 ) -> Result<(), HostcallError> {
     let key = lower(&read(caller, key_data, key_size)?);
     let value = read(caller, value_data, value_size)?;
+    note_line_breaks(caller.data(), map_id, &key, &value);
     with_map(caller, map_id, true, |map| {
         let first = map.iter().position(|(name, _)| *name == key);
         match (edit, first) {
