@@ -76,6 +76,14 @@ impl EtcdRecord {
     }
 }
 
+/// The seed of record hashes with etcd: every Envoy of the fleet must hash a key alike, so
+/// it comes from the prefix (FNV-1a), not from one process's randomness.
+pub fn fleet_seed(prefix: &str) -> u64 {
+    prefix.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 /// The etcd key of a record: `prefix` then the record's hash in hex.
 pub fn record_key(prefix: &str, hash: u64) -> String {
     format!("{prefix}{hash:016x}")
@@ -526,6 +534,8 @@ struct Lease {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Slot {
     lease: Option<Lease>,
+    /// A record was attached to it: worth renewing.
+    used: bool,
     /// A grant is on its way, sent at this time.
     granting_since_ns: Option<u64>,
 }
@@ -595,6 +605,26 @@ impl Leases {
         (now_ns.saturating_sub(l.granted_at_ns) < self.interval_ns).then_some(l.id)
     }
 
+    /// [`Leases::usable`], noting the lease as used (so the tick renews it).
+    pub fn take(&mut self, kind: LeaseKind, now_ns: u64) -> Option<i64> {
+        let id = self.usable(kind, now_ns)?;
+        self.slot_mut(kind).used = true;
+        Some(id)
+    }
+
+    /// The tick's question: whether to renew `kind` now. A claim lease is wanted from the
+    /// start, so the first keyed request pays no grant; after that, a lease is renewed only
+    /// if records were attached to it, so an idle VM grants nothing (and completed records'
+    /// long leases are not piled up in etcd).
+    pub fn renew(&mut self, kind: LeaseKind, now_ns: u64) -> bool {
+        let slot = self.slot(kind);
+        let wanted = match slot.lease {
+            None => kind == LeaseKind::Claim,
+            Some(_) => slot.used,
+        };
+        wanted && self.start_grant(kind, now_ns)
+    }
+
     /// Whether to send a grant now: the lease is missing or past half its interval (so the
     /// next one is there before this one stops being usable), and no grant is on its way
     /// (one sent longer than the grant timeout ago counts as lost). Marks it as sent.
@@ -625,6 +655,7 @@ impl Leases {
                 id,
                 granted_at_ns: sent_at_ns,
             });
+            slot.used = false;
         }
     }
 
@@ -894,6 +925,20 @@ mod tests {
         );
         l.forget(77);
         assert_eq!(l.usable(LeaseKind::Claim, 7 * S), None);
+        let mut idle = Leases::new(30 * S, 3600 * S, S);
+        assert!(
+            idle.renew(LeaseKind::Claim, 0),
+            "a claim lease from the start"
+        );
+        assert!(
+            !idle.renew(LeaseKind::Done, 0),
+            "a record lease only on demand"
+        );
+        idle.granted(LeaseKind::Claim, 5, 38, 0);
+        assert!(!idle.renew(LeaseKind::Claim, 5 * S), "unused: not renewed");
+        assert_eq!(idle.take(LeaseKind::Claim, 5 * S), Some(5));
+        assert!(idle.renew(LeaseKind::Claim, 5 * S), "used: renewed");
+        assert_ne!(fleet_seed("idempotency/"), fleet_seed("pay/"));
         let short = Leases::new(2 * S, 60 * S, S);
         assert_eq!(short.interval_ns(), S, "at least a second");
         assert_eq!(short.ttl_secs(LeaseKind::Claim), 3);

@@ -2,6 +2,8 @@
 //! answers or forwards, then copies the response as it streams and keeps it when complete.
 
 use crate::config::Config;
+use crate::etcd::fleet_seed;
+use crate::fleet::{EtcdStream, Fleet, Tally};
 use crate::policy::{
     Begin, BodyFingerprint, BodyPlan, Claim, Completion, Counter, Fate, Feed, Idempotency,
     Identify, Problem,
@@ -12,8 +14,8 @@ use edge_core::throttle::Throttle;
 use edge_core::RequestView;
 use edge_host::host::{
     answer, load_config, namespace_and_seed, now_ns, property, request_body, response_body_chunk,
-    response_headers, response_status, warn_throttled, Action, Context, ContextType, Counters,
-    HostRequest, HttpContext, RootContext, SharedData,
+    response_headers, response_status, set_tick_period_ms, warn_throttled, Action, Context,
+    ContextType, Counters, HostRequest, HttpContext, RootContext, SharedData,
 };
 use std::rc::Rc;
 
@@ -36,13 +38,31 @@ impl Metrics {
     }
 }
 
+impl Tally for Metrics {
+    fn add(&self, c: Counter, n: u64) {
+        Metrics::add(self, c, n);
+    }
+
+    fn warn(&self, line: &dyn Fn() -> String) {
+        Metrics::warn(self, line);
+    }
+}
+
 #[derive(Default)]
 pub struct IdempotencyRoot {
     policy: Option<Rc<Idempotency>>,
     metrics: Rc<Metrics>,
+    /// The etcd store, when configured.
+    fleet: Option<Rc<Fleet>>,
 }
 
-impl Context for IdempotencyRoot {}
+impl Context for IdempotencyRoot {
+    fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _: usize) {
+        if let Some(fleet) = &self.fleet {
+            fleet.root_answer(token, body_size);
+        }
+    }
+}
 
 impl RootContext for IdempotencyRoot {
     fn on_configure(&mut self, _size: usize) -> bool {
@@ -52,16 +72,40 @@ impl RootContext for IdempotencyRoot {
         for w in &config.warnings {
             log::warn!("idempotency: {w}");
         }
-        let (namespace, seed) = namespace_and_seed("idempotency", "idempotency");
-        log::info!(
-            "idempotency: header {}, {} route(s), up to {} records",
-            config.header,
-            config.routes.len(),
-            config.max_entries
-        );
+        let (namespace, mut seed) = namespace_and_seed("idempotency", "idempotency");
         self.metrics = Rc::new(Metrics::define());
+        self.fleet = None;
+        if let Some(etcd) = &config.store {
+            log::info!(
+                "idempotency: header {}, {} route(s), records in etcd (cluster {}, prefix {})",
+                config.header,
+                config.routes.len(),
+                etcd.cluster,
+                etcd.prefix
+            );
+            // Every proxy of the fleet must name a key's record alike.
+            seed = fleet_seed(&etcd.prefix);
+            let fleet = Fleet::new(etcd.clone(), config.in_flight_timeout_ns, config.ttl_ns);
+            if let Err(status) = set_tick_period_ms(fleet.tick_ms()) {
+                log::warn!("idempotency: no tick ({status}): leases are granted on demand");
+            }
+            self.fleet = Some(Rc::new(fleet));
+        } else {
+            log::info!(
+                "idempotency: header {}, {} route(s), up to {} records",
+                config.header,
+                config.routes.len(),
+                config.max_entries
+            );
+        }
         self.policy = Some(Rc::new(Idempotency::new(config, &namespace, seed)));
         true
+    }
+
+    fn on_tick(&mut self) {
+        if let Some(fleet) = &self.fleet {
+            fleet.tick();
+        }
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -69,6 +113,14 @@ impl RootContext for IdempotencyRoot {
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        if let (Some(policy), Some(fleet)) = (&self.policy, &self.fleet) {
+            let tally: Rc<dyn Tally> = self.metrics.clone();
+            return Some(Box::new(EtcdStream::new(
+                policy.clone(),
+                fleet.clone(),
+                tally,
+            )));
+        }
         Some(Box::new(IdempotencyStream {
             policy: self.policy.clone(),
             metrics: self.metrics.clone(),

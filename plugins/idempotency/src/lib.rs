@@ -6,6 +6,8 @@ pub mod config;
 pub mod etcd;
 #[cfg(feature = "host")]
 pub mod filter;
+#[cfg(feature = "host")]
+pub mod fleet;
 pub mod policy;
 pub mod record;
 
