@@ -63,6 +63,7 @@ pub fn document(file: &str, text: &str, doc: &Node<'_>, out: &mut Vec<Finding>) 
         chain.configs(out);
         chain.buffer(out);
         chain.flag_sources(&clusters, out);
+        chain.etcd_stores(&clusters, out);
         chain.route_values(out);
         chain.order(out);
     }
@@ -179,6 +180,39 @@ impl Chain<'_, '_> {
                         "\"{}\" is not a cluster of static_resources.clusters: every fetch of \
                          the flag document fails, so the router only ever has its inline flags",
                         source.cluster
+                    ),
+                ));
+            }
+        }
+    }
+
+    /// An etcd store whose cluster the YAML does not define is never reached.
+    fn etcd_stores(&self, clusters: &Clusters<'_>, out: &mut Vec<Finding>) {
+        use idempotency::etcd::FailureMode;
+        for f in &self.ours {
+            let Ok(Parsed::Idempotency(config)) = &f.config else {
+                continue;
+            };
+            let Some(etcd) = &config.store else {
+                continue;
+            };
+            if clusters.lacks(&etcd.cluster) {
+                let then = match etcd.failure_mode {
+                    FailureMode::Closed => "gets 503 (failureMode \"closed\")",
+                    FailureMode::Open => {
+                        "is forwarded without a record, so a duplicate runs again \
+                         (failureMode \"open\")"
+                    }
+                };
+                out.push(self.finding(
+                    f.line_of("store.etcd.cluster"),
+                    Some(f.plugin),
+                    "store.etcd.cluster",
+                    Severity::Error,
+                    format!(
+                        "\"{}\" is not a cluster of static_resources.clusters: no request reaches \
+                         etcd, so every keyed request {then}",
+                        etcd.cluster
                     ),
                 ));
             }

@@ -91,6 +91,14 @@ const FIXTURES: &[(&str, u64, &str, &str, &str, &str)] = &[
         "max_request_bytes 65536 is below idempotency's maxBodyBytes 1048576",
     ),
     (
+        "undefined-etcd-cluster.yaml",
+        80,
+        "idempotency",
+        "store.etcd.cluster",
+        "error",
+        "\"etcd-members\" is not a cluster of static_resources.clusters",
+    ),
+    (
         "undefined-flags-cluster.yaml",
         114,
         "flag_router",

@@ -233,3 +233,30 @@ fn a_quoted_value_is_reported_on_its_own_line() {
         found[0].message
     );
 }
+
+#[test]
+fn an_etcd_store_needs_its_cluster() {
+    let store = |cluster: &str, mode: &str| {
+        [
+            ours(
+                "idempotency",
+                &format!(
+                    r#"{{"store":{{"etcd":{{"cluster":"{cluster}","failureMode":"{mode}"}}}}}}"#
+                ),
+            ),
+            buffer(1 << 20),
+        ]
+    };
+    assert_eq!(findings(&store("backend", "closed"), "[]"), []);
+    let found = findings(&store("etcd", "closed"), "[]");
+    assert_eq!(found.len(), 1);
+    assert_eq!(
+        (found[0].line, found[0].path.as_str()),
+        (9, "store.etcd.cluster")
+    );
+    assert!(found[0]
+        .message
+        .ends_with("every keyed request gets 503 (failureMode \"closed\")"));
+    let found = findings(&store("etcd", "open"), "[]");
+    assert!(found[0].message.contains("a duplicate runs again"));
+}
