@@ -14,12 +14,12 @@
 
 use std::time::Duration;
 
-use base64::engine::general_purpose::STANDARD as B64;
-use base64::Engine as _;
 use edge_core::metrics;
 use edge_core::stored::StoredResponse;
 use edge_core::{ConfigError, Node};
-use serde_json::{json, Value};
+#[cfg(test)]
+use serde_json::json;
+use serde_json::Value;
 
 use crate::record::{Meta, State};
 
@@ -89,49 +89,114 @@ pub fn record_key(prefix: &str, hash: u64) -> String {
     format!("{prefix}{hash:016x}")
 }
 
+const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/// Standard base64 with padding, as etcd's gateway writes keys and values. Written out here
+/// (rather than a crate's generic engine) for the module's size.
 fn b64(bytes: &[u8]) -> String {
-    B64.encode(bytes)
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = |i: usize| u32::from(chunk.get(i).copied().unwrap_or(0));
+        let n = (b(0) << 16) | (b(1) << 8) | b(2);
+        for (k, shift) in [18u32, 12, 6, 0].into_iter().enumerate() {
+            let c = if k <= chunk.len() {
+                B64.get(((n >> shift) & 63) as usize)
+                    .copied()
+                    .unwrap_or(b'=')
+            } else {
+                b'='
+            };
+            out.push(char::from(c));
+        }
+    }
+    out
+}
+
+/// Decodes standard base64 (padding optional); `None` for anything else.
+fn unb64(text: &str) -> Option<Vec<u8>> {
+    let text = text.trim_end_matches('=').as_bytes();
+    let mut out = Vec::with_capacity(text.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for &c in text {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push(((acc >> bits) & 0xff) as u8);
+        }
+    }
+    // Leftover bits must be zero padding (at most 4 of them).
+    (bits < 6 && acc & ((1 << bits) - 1) == 0).then_some(out)
+}
+
+/// Whether `hay` contains `needle` (a plain scan: `str::contains` pulls in the two-way
+/// searcher).
+fn has(hay: &str, needle: &str) -> bool {
+    hay.as_bytes()
+        .windows(needle.len())
+        .any(|w| w == needle.as_bytes())
 }
 
 /// `POST /v3/lease/grant`: a lease of `ttl_secs`, granted once per VM per interval and
 /// attached to every claim of that interval.
 pub fn lease_grant(ttl_secs: u64) -> String {
-    json!({ "TTL": ttl_secs.to_string() }).to_string()
+    format!(r#"{{"TTL":"{ttl_secs}"}}"#)
+}
+
+/// A transaction on one key: `compare` (without the key), then `success` if it holds, else
+/// a read of the key. Written by hand rather than through `serde_json::Value`: base64 and
+/// numbers need no escaping, and the module stays small.
+fn txn(k: &str, compare: &str, success: &str) -> String {
+    format!(
+        r#"{{"compare":[{{"key":"{k}",{compare}}}],"success":[{success}],"failure":[{{"request_range":{{"key":"{k}"}}}}]}}"#
+    )
+}
+
+fn put(k: &str, record: &EtcdRecord, lease: i64) -> String {
+    format!(
+        r#"{{"request_put":{{"key":"{k}","value":"{}","lease":"{lease}"}}}}"#,
+        b64(&record.encode())
+    )
 }
 
 /// `POST /v3/kv/txn`: insert the in-flight record if the key is free, else read it.
 pub fn claim(key: &str, record: &EtcdRecord, lease: i64) -> String {
     let k = b64(key.as_bytes());
-    json!({
-        "compare": [{ "key": k, "target": "CREATE", "create_revision": "0" }],
-        "success": [{ "request_put": { "key": k, "value": b64(&record.encode()), "lease": lease.to_string() } }],
-        "failure": [{ "request_range": { "key": k } }],
-    })
-    .to_string()
+    txn(
+        &k,
+        r#""target":"CREATE","create_revision":"0""#,
+        &put(&k, record, lease),
+    )
 }
 
 /// `POST /v3/kv/txn`: replace the claim made at `claim_revision` with the completed record,
 /// under a lease for `ttl`; if the key changed since, read what is there.
 pub fn complete(key: &str, record: &EtcdRecord, claim_revision: i64, lease: i64) -> String {
     let k = b64(key.as_bytes());
-    json!({
-        "compare": [{ "key": k, "target": "MOD", "mod_revision": claim_revision.to_string() }],
-        "success": [{ "request_put": { "key": k, "value": b64(&record.encode()), "lease": lease.to_string() } }],
-        "failure": [{ "request_range": { "key": k } }],
-    })
-    .to_string()
+    txn(
+        &k,
+        &format!(r#""target":"MOD","mod_revision":"{claim_revision}""#),
+        &put(&k, record, lease),
+    )
 }
 
 /// `POST /v3/kv/txn`: delete the key only if it is still the claim made at `claim_revision`
 /// (a 5xx or a reset releases the key; someone else's later record stays).
 pub fn release(key: &str, claim_revision: i64) -> String {
     let k = b64(key.as_bytes());
-    json!({
-        "compare": [{ "key": k, "target": "MOD", "mod_revision": claim_revision.to_string() }],
-        "success": [{ "request_delete_range": { "key": k } }],
-        "failure": [{ "request_range": { "key": k } }],
-    })
-    .to_string()
+    txn(
+        &k,
+        &format!(r#""target":"MOD","mod_revision":"{claim_revision}""#),
+        &format!(r#"{{"request_delete_range":{{"key":"{k}"}}}}"#),
+    )
 }
 
 /// Why an answer could not be used.
@@ -166,7 +231,8 @@ fn int(v: &Value) -> Option<i64> {
 }
 
 fn json_of(body: &[u8]) -> Result<Value, ProtocolError> {
-    let v: Value = serde_json::from_slice(body).map_err(|_| ProtocolError::Malformed)?;
+    // The config's parser: one copy of serde_json's tree builder in the module.
+    let v = edge_core::parse_json(body).map_err(|_| ProtocolError::Malformed)?;
     if let Some(error) = v.get("error").and_then(Value::as_str) {
         return Err(ProtocolError::Refused(error.chars().take(200).collect()));
     }
@@ -204,7 +270,7 @@ pub fn parse_txn(body: &[u8]) -> Result<Txn, ProtocolError> {
         .and_then(int)
         .ok_or(ProtocolError::Malformed)?;
     let value = match kv.get("value").and_then(Value::as_str) {
-        Some(s) => B64.decode(s).map_err(|_| ProtocolError::Malformed)?,
+        Some(s) => unb64(s).ok_or(ProtocolError::Malformed)?,
         None => Vec::new(),
     };
     Ok(Txn::Failed {
@@ -435,13 +501,26 @@ pub enum Failure {
 }
 
 impl Failure {
+    /// What happened, for the log and a 503's detail.
+    pub fn describe(&self, timeout: Duration, attempts: u32) -> String {
+        match self {
+            Failure::Timeout => format!(
+                "etcd did not answer within {} ms ({attempts} attempts)",
+                timeout.as_millis()
+            ),
+            Failure::Unreachable => "no etcd member could be reached".into(),
+            Failure::LeaseGone => "etcd lost this proxy's lease".into(),
+            Failure::Error(e) => format!("etcd failed: {e}"),
+        }
+    }
+
     /// Whether sending the same request again may help. A claim is safe to resend (its owner
     /// token recognises its own record), and so are completion and release (they compare the
     /// claim's revision). A refusal that would be refused again (too large) is not retried.
     pub fn retryable(&self) -> bool {
         match self {
             Failure::Timeout | Failure::Unreachable | Failure::LeaseGone => true,
-            Failure::Error(e) => !e.contains("too large") && !e.contains("space exceeded"),
+            Failure::Error(e) => !has(e, "too large") && !has(e, "space exceeded"),
         }
     }
 }
@@ -456,9 +535,7 @@ pub fn outcome(status: Option<u16>, body: &[u8]) -> Result<&[u8], Failure> {
         Some(200) => Ok(body),
         Some(504) if body.starts_with(b"upstream request timeout") => Err(Failure::Timeout),
         Some(_) if body.starts_with(b"{") => match json_of(body) {
-            Err(ProtocolError::Refused(e)) if e.contains("lease not found") => {
-                Err(Failure::LeaseGone)
-            }
+            Err(ProtocolError::Refused(e)) if has(&e, "lease not found") => Err(Failure::LeaseGone),
             Err(ProtocolError::Refused(e)) => Err(Failure::Error(e)),
             _ => Err(Failure::Error(format!("etcd answered {}", text()))),
         },
@@ -472,7 +549,7 @@ impl From<ProtocolError> for Failure {
     fn from(e: ProtocolError) -> Failure {
         match e {
             ProtocolError::Malformed => Failure::Error("a malformed answer".into()),
-            ProtocolError::Refused(e) if e.contains("lease not found") => Failure::LeaseGone,
+            ProtocolError::Refused(e) if has(&e, "lease not found") => Failure::LeaseGone,
             ProtocolError::Refused(e) => Failure::Error(e),
         }
     }
@@ -711,6 +788,30 @@ mod tests {
     }
 
     #[test]
+    fn base64_is_the_standard_alphabet_with_padding() {
+        for (plain, coded) in [
+            (&b""[..], ""),
+            (b"f", "Zg=="),
+            (b"fo", "Zm8="),
+            (b"foo", "Zm9v"),
+            (b"foobar", "Zm9vYmFy"),
+            (&[0xfb, 0xff, 0xbf], "+/+/"),
+        ] {
+            assert_eq!(b64(plain), coded);
+            assert_eq!(unb64(coded).as_deref(), Some(plain));
+        }
+        let all: Vec<u8> = (0..=255).collect();
+        assert_eq!(unb64(&b64(&all)), Some(all));
+        assert_eq!(unb64("Zm9v!"), None);
+        assert_eq!(unb64("Zh=="), None, "stray bits");
+        assert!(has(
+            "etcdserver: requested lease not found",
+            "lease not found"
+        ));
+        assert!(!has("lease", "lease not found"));
+    }
+
+    #[test]
     fn records_round_trip_and_foreign_values_are_not_ours() {
         for r in [
             record(ME, State::InFlight, None),
@@ -734,9 +835,7 @@ mod tests {
         assert_eq!(body["compare"][0]["create_revision"], "0");
         assert_eq!(body["success"][0]["request_put"]["lease"], "42");
         assert_eq!(body["failure"][0]["request_range"]["key"], b64(b"idem/k"));
-        let value = B64
-            .decode(body["success"][0]["request_put"]["value"].as_str().unwrap())
-            .unwrap();
+        let value = unb64(body["success"][0]["request_put"]["value"].as_str().unwrap()).unwrap();
         assert_eq!(
             EtcdRecord::decode(&value),
             Some(record(ME, State::InFlight, None))

@@ -88,9 +88,9 @@ impl Fleet {
             body.as_bytes(),
             self.etcd.timeout,
         )
-        .map_err(|s| {
+        .map_err(|_| {
             Failure::Error(format!(
-                "the host refused a callout to cluster {} ({s:?}): is it defined?",
+                "the host refused a callout to cluster {}: is it defined?",
                 self.etcd.cluster
             ))
         })
@@ -149,7 +149,12 @@ impl Fleet {
                 }
                 Err(f) => {
                     self.leases.borrow_mut().grant_failed(kind);
-                    self.warn(|| format!("idempotency: cannot renew a lease: {f:?}"));
+                    self.warn(|| {
+                        format!(
+                            "idempotency: cannot renew a lease: {}",
+                            f.describe(self.etcd.timeout, 1)
+                        )
+                    });
                 }
             }
         }
@@ -165,7 +170,12 @@ impl Fleet {
         if let Some((_, kind, sent_at)) = found {
             if let Err(f) = self.lease_answer(kind, sent_at, body_size) {
                 self.failed(&f);
-                self.warn(|| format!("idempotency: etcd did not grant a lease: {f:?}"));
+                self.warn(|| {
+                    format!(
+                        "idempotency: etcd did not grant a lease: {}",
+                        f.describe(self.etcd.timeout, 1)
+                    )
+                });
             }
         }
     }
@@ -368,15 +378,7 @@ impl EtcdStream {
     }
 
     fn give_up(&mut self, f: Failure, next: Next, held: bool) -> Action {
-        let why = match &f {
-            Failure::Timeout => format!(
-                "etcd did not answer within {:?} ({} attempts)",
-                self.fleet.etcd.timeout, self.attempts.made
-            ),
-            Failure::Unreachable => "no etcd member could be reached".to_string(),
-            Failure::LeaseGone => "etcd lost this proxy's lease".to_string(),
-            Failure::Error(e) => format!("etcd failed: {e}"),
-        };
+        let why = f.describe(self.fleet.etcd.timeout, self.attempts.made);
         match next {
             Next::Claim => match on_failure(self.fleet.etcd.failure_mode) {
                 Unusable::Refuse => self.refuse(Problem::Unavailable, &why),
