@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
-use crate::{CalloutReply, Edge, Module, Plugin, Request, Upstream};
+use crate::{CalloutReply, Edge, GrpcReply, Module, Plugin, Request, Upstream};
 
 /// A parsed scenario file.
 #[derive(Clone, Debug, Deserialize)]
@@ -37,6 +37,14 @@ pub struct Scenario {
     /// The `flags` cluster's answers (plugins' background fetches), same form.
     #[serde(default)]
     pub flags: BTreeMap<String, Answer>,
+    /// More clusters plugins may call, by name: HTTP ones answer by path (as `flags`), gRPC
+    /// ones (`grpc: true`) by `/package.Service/Method`. A call to a cluster the file does
+    /// not declare fails the scenario.
+    #[serde(default)]
+    pub clusters: BTreeMap<String, Cluster>,
+    /// The route answers itself (Envoy's `direct_response`) instead of the application.
+    #[serde(default)]
+    pub direct_response: Option<DirectResponse>,
     /// Upstream request headers to record in the transcript.
     #[serde(default)]
     pub upstream_headers: Vec<String>,
@@ -48,6 +56,65 @@ pub struct Scenario {
     /// Why the harness copies an Envoy oddity here, if it does (shown in the transcript).
     #[serde(default)]
     pub note: Option<String>,
+    /// The directory of the file: `module` paths are relative to it.
+    #[serde(skip)]
+    pub dir: PathBuf,
+}
+
+/// A callout cluster of a scenario: `{grpc: true}` or not, and answers by path (HTTP) or by
+/// `/package.Service/Method` (gRPC).
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct Cluster {
+    #[serde(default)]
+    pub grpc: bool,
+    #[serde(flatten)]
+    pub answers: BTreeMap<String, CallAnswer>,
+}
+
+/// How a cluster answers one path or gRPC method.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CallAnswer {
+    #[serde(default = "ok")]
+    pub status: u16,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    #[serde(default)]
+    pub body: String,
+    #[serde(default)]
+    pub delay: Option<String>,
+    #[serde(default)]
+    pub reset: bool,
+    /// gRPC: the call's status (0, the default, delivers `body` as the reply message).
+    #[serde(default)]
+    pub grpc_status: u32,
+    #[serde(default)]
+    pub grpc_message: String,
+}
+
+impl CallAnswer {
+    /// The same answer in the form of the application's and `flags`' answers.
+    pub fn as_answer(&self) -> Answer {
+        Answer {
+            status: self.status,
+            headers: self.headers.clone(),
+            body: self.body.clone(),
+            chunks: None,
+            delay: self.delay.clone(),
+            reset: self.reset,
+            repeat: None,
+        }
+    }
+}
+
+/// Envoy's `direct_response` on the route: this status and body, no application.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirectResponse {
+    #[serde(default = "ok")]
+    pub status: u16,
+    #[serde(default)]
+    pub body: String,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -56,6 +123,16 @@ pub struct Filter {
     /// A module of `dist/` (`rate_limit`, ...); its filter name and root id.
     #[serde(default)]
     pub plugin: Option<String>,
+    /// Any module, by path relative to the scenario file (`name`, `root_id` and `vm_id`
+    /// default to the file's stem).
+    #[serde(default)]
+    pub module: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub root_id: Option<String>,
+    #[serde(default)]
+    pub vm_id: Option<String>,
     /// The plugin configuration as YAML (sent as JSON text).
     #[serde(default)]
     pub config: Option<serde_json::Value>,
@@ -68,6 +145,41 @@ pub struct Filter {
 }
 
 impl Filter {
+    /// The filter's name (`plugin`, else `name`, else the module file's stem).
+    pub fn filter_name(&self) -> Option<String> {
+        if let Some(name) = self.name.clone().or_else(|| self.plugin.clone()) {
+            return Some(name);
+        }
+        let module = self.module.as_ref()?;
+        Path::new(module)
+            .file_stem()
+            .map(|stem| stem.to_string_lossy().into_owned())
+    }
+
+    /// `root_id` as configured, else the filter's name.
+    pub fn root_id(&self) -> Option<String> {
+        self.root_id.clone().or_else(|| self.filter_name())
+    }
+
+    /// `vm_id` as configured; a `module` filter defaults to its name, a `plugin` to none.
+    pub fn vm_id(&self) -> String {
+        match (&self.vm_id, &self.module) {
+            (Some(id), _) => id.clone(),
+            (None, Some(_)) => self.filter_name().unwrap_or_default(),
+            (None, None) => String::new(),
+        }
+    }
+
+    /// The wasm file of a `module` filter, resolved against the scenario's directory.
+    pub fn module_file(&self, dir: &Path) -> Option<PathBuf> {
+        self.module.as_ref().map(|m| dir.join(m))
+    }
+
+    /// Whether the filter is a wasm plugin (not Envoy's buffer filter).
+    pub fn is_wasm(&self) -> bool {
+        self.plugin.is_some() || self.module.is_some()
+    }
+
     /// The plugin's configuration text.
     pub fn config_string(&self) -> String {
         match (&self.config_text, &self.config) {
@@ -106,6 +218,9 @@ pub struct Answer {
     /// Reset the connection instead of answering.
     #[serde(default)]
     pub reset: bool,
+    /// The body is `body` repeated this many times (a large body without a large file).
+    #[serde(default)]
+    pub repeat: Option<usize>,
 }
 
 fn ok() -> u16 {
@@ -113,9 +228,15 @@ fn ok() -> u16 {
 }
 
 impl Answer {
+    /// The whole body: `body`, `repeat` times.
+    pub fn full_body(&self) -> String {
+        self.body.repeat(self.repeat.unwrap_or(1))
+    }
+
     /// The body split into the scripted number of chunks (at least one byte each).
     pub fn body_chunks(&self) -> Vec<Vec<u8>> {
-        let body = self.body.as_bytes();
+        let full = self.full_body();
+        let body = full.as_bytes();
         if body.is_empty() {
             return Vec::new();
         }
@@ -148,6 +269,13 @@ pub struct Send {
     /// The client's address (a 127.0.0.0/8 address: Envoy's client binds it).
     #[serde(default)]
     pub from: Option<String>,
+    /// `h1` (default) or `h2`.
+    #[serde(default)]
+    pub protocol: Option<String>,
+    /// A gRPC request: `POST`, `content-type: application/grpc`, `te: trailers`, the body as
+    /// one length-prefixed gRPC message.
+    #[serde(default)]
+    pub grpc: bool,
 }
 
 fn get() -> String {
@@ -155,7 +283,41 @@ fn get() -> String {
 }
 
 impl Send {
+    /// The body as sent: for a gRPC request, framed as one gRPC message.
+    pub fn wire_body(&self) -> Vec<u8> {
+        if !self.grpc {
+            return self.body.clone().into_bytes();
+        }
+        let mut framed = vec![0u8];
+        framed.extend_from_slice(&(self.body.len() as u32).to_be_bytes());
+        framed.extend_from_slice(self.body.as_bytes());
+        framed
+    }
+
+    /// The headers as sent: a gRPC request's own come first.
+    pub fn wire_headers(&self) -> Vec<(String, String)> {
+        let mut headers = Vec::new();
+        if self.grpc {
+            headers.push(("content-type".to_string(), "application/grpc".to_string()));
+            headers.push(("te".to_string(), "trailers".to_string()));
+        }
+        headers.extend(self.headers.iter().cloned());
+        headers
+    }
+
+    /// The method as sent (`POST` for gRPC).
+    pub fn wire_method(&self) -> String {
+        if self.grpc {
+            "POST".into()
+        } else {
+            self.method.clone()
+        }
+    }
+
     pub fn body_chunks(&self) -> Vec<Vec<u8>> {
+        if self.grpc {
+            return vec![self.wire_body()];
+        }
         Answer {
             body: self.body.clone(),
             chunks: self.chunks,
@@ -165,7 +327,14 @@ impl Send {
     }
 
     fn label(&self) -> String {
-        format!("{} {}", self.method, self.path)
+        let mut label = format!("{} {}", self.wire_method(), self.path);
+        if self.grpc {
+            label.push_str(" (gRPC)");
+        }
+        if self.protocol.as_deref() == Some("h2") {
+            label.push_str(" (h2)");
+        }
+        label
     }
 }
 
@@ -181,6 +350,9 @@ pub struct Expect {
     pub body: Option<String>,
     #[serde(default)]
     pub body_contains: Option<String>,
+    /// `true`: the stream is reset after the response headers (the body cut short).
+    #[serde(default)]
+    pub reset: Option<bool>,
 }
 
 /// One step: exactly one of `send`, `together`, `wait`, `answer`, `upstream_down`.
@@ -223,8 +395,9 @@ impl Scenario {
         let path = path.as_ref();
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let s: Scenario =
+        let mut s: Scenario =
             serde_yaml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        s.dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         s.validate()
             .with_context(|| format!("in {}", path.display()))?;
         Ok(s)
@@ -232,8 +405,29 @@ impl Scenario {
 
     fn validate(&self) -> Result<()> {
         for (i, f) in self.chain.iter().enumerate() {
-            if f.plugin.is_some() == f.buffer.is_some() {
-                bail!("chain[{i}]: give either `plugin` or `buffer`");
+            let kinds = [f.plugin.is_some(), f.module.is_some(), f.buffer.is_some()];
+            if kinds.iter().filter(|k| **k).count() != 1 {
+                bail!("chain[{i}]: give one of `plugin`, `module` or `buffer`");
+            }
+        }
+        for (name, cluster) in &self.clusters {
+            if name == "flags" && !self.flags.is_empty() {
+                bail!("clusters.flags: give the flags cluster once (`flags` or `clusters.flags`)");
+            }
+            for (path, answer) in &cluster.answers {
+                if cluster.grpc && (path.matches('/').count() != 2 || !path.starts_with('/')) {
+                    bail!("clusters.{name}: {path:?} is not /package.Service/Method");
+                }
+                if let Some(d) = &answer.delay {
+                    parse_duration(d).with_context(|| format!("clusters.{name}.{path}.delay"))?;
+                }
+            }
+        }
+        for (i, s) in self.steps.iter().enumerate() {
+            for send in s.send.iter().chain(s.together.iter().flatten()) {
+                if !matches!(send.protocol.as_deref(), None | Some("h1") | Some("h2")) {
+                    bail!("steps[{i}]: protocol is h1 or h2");
+                }
             }
         }
         for (i, s) in self.steps.iter().enumerate() {
@@ -401,6 +595,14 @@ fn expect_one(e: &Expect, r: &Seen) -> Vec<String> {
             wrong.push(format!("body {:?}, expected {b:?}", r.body));
         }
     }
+    if let Some(want) = e.reset {
+        if r.reset != want {
+            wrong.push(format!(
+                "reset after the headers: {}, expected {want}",
+                r.reset
+            ));
+        }
+    }
     if let Some(b) = &e.body_contains {
         if !r.body.contains(b.as_str()) {
             wrong.push(format!("body {:?} lacks {b:?}", r.body));
@@ -438,9 +640,17 @@ pub struct Seen {
     pub status: u16,
     pub headers: Vec<(String, Option<String>)>,
     pub body: String,
+    /// The stream was reset after the response headers (the body cut short).
+    pub reset: bool,
 }
 
 impl Seen {
+    /// The same response, reset after its headers.
+    pub fn reset_after_headers(mut self) -> Seen {
+        self.reset = true;
+        self
+    }
+
     /// What a runner records of a response: its status, the `recorded` headers (present or
     /// not) and the body as text. Both runners build it here, so they compare alike.
     pub fn new<'a>(
@@ -456,6 +666,7 @@ impl Seen {
                 .map(|h| (h.clone(), header(h).map(str::to_string)))
                 .collect(),
             body: String::from_utf8_lossy(body).into_owned(),
+            reset: false,
         }
     }
 }
@@ -467,6 +678,9 @@ pub struct StepRecord {
     pub label: String,
     pub responses: Vec<Seen>,
     pub upstream: Vec<String>,
+    /// Calls plugins made to the clusters under `clusters:` (`NAME <- METHOD /path`), sorted;
+    /// the first step also has those made at load.
+    pub calls: Vec<String>,
 }
 
 /// A runner's normalised account of a scenario: identical across runners when they agree.
@@ -499,10 +713,17 @@ impl Transcript {
                         }
                     }
                 }
-                let _ = writeln!(out, " body={:?}", short(&r.body));
+                let _ = write!(out, " body={:?}", short(&r.body));
+                if r.reset {
+                    out.push_str(" then reset");
+                }
+                out.push('\n');
             }
             for u in &s.upstream {
                 let _ = writeln!(out, "    app <- {u}");
+            }
+            for c in &s.calls {
+                let _ = writeln!(out, "    call {c}");
             }
         }
         out
@@ -589,6 +810,17 @@ impl Modules {
         self.files.insert(name.to_string(), file.into());
     }
 
+    /// A module by file (a scenario's `module:`), loaded once.
+    pub fn get_file(&mut self, file: &Path) -> Result<Module> {
+        let key = format!("file:{}", file.display());
+        if let Some(m) = self.loaded.get(&key) {
+            return Ok(m.clone());
+        }
+        let m = Module::from_file(file)?;
+        self.loaded.insert(key, m.clone());
+        Ok(m)
+    }
+
     pub fn get(&mut self, name: &str) -> Result<Module> {
         if let Some(m) = self.loaded.get(name) {
             return Ok(m.clone());
@@ -628,14 +860,33 @@ pub fn run_in_harness(s: &Scenario, modules: &mut Modules) -> Result<Transcript>
     let timeout = s.route_timeout();
     let mut b = Edge::builder().workers(2).route_timeout(timeout);
     for f in &s.chain {
-        if let Some(name) = &f.plugin {
-            let m = modules.get(name)?;
-            b = b.plugin(Plugin::new(&m, f.config_string()).name(name).root_id(name));
+        if !f.is_wasm() {
+            continue;
         }
+        let m = match (&f.plugin, f.module_file(&s.dir)) {
+            (_, Some(file)) => modules.get_file(&file)?,
+            (Some(name), None) => modules.get(name)?,
+            (None, None) => continue,
+        };
+        let name = f.filter_name().unwrap_or_default();
+        let root_id = f.root_id().unwrap_or_default();
+        b = b.plugin(
+            Plugin::new(&m, f.config_string())
+                .name(&name)
+                .root_id(&root_id)
+                .vm_id(&f.vm_id()),
+        );
     }
     let up = script.clone();
     let rewrites = s.rewrites.clone();
+    let direct = s.direct_response.clone();
     b = b.upstream(move |req| {
+        if let Some(d) = &direct {
+            return Upstream::Direct {
+                status: d.status,
+                body: d.body.clone().into_bytes(),
+            };
+        }
         let mut sc = up.borrow_mut();
         sc.sent += 1;
         if sc.down {
@@ -657,34 +908,48 @@ pub fn run_in_harness(s: &Scenario, modules: &mut Modules) -> Result<Transcript>
             }
         }
     });
-    let fl = script.clone();
-    b = b.cluster("flags", move |req| {
-        let sc = fl.borrow();
-        let path = req.header(":path").unwrap_or("/");
-        match answer_for(&sc.flags, path) {
-            None => CalloutReply::Response {
-                headers: vec![(b":status".to_vec(), b"404".to_vec())],
-                body: Vec::new(),
-                trailers: Vec::new(),
-                delay: Duration::ZERO,
-            },
-            Some(a) if a.reset => CalloutReply::Fail {
-                delay: Duration::ZERO,
-            },
-            Some(a) => {
-                let mut headers = vec![(b":status".to_vec(), a.status.to_string().into_bytes())];
-                for (k, v) in &a.headers {
-                    headers.push((k.as_bytes().to_vec(), v.as_bytes().to_vec()));
+    for (name, cluster) in &s.clusters {
+        if cluster.grpc {
+            let answers = cluster.answers.clone();
+            b = b.grpc_cluster(name, move |req| {
+                let method = format!("/{}/{}", req.service, req.method);
+                let delay = |a: &CallAnswer| {
+                    a.delay
+                        .as_deref()
+                        .and_then(|d| parse_duration(d).ok())
+                        .unwrap_or_default()
+                };
+                match answers.get(&method) {
+                    // gRPC's own answer to a method the server does not have.
+                    None => GrpcReply::error(12, "unknown method"),
+                    Some(a) if a.grpc_status == 0 => GrpcReply {
+                        delay: delay(a),
+                        ..GrpcReply::ok(a.body.clone())
+                    },
+                    Some(a) => GrpcReply {
+                        delay: delay(a),
+                        ..GrpcReply::error(a.grpc_status, &a.grpc_message)
+                    },
                 }
-                CalloutReply::Response {
-                    headers,
-                    body: a.body.clone().into_bytes(),
-                    trailers: Vec::new(),
-                    delay: a.delay().unwrap_or_default(),
-                }
-            }
+            });
+        } else {
+            let routes: BTreeMap<String, Answer> = cluster
+                .answers
+                .iter()
+                .map(|(path, a)| (path.clone(), a.as_answer()))
+                .collect();
+            b = b.cluster(name, move |req| {
+                call_reply(answer_for(&routes, req.header(":path").unwrap_or("/")))
+            });
         }
-    });
+    }
+    let fl = script.clone();
+    if !s.clusters.contains_key("flags") {
+        b = b.cluster("flags", move |req| {
+            let sc = fl.borrow();
+            call_reply(answer_for(&sc.flags, req.header(":path").unwrap_or("/")))
+        });
+    }
     let mut edge = match b.build() {
         Ok(e) => e,
         Err(e) => {
@@ -698,12 +963,14 @@ pub fn run_in_harness(s: &Scenario, modules: &mut Modules) -> Result<Transcript>
     edge.run_pending()?;
     let recorded = s.recorded_headers();
     let mut t = Transcript::default();
+    let mut calls_before = 0;
     for step in &s.steps {
         let before = edge.upstream_requests().len();
         let mut rec = StepRecord {
             label: String::new(),
             responses: Vec::new(),
             upstream: Vec::new(),
+            calls: Vec::new(),
         };
         if let Some(send) = &step.send {
             let n = step.times.unwrap_or(1);
@@ -761,9 +1028,21 @@ pub fn run_in_harness(s: &Scenario, modules: &mut Modules) -> Result<Transcript>
                 sc.flags.extend(f.clone());
             }
         }
+        if let Some(call) = edge
+            .abi_misuse()
+            .iter()
+            .find(|m| m.contains(crate::hostcalls::UNDECLARED))
+        {
+            bail!(
+                "step {} ({}): a plugin made a {call}; declare the cluster under `clusters:` \
+                 (Envoy refuses the call the same way, so the scenario would test nothing)",
+                t.steps.len() + 1,
+                rec.label
+            );
+        }
         let refused = script.borrow().refused.clone();
         for (i, u) in edge.upstream_requests().iter().enumerate().skip(before) {
-            if refused.contains(&i) {
+            if refused.contains(&i) || s.direct_response.is_some() {
                 continue;
             }
             let headers = s
@@ -776,9 +1055,53 @@ pub fn run_in_harness(s: &Scenario, modules: &mut Modules) -> Result<Transcript>
                 .push(upstream_line(u.method(), &path, &headers, u.body.len()));
         }
         rec.upstream.sort();
+        let callouts = edge.callouts();
+        for c in callouts.iter().skip(calls_before) {
+            if s.clusters.contains_key(&c.cluster) {
+                rec.calls.push(call_line(
+                    &c.cluster,
+                    c.header(":method").unwrap_or(""),
+                    c.header(":path").unwrap_or(""),
+                ));
+            }
+        }
+        calls_before = callouts.len();
+        rec.calls.sort();
         t.steps.push(rec);
     }
     Ok(t)
+}
+
+/// A call to a scenario's cluster as both runners record it.
+pub fn call_line(cluster: &str, method: &str, path: &str) -> String {
+    format!("{cluster} <- {method} {path}")
+}
+
+/// A scripted HTTP cluster's answer: unrouted paths are 404, `reset` a failed connection.
+fn call_reply(answer: Option<&Answer>) -> CalloutReply {
+    match answer {
+        None => CalloutReply::Response {
+            headers: vec![(b":status".to_vec(), b"404".to_vec())],
+            body: Vec::new(),
+            trailers: Vec::new(),
+            delay: Duration::ZERO,
+        },
+        Some(a) if a.reset => CalloutReply::Fail {
+            delay: a.delay().unwrap_or_default(),
+        },
+        Some(a) => {
+            let mut headers = vec![(b":status".to_vec(), a.status.to_string().into_bytes())];
+            for (k, v) in &a.headers {
+                headers.push((k.as_bytes().to_vec(), v.as_bytes().to_vec()));
+            }
+            CalloutReply::Response {
+                headers,
+                body: a.body.clone().into_bytes(),
+                trailers: Vec::new(),
+                delay: a.delay().unwrap_or_default(),
+            }
+        }
+    }
 }
 
 fn labels(group: &[Send]) -> String {
@@ -834,17 +1157,22 @@ fn rewritten(path: &str, header: impl Fn(&str) -> Option<String>, rewrites: &[Re
 }
 
 fn harness_request(send: &Send) -> Request {
-    let mut req = Request::new(&send.method, &send.path)
+    let method = send.wire_method();
+    let body = send.wire_body();
+    let mut req = Request::new(&method, &send.path)
         .authority(AUTHORITY)
         .chunks(send.body_chunks());
-    if !send.body.is_empty() || matches!(send.method.as_str(), "POST" | "PUT" | "PATCH") {
-        if send.chunks.unwrap_or(1) > 1 {
+    if send.protocol.as_deref() == Some("h2") {
+        req = req.http2();
+    }
+    if !body.is_empty() || matches!(method.as_str(), "POST" | "PUT" | "PATCH") {
+        if send.chunks.unwrap_or(1) > 1 && !send.grpc {
             req = req.header("transfer-encoding", "chunked");
         } else {
-            req = req.header("content-length", &send.body.len().to_string());
+            req = req.header("content-length", &body.len().to_string());
         }
     }
-    for (k, v) in &send.headers {
+    for (k, v) in &send.wire_headers() {
         req = req.header(k, v);
     }
     if let Some(ip) = &send.from {
@@ -854,7 +1182,17 @@ fn harness_request(send: &Send) -> Request {
 }
 
 fn seen(res: &crate::Response, recorded: &[String]) -> Seen {
-    Seen::new(res.status, recorded, |h| res.header(h), &res.body)
+    let seen = Seen::new(res.status, recorded, |h| res.header(h), &res.body);
+    // A reset after the headers shows as the headers, then the reset (the body cut short
+    // is not compared: how much of it got out is a matter of timing in Envoy).
+    if res.reset && res.status != 0 {
+        return Seen {
+            body: String::new(),
+            ..seen
+        }
+        .reset_after_headers();
+    }
+    seen
 }
 
 /// Every `*.yaml` in a directory, sorted.

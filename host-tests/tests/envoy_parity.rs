@@ -200,3 +200,14 @@ fn the_router_adds_its_headers_and_the_application_frames_its_body() -> anyhow::
     assert!(at("x-forwarded-proto") < at("x-request-id"), "{names}");
     Ok(())
 }
+
+#[test]
+fn a_body_changed_without_its_content_length_reaches_the_client_cut_to_it() -> anyhow::Result<()> {
+    // The probe wraps the body in brackets and keeps the application's content-length: 5.
+    let mut edge = probe_edge("actions=resp-buffer")
+        .upstream(|_| Upstream::ok("hello"))
+        .build()?;
+    let res = edge.get("/")?;
+    assert_eq!((res.body_str(), res.reset), ("[hell", false));
+    Ok(())
+}

@@ -8,13 +8,16 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use crate::client;
+use crate::http;
 use crate::{Envoy, HeldPort, RecordedRequest, Script, Substitutions, TestUpstream};
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use host_tests::scenario::{
-    answer_for, parse_duration, step_label, upstream_line, Answer, Scenario, Seen, Send,
+    answer_for, call_line, parse_duration, step_label, upstream_line, Answer, Scenario, Seen, Send,
     StepRecord, Transcript,
 };
+use socket2::{Domain, Socket, Type};
+use std::io::{BufReader, Write};
+use std::net::TcpStream;
 
 /// The flags cluster's marker port in generated configs (rewritten to its upstream).
 const FLAGS_MARKER: &str = "port_value: 18082";
@@ -27,12 +30,13 @@ fn script_of(a: &Answer) -> Script {
     if a.reset {
         return Script::reset();
     }
-    let mut s = Script::status(a.status).with_body(a.body.clone());
+    let body = a.full_body();
+    let mut s = Script::status(a.status).with_body(body.clone());
     for (k, v) in &a.headers {
         s = s.with_header(k.clone(), v.clone());
     }
     if let Some(n) = a.chunks.filter(|n| *n > 1) {
-        s = s.chunked(n.min(a.body.len().max(1)), Duration::from_millis(20));
+        s = s.chunked(n.min(body.len().max(1)), Duration::from_millis(20));
     }
     s.with_delay(a.delay().unwrap_or_default())
 }
@@ -54,6 +58,13 @@ fn serve(up: &TestUpstream, routes: &Routes, unrouted_404: bool) {
 pub fn envoy_config(s: &Scenario) -> String {
     let q = |v: &str| serde_json::Value::String(v.to_string()).to_string();
     let mut routes = String::new();
+    if let Some(d) = &s.direct_response {
+        routes.push_str(&format!(
+            "                - match: {{ prefix: \"/\" }}\n                  direct_response: {{ status: {}, body: {{ inline_string: {} }} }}\n",
+            d.status,
+            q(&d.body)
+        ));
+    }
     for r in &s.rewrites {
         routes.push_str(&format!(
             "                - match: {{ prefix: {}, headers: [ {{ name: {}, string_match: {{ exact: {} }} }} ] }}\n                  route: {{ cluster: backend, prefix_rewrite: {}, timeout: {}s }}\n",
@@ -66,23 +77,35 @@ pub fn envoy_config(s: &Scenario) -> String {
     ));
     let mut filters = String::new();
     for f in &s.chain {
-        if let Some(name) = &f.plugin {
+        if f.is_wasm() {
+            let file = match f.module_file(&s.dir) {
+                Some(file) => std::path::absolute(&file)
+                    .unwrap_or(file)
+                    .to_string_lossy()
+                    .into_owned(),
+                None => format!("dist/{}.wasm", f.plugin.clone().unwrap_or_default()),
+            };
+            let name = f.filter_name().unwrap_or_default();
+            let root_id = f.root_id().unwrap_or_default();
             filters.push_str(&format!(
                 r#"            - name: envoy.filters.http.wasm
               typed_config:
                 "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
                 config:
                   name: {name}
-                  root_id: {name}
+                  root_id: {root_id}
                   vm_config:
+                    vm_id: {vm_id}
                     runtime: envoy.wasm.runtime.v8
                     code: {{ local: {{ filename: {file} }} }}
                   configuration:
                     "@type": type.googleapis.com/google.protobuf.StringValue
                     value: {config}
 "#,
-                name = q(name),
-                file = q(&format!("dist/{name}.wasm")),
+                name = q(&name),
+                root_id = q(&root_id),
+                vm_id = q(&f.vm_id()),
+                file = q(&file),
                 config = q(&f.config_string()),
             ));
         }
@@ -142,8 +165,36 @@ static_resources:
         routes = indent(&routes, 6),
         filters = indent(&filters, 6),
         backend = cluster("backend", "port_value: 18080"),
-        flags = cluster("flags", FLAGS_MARKER),
+        flags = callout_clusters(s)
+            .iter()
+            .map(|(name, marker)| cluster(name, marker))
+            .collect::<String>(),
     )
+}
+
+/// The scenario's HTTP callout clusters with their marker ports: `flags` (always there, as
+/// the plugins here expect it) on 18082, the others from 18100 in name order.
+fn callout_clusters(s: &Scenario) -> Vec<(String, String)> {
+    let mut out = vec![("flags".to_string(), FLAGS_MARKER.to_string())];
+    for (i, name) in s.clusters.keys().filter(|n| *n != "flags").enumerate() {
+        out.push((name.clone(), format!("port_value: {}", 18100 + i)));
+    }
+    out
+}
+
+/// The answers each callout cluster serves, by name.
+fn cluster_routes(s: &Scenario) -> BTreeMap<String, BTreeMap<String, Answer>> {
+    let mut out = BTreeMap::new();
+    out.insert("flags".to_string(), s.flags.clone());
+    for (name, cluster) in &s.clusters {
+        let routes = cluster
+            .answers
+            .iter()
+            .map(|(path, a)| (path.clone(), a.as_answer()))
+            .collect();
+        out.insert(name.clone(), routes);
+    }
+    out
 }
 
 fn indent(text: &str, by: usize) -> String {
@@ -165,11 +216,43 @@ pub fn run_in_envoy(s: &Scenario) -> Result<Transcript> {
     if let Some(b) = &backend {
         serve(b, &backend_routes, false);
     }
+    if let Some((name, _)) = s.clusters.iter().find(|(_, c)| c.grpc) {
+        bail!(
+            "cluster {name:?} is a gRPC cluster: the Envoy runner has no gRPC server yet (run \
+             the file in the harness only)"
+        );
+    }
+    if s.steps
+        .iter()
+        .flat_map(|step| step.send.iter().chain(step.together.iter().flatten()))
+        .any(|send| send.protocol.as_deref() == Some("h2"))
+    {
+        bail!("protocol: h2 requests: the Envoy runner's client speaks HTTP/1.1 only");
+    }
     let flags = TestUpstream::start()?;
     serve(&flags, &flag_routes, true);
-
-    let subs = Substitutions::new(backend_addr.port())
+    let mut subs = Substitutions::new(backend_addr.port())
         .replace(FLAGS_MARKER, format!("port_value: {}", flags.port()));
+    let routes = cluster_routes(s);
+    let mut others = Vec::new();
+    let mut other_names = Vec::new();
+    for (name, marker) in callout_clusters(s).into_iter().skip(1) {
+        other_names.push(name.clone());
+        let up = TestUpstream::start()?;
+        let served: Routes = Arc::new(Mutex::new(routes.get(&name).cloned().unwrap_or_default()));
+        serve(&up, &served, true);
+        subs = subs.replace(marker, format!("port_value: {}", up.port()));
+        others.push(up);
+    }
+    if let Some(flags_routes) = routes
+        .get("flags")
+        .filter(|_| s.clusters.contains_key("flags"))
+    {
+        flag_routes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend(flags_routes.clone());
+    }
     let config = envoy_config(s);
     let envoy = match Envoy::start_text(
         &config,
@@ -206,6 +289,7 @@ pub fn run_in_envoy(s: &Scenario) -> Result<Transcript> {
             label: step_label(step),
             responses: Vec::new(),
             upstream: Vec::new(),
+            calls: Vec::new(),
         };
         if let Some(send) = &step.send {
             for _ in 0..step.times.unwrap_or(1) {
@@ -272,44 +356,127 @@ pub fn run_in_envoy(s: &Scenario) -> Result<Transcript> {
                 .push(upstream_line(&u.method, &u.path, &headers, u.body.len()));
         }
         rec.upstream.sort();
+        let declared = std::iter::once(("flags".to_string(), &flags))
+            .chain(other_names.iter().cloned().zip(others.iter()))
+            .filter(|(name, _)| s.clusters.contains_key(name));
+        for (name, up) in declared {
+            for r in up.requests() {
+                rec.calls.push(call_line(&name, &r.method, &r.path));
+            }
+            up.clear();
+        }
+        rec.calls.sort();
         t.steps.push(rec);
     }
     drop(envoy);
+    drop(others);
     Ok(t)
 }
 
 /// One request on its own connection from `send.from` (default 127.0.0.1); a body in several
-/// chunks goes out chunk by chunk with chunked encoding.
+/// chunks goes out chunk by chunk with chunked encoding. A response whose body is cut short
+/// (Envoy reset the stream after the headers) is recorded as its headers, then the reset.
 fn send_one(listener: SocketAddr, send: &Send, recorded: &[String]) -> Result<Seen> {
     let from: Option<IpAddr> = match &send.from {
         Some(f) => Some(f.parse().with_context(|| format!("from {f:?}"))?),
         None => None,
     };
+    let method = send.wire_method();
+    let body = send.wire_body();
     let chunks = send.body_chunks();
-    let pieces: Vec<&[u8]> = if send.chunks.unwrap_or(1) > 1 {
+    let pieces: Vec<&[u8]> = if send.chunks.unwrap_or(1) > 1 && !send.grpc {
         chunks.iter().map(Vec::as_slice).collect()
     } else {
-        vec![send.body.as_bytes()]
+        vec![body.as_slice()]
     };
-    let headers: Vec<(&str, &str)> = send
-        .headers
+    let wire_headers = send.wire_headers();
+    let headers: Vec<(&str, &str)> = wire_headers
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
-    let res = client::send_from(
-        listener,
-        from,
-        AUTHORITY,
-        &send.method,
-        &send.path,
-        &headers,
-        &pieces,
-        CLIENT_TIMEOUT,
-    )?;
-    Ok(Seen::new(
-        res.status,
-        recorded,
-        |h| res.header(h),
-        &res.body,
-    ))
+    let stream = connect(listener, from)?;
+    write_request(&stream, &method, &send.path, &headers, &pieces)?;
+    let mut reader = BufReader::new(&stream);
+    loop {
+        let head = http::read_head(&mut reader)?.context("connection closed before a response")?;
+        let status: u16 = head
+            .start_line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .with_context(|| format!("bad status line {:?}", head.start_line))?;
+        if (100..200).contains(&status) {
+            continue;
+        }
+        let framing = http::Framing::of_response(&head, &method, status)?;
+        let seen =
+            |body: &[u8]| Seen::new(status, recorded, |h| http::header(&head.headers, h), body);
+        return Ok(match http::read_body(&mut reader, framing) {
+            Ok(body) => seen(&body),
+            Err(_) => seen(b"").reset_after_headers(),
+        });
+    }
+}
+
+/// The request as the rig's client writes it (`host`, `connection: close`, the length or
+/// chunked framing), each chunk written on its own.
+fn write_request(
+    stream: &TcpStream,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    pieces: &[&[u8]],
+) -> Result<()> {
+    let has = |name: &str| headers.iter().any(|(n, _)| n.eq_ignore_ascii_case(name));
+    let body_len: usize = pieces.iter().map(|p| p.len()).sum();
+    let chunked = pieces.iter().filter(|p| !p.is_empty()).count() > 1;
+    let mut out = format!("{method} {path} HTTP/1.1\r\n");
+    if !has("host") {
+        out.push_str(&format!("host: {AUTHORITY}\r\n"));
+    }
+    if !has("connection") {
+        out.push_str("connection: close\r\n");
+    }
+    if chunked {
+        if !has("transfer-encoding") {
+            out.push_str("transfer-encoding: chunked\r\n");
+        }
+    } else if (body_len > 0 || matches!(method, "POST" | "PUT" | "PATCH"))
+        && !has("content-length")
+        && !has("transfer-encoding")
+    {
+        out.push_str(&format!("content-length: {body_len}\r\n"));
+    }
+    for (name, value) in headers {
+        out.push_str(&format!("{name}: {value}\r\n"));
+    }
+    out.push_str("\r\n");
+    let mut w = stream;
+    w.write_all(out.as_bytes())?;
+    if chunked {
+        for piece in pieces.iter().filter(|p| !p.is_empty()) {
+            http::write_chunk(&mut w, piece)?;
+            w.flush()?;
+            // Separate reads at the proxy: each piece is its own body callback.
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        http::write_last_chunk(&mut w)?;
+    } else {
+        for piece in pieces {
+            w.write_all(piece)?;
+        }
+    }
+    Ok(())
+}
+
+fn connect(listener: SocketAddr, from: Option<IpAddr>) -> Result<TcpStream> {
+    let socket = Socket::new(Domain::for_address(listener), Type::STREAM, None)?;
+    if let Some(ip) = from {
+        socket.bind(&SocketAddr::new(ip, 0).into())?;
+    }
+    socket.connect_timeout(&listener.into(), CLIENT_TIMEOUT)?;
+    let stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
+    Ok(stream)
 }

@@ -51,6 +51,8 @@ struct ProbeRoot {
     ticks: u64,
     /// Actions fixed by config (`actions=a+b`), used instead of the `x-probe` header.
     actions: Option<String>,
+    /// A path of the `flags` cluster to fetch on every tick (`tick-fetch=/path`).
+    tick_fetch: Option<String>,
 }
 
 impl Context for ProbeRoot {
@@ -97,6 +99,9 @@ impl RootContext for ProbeRoot {
                 s if s.starts_with("actions=") => {
                     self.actions = Some(s[8..].replace('+', ","));
                 }
+                s if s.starts_with("tick-fetch=") => {
+                    self.tick_fetch = Some(s[11..].to_string());
+                }
                 s if s.starts_with("tick=") => {
                     let ms = s[5..].parse().unwrap_or(0);
                     self.set_tick_period(Duration::from_millis(ms));
@@ -126,6 +131,16 @@ impl RootContext for ProbeRoot {
             let _ = proxy_wasm::hostcalls::increment_metric(id, 1);
         }
         log::info!("tick {}", self.ticks);
+        if let Some(path) = &self.tick_fetch {
+            let r = self.dispatch_http_call(
+                "flags",
+                vec![(":method", "GET"), (":path", path), (":authority", "flags")],
+                None,
+                vec![],
+                Duration::from_secs(1),
+            );
+            log::info!("tick fetch {r:?}");
+        }
     }
 
     fn on_queue_ready(&mut self, queue_id: u32) {

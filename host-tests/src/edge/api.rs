@@ -20,6 +20,7 @@ pub mod details {
     pub const REFUSED: &str = "upstream_reset_before_response_started{remote_connection_failure|delayed_connect_error:_Connection_refused}";
     pub const TIMEOUT: &str = "response_timeout";
     pub const WASM_FAIL: &str = "wasm_fail_stream";
+    pub const DIRECT_RESPONSE: &str = "direct_response";
     pub const WASM_CLOSE: &str = "wasm_close_stream";
     pub const REQUEST_TOO_LARGE: &str = "request_payload_too_large";
     pub const RESPONSE_TOO_LARGE: &str = "response_payload_too_large";
@@ -115,6 +116,9 @@ pub enum Upstream {
     Refused,
     /// No answer: Envoy's route timeout fires (504, UT).
     Hang,
+    /// The route answers itself (Envoy's `direct_response`): no application is asked, and
+    /// the router adds no `x-envoy-upstream-service-time`.
+    Direct { status: u16, body: Vec<u8> },
 }
 
 impl Upstream {

@@ -37,6 +37,28 @@ pub(super) fn as_http1_peer_sees(headers: &HeaderMap) -> HeaderMap {
     out
 }
 
+/// The body an HTTP/1.1 client reads: with a `content-length` the codec passed on, exactly
+/// that many bytes (a plugin that changed the body without fixing the length loses the rest),
+/// and fewer bytes than it promises leave the response cut short (`true`).
+pub(super) fn as_http1_client_reads(headers: &HeaderMap, mut body: Vec<u8>) -> (Vec<u8>, bool) {
+    let length = headers
+        .iter()
+        .find(|(name, _)| name == b"content-length")
+        .and_then(|(_, value)| std::str::from_utf8(value).ok())
+        .and_then(|value| value.trim().parse::<usize>().ok());
+    match length {
+        Some(n) if body.len() > n => {
+            body.truncate(n);
+            (body, false)
+        }
+        Some(n) => {
+            let short = body.len() < n;
+            (body, short)
+        }
+        None => (body, false),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -96,13 +96,20 @@ impl Flight {
                 exchange.maps.response_trailers.clone(),
             )
         };
+        let head = header_value(&exchange.maps.request_headers, ":method") == Some("HEAD");
+        let bodiless = head || matches!(status, 100..=199 | 204 | 304);
+        let (body, cut_short) = if reset || bodiless || exchange.protocol != "HTTP/1.1" {
+            (body, false)
+        } else {
+            codec::as_http1_client_reads(&headers, body)
+        };
         Response {
             status,
             headers,
             body,
             trailers,
             details: exchange.code_details.clone(),
-            reset,
+            reset: reset || cut_short,
             worker: self.worker,
             fuel: 0,
         }

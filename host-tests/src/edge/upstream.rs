@@ -80,6 +80,21 @@ fn answer(scripted: Upstream, route_timeout: Duration) -> Answer {
             flags: 0,
             wait: (!delay.is_zero()).then_some(delay),
         },
+        Upstream::Direct { status, body } => {
+            let mut headers = vec![("content-length".into(), body.len().to_string())];
+            if !body.is_empty() {
+                headers.push(("content-type".into(), "text/plain".into()));
+            }
+            Answer {
+                status,
+                headers,
+                chunks: if body.is_empty() { vec![] } else { vec![body] },
+                trailers: Vec::new(),
+                details: details::DIRECT_RESPONSE,
+                flags: 0,
+                wait: None,
+            }
+        }
         Upstream::Respond { .. } | Upstream::Hang => failure(
             504,
             b"upstream request timeout",

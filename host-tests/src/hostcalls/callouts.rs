@@ -45,6 +45,10 @@ pub(super) fn link(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
     Ok(())
 }
 
+/// How `abi_misuse` names a call to a cluster the host does not have: both hosts refuse it
+/// alike, so a scenario would agree while testing nothing (the scenario runner fails on it).
+pub(crate) const UNDECLARED: &str = "call to undeclared cluster";
+
 /// Which kind of call a token stands for (its low two bits).
 #[derive(Clone, Copy)]
 enum CallKind {
@@ -83,7 +87,13 @@ fn http_call(
             .collect();
     let body = read(caller, body_data, body_size)?;
     let trailers = read_pairs_lenient(caller, serialized_trailers_data, serialized_trailers_size)?;
-    if timeout > i32::MAX as u32 || !caller.data().host.borrow().clusters.contains_key(&cluster) {
+    if !caller.data().host.borrow().clusters.contains_key(&cluster) {
+        caller
+            .data()
+            .misuse(format!("{UNDECLARED} {cluster:?} (Envoy: BadArgument)"));
+        return Err(Status::BadArgument.into());
+    }
+    if timeout > i32::MAX as u32 {
         return Err(Status::BadArgument.into());
     }
     for required in [&b":method"[..], b":path", b":authority"] {
@@ -212,6 +222,9 @@ fn open_grpc(
     let metadata = read_pairs(caller, target.initial_metadata.0, target.initial_metadata.1)?;
     let state = caller.data_mut();
     if !state.host.borrow().grpc_clusters.contains_key(&cluster) {
+        state.misuse(format!(
+            "{UNDECLARED} {cluster:?} (gRPC; Envoy: ParseFailure)"
+        ));
         return Err(Status::ParseFailure.into());
     }
     let token = new_token(state, kind);

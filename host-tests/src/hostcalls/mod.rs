@@ -32,6 +32,7 @@ macro_rules! import {
 
 mod buffers;
 mod callouts;
+pub(crate) use callouts::UNDECLARED;
 mod contexts;
 mod headers;
 mod metrics;
