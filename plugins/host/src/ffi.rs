@@ -15,6 +15,7 @@ pub const HTTP_CALL_RESPONSE_HEADERS: u32 = 6;
 pub const REQUEST_BODY: u32 = 0;
 pub const RESPONSE_BODY: u32 = 1;
 pub const HTTP_CALL_RESPONSE_BODY: u32 = 4;
+pub const GRPC_RECEIVE_BUFFER: u32 = 5;
 /// What native builds (unit tests, tools) answer: there is no host.
 #[cfg(not(target_arch = "wasm32"))]
 const UNIMPLEMENTED: u32 = 12;
@@ -91,6 +92,16 @@ extern "C" {
         return_buffer_size: *mut usize,
     ) -> u32;
     fn proxy_continue_stream(stream_type: u32) -> u32;
+    fn proxy_get_status(
+        return_status_code: *mut u32,
+        return_status_message_data: *mut *mut u8,
+        return_status_message_size: *mut usize,
+    ) -> u32;
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+unsafe fn proxy_get_status(_: *mut u32, _: *mut *mut u8, _: *mut usize) -> u32 {
+    UNIMPLEMENTED
 }
 
 #[cfg(not(target_arch = "wasm32"))]
@@ -277,6 +288,20 @@ pub fn get_buffer(buffer: u32, start: usize, max: usize) -> Option<Vec<u8>> {
     let status = unsafe { proxy_get_buffer_bytes(buffer, start, max, &mut data, &mut size) };
     // SAFETY: see `owned`.
     (status == OK).then(|| unsafe { owned(data, size) })
+}
+
+/// `proxy_get_status`: the last callout's status code and message (code 2, Unknown, with no
+/// message when the host cannot say).
+pub fn status() -> (u32, String) {
+    let (mut code, mut data, mut size) = (0u32, std::ptr::null_mut(), 0usize);
+    // SAFETY: out-pointers to locals.
+    let status = unsafe { proxy_get_status(&mut code, &mut data, &mut size) };
+    if status != OK {
+        return (2, String::new());
+    }
+    // SAFETY: see `owned`.
+    let message = unsafe { owned(data, size) };
+    (code, String::from_utf8_lossy(&message).into_owned())
 }
 
 /// The host's wall clock in nanoseconds, or `None` for any status but OK.

@@ -279,6 +279,30 @@ pub fn callout_status() -> Option<u16> {
     edge_core::text::parse_u64(&raw).and_then(|s| u16::try_from(s).ok())
 }
 
+/// Sends a unary gRPC callout to `cluster` from whichever context runs; its answer comes back
+/// to that context's `on_grpc_call_response` (the SDK routes it by token). The SDK's wrapper
+/// registers the token; it returns ParseFailure and InternalFailure as errors.
+pub fn grpc_call(
+    cluster: &str,
+    service: &str,
+    method: &str,
+    message: &[u8],
+    timeout: std::time::Duration,
+) -> Result<u32, Status> {
+    hostcalls::dispatch_grpc_call(cluster, service, method, vec![], Some(message), timeout)
+}
+
+/// The message of this context's successful gRPC answer.
+pub fn grpc_response(size: usize) -> Vec<u8> {
+    ffi::get_buffer(ffi::GRPC_RECEIVE_BUFFER, 0, size).unwrap_or_default()
+}
+
+/// The status code and message of this context's failed gRPC call (Envoy reports a callout
+/// timeout as 14 "upstream request timeout").
+pub fn grpc_status() -> (u32, String) {
+    ffi::status()
+}
+
 /// Lets a paused request go on; false when the host refused (the SDK's wrapper would trap).
 pub fn resume_request() -> bool {
     ffi::continue_stream(ffi::STREAM_REQUEST) == ffi::OK

@@ -56,6 +56,8 @@ pub struct Rule {
     pub status: u32,
     /// The `w` of `RateLimit-Policy`: the window in whole seconds (at least 1).
     pub window_secs: u64,
+    /// The fleet-wide part: a rate limit service also decides (`None`: this proxy alone).
+    pub global: Option<crate::global::Global>,
 }
 
 fn error_status(n: Node<'_>) -> Result<u32, ConfigError> {
@@ -109,7 +111,9 @@ impl Config {
 }
 
 fn read_rule(n: Node<'_>, default_status: u32) -> Result<Rule, ConfigError> {
-    let o = n.obj(&["name", "match", "key", "limit", "maxKeys", "status"])?;
+    let o = n.obj(&[
+        "name", "match", "key", "limit", "maxKeys", "status", "global",
+    ])?;
     let name = o.req("name", |n| {
         let s = n.str()?;
         if valid_name(s) {
@@ -158,6 +162,7 @@ fn read_rule(n: Node<'_>, default_status: u32) -> Result<Rule, ConfigError> {
         max_keys: u32::try_from(max_keys).unwrap_or(u32::MAX),
         status: o.opt("status", error_status)?.unwrap_or(default_status),
         window_secs,
+        global: o.opt("global", crate::global::Global::read)?,
     })
 }
 

@@ -10,10 +10,8 @@
 //! `path` and `{"source": "method"}` is `method`. An absent part is sent with an empty value,
 //! so absent clients share one count, as they share one local bucket.
 
-use std::collections::{HashMap, VecDeque};
-
 use edge_core::key::KeyPart;
-use edge_core::RequestView;
+use edge_core::{ConfigError, Node, RequestView};
 use prost::Message;
 
 /// `RateLimitRequest` (envoy.service.ratelimit.v3).
@@ -125,6 +123,20 @@ pub fn request(domain: &str, rule: &str, parts: &[KeyPart], req: &impl RequestVi
     .encode_to_vec()
 }
 
+#[cfg(test)]
+impl RateLimitRequest {
+    /// A sent request's domain and first descriptor's entries, for tests.
+    pub fn decode_message(bytes: &[u8]) -> (String, Vec<(String, String)>) {
+        let r = RateLimitRequest::decode(bytes).unwrap();
+        let entries = r.descriptors[0]
+            .entries
+            .iter()
+            .map(|e| (e.key.clone(), e.value.clone()))
+            .collect();
+        (r.domain, entries)
+    }
+}
+
 /// The service's quota for the descriptor, when it sent one (envoyproxy/ratelimit does;
 /// Limitador does not).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -133,6 +145,22 @@ pub struct Quota {
     pub remaining: u32,
     /// Seconds until the window resets, rounded up.
     pub reset_secs: u64,
+    /// The window of `limit`, from its unit (`None` for a unit this plugin does not know).
+    pub window_secs: Option<u64>,
+}
+
+/// Seconds of a `RateLimitResponse.RateLimit.Unit`.
+fn unit_secs(unit: i32) -> Option<u64> {
+    Some(match unit {
+        1 => 1,
+        2 => 60,
+        3 => 3_600,
+        4 => 86_400,
+        5 => 2_592_000,
+        6 => 31_536_000,
+        7 => 604_800,
+        _ => return None,
+    })
 }
 
 /// What the service said.
@@ -153,6 +181,17 @@ pub enum Failure {
     Malformed,
 }
 
+impl Failure {
+    /// For a log line.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Failure::Timeout => "timeout",
+            Failure::Error => "error",
+            Failure::Malformed => "malformed answer",
+        }
+    }
+}
+
 /// The answer in a successful reply's bytes.
 pub fn answer(body: &[u8]) -> Result<Answer, Failure> {
     let r = RateLimitResponse::decode(body).map_err(|_| Failure::Malformed)?;
@@ -166,6 +205,7 @@ pub fn answer(body: &[u8]) -> Result<Answer, Failure> {
             limit: limit.requests_per_unit,
             remaining: s.limit_remaining,
             reset_secs: reset,
+            window_secs: unit_secs(limit.unit),
         })
     });
     Ok(if r.overall_code == CODE_OVER_LIMIT {
@@ -175,9 +215,10 @@ pub fn answer(body: &[u8]) -> Result<Answer, Failure> {
     })
 }
 
-/// A failed call, by the gRPC status the host reported.
+/// A failed call, by the gRPC status the host reported. Envoy 1.40 words a callout timeout
+/// `upstream request timeout{response_timeout}` (its response details appended).
 pub fn failure(status: u32, message: &str) -> Failure {
-    if status == GRPC_UNAVAILABLE && message == "upstream request timeout" {
+    if status == GRPC_UNAVAILABLE && message.starts_with("upstream request timeout") {
         Failure::Timeout
     } else {
         Failure::Error
@@ -195,68 +236,141 @@ pub enum FailureMode {
     Closed,
 }
 
+impl FailureMode {
+    /// The words of `global.failureMode`.
+    pub const WORDS: [(&'static str, FailureMode); 3] = [
+        ("local", FailureMode::Local),
+        ("open", FailureMode::Open),
+        ("closed", FailureMode::Closed),
+    ];
+}
+
+/// A rule's `global` part: which service decides, and what happens while it fails.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Global {
+    /// The Envoy cluster of the service (HTTP/2).
+    pub cluster: String,
+    /// The `domain` of every request, as the service's configuration names it.
+    pub domain: String,
+    pub timeout_ms: u32,
+    pub failure_mode: FailureMode,
+    /// Limited clients remembered per VM (0: none, every request asks).
+    pub deny_cache_size: usize,
+}
+
+/// Envoy's own rate limit filter waits 20 ms by default; the edge adds a little for a service
+/// one hop away.
+pub const DEFAULT_TIMEOUT_MS: u32 = 50;
+pub const DEFAULT_DENY_CACHE_SIZE: u64 = 10_000;
+
+impl Global {
+    pub fn read(n: Node<'_>) -> Result<Global, ConfigError> {
+        let o = n.obj(&[
+            "cluster",
+            "domain",
+            "timeout",
+            "failureMode",
+            "denyCacheSize",
+        ])?;
+        let name = |n: Node<'_>| -> Result<String, ConfigError> {
+            let s = n.str()?.trim();
+            if s.is_empty() {
+                Err(n.err("must not be empty"))
+            } else {
+                Ok(s.to_string())
+            }
+        };
+        let cluster = o.req("cluster", name)?;
+        let domain = o.req("domain", name)?;
+        let timeout_ms = o
+            .opt("timeout", |n| {
+                let ns = n.positive_duration_ns()?;
+                if !(1_000_000..=10_000_000_000).contains(&ns) {
+                    return Err(n.err("must be between 1ms and 10s"));
+                }
+                Ok(u32::try_from(ns / 1_000_000).unwrap_or(u32::MAX))
+            })?
+            .unwrap_or(DEFAULT_TIMEOUT_MS);
+        let failure_mode = o
+            .opt("failureMode", |n| n.one_of(&FailureMode::WORDS))?
+            .unwrap_or(FailureMode::Local);
+        let deny_cache_size = o
+            .opt("denyCacheSize", |n| n.u64_in(0, 1_000_000))?
+            .unwrap_or(DEFAULT_DENY_CACHE_SIZE);
+        Ok(Global {
+            cluster,
+            domain,
+            timeout_ms,
+            failure_mode,
+            deny_cache_size: usize::try_from(deny_cache_size).unwrap_or(usize::MAX),
+        })
+    }
+}
+
+/// A client the service limited: until when, and the quota it was told.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Denied {
+    pub until_ns: u64,
+    pub quota: Option<Quota>,
+}
+
 /// Clients the service has limited, remembered per VM until their window resets, so a limited
-/// client costs no call per request. Bounded: past `max` entries the oldest is forgotten (it
-/// costs one more call, never a wrong answer).
+/// client costs no call per request. Bounded: `max` slots, a key in slot `key % max`; a client
+/// that lands on another's slot replaces it, which costs that one a call again, never a wrong
+/// answer. The slots are allocated at the first denial.
 #[derive(Debug)]
 pub struct DenyCache {
-    until: HashMap<u64, u64>,
-    order: VecDeque<(u64, u64)>,
+    slots: Vec<Option<(u64, Denied)>>,
     max: usize,
 }
 
 impl DenyCache {
     pub fn new(max: usize) -> DenyCache {
         DenyCache {
-            until: HashMap::new(),
-            order: VecDeque::new(),
+            slots: Vec::new(),
             max,
         }
     }
 
-    /// The time (ns) until which `key` is limited, if it is at `now`.
-    pub fn limited_until(&mut self, key: u64, now_ns: u64) -> Option<u64> {
-        match self.until.get(&key) {
-            Some(&until) if until > now_ns => Some(until),
-            Some(_) => {
-                self.until.remove(&key);
+    fn slot(&self, key: u64) -> usize {
+        usize::try_from(key % self.max.max(1) as u64).unwrap_or(0)
+    }
+
+    /// Whether `key` is limited at `now_ns`, and what it was told.
+    pub fn get(&mut self, key: u64, now_ns: u64) -> Option<Denied> {
+        let i = self.slot(key);
+        let slot = self.slots.get_mut(i)?;
+        match *slot {
+            Some((k, d)) if k == key && d.until_ns > now_ns => Some(d),
+            Some((k, _)) if k == key => {
+                *slot = None;
                 None
             }
-            None => None,
+            _ => None,
         }
     }
 
-    /// Remembers that `key` is limited until `until_ns`.
-    pub fn remember(&mut self, key: u64, until_ns: u64) {
+    /// Remembers that `key` is limited as `denied` says.
+    pub fn remember(&mut self, key: u64, denied: Denied) {
         if self.max == 0 {
             return;
         }
-        while self.until.len() >= self.max && !self.until.contains_key(&key) {
-            let Some((old, at)) = self.order.pop_front() else {
-                break;
-            };
-            // Only the entry this queue slot was written for: a later remember moved it.
-            if self.until.get(&old) == Some(&at) {
-                self.until.remove(&old);
-            }
+        if self.slots.is_empty() {
+            self.slots = vec![None; self.max];
         }
-        if self.until.insert(key, until_ns) == Some(until_ns) {
-            return;
-        }
-        self.order.push_back((key, until_ns));
-        // The queue holds stale slots of re-remembered keys; keep it within twice the bound.
-        if self.order.len() > self.max.saturating_mul(2) {
-            let live = &self.until;
-            self.order.retain(|(k, at)| live.get(k) == Some(at));
+        let i = self.slot(key);
+        if let Some(slot) = self.slots.get_mut(i) {
+            *slot = Some((key, denied));
         }
     }
 
+    /// Clients remembered now (expired ones included until looked up).
     pub fn len(&self) -> usize {
-        self.until.len()
+        self.slots.iter().filter(|s| s.is_some()).count()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.until.is_empty()
+        self.len() == 0
     }
 }
 
@@ -343,6 +457,7 @@ mod tests {
             limit,
             remaining,
             reset_secs,
+            window_secs: Some(60),
         };
         assert_eq!(
             answer(&reply(1, Some((100, 42, 30, 0)))),
@@ -365,32 +480,80 @@ mod tests {
     #[test]
     fn a_timeout_is_told_apart_from_other_failures() {
         assert_eq!(failure(14, "upstream request timeout"), Failure::Timeout);
+        assert_eq!(
+            failure(14, "upstream request timeout{response_timeout}"),
+            Failure::Timeout,
+            "as Envoy 1.40 words it"
+        );
         assert_eq!(failure(14, "upstream connect error"), Failure::Error);
         assert_eq!(failure(13, ""), Failure::Error);
     }
 
     #[test]
     fn the_deny_cache_forgets_at_reset_and_stays_bounded() {
-        let mut c = DenyCache::new(2);
-        c.remember(1, 100);
-        assert_eq!(c.limited_until(1, 50), Some(100));
-        assert_eq!(c.limited_until(1, 100), None, "reset reached");
+        let until = |until_ns| Denied {
+            until_ns,
+            quota: None,
+        };
+        let mut c = DenyCache::new(4);
+        assert!(c.slots.is_empty(), "nothing allocated before a denial");
+        c.remember(1, until(100));
+        assert_eq!(c.get(1, 50), Some(until(100)));
+        assert_eq!(c.get(1, 100), None, "reset reached");
         assert!(c.is_empty());
-        c.remember(1, 100);
-        c.remember(2, 100);
-        c.remember(3, 100);
-        assert_eq!(c.len(), 2);
-        assert_eq!(c.limited_until(1, 0), None, "the oldest was forgotten");
-        assert_eq!(c.limited_until(3, 0), Some(100));
-        // Re-remembering a key does not let its stale slot evict it later.
-        for _ in 0..10 {
-            c.remember(3, 200);
+        // However many clients are limited, the cache holds at most its size.
+        for k in 0..1_000 {
+            c.remember(k, until(100));
         }
-        c.remember(4, 100);
-        assert_eq!(c.limited_until(3, 0), Some(200));
-        assert!(c.order.len() <= 4);
+        assert_eq!(c.len(), 4);
+        assert_eq!(c.slots.len(), 4);
+        assert_eq!(c.get(999, 0), Some(until(100)));
+        // A client whose slot another took is asked again (no answer), never given theirs.
+        assert_eq!(c.get(3, 0), None);
         let mut off = DenyCache::new(0);
-        off.remember(1, 100);
-        assert_eq!(off.limited_until(1, 0), None);
+        off.remember(1, until(100));
+        assert_eq!(off.get(1, 0), None);
+    }
+
+    fn global(json: &str) -> Result<Global, ConfigError> {
+        let v = edge_core::parse_json(json.as_bytes())?;
+        Global::read(Node::root(&v))
+    }
+
+    #[test]
+    fn the_global_part_has_defaults_and_names_bad_fields() {
+        let g = global(r#"{"cluster": "ratelimit", "domain": "edge"}"#).unwrap();
+        assert_eq!(
+            g,
+            Global {
+                cluster: "ratelimit".into(),
+                domain: "edge".into(),
+                timeout_ms: 50,
+                failure_mode: FailureMode::Local,
+                deny_cache_size: 10_000,
+            }
+        );
+        let g = global(
+            r#"{"cluster": "rls", "domain": "d", "timeout": "2s", "failureMode": "closed", "denyCacheSize": 0}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (g.timeout_ms, g.failure_mode, g.deny_cache_size),
+            (2000, FailureMode::Closed, 0)
+        );
+        let err = |json: &str| global(json).unwrap_err().to_string();
+        assert!(
+            err(r#"{"domain": "d"}"#).starts_with("cluster:"),
+            "{}",
+            err(r#"{"domain": "d"}"#)
+        );
+        assert!(err(r#"{"cluster": "c", "domain": " "}"#).starts_with("domain: must not be empty"));
+        assert!(err(r#"{"cluster": "c", "domain": "d", "timeout": "20s"}"#)
+            .starts_with("timeout: must be between"));
+        assert!(
+            err(r#"{"cluster": "c", "domain": "d", "failureMode": "deny"}"#)
+                .starts_with("failureMode:")
+        );
+        assert!(err(r#"{"cluster": "c", "domain": "d", "cache": 1}"#).contains("cache"));
     }
 }

@@ -14,6 +14,7 @@
 
 use crate::bucket::{ceil_secs, Bucket, Limit, Take};
 use crate::config::{Config, FailureMode, Mode, Rule};
+use crate::global::{self, Answer, Denied, Failure, Quota};
 use edge_core::headers::HeaderEdits;
 use edge_core::key::{key_hash, KeyHasher};
 use edge_core::metrics::Counter;
@@ -91,6 +92,78 @@ pub struct Decision {
     pub action: Action,
     /// Store failures (each naming its rule), for the warning log; `failureMode` decided.
     pub errors: Vec<StoreError>,
+    /// Rules with a `global` part that this proxy allowed: the rate limit service decides
+    /// next, and [`Limiter::settle`] turns its answers into the action. `None`: `action` is
+    /// final.
+    pub pending: Option<Pending>,
+}
+
+/// One question for the rate limit service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GlobalCheck {
+    pub rule: usize,
+    /// The client's key hash, which the per-VM deny cache remembers.
+    pub key: u64,
+    /// The `RateLimitRequest`, encoded.
+    pub message: Vec<u8>,
+}
+
+/// A request waiting for the service: its questions and what [`Limiter::settle`] needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pending {
+    pub checks: Vec<GlobalCheck>,
+    taken: Vec<(usize, Taken)>,
+    upstream: HeaderEdits,
+}
+
+/// What the service (or the deny cache) answered one check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GlobalAnswer {
+    Service(Answer),
+    /// The deny cache still holds this client: no call was made.
+    Cached(Denied),
+    Failed(Failure),
+}
+
+/// Each rule with a `global` part counts, under `rate_limit.<rule>.`: calls answered, calls
+/// that limited, failures and timeouts, and requests the deny cache answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GlobalOutcome {
+    Checked,
+    OverLimit,
+    Errors,
+    Timeouts,
+    DenyCacheHits,
+}
+
+impl Counter for GlobalOutcome {
+    const ALL: &'static [GlobalOutcome] = &[
+        GlobalOutcome::Checked,
+        GlobalOutcome::OverLimit,
+        GlobalOutcome::Errors,
+        GlobalOutcome::Timeouts,
+        GlobalOutcome::DenyCacheHits,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            GlobalOutcome::Checked => "global_checked",
+            GlobalOutcome::OverLimit => "global_over_limit",
+            GlobalOutcome::Errors => "global_errors",
+            GlobalOutcome::Timeouts => "global_timeouts",
+            GlobalOutcome::DenyCacheHits => "deny_cache_hits",
+        }
+    }
+}
+
+/// The service's answers turned into the request's fate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settled {
+    pub action: Action,
+    /// Per check, in order: what it counts as.
+    pub outcomes: Vec<(usize, GlobalOutcome)>,
+    /// Clients the service limited, for the deny cache: (rule, key, denial).
+    pub remember: Vec<(usize, u64, Denied)>,
 }
 
 /// The compiled limiter: a config plus the namespace of its keys in the store.
@@ -175,6 +248,7 @@ struct Target<'r> {
     key: u64,
 }
 
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct Taken {
     take: Take,
     slot_key: String,
@@ -213,6 +287,15 @@ impl Limiter {
             .iter()
             .map(|r| format!("rate_limit.{}", r.name))
             .collect()
+    }
+
+    /// The prefixes of the [`GlobalOutcome`] counter sets: one per rule, in rule order (rules
+    /// without a `global` part define theirs too, so a check's `rule` is its set; they stay 0).
+    pub fn global_counter_sets(config: &Config) -> Vec<String> {
+        if config.rules.iter().all(|r| r.global.is_none()) {
+            return Vec::new();
+        }
+        Self::counter_sets(config)
     }
 
     /// Decides on one request at `now_ns` (wall clock, nanoseconds).
@@ -322,20 +405,226 @@ impl Limiter {
                 },
             }
         };
+        let checks: Vec<GlobalCheck> = match &action {
+            Action::Continue { .. } => results
+                .iter()
+                .filter(|r| r.outcome == Outcome::Allowed)
+                .filter_map(|r| {
+                    let rule = self.config.rules.get(r.rule)?;
+                    let g = rule.global.as_ref()?;
+                    Some(GlobalCheck {
+                        rule: r.rule,
+                        key: r.key,
+                        message: global::request(&g.domain, &rule.name, &rule.key, req),
+                    })
+                })
+                .collect(),
+            Action::Reply(_) => Vec::new(),
+        };
+        let pending = match (&action, checks.is_empty()) {
+            (Action::Continue { upstream, .. }, false) => Some(Pending {
+                checks,
+                upstream: upstream.clone(),
+                taken,
+            }),
+            _ => None,
+        };
         Decision {
             results,
             action,
             errors,
+            pending,
+        }
+    }
+
+    /// Decides a request the service was asked about, from its answers (one per check, in
+    /// order) at `now_ns`. Over the limit anywhere: the 429 with the service's quota when it
+    /// sent one. A failed call: the rule's `failureMode` (`local`: this proxy's bucket, which
+    /// allowed it; `open`: allowed, and its local token given back so the outage limits
+    /// nothing; `closed`: 503).
+    pub fn settle(
+        &self,
+        pending: Pending,
+        answers: &[GlobalAnswer],
+        now_ns: u64,
+        store: &impl SlotStore,
+    ) -> Settled {
+        let Pending {
+            checks,
+            mut taken,
+            upstream,
+        } = pending;
+        let mut outcomes = Vec::with_capacity(checks.len());
+        let mut remember = Vec::new();
+        let mut policies: Vec<(usize, String)> = Vec::new();
+        let mut limited = false;
+        let mut shadow: Vec<String> = Vec::new();
+        let mut closed = false;
+        for (check, answer) in checks.iter().zip(answers) {
+            let Some(rule) = self.config.rules.get(check.rule) else {
+                continue;
+            };
+            let Some(g) = rule.global.as_ref() else {
+                continue;
+            };
+            let show = |taken: &mut Vec<(usize, Taken)>, allowed: bool, q: Option<Quota>| {
+                let t = taken.iter_mut().find(|(i, _)| *i == check.rule)?;
+                let reset_ns = q.map_or(rule.window_secs, |q| q.reset_secs) * 1_000_000_000;
+                t.1.take.allowed = allowed;
+                if let Some(q) = q {
+                    t.1.take.remaining = u64::from(q.remaining);
+                }
+                t.1.take.retry_after_ns = if allowed && t.1.take.remaining > 0 {
+                    0
+                } else {
+                    reset_ns
+                };
+                t.1.take.full_in_ns = reset_ns;
+                q.map(|q| {
+                    let w = q.window_secs.unwrap_or(rule.window_secs);
+                    format!("\"{}\";q={};w={w}", rule.name, q.limit)
+                })
+            };
+            let outcome = match *answer {
+                GlobalAnswer::Service(Answer::Allowed(q)) => {
+                    if q.is_some() {
+                        policies.extend(show(&mut taken, true, q).map(|p| (check.rule, p)));
+                    }
+                    GlobalOutcome::Checked
+                }
+                GlobalAnswer::Service(Answer::Limited(q)) => {
+                    let reset = q.map_or(rule.window_secs, |q| q.reset_secs.max(1));
+                    remember.push((
+                        check.rule,
+                        check.key,
+                        Denied {
+                            until_ns: now_ns.saturating_add(reset.saturating_mul(1_000_000_000)),
+                            quota: q,
+                        },
+                    ));
+                    if self.config.mode == Mode::Shadow {
+                        shadow.push(rule.name.clone());
+                    } else {
+                        limited = true;
+                        policies.extend(show(&mut taken, false, q).map(|p| (check.rule, p)));
+                    }
+                    GlobalOutcome::OverLimit
+                }
+                GlobalAnswer::Cached(denied) => {
+                    let left = denied
+                        .until_ns
+                        .saturating_sub(now_ns)
+                        .div_ceil(1_000_000_000);
+                    let q = denied.quota.map(|q| Quota {
+                        remaining: 0,
+                        reset_secs: left.max(1),
+                        ..q
+                    });
+                    if self.config.mode == Mode::Shadow {
+                        shadow.push(rule.name.clone());
+                    } else {
+                        limited = true;
+                        policies.extend(show(&mut taken, false, q).map(|p| (check.rule, p)));
+                        if q.is_none() {
+                            if let Some(t) = taken.iter_mut().find(|(i, _)| *i == check.rule) {
+                                t.1.take.retry_after_ns = left.max(1) * 1_000_000_000;
+                            }
+                        }
+                    }
+                    GlobalOutcome::DenyCacheHits
+                }
+                GlobalAnswer::Failed(f) => {
+                    match g.failure_mode {
+                        global::FailureMode::Local => {}
+                        global::FailureMode::Open => {
+                            if let Some((_, t)) = taken.iter().find(|(i, _)| *i == check.rule) {
+                                let _ = self.give_back(rule, t, now_ns, store);
+                            }
+                        }
+                        global::FailureMode::Closed => closed = true,
+                    }
+                    if f == Failure::Timeout {
+                        GlobalOutcome::Timeouts
+                    } else {
+                        GlobalOutcome::Errors
+                    }
+                }
+            };
+            outcomes.push((check.rule, outcome));
+        }
+        let enforce = self.config.mode == Mode::Enforce;
+        let action = if limited {
+            self.reject_with(&taken, &policies)
+        } else if closed && enforce {
+            Action::Reply(Reply::problem(
+                503,
+                Vec::new(),
+                problem_json(
+                    "about:blank",
+                    "Service Unavailable",
+                    503,
+                    "the rate limit service is unavailable",
+                    &[],
+                ),
+            ))
+        } else {
+            let mut upstream = upstream;
+            if !shadow.is_empty() {
+                let mut marker = upstream
+                    .set
+                    .iter()
+                    .find(|(k, _)| k == SHADOW_HEADER)
+                    .map(|(_, v)| v.clone())
+                    .unwrap_or_default();
+                for name in &shadow {
+                    if !marker.is_empty() {
+                        marker.push_str(", ");
+                    }
+                    marker.push_str(name);
+                }
+                upstream.set.retain(|(k, _)| k != SHADOW_HEADER);
+                upstream.set.push((SHADOW_HEADER.into(), marker));
+            }
+            Action::Continue {
+                upstream,
+                response: HeaderEdits {
+                    remove: Vec::new(),
+                    set: if self.config.response_headers && enforce {
+                        self.quota_headers_with(&taken, &policies)
+                    } else {
+                        Vec::new()
+                    },
+                },
+            }
+        };
+        Settled {
+            action,
+            outcomes,
+            remember,
         }
     }
 
     /// `RateLimit-Policy` and `RateLimit` for the rules that were checked. `t` is the seconds
     /// until the next token when none is left, else until the bucket is full again.
     fn quota_headers(&self, taken: &[(usize, Taken)]) -> Vec<(String, String)> {
+        self.quota_headers_with(taken, &[])
+    }
+
+    /// [`Self::quota_headers`], with the `RateLimit-Policy` items of the rules in `policies`
+    /// replaced (a rate limit service's limit and window instead of this proxy's bucket).
+    fn quota_headers_with(
+        &self,
+        taken: &[(usize, Taken)],
+        policies: &[(usize, String)],
+    ) -> Vec<(String, String)> {
         let mut policy = String::with_capacity(64);
         let mut state = String::with_capacity(64);
         for (i, t) in taken {
-            let (Some(rule), Some(p)) = (self.config.rules.get(*i), self.policies.get(*i)) else {
+            let given = policies.iter().find(|(r, _)| r == i).map(|(_, p)| p);
+            let (Some(rule), Some(p)) = (
+                self.config.rules.get(*i),
+                given.or_else(|| self.policies.get(*i)),
+            ) else {
                 continue;
             };
             let wait = if t.take.remaining == 0 {
@@ -365,6 +654,10 @@ impl Limiter {
     }
 
     fn reject(&self, taken: &[(usize, Taken)]) -> Action {
+        self.reject_with(taken, &[])
+    }
+
+    fn reject_with(&self, taken: &[(usize, Taken)], policies: &[(usize, String)]) -> Action {
         let limited: Vec<(&Rule, &Taken)> = taken
             .iter()
             .filter(|(_, t)| !t.take.allowed)
@@ -380,7 +673,7 @@ impl Limiter {
         let mut headers = vec![retry_after(retry)];
         if self.config.response_headers {
             headers.extend(
-                self.quota_headers(taken)
+                self.quota_headers_with(taken, policies)
                     .into_iter()
                     .map(|(k, v)| (k, v.into_bytes())),
             );
@@ -1032,5 +1325,213 @@ mod tests {
         };
         assert_eq!(Slot::decode(&slot.encode()), slot);
         assert_eq!(Slot::decode(b"short"), Slot::default());
+    }
+
+    fn global_limiter(failure_mode: &str, extra: &str) -> Limiter {
+        limiter(&format!(
+            r#"{{{extra}"rules":[{{"name":"per-key","key":[{{"header":"x-api-key"}}],
+                "limit":{{"requests":5,"window":"1m"}},
+                "global":{{"cluster":"ratelimit","domain":"edge","failureMode":"{failure_mode}"}}}}]}}"#
+        ))
+    }
+
+    fn keyed() -> RequestParts {
+        RequestParts::new("GET", "/api/x").header("x-api-key", "k1")
+    }
+
+    fn quota(limit: u32, remaining: u32, reset_secs: u64) -> Option<Quota> {
+        Some(Quota {
+            limit,
+            remaining,
+            reset_secs,
+            window_secs: Some(60),
+        })
+    }
+
+    fn settled_header<'a>(s: &'a Settled, name: &str) -> Option<&'a str> {
+        match &s.action {
+            Action::Continue { response, .. } => response.get(name),
+            Action::Reply(r) => r.header(name).and_then(|v| std::str::from_utf8(v).ok()),
+        }
+    }
+
+    fn settled_status(s: &Settled) -> u32 {
+        match &s.action {
+            Action::Continue { .. } => 200,
+            Action::Reply(r) => r.status,
+        }
+    }
+
+    #[test]
+    fn a_global_rule_asks_the_service_with_its_descriptor_after_the_local_bucket() {
+        let l = global_limiter("local", "");
+        let store = MemoryStore::default();
+        let d = l.check(&keyed(), 0, &store);
+        let pending = d.pending.expect("the service is asked");
+        assert_eq!(pending.checks.len(), 1);
+        let sent = global::RateLimitRequest::decode_message(&pending.checks[0].message);
+        assert_eq!(sent.0, "edge");
+        assert_eq!(
+            sent.1,
+            [
+                ("rule".into(), "per-key".into()),
+                ("x-api-key".into(), "k1".into())
+            ]
+        );
+        // A client over the limit in this proxy is over it in the fleet: no call.
+        for _ in 0..4 {
+            let _ = l.check(&keyed(), 0, &store);
+        }
+        let over = l.check(&keyed(), 0, &store);
+        assert_eq!(status(&over), 429);
+        assert!(over.pending.is_none());
+        // Rules without a global part never ask.
+        let local = per_ip(5, "1m", "");
+        assert!(local.check(&from("10.0.0.1"), 0, &store).pending.is_none());
+    }
+
+    #[test]
+    fn the_services_answer_gives_the_quota_headers_or_the_429() {
+        let l = global_limiter("local", "");
+        let store = MemoryStore::default();
+        let d = l.check(&keyed(), 0, &store);
+        let ok = l.settle(
+            d.pending.unwrap(),
+            &[GlobalAnswer::Service(Answer::Allowed(quota(100, 42, 30)))],
+            0,
+            &store,
+        );
+        assert_eq!(settled_status(&ok), 200);
+        assert_eq!(
+            settled_header(&ok, "ratelimit-policy"),
+            Some("\"per-key\";q=100;w=60")
+        );
+        assert_eq!(
+            settled_header(&ok, "ratelimit"),
+            Some("\"per-key\";r=42;t=30")
+        );
+        assert_eq!(ok.outcomes, [(0, GlobalOutcome::Checked)]);
+        assert!(ok.remember.is_empty());
+
+        let d = l.check(&keyed(), 0, &store);
+        let now = 5 * S;
+        let over = l.settle(
+            d.pending.unwrap(),
+            &[GlobalAnswer::Service(Answer::Limited(quota(100, 0, 30)))],
+            now,
+            &store,
+        );
+        assert_eq!(settled_status(&over), 429);
+        assert_eq!(settled_header(&over, "retry-after"), Some("30"));
+        assert_eq!(
+            settled_header(&over, "ratelimit"),
+            Some("\"per-key\";r=0;t=30")
+        );
+        assert_eq!(over.outcomes, [(0, GlobalOutcome::OverLimit)]);
+        assert_eq!(
+            over.remember,
+            [(
+                0,
+                d_key(&l),
+                Denied {
+                    until_ns: now + 30 * S,
+                    quota: quota(100, 0, 30)
+                }
+            )]
+        );
+
+        // Limitador sends no statuses: the rule's own window says when to retry.
+        let d = l.check(&keyed(), 0, &store);
+        let bare = l.settle(
+            d.pending.unwrap(),
+            &[GlobalAnswer::Service(Answer::Limited(None))],
+            0,
+            &store,
+        );
+        assert_eq!(settled_header(&bare, "retry-after"), Some("60"));
+    }
+
+    fn d_key(l: &Limiter) -> u64 {
+        l.check(&keyed(), 0, &MemoryStore::default()).results[0].key
+    }
+
+    #[test]
+    fn a_remembered_denial_answers_429_until_its_reset() {
+        let l = global_limiter("local", "");
+        let store = MemoryStore::default();
+        let d = l.check(&keyed(), 0, &store);
+        let denied = Denied {
+            until_ns: 20 * S,
+            quota: quota(100, 0, 30),
+        };
+        let s = l.settle(
+            d.pending.unwrap(),
+            &[GlobalAnswer::Cached(denied)],
+            12 * S,
+            &store,
+        );
+        assert_eq!(settled_status(&s), 429);
+        assert_eq!(settled_header(&s, "retry-after"), Some("8"));
+        assert_eq!(s.outcomes, [(0, GlobalOutcome::DenyCacheHits)]);
+    }
+
+    #[test]
+    fn each_failure_mode_does_what_it_says_while_the_service_fails() {
+        let store = MemoryStore::default();
+        // local: this proxy's bucket decided (it allowed), so the request goes on.
+        let l = global_limiter("local", "");
+        let d = l.check(&keyed(), 0, &store);
+        let s = l.settle(
+            d.pending.unwrap(),
+            &[GlobalAnswer::Failed(Failure::Timeout)],
+            0,
+            &store,
+        );
+        assert_eq!(settled_status(&s), 200);
+        assert_eq!(s.outcomes, [(0, GlobalOutcome::Timeouts)]);
+        // open: allowed, and the outage costs the client no local token.
+        let open = global_limiter("open", "");
+        let store = MemoryStore::default();
+        for _ in 0..10 {
+            let d = open.check(&keyed(), 0, &store);
+            let s = open.settle(
+                d.pending.unwrap(),
+                &[GlobalAnswer::Failed(Failure::Error)],
+                0,
+                &store,
+            );
+            assert_eq!(settled_status(&s), 200);
+            assert_eq!(s.outcomes, [(0, GlobalOutcome::Errors)]);
+        }
+        // closed: 503, nothing forwarded.
+        let closed = global_limiter("closed", "");
+        let d = closed.check(&keyed(), 0, &store);
+        let s = closed.settle(
+            d.pending.unwrap(),
+            &[GlobalAnswer::Failed(Failure::Malformed)],
+            0,
+            &store,
+        );
+        assert_eq!(settled_status(&s), 503);
+    }
+
+    #[test]
+    fn shadow_mode_forwards_a_client_the_service_limited_with_the_marker() {
+        let l = global_limiter("local", r#""mode":"shadow","#);
+        let store = MemoryStore::default();
+        let d = l.check(&keyed(), 0, &store);
+        let s = l.settle(
+            d.pending.unwrap(),
+            &[GlobalAnswer::Service(Answer::Limited(quota(100, 0, 30)))],
+            0,
+            &store,
+        );
+        match &s.action {
+            Action::Continue { upstream, .. } => {
+                assert_eq!(upstream.get(SHADOW_HEADER), Some("per-key"));
+            }
+            Action::Reply(r) => panic!("shadow mode answered {}", r.status),
+        }
+        assert_eq!(s.outcomes, [(0, GlobalOutcome::OverLimit)]);
     }
 }

@@ -20,6 +20,10 @@ readme_test!(
             "rules[].limit.",
             r#"{"rules":[{"name":"a","limit":{"zzz":1}}]}"#
         ),
+        (
+            "rules[].global.",
+            r#"{"rules":[{"name":"a","limit":{"requests":1,"window":"1s"},"global":{"zzz":1}}]}"#
+        ),
     ]
 );
 
