@@ -8,10 +8,10 @@ const BUFFER_FILTER: &str = "envoy.filters.http.buffer";
 const BUFFER_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer";
 
 /// The clusters a plugin may name: `None` when they come from CDS and cannot be known here.
-struct Clusters<'a>(Option<Vec<&'a str>>);
+struct Clusters<'a, 'i>(Option<Vec<(&'a str, &'a Node<'i>)>>);
 
-impl Clusters<'_> {
-    fn read<'a>(doc: &'a Node<'_>) -> Clusters<'a> {
+impl<'a, 'i> Clusters<'a, 'i> {
+    fn read(doc: &'a Node<'i>) -> Clusters<'a, 'i> {
         if yaml::path(doc, &["dynamic_resources", "cds_config"]).is_some() {
             return Clusters(None);
         }
@@ -19,14 +19,49 @@ impl Clusters<'_> {
         Clusters(Some(
             clusters
                 .iter()
-                .filter_map(|c| yaml::str_at(c, &["name"]))
+                .filter_map(|c| Some((yaml::str_at(c, &["name"])?, c)))
                 .collect(),
         ))
     }
 
-    fn lacks(&self, name: &str) -> bool {
-        self.0.as_ref().is_some_and(|c| !c.contains(&name))
+    fn find(&self, name: &str) -> Lookup<'a, 'i> {
+        match &self.0 {
+            None => Lookup::Unknown,
+            Some(c) => c
+                .iter()
+                .find_map(|(n, c)| (*n == name).then_some(Lookup::Found(c)))
+                .unwrap_or(Lookup::Missing),
+        }
     }
+
+    fn lacks(&self, name: &str) -> bool {
+        matches!(self.find(name), Lookup::Missing)
+    }
+}
+
+enum Lookup<'a, 'i> {
+    /// The clusters come from CDS.
+    Unknown,
+    Missing,
+    Found(&'a Node<'i>),
+}
+
+/// Whether a cluster speaks HTTP/2 to its hosts, as gRPC needs: `http2_protocol_options` in
+/// its `HttpProtocolOptions` (explicit, or offered by ALPN with `auto_config`), or in the
+/// cluster's own deprecated field.
+fn speaks_http2(cluster: &Node<'_>) -> bool {
+    if yaml::get(cluster, "http2_protocol_options").is_some() {
+        return true;
+    }
+    let Some(options) =
+        yaml::get(cluster, "typed_extension_protocol_options").and_then(|o| o.data.as_mapping())
+    else {
+        return false;
+    };
+    options.values().any(|o| {
+        yaml::path(o, &["explicit_http_config", "http2_protocol_options"]).is_some()
+            || yaml::path(o, &["auto_config", "http2_protocol_options"]).is_some()
+    })
 }
 
 /// What the lints of one chain see.
@@ -64,6 +99,7 @@ pub fn document(file: &str, text: &str, doc: &Node<'_>, out: &mut Vec<Finding>) 
         chain.buffer(out);
         chain.flag_sources(&clusters, out);
         chain.etcd_stores(&clusters, out);
+        chain.rate_limit_services(&clusters, out);
         chain.route_values(out);
         chain.order(out);
     }
@@ -162,7 +198,7 @@ impl Chain<'_, '_> {
     }
 
     /// A flag source whose cluster the YAML does not define is never fetched.
-    fn flag_sources(&self, clusters: &Clusters<'_>, out: &mut Vec<Finding>) {
+    fn flag_sources(&self, clusters: &Clusters<'_, '_>, out: &mut Vec<Finding>) {
         for f in &self.ours {
             let Ok(Parsed::FlagRouter(config)) = &f.config else {
                 continue;
@@ -187,7 +223,7 @@ impl Chain<'_, '_> {
     }
 
     /// An etcd store whose cluster the YAML does not define is never reached.
-    fn etcd_stores(&self, clusters: &Clusters<'_>, out: &mut Vec<Finding>) {
+    fn etcd_stores(&self, clusters: &Clusters<'_, '_>, out: &mut Vec<Finding>) {
         use idempotency::etcd::FailureMode;
         for f in &self.ours {
             let Ok(Parsed::Idempotency(config)) = &f.config else {
@@ -213,6 +249,50 @@ impl Chain<'_, '_> {
                         "\"{}\" is not a cluster of static_resources.clusters: no request reaches \
                          etcd, so every keyed request {then}",
                         etcd.cluster
+                    ),
+                ));
+            }
+        }
+    }
+
+    /// A rule's rate limit service is reached through a cluster the YAML defines, over HTTP/2
+    /// (the service is gRPC).
+    fn rate_limit_services(&self, clusters: &Clusters<'_, '_>, out: &mut Vec<Finding>) {
+        use rate_limit::global::FailureMode;
+        for f in &self.ours {
+            let Ok(Parsed::RateLimit(config)) = &f.config else {
+                continue;
+            };
+            for (i, rule) in config.rules.iter().enumerate() {
+                let Some(global) = &rule.global else {
+                    continue;
+                };
+                let then = match global.failure_mode {
+                    FailureMode::Local => {
+                        "only this proxy's bucket decides (failureMode \"local\")"
+                    }
+                    FailureMode::Open => "every request is allowed (failureMode \"open\")",
+                    FailureMode::Closed => "every request gets 503 (failureMode \"closed\")",
+                };
+                let path = format!("rules[{i}].global.cluster");
+                let problem = match clusters.find(&global.cluster) {
+                    Lookup::Missing => "is not a cluster of static_resources.clusters".to_string(),
+                    Lookup::Found(c) if !speaks_http2(c) => format!(
+                        "(the cluster at line {}) speaks HTTP/1.1 to its hosts, and the rate limit \
+                         service is gRPC, which needs HTTP/2 (typed_extension_protocol_options: \
+                         HttpProtocolOptions with explicit_http_config.http2_protocol_options)",
+                        yaml::line(c)
+                    ),
+                    Lookup::Found(_) | Lookup::Unknown => continue,
+                };
+                out.push(self.finding(
+                    f.line_of(&path),
+                    Some(f.plugin),
+                    path,
+                    Severity::Error,
+                    format!(
+                        "\"{}\" {problem}: no call to the rate limit service succeeds, so {then}",
+                        global.cluster
                     ),
                 ));
             }

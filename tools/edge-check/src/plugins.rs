@@ -49,10 +49,7 @@ impl Plugin {
 
     fn parse(self, json: &[u8]) -> Result<Parsed, ConfigError> {
         Ok(match self {
-            Plugin::RateLimit => {
-                rate_limit::config::Config::parse(json)?;
-                Parsed::RateLimit
-            }
+            Plugin::RateLimit => Parsed::RateLimit(rate_limit::config::Config::parse(json)?),
             Plugin::FlagRouter => Parsed::FlagRouter(flag_router::config::Config::parse(json)?),
             Plugin::Idempotency => Parsed::Idempotency(idempotency::config::Config::parse(json)?),
             Plugin::CachedFallback => {
@@ -65,7 +62,7 @@ impl Plugin {
 
 /// A configuration the plugin accepted, kept where a lint reads it.
 pub enum Parsed {
-    RateLimit,
+    RateLimit(rate_limit::config::Config),
     FlagRouter(flag_router::config::Config),
     Idempotency(idempotency::config::Config),
     CachedFallback,

@@ -83,6 +83,14 @@ const FIXTURES: &[(&str, u64, &str, &str, &str, &str)] = &[
         "no envoy.filters.http.buffer after idempotency",
     ),
     (
+        "rls-cluster-without-http2.yaml",
+        69,
+        "rate_limit",
+        "rules[0].global.cluster",
+        "error",
+        "\"ratelimit\" (the cluster at line 94) speaks HTTP/1.1",
+    ),
+    (
         "small-buffer.yaml",
         100,
         "idempotency",
@@ -97,6 +105,14 @@ const FIXTURES: &[(&str, u64, &str, &str, &str, &str)] = &[
         "store.etcd.cluster",
         "error",
         "\"etcd-members\" is not a cluster of static_resources.clusters",
+    ),
+    (
+        "undefined-rls-cluster.yaml",
+        69,
+        "rate_limit",
+        "rules[0].global.cluster",
+        "error",
+        "\"rate-limit-service\" is not a cluster of static_resources.clusters",
     ),
     (
         "undefined-flags-cluster.yaml",

@@ -260,3 +260,47 @@ fn an_etcd_store_needs_its_cluster() {
     let found = findings(&store("etcd", "open"), "[]");
     assert!(found[0].message.contains("a duplicate runs again"));
 }
+
+#[test]
+fn a_rate_limit_service_needs_its_cluster_over_http2() {
+    let rule = |mode: &str| {
+        [ours(
+            "rate_limit",
+            &format!(
+                r#"{{"rules":[{{"name":"a","limit":{{"requests":1,"window":"1s"}},"global":{{"cluster":"rls","domain":"edge","failureMode":"{mode}"}}}}]}}"#
+            ),
+        )]
+    };
+    let with =
+        |clusters: &str, mode: &str| check("t.yaml", &envoy(&rule(mode), "[]", clusters)).unwrap();
+    let explicit = "[ { name: rls, typed_extension_protocol_options: { envoy.extensions.upstreams.http.v3.HttpProtocolOptions: { explicit_http_config: { http2_protocol_options: {} } } } } ]";
+    assert_eq!(with(explicit, "local"), []);
+    let alpn = "[ { name: rls, typed_extension_protocol_options: { h: { auto_config: { http2_protocol_options: {} } } } } ]";
+    assert_eq!(with(alpn, "local"), []);
+
+    let found = with("[ { name: rls } ]", "local");
+    assert_eq!(found.len(), 1);
+    assert_eq!(
+        (found[0].line, found[0].path.as_str()),
+        (9, "rules[0].global.cluster")
+    );
+    assert!(
+        found[0]
+            .message
+            .starts_with("\"rls\" (the cluster at line 10) speaks HTTP/1.1"),
+        "{}",
+        found[0].message
+    );
+    assert!(found[0]
+        .message
+        .ends_with("only this proxy's bucket decides (failureMode \"local\")"));
+
+    let found = with("[ { name: backend } ]", "closed");
+    assert_eq!(found.len(), 1);
+    assert!(found[0]
+        .message
+        .starts_with("\"rls\" is not a cluster of static_resources.clusters"));
+    assert!(found[0]
+        .message
+        .ends_with("every request gets 503 (failureMode \"closed\")"));
+}
