@@ -76,6 +76,9 @@ usage: ./build.sh [command]
   scenario FILE...
           run scenario files (envoy/scenarios/) in the harness and print the transcripts:
           a dry run of a chain and its configs before it ships (see envoy/scenarios/README.md)
+  scenario --envoy FILE...
+          run the files (any modules, by path) in the harness and in Envoy $ENVOY_VERSION and
+          compare the transcripts; fails on any unmet expectation or disagreement
   check [--format json] FILE...
           check Envoy YAML files with edge-check (tools/edge-check/README.md): each edge
           plugin's configuration read by the plugin's own parser, then the chain around them;
@@ -520,6 +523,20 @@ cmd_stress() {
 
 cmd_scenario() {
   (($#)) || die "scenario: give one or more scenario files (envoy/scenarios/*.yaml)"
+  if [[ $1 == --envoy ]]; then
+    shift
+    (($#)) || die "scenario --envoy: give one or more scenario files"
+    # FILEs are relative to the directory ./build.sh was started from (OLDPWD).
+    local files=() f
+    for f in "$@"; do
+      files+=("$(cd -- "${OLDPWD:-$ROOT}" && realpath -- "$f")") || die "no such file: $f"
+    done
+    cmd_build
+    header "harness and Envoy $ENVOY_VERSION: ${#files[@]} scenario file(s)"
+    EDGE_SCENARIO_FILES=$(IFS=:; echo "${files[*]}") \
+      cargo test -q -p edge-e2e --test scenarios -- --nocapture
+    return
+  fi
   cmd_build
   cargo build -q -p host-tests --bin edge-scenario
   "$CARGO_OUT/debug/edge-scenario" "$@"

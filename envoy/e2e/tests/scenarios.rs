@@ -1,6 +1,8 @@
 //! Every scenario in `envoy/scenarios/` runs in the harness and in Envoy 1.40; each transcript
 //! must meet the scenario's expectations, and the two transcripts must be identical.
-//! `SCENARIO=<part of a file name>` runs only the matching files.
+//! `SCENARIO=<part of a file name>` runs only the matching files; `EDGE_SCENARIO_FILES` (paths
+//! joined as in `PATH`) runs those files instead of the directory: how `./build.sh scenario
+//! --envoy FILE...` runs a user's own files and modules in both hosts.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -26,10 +28,14 @@ fn report(name: &str, runner: &str, s: &Scenario, t: &Transcript, problems: &mut
 fn every_scenario_agrees_in_the_harness_and_in_envoy() -> anyhow::Result<()> {
     let root = edge_e2e::workspace_root();
     let filter = std::env::var("SCENARIO").unwrap_or_default();
-    let files: Vec<PathBuf> = files_in(root.join("envoy/scenarios"))?
-        .into_iter()
-        .filter(|f| f.to_string_lossy().contains(&filter))
-        .collect();
+    let own_files = std::env::var_os("EDGE_SCENARIO_FILES").is_some();
+    let files: Vec<PathBuf> = match std::env::var_os("EDGE_SCENARIO_FILES") {
+        Some(list) => std::env::split_paths(&list).collect(),
+        None => files_in(root.join("envoy/scenarios"))?,
+    }
+    .into_iter()
+    .filter(|f| f.to_string_lossy().contains(&filter))
+    .collect();
     assert!(!files.is_empty(), "no scenario matches {filter:?}");
     let mut scenarios = Vec::new();
     for f in &files {
@@ -82,6 +88,9 @@ fn every_scenario_agrees_in_the_harness_and_in_envoy() -> anyhow::Result<()> {
                 report(name, "harness", s, h, &mut problems);
                 report(name, "envoy", s, e, &mut problems);
                 let agree = h.normalised() == e.normalised();
+                if own_files {
+                    println!("== {name} (harness)\n{}", h.render());
+                }
                 if !agree {
                     problems.push(format!(
                         "{name}: the harness and Envoy disagree\n--- harness\n{}--- envoy\n{}",
