@@ -210,7 +210,13 @@ fn a_key_in_flight_gets_409_from_the_headers_on_the_other_worker() -> Result<()>
             edge.advance(Duration::from_millis(1))?;
         }
     }
-    let dup = edge.send(pay("k1", "{\"other\":1}").worker(1))?;
+    let b = edge.begin(pay("k1", "{\"other\":1}").worker(1))?;
+    let ran = callbacks_to_end(&mut edge, b)?;
+    assert!(
+        !ran.contains(&host_tests::Callback::RequestBody),
+        "answered from the headers: {ran:?}"
+    );
+    let dup = edge.finish(b)?;
     assert_eq!(dup.status, 409);
     assert_eq!(dup.header("retry-after"), Some("1"));
     assert_eq!(
@@ -407,4 +413,51 @@ fn bad_store_options_are_refused_naming_the_field() {
         let b = Edge::builder().plugin(Plugin::new(&module(), config).name("idempotency"));
         assert_rejected(b, field);
     }
+}
+
+/// The callbacks a stream runs until it ends.
+fn callbacks_to_end(
+    edge: &mut Edge,
+    id: host_tests::FlightId,
+) -> Result<Vec<host_tests::Callback>> {
+    let mut ran = Vec::new();
+    for _ in 0..100 {
+        match edge.step(id)? {
+            host_tests::Step::Ran(c) => ran.push(c),
+            host_tests::Step::Waiting => edge.advance(Duration::from_millis(1))?,
+            host_tests::Step::Done => break,
+        }
+    }
+    Ok(ran)
+}
+
+#[test]
+fn with_the_local_store_too_a_key_in_flight_gets_409_before_its_body_is_read() -> Result<()> {
+    let local = r#"{"routes":[{"pathPrefix":"/payments"}],"required":true}"#;
+    let mut edge = Edge::builder()
+        .plugin(Plugin::new(&module(), local).name("idempotency"))
+        .workers(2)
+        .upstream(|_| Upstream::status(201).body("ok"))
+        .build()?;
+    let a = edge.begin(pay("k1", "{}").worker(0))?;
+    while edge.upstream_requests().is_empty() {
+        if !matches!(edge.step(a)?, host_tests::Step::Ran(_)) {
+            edge.advance(Duration::from_millis(1))?;
+        }
+    }
+    let b = edge.begin(pay("k1", "{}").worker(1))?;
+    let ran = callbacks_to_end(&mut edge, b)?;
+    assert!(
+        !ran.contains(&host_tests::Callback::RequestBody),
+        "answered from the headers: {ran:?}"
+    );
+    let dup = edge.finish(b)?;
+    assert_eq!(dup.status, 409);
+    assert_eq!(
+        problem_type(dup.body_str()),
+        "urn:edge-plugins:idempotency:request-in-flight"
+    );
+    assert_eq!(edge.finish(a)?.status, 201);
+    assert_eq!(edge.upstream_requests().len(), 1);
+    Ok(())
 }

@@ -274,6 +274,11 @@ impl HttpContext for IdempotencyStream {
             // Headers go on (a paused filter gets no body in Envoy); the body is held here
             // until it is complete, and Envoy's buffer filter placed after this one keeps the
             // upstream from seeing even the headers before the decision.
+            BodyPlan::Read(_) if policy.held(&SharedData, key, now_ns()) => self.refuse(
+                &policy,
+                Problem::InFlight,
+                "the first request with this key has not completed yet; retry later",
+            ),
             BodyPlan::Read(body) => {
                 self.phase = Phase::Reading { key, body };
                 Action::Continue

@@ -305,6 +305,26 @@ impl Idempotency {
         }
     }
 
+    /// Whether a live claim holds `key` now. A duplicate of a request in flight is answered
+    /// 409 from its headers, before they go on, so it never reaches the upstream even without
+    /// a buffer filter after the plugin; a duplicate of a completed request still needs its
+    /// body read (for the fingerprint). A store that cannot be read says no: `begin` decides.
+    pub fn held(&self, store: &impl SlotStore, key: u64, now_ns: u64) -> bool {
+        let Ok(Some(found)) = self.table.find(store, key) else {
+            return false;
+        };
+        Self::meta_of(&found.record).is_some_and(|m| {
+            m.state == State::InFlight
+                && age(
+                    m.state,
+                    found.record.at_ns,
+                    now_ns,
+                    0,
+                    self.config.in_flight_timeout_ns,
+                ) == Age::Live
+        })
+    }
+
     /// The request with record key `key` and body fingerprint `fingerprint` is ready to go.
     pub fn begin(
         &self,
