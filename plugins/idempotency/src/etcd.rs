@@ -126,7 +126,7 @@ fn unb64(text: &str) -> Option<Vec<u8>> {
             b'/' => 63,
             _ => return None,
         };
-        acc = (acc << 6) | u32::from(v);
+        acc = ((acc << 6) | u32::from(v)) & 0xff_ffff;
         bits += 6;
         if bits >= 8 {
             bits -= 8;
