@@ -468,8 +468,14 @@ cmd_bench() {
   cargo bench -q -p host-tests --bench harness | tee "$out/harness.txt"
   header "Envoy: CPU per request, interleaved rounds"
   python3 bench/envoy_bench.py "$ENVOY_BIN" dist target/modules/empty_filter.wasm "$out"
+  header "Envoy: a global rate limit rule against envoy/ratelimit-service and Redis"
+  ensure_apt_package redis-server redis-server
+  cargo build -q --profile bench -p ratelimit-service
+  python3 bench/rls_bench.py "$ENVOY_BIN" dist "$CARGO_OUT/release/ratelimit-service" "$out"
   {
     cat "$out/envoy.md"
+    echo
+    cat "$out/rls.md"
     echo
     echo "![Envoy CPU per request](results.svg)"
     echo

@@ -53,8 +53,10 @@ async fn run() -> Result<()> {
     println!("listening on {}", listener.local_addr()?);
     tonic::transport::Server::builder()
         .add_service(service.into_server())
+        // Without TCP_NODELAY, Nagle's algorithm and the client's delayed ACK hold small
+        // answers back for tens of milliseconds.
         .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener),
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown(),
         )
         .await?;
