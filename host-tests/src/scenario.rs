@@ -272,6 +272,11 @@ pub struct Send {
     /// `h1` (default) or `h2`.
     #[serde(default)]
     pub protocol: Option<String>,
+    /// Dynamic metadata a filter before the chain sets, `{namespace: {key: text}}`: the
+    /// plugin reads it at `metadata.filter_metadata.<namespace>.<key>`. In Envoy a Lua filter
+    /// first in the chain sets it (from a header it removes).
+    #[serde(default)]
+    pub metadata: BTreeMap<String, BTreeMap<String, String>>,
     /// A gRPC request: `POST`, `content-type: application/grpc`, `te: trailers`, the body as
     /// one length-prefixed gRPC message.
     #[serde(default)]
@@ -427,6 +432,14 @@ impl Scenario {
             for send in s.send.iter().chain(s.together.iter().flatten()) {
                 if !matches!(send.protocol.as_deref(), None | Some("h1") | Some("h2")) {
                     bail!("steps[{i}]: protocol is h1 or h2");
+                }
+                let text = send.metadata.iter().flat_map(|(namespace, entries)| {
+                    entries
+                        .iter()
+                        .flat_map(move |(k, v)| [namespace.as_str(), k.as_str(), v.as_str()])
+                });
+                if text.into_iter().any(|t| t.contains(['|', ';', '\r', '\n'])) {
+                    bail!("steps[{i}]: metadata text may not hold `|`, `;` or line breaks");
                 }
             }
         }
@@ -1177,6 +1190,14 @@ fn harness_request(send: &Send) -> Request {
     }
     if let Some(ip) = &send.from {
         req = req.from(&format!("{ip}:40000"));
+    }
+    for (namespace, entries) in &send.metadata {
+        for (key, value) in entries {
+            req = req.property(
+                &["metadata", "filter_metadata", namespace, key],
+                value.as_bytes(),
+            );
+        }
     }
     req
 }

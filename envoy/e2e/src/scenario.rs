@@ -76,6 +76,32 @@ pub fn envoy_config(s: &Scenario) -> String {
         s.route_timeout().as_secs_f64()
     ));
     let mut filters = String::new();
+    let sets_metadata = s
+        .steps
+        .iter()
+        .flat_map(|step| step.send.iter().chain(step.together.iter().flatten()))
+        .any(|send| !send.metadata.is_empty());
+    if sets_metadata {
+        // The dynamic metadata another filter would set: a Lua filter first in the chain
+        // copies it from a header the client sends, and removes the header.
+        filters.push_str(
+            r#"            - name: envoy.filters.http.lua
+              typed_config:
+                "@type": type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua
+                default_source_code:
+                  inline_string: |
+                    function envoy_on_request(h)
+                      local v = h:headers():get("x-scenario-metadata")
+                      if v then
+                        h:headers():remove("x-scenario-metadata")
+                        for ns, key, value in string.gmatch(v, "([^|;]+)|([^|;]+)|([^|;]*)") do
+                          h:streamInfo():dynamicMetadata():set(ns, key, value)
+                        end
+                      end
+                    end
+"#,
+        );
+    }
     for f in &s.chain {
         if f.is_wasm() {
             let file = match f.module_file(&s.dir) {
@@ -389,7 +415,15 @@ fn send_one(listener: SocketAddr, send: &Send, recorded: &[String]) -> Result<Se
     } else {
         vec![body.as_slice()]
     };
-    let wire_headers = send.wire_headers();
+    let mut wire_headers = send.wire_headers();
+    let metadata: Vec<String> = send
+        .metadata
+        .iter()
+        .flat_map(|(ns, entries)| entries.iter().map(move |(k, v)| format!("{ns}|{k}|{v}")))
+        .collect();
+    if !metadata.is_empty() {
+        wire_headers.push(("x-scenario-metadata".into(), metadata.join(";")));
+    }
     let headers: Vec<(&str, &str)> = wire_headers
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str()))
