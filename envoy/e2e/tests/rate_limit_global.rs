@@ -244,6 +244,22 @@ fn each_failure_mode_applies_while_redis_or_the_service_fails_and_recovers() -> 
         "the count survived the outage"
     );
 
+    // Redis dies: the service answers UNAVAILABLE at once, the same failure modes apply; a
+    // Redis started again on its port brings limits back, no restart of Envoy or the service.
+    let redis_port = redis.port();
+    redis.process().kill();
+    assert_eq!(statuses_within(&local, "fresh-r", 2, bound)?, [200, 200]);
+    assert_eq!(statuses_within(&open, "fresh-r", 2, bound)?, [200, 200]);
+    assert_eq!(statuses_within(&closed, "fresh-r", 2, bound)?, [503, 503]);
+    let redis = Redis::start_on(redis_port)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while api(&closed, "after-redis")?.status == 503 {
+        if Instant::now() > deadline {
+            bail!("the closed proxy still answers 503 after Redis was started again");
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+
     // The service hangs, then dies: timeouts, then refused connections; the same answers.
     service.process.pause();
     assert_eq!(statuses_within(&local, "fresh-2", 2, bound)?, [200, 200]);
