@@ -3,7 +3,7 @@
 //! configuration of the matching `envoy/*.yaml` and is accepted by the plugin in the harness;
 //! the four run in the README's order; `failStrategy` is the documented one and agrees with
 //! the Envoy files' `failure_policy`; and the README's table of ABI features is what the plugins
-//! call.
+//! call (the top-level README's table).
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -118,31 +118,35 @@ fn envoy_filter(file: &str, module: &str) -> Result<Value> {
         .with_context(|| format!("envoy/{file}.yaml has no filter with root_id {module}"))
 }
 
-/// Rows of the markdown table in `envoy/istio/README.md` whose header starts with `first`.
-fn readme_table(first: &str) -> Result<Vec<Vec<String>>> {
-    let text = fs::read_to_string(root().join("envoy/istio/README.md"))?;
-    let mut rows = Vec::new();
-    let mut inside = false;
-    for line in text.lines() {
-        let cells: Vec<String> = line
-            .trim()
+/// Rows of the markdown table in `readme` (relative to the repository) whose header line
+/// starts with `header`, and that header's cells.
+fn readme_table(readme: &str, header: &str) -> Result<(Vec<String>, Vec<Vec<String>>)> {
+    let text = fs::read_to_string(root().join(readme))?;
+    let cells = |line: &str| -> Vec<String> {
+        line.trim()
             .trim_matches('|')
             .split('|')
             .map(|c| c.trim().trim_matches('`').to_string())
-            .collect();
-        if !line.trim_start().starts_with('|') {
-            inside = false;
-        } else if cells.first().map(String::as_str) == Some(first) {
-            inside = true;
-        } else if inside && !cells.iter().all(|c| c.chars().all(|ch| ch == '-')) {
-            rows.push(cells);
-        }
-    }
+            .collect()
+    };
+    let mut lines = text
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with(header));
+    let head = cells(
+        lines
+            .next()
+            .with_context(|| format!("no table {header:?} in {readme}"))?,
+    );
+    let rows: Vec<Vec<String>> = lines
+        .skip(1)
+        .take_while(|l| l.trim_start().starts_with('|'))
+        .map(cells)
+        .collect();
     ensure!(
         !rows.is_empty(),
-        "no table headed {first:?} in envoy/istio/README.md"
+        "the table {header:?} in {readme} has no rows"
     );
-    Ok(rows)
+    Ok((head, rows))
 }
 
 #[test]
@@ -200,7 +204,7 @@ fn every_manifest_points_at_its_image_in_readme_order() -> Result<()> {
 
 #[test]
 fn fail_strategy_is_the_documented_one_and_the_envoy_files_agree() -> Result<()> {
-    let rows = readme_table("module")?;
+    let (_, rows) = readme_table("envoy/istio/README.md", "| module |")?;
     for (module, file) in PLUGINS {
         let row = rows
             .iter()
@@ -285,20 +289,7 @@ fn features_used(module: &str, config: &str) -> Result<BTreeSet<&'static str>> {
 
 #[test]
 fn each_plugin_accepts_what_istio_sends_and_calls_the_features_the_readme_lists() -> Result<()> {
-    let rows = readme_table("plugin")?;
-    let header = {
-        let text = fs::read_to_string(root().join("envoy/istio/README.md"))?;
-        let line = text
-            .lines()
-            .find(|l| l.trim_start().starts_with("| plugin"))
-            .context("the ABI table's header")?
-            .to_string();
-        line.trim()
-            .trim_matches('|')
-            .split('|')
-            .map(|c| c.trim().to_string())
-            .collect::<Vec<_>>()
-    };
+    let (header, rows) = readme_table("README.md", "| plugin | shared data |")?;
     for (module, _) in PLUGINS {
         let config = istio_json(&manifest(module)?["spec"]["pluginConfig"]);
         let used = features_used(module, &config)?;
