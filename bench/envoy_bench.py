@@ -417,7 +417,8 @@ class EtcdCluster:
             "health_checks": [{"timeout": "0.5s", "interval": "1s", "no_traffic_interval": "1s",
                                "unhealthy_threshold": 1, "healthy_threshold": 1,
                                "http_health_check": {"path": "/health"}}],
-            "outlier_detection": {"consecutive_5xx": 3, "consecutive_gateway_failure": 2,
+            "outlier_detection": {"split_external_local_origin_errors": True,
+                                  "consecutive_local_origin_failure": 1, "consecutive_5xx": 3,
                                   "interval": "1s", "base_ejection_time": "2s", "max_ejection_percent": 100},
         }
 
