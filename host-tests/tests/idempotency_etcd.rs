@@ -44,6 +44,8 @@ struct Kv {
     revision: i64,
     leases: i64,
     faults: VecDeque<Fault>,
+    /// Leases up to this id are gone (as after a restore from a backup).
+    revoked_upto: i64,
     /// The paths of the requests received, in order.
     seen: Vec<String>,
 }
@@ -123,7 +125,17 @@ impl Kv {
                     json!({"header": self.header(), "ID": (7_000 + self.leases).to_string(), "TTL": body["TTL"]}),
                 )
             }
-            "/v3/kv/txn" => answer(self.txn(&body)),
+            "/v3/kv/txn" => {
+                let lease = revision(&body["success"][0]["request_put"]["lease"]);
+                if lease != 0 && lease <= self.revoked_upto {
+                    return CalloutReply::ok(
+                        404,
+                        &[("content-type", "application/json")],
+                        r#"{"error":"etcdserver: requested lease not found","message":"etcdserver: requested lease not found","code":5}"#,
+                    );
+                }
+                answer(self.txn(&body))
+            }
             other => panic!("unexpected etcd path {other}"),
         };
         if matches!(fault, Fault::LostReply) {
@@ -459,5 +471,30 @@ fn with_the_local_store_too_a_key_in_flight_gets_409_before_its_body_is_read() -
     );
     assert_eq!(edge.finish(a)?.status, 201);
     assert_eq!(edge.upstream_requests().len(), 1);
+    Ok(())
+}
+
+#[test]
+fn a_lease_etcd_no_longer_knows_is_replaced_and_the_claim_sent_again() -> Result<()> {
+    let (b, kv) = edge(FLEET);
+    let mut edge = b.build()?;
+    assert_eq!(edge.send(pay("k0", "{}").worker(0))?.status, 201);
+    // etcd restored from a backup: every lease granted so far is gone.
+    {
+        let mut kv = kv.borrow_mut();
+        kv.revoked_upto = 7_000 + kv.leases;
+    }
+    let txns = kv.borrow().txns();
+    let r = edge.send(pay("k1", "{}").worker(0))?;
+    assert_eq!(r.status, 201, "{}", r.body_str());
+    // Both leases (claims' and records') were gone: each write is refused once, then sent
+    // again under a new lease.
+    assert_eq!(kv.borrow().txns(), txns + 4);
+    assert_eq!(edge.upstream_requests().len(), 2);
+    assert_eq!(edge.metric("idempotency.store_retries"), Some(2));
+    assert_eq!(
+        edge.send(pay("k1", "{}"))?.header("idempotent-replayed"),
+        Some("true")
+    );
     Ok(())
 }
