@@ -96,7 +96,8 @@ fn grpc_call_round_trips_and_failures_close_with_their_status() -> anyhow::Resul
     );
 
     // The probe's call has a 1 s timeout: an answer after it is Envoy's timeout, status 14
-    // with "upstream request timeout" (what Envoy 1.40 reports), never the late answer.
+    // with "upstream request timeout{response_timeout}" (what Envoy 1.40 reports, seen from
+    // a rate limit callout), never the late answer.
     let mut slow = probe_edge("")
         .grpc_cluster("grpc", |_| GrpcReply {
             delay: std::time::Duration::from_secs(2),
@@ -108,7 +109,7 @@ fn grpc_call_round_trips_and_failures_close_with_their_status() -> anyhow::Resul
     slow.finish(id)?;
     assert_eq!(
         slow.upstream_requests()[0].header("x-grpc"),
-        Some("14:upstream request timeout")
+        Some("14:upstream request timeout{response_timeout}")
     );
     Ok(())
 }

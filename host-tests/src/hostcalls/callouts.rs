@@ -243,9 +243,10 @@ fn open_grpc(
 }
 
 /// Sends one message of an open call and schedules the cluster's answer. One that comes after
-/// `timeout` is, as in Envoy 1.40, gRPC status 14 (UNAVAILABLE) with the message "upstream
-/// request timeout", not DEADLINE_EXCEEDED: a plugin tells a timeout from a refused
-/// connection (also 14) only by that message.
+/// `timeout` is, as in Envoy 1.40, gRPC status 14 (UNAVAILABLE) with the message
+/// "upstream request timeout{response_timeout}" (its response details appended), not
+/// DEADLINE_EXCEEDED: a plugin tells a timeout from a refused connection (also 14) only by
+/// that message.
 fn send_grpc(
     caller: &mut Caller<'_, VmState>,
     token: u32,
@@ -277,7 +278,7 @@ fn send_grpc(
     let (delay_ns, reply) = if late {
         let timed_out = GrpcReply {
             status: 14,
-            message: b"upstream request timeout".to_vec(),
+            message: b"upstream request timeout{response_timeout}".to_vec(),
             delay: Duration::ZERO,
         };
         (timeout_ns, timed_out)
