@@ -1,18 +1,22 @@
 //! flagd flag definitions: the same JSON as a flagd flag-definition file, compiled once (at
 //! load for inline flags, per fetch for a remote source) and evaluated per request.
 
-use crate::logic::Expr;
+use crate::logic::{Expr, MAX_NODES};
 use edge_core::{ConfigError, Node, Obj};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 
 /// One compiled flag.
+#[derive(Default)]
 pub struct Flag {
     pub enabled: bool,
     /// Variant name → the header value it becomes.
     pub variants: BTreeMap<String, String>,
     pub default_variant: Option<String>,
     pub targeting: Option<Expr>,
+    /// Why a fetched flag could not be compiled (`flags.NAME.FIELD: why`). flagd answers such a
+    /// flag with an error and serves the rest of the file, so it resolves `Error` alone.
+    pub broken: Option<String>,
 }
 
 /// A compiled flag set, replaced as a whole when a new document arrives.
@@ -60,8 +64,21 @@ fn header_value(n: Node<'_>) -> Result<String, ConfigError> {
 }
 
 impl FlagSet {
-    /// Reads a `flags` object, compiling targeting against flagd's `$evaluators`.
+    /// Reads a `flags` object, compiling targeting against flagd's `$evaluators`. Any bad flag
+    /// refuses the set: inline flags are Envoy configuration, and a typo there must fail
+    /// `envoy --mode validate`.
     pub fn read(flags: Node<'_>, evaluators: &Map<String, Value>) -> Result<FlagSet, ConfigError> {
+        FlagSet::read_with(flags, evaluators, false)
+    }
+
+    /// [`FlagSet::read`], but a flag that cannot be compiled becomes a broken flag instead of
+    /// refusing the set, as flagd serves a file: one bad flag does not sink the others. A set
+    /// past the node budget is still refused whole (which flags broke would depend on order).
+    fn read_with(
+        flags: Node<'_>,
+        evaluators: &Map<String, Value>,
+        per_flag: bool,
+    ) -> Result<FlagSet, ConfigError> {
         let mut set = FlagSet::default();
         let map = flags
             .value
@@ -72,7 +89,14 @@ impl FlagSet {
         let holder = flags.obj(&names)?;
         let mut nodes = 0;
         for name in map.keys() {
-            let flag = holder.req(name, |n| read_flag(n, evaluators, &mut nodes))?;
+            let flag = match holder.req(name, |n| read_flag(n, evaluators, &mut nodes)) {
+                Ok(flag) => flag,
+                Err(e) if per_flag && nodes <= MAX_NODES => Flag {
+                    broken: Some(e.to_string()),
+                    ..Flag::default()
+                },
+                Err(e) => return Err(e),
+            };
             set.flags.insert(name.clone(), flag);
         }
         Ok(set)
@@ -90,13 +114,14 @@ impl FlagSet {
     }
 
     /// Reads a flagd flag-definition document (`flags`, `$evaluators`, `$schema`, `metadata`).
+    /// A document of the wrong shape is refused; a bad flag inside it only breaks that flag.
     pub fn from_document(bytes: &[u8]) -> Result<FlagSet, ConfigError> {
         let doc = edge_core::parse_json(bytes)?;
         let o = Node::root(&doc).obj(&["$schema", "flags", "$evaluators", "metadata"])?;
         // What flagd itself ignores when it evaluates.
         o.ignore(&["$schema", "metadata"]);
         let evaluators = FlagSet::evaluators(&o)?;
-        o.req("flags", |n| FlagSet::read(n, &evaluators))
+        o.req("flags", |n| FlagSet::read_with(n, &evaluators, true))
     }
 
     /// Evaluates `key` for a request whose context is `data` (see [`crate::policy`]).
@@ -110,6 +135,9 @@ impl FlagSet {
         let Some(flag) = self.flags.get(key) else {
             return none(Reason::NotFound, None);
         };
+        if let Some(why) = &flag.broken {
+            return none(Reason::Error, Some(why.clone()));
+        }
         if !flag.enabled {
             return none(Reason::Disabled, None);
         }
@@ -187,8 +215,11 @@ fn read_flag(
         }
     })?;
     let targeting = o.opt("targeting", |n| {
-        if n.value.as_object().is_some_and(Map::is_empty) {
-            return Ok(None);
+        match n.value.as_object() {
+            Some(m) if m.is_empty() => return Ok(None),
+            Some(_) => {}
+            // flagd's schema: targeting is a JsonLogic object.
+            None => return Err(n.err("must be a JsonLogic object")),
         }
         Expr::compile_within(n.value, evaluators, nodes)
             .map(Some)
@@ -199,6 +230,7 @@ fn read_flag(
         variants,
         default_variant,
         targeting: targeting.flatten(),
+        broken: None,
     })
 }
 
@@ -274,7 +306,7 @@ mod tests {
     fn an_error_names_a_large_result_without_copying_it() {
         let huge = "x".repeat(4 << 20);
         let flags = set(serde_json::json!({
-            "s": {"state": "ENABLED", "variants": {"a": "A"}, "targeting": huge},
+            "s": {"state": "ENABLED", "variants": {"a": "A"}, "targeting": {"if": [true, huge]}},
             "list": {"state": "ENABLED", "variants": {"a": "A"},
                 "targeting": {"merge": [[1, 2, 3], [4]]}},
         }));
@@ -287,6 +319,61 @@ mod tests {
             e,
             "targeting returned an array of 4 items, not a variant name"
         );
+    }
+
+    #[test]
+    fn a_fetched_flag_that_cannot_compile_errors_alone() {
+        let ok = serde_json::json!({"state": "ENABLED", "variants": {"on": "v2", "off": "v1"},
+            "defaultVariant": "off", "targeting": {"if": [{"var": "beta"}, "on", null]}});
+        let broken = |targeting: Value| {
+            serde_json::json!({"state": "ENABLED", "variants": {"on": "v2"},
+                "defaultVariant": "on", "targeting": targeting})
+        };
+        let flags = set(serde_json::json!({
+            "ok": ok,
+            "regex": broken(serde_json::json!({"regex": ["a", "b"]})),
+            "missing-ref": broken(serde_json::json!({"$ref": "nope"})),
+            "string": broken(serde_json::json!("on")),
+            "arity": broken(serde_json::json!({"!": [1, 2]})),
+            "bad-default": {"state": "ENABLED", "variants": {"on": "v2"}, "defaultVariant": "x"},
+        }));
+        let r = flags.resolve("ok", &serde_json::json!({"beta": true}));
+        assert_eq!((r.reason, r.value), (Reason::TargetingMatch, Some("v2")));
+        for (name, field, why) in [
+            ("regex", "targeting", "unknown operator \"regex\""),
+            ("missing-ref", "targeting", "nope"),
+            ("string", "targeting", "must be a JsonLogic object"),
+            ("arity", "targeting", "!"),
+            ("bad-default", "defaultVariant", "not one of the variants"),
+        ] {
+            let r = flags.resolve(name, &serde_json::json!({}));
+            assert_eq!((r.reason, r.value), (Reason::Error, None), "{name}");
+            let e = r.error.unwrap_or_default();
+            assert!(e.starts_with(&format!("flags.{name}.{field}: ")), "{e}");
+            assert!(e.contains(why), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_document_of_the_wrong_shape_is_refused_whole() {
+        for doc in [
+            &b"not json"[..],
+            br#"{"flags": 7}"#,
+            br#"[]"#,
+            br#"{"flags": {}, "$evaluators": 1}"#,
+        ] {
+            assert!(FlagSet::from_document(doc).is_err(), "{doc:?}");
+        }
+    }
+
+    #[test]
+    fn inline_flags_refuse_a_bad_flag_at_load() {
+        let flags = serde_json::json!({"f": {"state": "ENABLED", "variants": {"a": "A"},
+            "targeting": {"regex": ["a", "b"]}}});
+        let Err(e) = FlagSet::read(Node::root(&flags), &Map::new()) else {
+            panic!("an unknown operator was accepted inline");
+        };
+        assert!(e.to_string().contains("unknown operator \"regex\""), "{e}");
     }
 
     #[test]

@@ -265,10 +265,9 @@ mod tests {
         let mut p = Poller::default();
         assert!(matches!(p.reply(None, None, b""), Fetched::Failed(_)));
         assert!(matches!(p.reply(Some(503), None, DOC), Fetched::Failed(w) if w.contains("503")));
-        let bad =
-            br#"{"flags":{"f":{"state":"ENABLED","variants":{"a":"A"},"targeting":{"nope":[]}}}}"#;
+        let bad = br#"{"flags":{},"$evaluators":[]}"#;
         assert!(
-            matches!(p.reply(Some(200), Some("\"v2\"".into()), bad), Fetched::Failed(w) if w.contains("flags.f.targeting"))
+            matches!(p.reply(Some(200), Some("\"v2\"".into()), bad), Fetched::Failed(w) if w.contains("$evaluators"))
         );
         assert!(
             !p.request(&source())

@@ -7,7 +7,7 @@ use serde_json::{Map, Value};
 
 /// Most nodes one expression may compile to after `$ref` expansion (a chain of evaluators that
 /// each use the next twice would otherwise double per link).
-const MAX_NODES: usize = 100_000;
+pub const MAX_NODES: usize = 100_000;
 const MANY: usize = usize::MAX;
 
 /// Operator name, operator, least and most arguments.

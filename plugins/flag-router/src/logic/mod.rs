@@ -27,6 +27,7 @@ mod semver;
 pub use hashing::murmur3_32;
 
 use compile::Compiler;
+pub use compile::MAX_NODES;
 use evaluate::{ev, Budget, BUDGET};
 use serde_json::{Map, Value};
 
