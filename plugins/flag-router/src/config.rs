@@ -4,7 +4,76 @@
 use crate::flags::FlagSet;
 use edge_core::key::KeyPart;
 use edge_core::{parse_json, ConfigError, Node};
+use serde_json::Value;
 use std::time::Duration;
+
+/// What a context value's request text becomes: flagd contexts hold typed values, and a rule
+/// such as `{">=": [{"var": "age"}, 18]}` means a number, not the text `"18"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ValueType {
+    String,
+    Number,
+    Boolean,
+}
+
+impl ValueType {
+    /// The value, or `None` when the text does not parse as this type (the attribute is then
+    /// left absent, as if the request had not sent it).
+    pub fn parse(self, text: String) -> Option<Value> {
+        match self {
+            ValueType::String => Some(Value::String(text)),
+            ValueType::Boolean => match text.trim() {
+                "true" => Some(Value::Bool(true)),
+                "false" => Some(Value::Bool(false)),
+                _ => None,
+            },
+            // A JSON number, read by the configuration's own JSON parser: Rust's float
+            // parsing would add a tenth to the module's size.
+            ValueType::Number => match parse_json(text.as_bytes()) {
+                Ok(n @ Value::Number(_)) => Some(n),
+                _ => None,
+            },
+        }
+    }
+}
+
+/// One attribute of the evaluation context.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attribute {
+    /// The configured name, for logs.
+    pub name: String,
+    /// The name split on dots: `user.name` is `{"user": {"name": ...}}`, where `var` finds it.
+    pub path: Vec<String>,
+    pub part: KeyPart,
+    pub kind: ValueType,
+}
+
+/// A key part with an optional `type` (`string`, `number`, `boolean`).
+fn typed_part(n: Node<'_>) -> Result<(KeyPart, ValueType), ConfigError> {
+    let Some(m) = n.value.as_object() else {
+        return Ok((KeyPart::read(n)?, ValueType::String));
+    };
+    // So that an unknown field's error lists `type` too; `KeyPart::read` reads the rest.
+    const FIELDS: [&str; 4] = ["source", "header", "cookie", "type"];
+    n.obj(&FIELDS)?.ignore(&FIELDS);
+    let Some(t) = m.get("type") else {
+        return Ok((KeyPart::read(n)?, ValueType::String));
+    };
+    let path = format!("{}.type", n.path());
+    let kind = Node::at(t, &path).one_of(&[
+        ("string", ValueType::String),
+        ("number", ValueType::Number),
+        ("boolean", ValueType::Boolean),
+    ])?;
+    // Inserting into a new map, not cloning and removing: the module already holds
+    // `insert` (the JSON parser's), and `remove` would add kilobytes.
+    let mut rest = serde_json::Map::new();
+    for (k, v) in m.iter().filter(|(k, _)| *k != "type") {
+        rest.insert(k.clone(), v.clone());
+    }
+    let rest = Value::Object(rest);
+    Ok((KeyPart::read(Node::at(&rest, n.path()))?, kind))
+}
 
 /// Where the flag document is fetched from, through an Envoy cluster.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -30,8 +99,8 @@ impl Source {
 
 pub struct Config {
     pub targeting_key: Option<KeyPart>,
-    /// Context attribute name → where its value comes from.
-    pub context: Vec<(String, KeyPart)>,
+    /// Where each context attribute comes from, in configuration order.
+    pub context: Vec<Attribute>,
     /// Flag key → request header it sets (lower-case).
     pub headers: Vec<(String, String)>,
     pub flags: FlagSet,
@@ -49,13 +118,42 @@ impl Config {
             "$evaluators",
             "source",
         ])?;
-        let targeting_key = o.opt("targetingKey", KeyPart::read)?;
+        let targeting_key = o.opt("targetingKey", |n| match typed_part(n)? {
+            (part, ValueType::String) => Ok(part),
+            _ => Err(ConfigError::new(
+                format!("{}.type", n.path()),
+                "flagd's targetingKey is a string: only \"string\"",
+            )),
+        })?;
         let context = o.entries("context", |k, n| {
-            if k == "targetingKey" || k.starts_with("$flagd") {
+            let path: Vec<String> = k.split('.').map(str::to_string).collect();
+            let first = path.first().map(String::as_str).unwrap_or("");
+            if first == "targetingKey" || first.starts_with("$flagd") {
                 return Err(n.err("is set by the evaluator; use the top-level targetingKey"));
             }
-            Ok((k.to_string(), KeyPart::read(n)?))
+            if path.iter().any(String::is_empty) {
+                return Err(n.err("a dotted name needs a name between every two dots"));
+            }
+            let (part, kind) = typed_part(n)?;
+            Ok(Attribute {
+                name: k.to_string(),
+                path,
+                part,
+                kind,
+            })
         })?;
+        // `user` and `user.name` cannot both be set: one is a string, the other an object.
+        for a in &context {
+            if let Some(b) = context
+                .iter()
+                .find(|b| b.path.len() > a.path.len() && b.path.starts_with(&a.path))
+            {
+                return Err(o.err(
+                    &format!("context.{}", b.name),
+                    format!("is inside \"{}\", which is also set", a.name),
+                ));
+            }
+        }
         let headers = o.entries("headers", |k, n| Ok((k.to_string(), n.header_name()?)))?;
         if headers.is_empty() {
             return Err(o.err("headers", "required: map at least one flag to a header"));

@@ -2,8 +2,9 @@
 //! the source; each request context evaluates against the flags current when it began.
 
 use crate::config::Config;
+use crate::config::ValueType;
 use crate::flags::FlagSet;
-use crate::policy::{decide, Reporter};
+use crate::policy::{decide, type_warning, ContextCounter, Reporter};
 use crate::source::{Answer, Fetched, Poller, SourceCounter};
 use edge_core::throttle::Throttle;
 use edge_host::host::{
@@ -24,6 +25,8 @@ pub struct Metrics {
     counters: NamedCounters,
     /// The source's, defined when a source is configured.
     source: Counters<SourceCounter>,
+    /// `context_type_errors`, defined when an attribute has a non-string `type`.
+    context: Counters<ContextCounter>,
     reporter: Reporter,
     throttle: Throttle,
 }
@@ -33,6 +36,7 @@ impl Default for Metrics {
         Metrics {
             counters: NamedCounters::new(MAX_COUNTERS, "flag_router.other"),
             source: Counters::default(),
+            context: Counters::default(),
             reporter: Reporter::default(),
             throttle: Throttle::default(),
         }
@@ -132,6 +136,9 @@ impl RootContext for FlagRouterRoot {
         self.flags = Rc::new(std::mem::take(&mut config.flags));
         self.metrics.borrow_mut().reporter.flags_replaced();
         let polled = config.source.is_some();
+        if config.context.iter().any(|a| a.kind != ValueType::String) {
+            self.metrics.borrow_mut().context = Counters::define("flag_router");
+        }
         self.config = Some(Rc::new(config));
         if polled {
             self.metrics.borrow_mut().source = Counters::define("flag_router");
@@ -179,8 +186,16 @@ impl HttpContext for FlagRouterStream {
         }
         let mut metrics = self.metrics.borrow_mut();
         let Metrics {
-            counters, reporter, ..
+            counters,
+            reporter,
+            context,
+            throttle,
+            ..
         } = &mut *metrics;
+        if let Some(first) = d.type_errors.first() {
+            context.add(ContextCounter::TypeErrors, d.type_errors.len() as u64);
+            warn_throttled(throttle, || format!("flag-router: {}", type_warning(first)));
+        }
         for e in &d.evaluations {
             counters.add(reporter.counter(e), 1);
             if let Some(w) = reporter.warning(e) {

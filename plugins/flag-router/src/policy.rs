@@ -1,9 +1,10 @@
 //! Per request: strip the mapped headers a client sent, build the flagd evaluation context,
 //! resolve each mapped flag and say which headers to set. Pure: no hostcalls.
 
-use crate::config::Config;
+use crate::config::{Attribute, Config, ValueType};
 use crate::flags::{FlagSet, Reason};
 use edge_core::headers::HeaderEdits;
+use edge_core::metrics::Counter;
 use edge_core::RequestView;
 use serde_json::{Map, Value};
 
@@ -40,6 +41,35 @@ pub struct Decision<'a> {
     /// resolved flags' values are set.
     pub edits: HeaderEdits<&'a str>,
     pub evaluations: Vec<Evaluation<'a>>,
+    /// Attributes the request sent that do not parse as their `type` (left absent).
+    pub type_errors: Vec<&'a Attribute>,
+}
+
+/// The context's counter, defined when an attribute has a `type` other than string.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ContextCounter {
+    TypeErrors,
+}
+
+impl Counter for ContextCounter {
+    const ALL: &'static [ContextCounter] = &[ContextCounter::TypeErrors];
+
+    fn name(self) -> &'static str {
+        "context_type_errors"
+    }
+}
+
+/// The warning for an attribute whose request value does not parse as its `type`.
+pub fn type_warning(a: &Attribute) -> String {
+    let kind = match a.kind {
+        ValueType::String => "string",
+        ValueType::Number => "number",
+        ValueType::Boolean => "boolean",
+    };
+    format!(
+        "context attribute {} from the request is not a {kind}; left absent",
+        a.name
+    )
 }
 
 /// Turns evaluations into counter names and warnings. A broken flag warns once per worker,
@@ -100,24 +130,50 @@ impl Reporter {
     }
 }
 
-/// Request bytes as a JSON string; valid UTF-8 (nearly always) keeps its buffer.
-fn text(bytes: Vec<u8>) -> Value {
-    Value::String(
-        String::from_utf8(bytes)
-            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
-    )
+/// Request bytes as text; valid UTF-8 (nearly always) keeps its buffer.
+fn text(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
-/// The evaluation context: configured attributes that are present, and `targetingKey`.
-pub fn context(config: &Config, req: &impl RequestView) -> Map<String, Value> {
+/// Sets `v` at `path`, creating the objects on the way. The configuration refuses an attribute
+/// inside another, so every step on the way is an object.
+fn insert_at(data: &mut Map<String, Value>, path: &[String], v: Value) {
+    let Some((last, parents)) = path.split_last() else {
+        return;
+    };
+    let mut m = data;
+    for p in parents {
+        if !m.contains_key(p) {
+            m.insert(p.clone(), Value::Object(Map::new()));
+        }
+        let Some(Value::Object(inner)) = m.get_mut(p) else {
+            return;
+        };
+        m = inner;
+    }
+    m.insert(last.clone(), v);
+}
+
+/// The evaluation context: configured attributes that are present (dotted names nested, values
+/// of their `type`), and `targetingKey`. A value that does not parse as its type stays absent
+/// and its attribute is pushed to `errors`.
+pub fn context<'a>(
+    config: &'a Config,
+    req: &impl RequestView,
+    errors: &mut Vec<&'a Attribute>,
+) -> Map<String, Value> {
     let mut data = Map::new();
-    for (name, part) in &config.context {
-        if let Some(v) = part.value(req) {
-            data.insert(name.clone(), text(v));
+    for a in &config.context {
+        let Some(v) = a.part.value(req) else {
+            continue;
+        };
+        match a.kind.parse(text(v)) {
+            Some(v) => insert_at(&mut data, &a.path, v),
+            None => errors.push(a),
         }
     }
     if let Some(v) = config.targeting_key.as_ref().and_then(|p| p.value(req)) {
-        data.insert("targetingKey".into(), text(v));
+        data.insert("targetingKey".into(), Value::String(text(v)));
     }
     data
 }
@@ -128,13 +184,15 @@ pub fn decide<'a>(
     req: &impl RequestView,
     now_secs: u64,
 ) -> Decision<'a> {
-    let mut data = context(config, req);
+    let mut type_errors = Vec::new();
+    let mut data = context(config, req, &mut type_errors);
     let mut d = Decision {
         edits: HeaderEdits {
             remove: config.headers.iter().map(|(_, h)| h.as_str()).collect(),
             set: Vec::with_capacity(config.headers.len()),
         },
         evaluations: Vec::with_capacity(config.headers.len()),
+        type_errors,
     };
     for (flag, header) in &config.headers {
         let mut flagd = Map::new();
@@ -162,6 +220,7 @@ pub fn decide<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::logic::Expr;
     use edge_core::RequestParts;
 
     const CONFIG: &str = r#"{
@@ -276,11 +335,108 @@ mod tests {
         let ctx = context(
             &c,
             &RequestParts::new("GET", "/p?q=1").header("cookie", "country=NL"),
+            &mut Vec::new(),
         );
         assert_eq!(ctx.get("country"), Some(&Value::from("NL")));
         assert_eq!(ctx.get("path"), Some(&Value::from("/p")));
         assert!(!ctx.contains_key("email"));
         assert!(!ctx.contains_key("targetingKey"));
+    }
+
+    #[test]
+    fn dotted_names_nest_and_typed_values_parse_or_stay_absent() {
+        let c = Config::parse(
+            br#"{"headers":{"f":"x-f"},
+                "targetingKey":{"header":"x-user-id","type":"string"},
+                "context":{"user.name":{"header":"x-user-name"},"user.age":{"header":"x-age","type":"number"},
+                    "beta":{"cookie":"beta","type":"boolean"},"tier":{"header":"x-tier","type":"string"}},
+                "flags":{"f":{"state":"ENABLED","variants":{"adult":"A","minor":"M"},
+                    "targeting":{"if":[{">=":[{"var":"user.age"},18]},"adult",
+                        {"if":[{"<":[{"var":"user.age"},18]},"minor",null]}]}}}}"#,
+        )
+        .unwrap();
+        let req = RequestParts::new("GET", "/")
+            .header("x-user-name", "ann")
+            .header("x-age", "42")
+            .header("x-tier", "7")
+            .header("cookie", "beta=true");
+        let mut errors = Vec::new();
+        let ctx = Value::Object(context(&c, &req, &mut errors));
+        assert_eq!(
+            ctx,
+            serde_json::json!({"user": {"name": "ann", "age": 42}, "beta": true, "tier": "7"})
+        );
+        assert!(errors.is_empty());
+        let found = Expr::compile(&serde_json::json!({"var": "user.name"}), &Map::new()).unwrap();
+        assert_eq!(found.eval(&ctx), Ok(Value::from("ann")));
+        let d = decide(&c, &c.flags, &req, 0);
+        assert_eq!(header(&d, "x-f"), Some("A"));
+        // "12.5" is a number; "twelve", "inf" and "yes" are not of their type: absent, named.
+        let young = RequestParts::new("GET", "/").header("x-age", "12.5");
+        assert_eq!(header(&decide(&c, &c.flags, &young, 0), "x-f"), Some("M"));
+        for (age, beta) in [("twelve", "yes"), ("inf", "TRUE")] {
+            let req = RequestParts::new("GET", "/")
+                .header("x-age", age)
+                .header("cookie", &format!("beta={beta}"));
+            let d = decide(&c, &c.flags, &req, 0);
+            let names: Vec<&str> = d.type_errors.iter().map(|a| a.name.as_str()).collect();
+            assert_eq!(names, ["beta", "user.age"]);
+            let mut errors = Vec::new();
+            let ctx = context(&c, &req, &mut errors);
+            assert!(
+                !ctx.contains_key("user"),
+                "no empty object for an absent value"
+            );
+            assert!(!ctx.contains_key("beta"));
+        }
+        assert_eq!(
+            type_warning(d_first(&c)),
+            "context attribute user.age from the request is not a number; left absent"
+        );
+    }
+
+    fn d_first(c: &Config) -> &Attribute {
+        c.context.iter().find(|a| a.name == "user.age").unwrap()
+    }
+
+    #[test]
+    fn context_types_and_dotted_names_are_checked_at_load() {
+        let err = |extra: &str| {
+            Config::parse(
+                format!(
+                    r#"{{"headers":{{"f":"x-f"}},"flags":{{"f":{{"state":"ENABLED","variants":{{"a":"A"}}}}}},{extra}}}"#
+                )
+                .as_bytes(),
+            )
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+        };
+        let e = err(r#""context":{"age":{"header":"x-age","type":"int"}}"#);
+        assert!(e.starts_with("context.age.type: unknown value"), "{e}");
+        let e = err(r#""targetingKey":{"header":"x-id","type":"number"}"#);
+        assert!(
+            e.starts_with("targetingKey.type: flagd's targetingKey is a string"),
+            "{e}"
+        );
+        let e = err(r#""context":{"age":{"header":"x-age","type":"number","zzz":1}}"#);
+        assert!(e.starts_with("context.age"), "{e}");
+        let e = err(r#""context":{"user":{"header":"x-u"},"user.name":{"header":"x-n"}}"#);
+        assert!(
+            e.starts_with("context.user.name: is inside \"user\""),
+            "{e}"
+        );
+        let e = err(r#""context":{"user..name":{"header":"x-n"}}"#);
+        assert!(e.starts_with("context.user..name:"), "{e}");
+        let e = err(r#""context":{"targetingKey.x":{"header":"x-n"}}"#);
+        assert!(
+            e.starts_with("context.targetingKey.x: is set by the evaluator"),
+            "{e}"
+        );
+        assert_eq!(
+            err(r#""context":{"a.b.c":{"source":"path","type":"string"}}"#),
+            ""
+        );
     }
 
     #[test]

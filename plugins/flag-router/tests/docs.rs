@@ -43,3 +43,35 @@ fn a_source_alone_polls_its_cluster_every_30_s_with_a_5_s_timeout() -> Result<()
     assert_eq!((s.poll_ms(), s.timeout_ms()), (30_000, 5_000));
     Ok(())
 }
+
+#[test]
+fn the_typed_context_example_nests_and_types_its_attributes() -> Result<(), ConfigError> {
+    use edge_core::RequestParts;
+    use flag_router::policy::decide;
+    let c = Config::parse(include_str!("../examples/typed-context.json").as_bytes())?;
+    let route = |age: &str| {
+        let req = RequestParts::new("GET", "/")
+            .header("x-user-age", age)
+            .header("cookie", "beta=true");
+        let d = decide(&c, &c.flags, &req, 0);
+        (
+            d.edits.get("x-route-checkout").map(str::to_string),
+            d.type_errors.len(),
+        )
+    };
+    assert_eq!(route("42"), (Some("v2".into()), 0));
+    assert_eq!(route("forty"), (Some("v1".into()), 1));
+    Ok(())
+}
+
+#[test]
+fn an_unknown_field_of_a_context_attribute_lists_type() {
+    let e = Config::parse(br#"{"headers":{"f":"x-f"},"source":{"cluster":"c","path":"/f"},"context":{"a":{"zzz":1}}}"#)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        e.starts_with("context.a: unknown field `zzz`") && e.contains("`type`"),
+        "{e}"
+    );
+}
