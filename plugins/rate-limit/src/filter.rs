@@ -3,7 +3,9 @@
 
 use crate::config::Config;
 use crate::global::{self, DenyCache, Failure};
-use crate::policy::{Action as Verdict, GlobalAnswer, GlobalOutcome, Limiter, Outcome, Pending};
+use crate::policy::{
+    Action as Verdict, Ask, GlobalAnswer, GlobalOutcome, Limiter, Outcome, Pending,
+};
 use edge_core::headers::HeaderEdits;
 use edge_core::throttle::Throttle;
 use edge_host::host::{
@@ -109,45 +111,35 @@ impl RateLimitStream {
     /// Asks the rate limit service about each check the deny cache does not answer, and
     /// pauses; or settles at once when nothing needs asking.
     fn ask(&mut self, limiter: &Limiter, pending: Pending) -> Action {
-        let now = now_ns();
-        let mut answers = vec![None; pending.checks.len()];
+        let plan = limiter.plan(&pending, &mut self.denied.borrow_mut(), now_ns());
+        let mut answers = Vec::with_capacity(plan.len());
         let mut calls = Vec::new();
-        for (i, check) in pending.checks.iter().enumerate() {
-            let Some(rule) = limiter.config.rules.get(check.rule) else {
-                continue;
+        for (i, ask) in plan.into_iter().enumerate() {
+            let (cluster, timeout_ms, message) = match ask {
+                Ask::Known(answer) => {
+                    answers.push(Some(answer));
+                    continue;
+                }
+                Ask::Call {
+                    cluster,
+                    timeout_ms,
+                    message,
+                } => (cluster, timeout_ms, message),
             };
-            let Some(g) = rule.global.as_ref() else {
-                continue;
-            };
-            let cached = self
-                .denied
-                .borrow_mut()
-                .get_mut(check.rule)
-                .and_then(|c| c.get(check.key, now));
-            let slot = answers.get_mut(i);
-            if let (Some(denied), Some(slot)) = (cached, slot) {
-                *slot = Some(GlobalAnswer::Cached(denied));
-                continue;
-            }
-            let timeout = Duration::from_millis(u64::from(g.timeout_ms));
-            match grpc_call(
-                &g.cluster,
-                global::SERVICE,
-                global::METHOD,
-                &check.message,
-                timeout,
-            ) {
-                Ok(token) => calls.push((token, i)),
+            let timeout = Duration::from_millis(u64::from(timeout_ms));
+            match grpc_call(cluster, global::SERVICE, global::METHOD, message, timeout) {
+                Ok(token) => {
+                    calls.push((token, i));
+                    answers.push(None);
+                }
                 Err(status) => {
                     warn_throttled(&self.metrics.1, || {
                         format!(
-                            "rate-limit: rule {}: the host refused the call to cluster {} (status {})",
-                            rule.name, g.cluster, status as u32
+                            "rate-limit: the host refused the call to cluster {cluster} (status {})",
+                            status as u32
                         )
                     });
-                    if let Some(slot) = answers.get_mut(i) {
-                        *slot = Some(GlobalAnswer::Failed(Failure::Error));
-                    }
+                    answers.push(Some(GlobalAnswer::Failed(Failure::Error)));
                 }
             }
         }

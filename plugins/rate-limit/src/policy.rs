@@ -156,6 +156,17 @@ impl Counter for GlobalOutcome {
     }
 }
 
+/// What one check of a pending request needs (see [`Limiter::plan`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ask<'a> {
+    Known(GlobalAnswer),
+    Call {
+        cluster: &'a str,
+        timeout_ms: u32,
+        message: &'a [u8],
+    },
+}
+
 /// The service's answers turned into the request's fate.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Settled {
@@ -435,6 +446,43 @@ impl Limiter {
             errors,
             pending,
         }
+    }
+
+    /// What each of a pending request's checks needs, in order: an answer already known (a
+    /// client the deny cache still holds: no call) or a call to the rule's service. A check
+    /// whose rule has no `global` part cannot be asked and is a failure, so no check is ever
+    /// left without an answer (the request would wait forever).
+    pub fn plan<'a>(
+        &'a self,
+        pending: &'a Pending,
+        denied: &mut [global::DenyCache],
+        now_ns: u64,
+    ) -> Vec<Ask<'a>> {
+        pending
+            .checks
+            .iter()
+            .map(|check| {
+                let Some(g) = self
+                    .config
+                    .rules
+                    .get(check.rule)
+                    .and_then(|r| r.global.as_ref())
+                else {
+                    return Ask::Known(GlobalAnswer::Failed(Failure::Error));
+                };
+                match denied
+                    .get_mut(check.rule)
+                    .and_then(|c| c.get(check.key, now_ns))
+                {
+                    Some(d) => Ask::Known(GlobalAnswer::Cached(d)),
+                    None => Ask::Call {
+                        cluster: &g.cluster,
+                        timeout_ms: g.timeout_ms,
+                        message: &check.message,
+                    },
+                }
+            })
+            .collect()
     }
 
     /// Decides a request the service was asked about, from its answers (one per check, in
@@ -1533,5 +1581,45 @@ mod tests {
             Action::Reply(r) => panic!("shadow mode answered {}", r.status),
         }
         assert_eq!(s.outcomes, [(0, GlobalOutcome::OverLimit)]);
+    }
+
+    #[test]
+    fn a_remembered_client_is_answered_without_a_call_and_others_are_asked() {
+        let l = global_limiter("local", "");
+        let store = MemoryStore::default();
+        let mut caches = vec![global::DenyCache::new(16)];
+        let d = l.check(&keyed(), 0, &store);
+        let pending = d.pending.unwrap();
+        match l.plan(&pending, &mut caches, 0).as_slice() {
+            [Ask::Call {
+                cluster,
+                timeout_ms,
+                message,
+            }] => {
+                assert_eq!((*cluster, *timeout_ms), ("ratelimit", 50));
+                assert_eq!(*message, pending.checks[0].message.as_slice());
+            }
+            other => panic!("expected one call, got {other:?}"),
+        }
+        let denied = Denied {
+            until_ns: 10 * S,
+            quota: None,
+        };
+        caches[0].remember(pending.checks[0].key, denied);
+        assert_eq!(
+            l.plan(&pending, &mut caches, 5 * S),
+            [Ask::Known(GlobalAnswer::Cached(denied))]
+        );
+        // At the reset the client is asked about again.
+        assert!(matches!(
+            l.plan(&pending, &mut caches, 10 * S).as_slice(),
+            [Ask::Call { .. }]
+        ));
+        // A check no rule can answer fails rather than waiting forever.
+        let local = per_ip(5, "1m", "");
+        assert_eq!(
+            local.plan(&pending, &mut caches, 0),
+            [Ask::Known(GlobalAnswer::Failed(Failure::Error))]
+        );
     }
 }
