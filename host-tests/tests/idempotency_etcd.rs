@@ -399,7 +399,7 @@ fn leases_are_granted_per_interval_not_per_request() -> Result<()> {
         .filter(|p| *p == "/v3/lease/grant")
         .count();
     // One claim lease per VM (main thread and two workers) and a record lease per worker.
-    assert!(grants <= 5, "{grants} grants for 10 requests");
+    assert!((1..=5).contains(&grants), "{grants} grants for 10 requests");
     assert_eq!(kv.borrow().txns(), 20, "one claim and one completion each");
     Ok(())
 }

@@ -334,7 +334,7 @@ fn the_flag_file_is_fetched_at_load_by_every_root_context_before_the_first_poll(
     }
     assert_eq!(stat(&envoy, "source_updates")?, ROOT_CONTEXTS);
     // Defined at load (0) once a source is configured: no fetch failed.
-    assert_eq!(envoy.stat(&counter("source_errors"))?.unwrap_or(0), 0);
+    assert_eq!(envoy.stat(&counter("source_errors"))?, Some(0));
     // Plus the fetch of the main thread's first, dropped instance (see the top of this file).
     assert_eq!(stat(&envoy, "source_fetches")?, ROOT_CONTEXTS + 1);
     assert_eq!(envoy.stat("cluster.flags.upstream_rq_cancelled")?, Some(1));

@@ -216,6 +216,27 @@ fn each_failure_mode_applies_while_redis_or_the_service_fails_and_recovers() -> 
 
     // Redis hangs: the service cannot answer in time, each proxy's failure mode decides.
     redis.process().pause();
+    // `local`: this proxy's bucket decides and is charged; `open`: the token is given back,
+    // so the outage costs the client nothing.
+    let remaining = |envoy: &Envoy| -> Result<Vec<String>> {
+        (0..3)
+            .map(|_| {
+                let r = api(envoy, "bucket")?;
+                Ok(r.header("ratelimit").unwrap_or("none").to_string())
+            })
+            .collect()
+    };
+    let local_left = remaining(&local)?;
+    assert_eq!(local_left.len(), 3);
+    assert_ne!(
+        local_left[0], local_left[2],
+        "local mode charges the bucket: {local_left:?}"
+    );
+    let open_left = remaining(&open)?;
+    assert_eq!(
+        open_left[0], open_left[2],
+        "open mode gives the token back: {open_left:?}"
+    );
     assert_eq!(
         statuses_within(&local, "fresh-1", 3, bound)?,
         [200, 200, 200]
@@ -270,6 +291,9 @@ fn each_failure_mode_applies_while_redis_or_the_service_fails_and_recovers() -> 
             .unwrap_or(0)
             >= 2
     );
+    let errors_before = closed
+        .stat("wasmcustom.rate_limit.per-key.global_errors")?
+        .unwrap_or(0);
     service.process.kill();
     assert_eq!(statuses_within(&open, "fresh-3", 2, bound)?, [200, 200]);
     assert_eq!(statuses_within(&closed, "fresh-3", 2, bound)?, [503, 503]);
@@ -277,7 +301,8 @@ fn each_failure_mode_applies_while_redis_or_the_service_fails_and_recovers() -> 
         closed
             .stat("wasmcustom.rate_limit.per-key.global_errors")?
             .unwrap_or(0)
-            >= 2
+            >= errors_before + 2,
+        "refused connections to a dead service count as errors"
     );
 
     // The service comes back on its port: limits again, still without restarting Envoy.

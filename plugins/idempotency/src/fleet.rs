@@ -241,8 +241,14 @@ pub struct EtcdStream {
     /// The record being written (kept to send again).
     record: Option<EtcdRecord>,
     attempts: Attempts,
+    /// Leases this phase has granted itself: an answer that leaves no usable lease (a TTL
+    /// shorter than asked, a late answer) must not make every send grant again, unbounded.
+    grants: u8,
     pending: Option<(u32, Op)>,
 }
+
+/// Grants one phase of a request (claim, completion) may send before it fails.
+const MAX_GRANTS: u8 = 2;
 
 impl EtcdStream {
     pub fn new(policy: Rc<Idempotency>, fleet: Rc<Fleet>, tally: Rc<dyn Tally>) -> EtcdStream {
@@ -261,6 +267,7 @@ impl EtcdStream {
             copy: None,
             record: None,
             attempts: Attempts::new(retries),
+            grants: 0,
             pending: None,
         }
     }
@@ -294,7 +301,13 @@ impl EtcdStream {
         };
         let lease = kind.map(|k| (k, self.fleet.leases.borrow_mut().take(k, now)));
         let sent = match lease {
+            Some((_, None)) if self.grants >= MAX_GRANTS => {
+                return Err(Failure::Error(
+                    "etcd granted leases this request could not use".into(),
+                ))
+            }
             Some((kind, None)) => self.fleet.grant(kind).map(|t| {
+                self.grants += 1;
                 (
                     t,
                     Op::Grant {
@@ -531,6 +544,7 @@ impl EtcdStream {
             response,
         });
         self.attempts = Attempts::new(self.fleet.etcd.retries);
+        self.grants = 0;
         self.stage = Stage::Recording;
         self.send(Next::Complete)
     }
@@ -683,6 +697,7 @@ impl HttpContext for EtcdStream {
         if let Fate::Release(why) = self.policy.response_fate(status, details.as_deref()) {
             log::debug!("idempotency: key released: {why}");
             self.attempts = Attempts::new(self.fleet.etcd.retries);
+            self.grants = 0;
             self.stage = Stage::Recording;
             return self.start(Next::Release);
         }
