@@ -5,7 +5,7 @@ use crate::config::Node;
 use crate::request::RequestView;
 use crate::store::{get_or_create, SlotStore, StoreError};
 use crate::ConfigError;
-use std::hash::{Hash, Hasher};
+use crate::siphash::SipHasher24;
 
 /// Where a key part comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -69,28 +69,27 @@ pub fn key_hash(seed: u64, namespace: &str, parts: &[KeyPart], req: &impl Reques
     KeyHasher::new(seed, namespace).parts(parts, req).finish()
 }
 
-/// The one way plugins turn request data into a store key: seeded (see [`key_hash`]), every
-/// piece length-prefixed so ("ab","c") and ("a","bc") differ, never 0. Pieces are bytes as
-/// the client sent them: no lossy text conversion can make two requests share a key.
-pub struct KeyHasher(std::hash::DefaultHasher);
+/// The one way plugins turn request data into a store key: SipHash-2-4 keyed by the seed (see
+/// [`key_hash`]), so the same key names the same bucket or record in every module build of a
+/// fleet; every piece length-prefixed so ("ab","c") and ("a","bc") differ, never 0. Pieces are
+/// bytes as the client sent them: no lossy text conversion can make two requests share a key.
+pub struct KeyHasher(SipHasher24);
 
 impl KeyHasher {
     pub fn new(seed: u64, namespace: &str) -> KeyHasher {
-        let mut h = std::hash::DefaultHasher::new();
-        seed.hash(&mut h);
-        namespace.hash(&mut h);
-        KeyHasher(h)
+        KeyHasher(SipHasher24::new(seed, 0)).bytes(namespace.as_bytes())
     }
 
     /// Adds one piece of bytes.
     pub fn bytes(mut self, piece: &[u8]) -> KeyHasher {
-        piece.hash(&mut self.0);
+        self.0.write(&(piece.len() as u64).to_le_bytes());
+        self.0.write(piece);
         self
     }
 
     /// Adds a number (another hash, a version).
     pub fn number(mut self, n: u64) -> KeyHasher {
-        n.hash(&mut self.0);
+        self.0.write(&n.to_le_bytes());
         self
     }
 
@@ -255,4 +254,26 @@ mod hasher_tests {
             .finish();
         assert_ne!(one, two);
     }
+
+    /// The hash names etcd records that every Envoy of a fleet shares, so it is pinned: a
+    /// change here orphans every record a running fleet holds.
+    #[test]
+    #[allow(deprecated)]
+    fn the_hash_is_siphash_2_4_of_the_length_prefixed_pieces_in_every_build() {
+        use std::hash::Hasher;
+        let mut oracle = std::hash::SipHasher::new_with_keys(0x5eed, 0);
+        for piece in [&b"idempotency"[..], b"order-42"] {
+            oracle.write(&(piece.len() as u64).to_le_bytes());
+            oracle.write(piece);
+        }
+        oracle.write(&7u64.to_le_bytes());
+        let ours = KeyHasher::new(0x5eed, "idempotency")
+            .bytes(b"order-42")
+            .number(7)
+            .finish();
+        assert_eq!(ours, oracle.finish());
+        assert_eq!(format!("{ours:016x}"), PINNED);
+    }
+
+    const PINNED: &str = "81693dfc7cfef663";
 }

@@ -14,6 +14,7 @@ pub mod problem;
 pub mod request;
 pub mod route;
 pub mod sha256;
+pub mod siphash;
 pub mod store;
 pub mod stored;
 pub mod table;
