@@ -2,7 +2,7 @@
 //! the plugin's own parser, then lints the filter chain around them. What CI runs before a
 //! config reaches an Envoy that would refuse it, or run it in a way the plugins do not expect.
 
-mod json_pos;
+pub mod json_pos;
 mod lints;
 mod plugins;
 mod yaml;
@@ -93,4 +93,25 @@ pub fn check(file: &str, text: &str) -> Result<Vec<Finding>, Unreadable> {
     }
     out.sort_by_key(|f| f.line);
     Ok(out)
+}
+
+/// Checks one plugin's JSON configuration on its own (what the `value` of its filter holds):
+/// the plugin's parser, with the error at its line of `text`. No chain lints: they need the
+/// Envoy YAML around it.
+pub fn check_plugin(plugin: Plugin, file: &str, text: &str) -> Vec<Finding> {
+    let Err(e) = plugins::parse(plugin, text.as_bytes()) else {
+        return Vec::new();
+    };
+    let line = match serde_json::from_str::<serde_json::Value>(text) {
+        Err(syntax) if !text.trim().is_empty() => syntax.line(),
+        _ => json_pos::line_of(text, &e.field).unwrap_or(1),
+    };
+    vec![Finding {
+        file: file.to_string(),
+        line,
+        plugin: Some(plugin),
+        path: e.field,
+        severity: Severity::Error,
+        message: format!("{}: Envoy refuses this configuration", e.message),
+    }]
 }

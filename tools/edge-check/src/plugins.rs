@@ -34,7 +34,8 @@ impl Plugin {
         }
     }
 
-    fn by_name(name: &str) -> Option<Plugin> {
+    /// The plugin whose module name is `name` (`rate_limit`, ...).
+    pub fn by_name(name: &str) -> Option<Plugin> {
         Plugin::ALL.into_iter().find(|p| p.name() == name)
     }
 
@@ -58,6 +59,11 @@ impl Plugin {
             }
         })
     }
+}
+
+/// `plugin`'s parser on a JSON configuration, for [`crate::check_plugin`].
+pub fn parse(plugin: Plugin, json: &[u8]) -> Result<(), ConfigError> {
+    plugin.parse(json).map(|_| ())
 }
 
 /// A configuration the plugin accepted, kept where a lint reads it.
