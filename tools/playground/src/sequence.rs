@@ -82,10 +82,23 @@ struct Response {
 }
 
 impl Response {
+    /// A plugin's local reply as Envoy sends it: a body gets `content-type: text/plain`
+    /// unless the reply names one, and its `content-length`.
     fn from_reply(r: Reply, by: &str) -> Response {
+        let mut headers = r.headers;
+        if !r.body.is_empty() {
+            if !headers.iter().any(|(k, _)| k == "content-type") {
+                headers.push(("content-type".into(), b"text/plain".to_vec()));
+            }
+            headers.retain(|(k, _)| k != "content-length");
+            headers.push((
+                "content-length".into(),
+                r.body.len().to_string().into_bytes(),
+            ));
+        }
         Response {
             status: u16::try_from(r.status).unwrap_or(500),
-            headers: r.headers,
+            headers,
             body: r.body,
             details: PLUGIN_REPLY.into(),
             by: by.into(),
@@ -240,6 +253,15 @@ fn load(chain: &[Value], flagd: Option<&str>, errors: &mut Vec<Value>) -> Vec<Fi
     out
 }
 
+/// A route of Envoy's that sends a request with `header: value` under `prefix` to `rewrite`
+/// instead (how a flag's route header picks the application's path, as envoy/edge.yaml does).
+struct Rewrite {
+    header: String,
+    value: String,
+    prefix: String,
+    rewrite: String,
+}
+
 /// How the application answers one request.
 #[derive(Clone, Debug, Default)]
 struct Upstream {
@@ -314,7 +336,7 @@ pub fn run(input: &Value) -> Result<Value, String> {
         }
     }
     let recorded: Vec<String> = input
-        .get("upstreamHeaders")
+        .get("recordHeaders")
         .and_then(Value::as_array)
         .map(|a| {
             a.iter()
@@ -324,6 +346,27 @@ pub fn run(input: &Value) -> Result<Value, String> {
         })
         .unwrap_or_default();
 
+    let mut rewrites = Vec::new();
+    for (i, r) in input
+        .get("rewrites")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
+        let field = |k: &str| {
+            str_of(r, k)
+                .map(str::to_string)
+                .ok_or_else(|| format!("rewrites[{i}].{k}: expected text"))
+        };
+        rewrites.push(Rewrite {
+            header: field("header")?.to_ascii_lowercase(),
+            value: field("value")?,
+            prefix: field("prefix")?,
+            rewrite: field("rewrite")?,
+        });
+    }
     let mut sim = Sim {
         filters,
         store: MemoryStore::new(),
@@ -331,6 +374,8 @@ pub fn run(input: &Value) -> Result<Value, String> {
         route_timeout_ms,
         routes,
         recorded,
+        rewrites,
+        down: false,
         tokens: BTreeMap::new(),
     };
     let mut out = Vec::new();
@@ -343,6 +388,21 @@ pub fn run(input: &Value) -> Result<Value, String> {
     for (i, step) in steps.iter().enumerate() {
         let wait = u64_of(step, "waitMs").map_err(|e| format!("requests[{i}]: {e}"))?;
         sim.now = sim.now.saturating_add(wait.unwrap_or(0).saturating_mul(MS));
+        // Items without a path change the scene: new application answers, the application
+        // down or back, or only the clock.
+        if step.get("path").is_none() {
+            if let Some(Value::Object(m)) = step.get("answer") {
+                for (path, a) in m {
+                    let a =
+                        upstream_of(a).map_err(|e| format!("requests[{i}].answer {path}: {e}"))?;
+                    sim.routes.insert(path.clone(), a);
+                }
+            }
+            if let Some(down) = step.get("upstreamDown").and_then(Value::as_bool) {
+                sim.down = down;
+            }
+            continue;
+        }
         let times = u64_of(step, "times")
             .map_err(|e| format!("requests[{i}]: {e}"))?
             .unwrap_or(1);
@@ -377,6 +437,9 @@ struct Sim {
     route_timeout_ms: u64,
     routes: BTreeMap<String, Upstream>,
     recorded: Vec<String>,
+    rewrites: Vec<Rewrite>,
+    /// The application refuses connections.
+    down: bool,
     /// Per rate limit rule (`filter/rule`): the remaining tokens after each request it matched.
     tokens: BTreeMap<(usize, usize), Value>,
 }
@@ -470,7 +533,18 @@ impl Sim {
         body: &[u8],
         given: Option<&Upstream>,
     ) -> (Response, Value) {
-        let path = text(&req.raw_path());
+        let mut path = text(&req.raw_path());
+        for r in &self.rewrites {
+            if req
+                .header(&r.header)
+                .is_some_and(|v| v == r.value.as_bytes())
+            {
+                if let Some(rest) = path.strip_prefix(r.prefix.as_str()) {
+                    path = format!("{}{rest}", r.rewrite);
+                    break;
+                }
+            }
+        }
         let method = text(&req.method());
         let headers: Vec<Value> = req
             .headers
@@ -487,6 +561,10 @@ impl Sim {
         let answer = given
             .cloned()
             .or_else(|| routed(&self.routes, &path).cloned());
+        let answer = match answer {
+            None if self.down => Some(Upstream::default()),
+            a => a,
+        };
         let Some(a) = answer else {
             let text = format!("upstream saw {method} {path}");
             return (
@@ -504,7 +582,7 @@ impl Sim {
                 seen,
             );
         };
-        if a.down {
+        if a.down || self.down {
             let r = envoy_failure(503, "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure", REFUSED);
             return (r, Value::Null);
         }
