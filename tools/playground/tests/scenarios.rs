@@ -2,6 +2,9 @@
 //! the playground's `sequence` (natively, the same code the page runs) must meet their own
 //! expectations and give the transcript the harness gives running the built modules.
 
+// A failed assertion, or an unwrap or index in the functions below, is how a test fails.
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+
 use anyhow::{bail, Context, Result};
 use host_tests::scenario::{
     parse_duration, run_in_harness, step_label, upstream_line, Answer, Modules, Scenario, Seen,
