@@ -132,6 +132,27 @@ for name in wanted:
   done <<<"$list"
 }
 
+# Modules whose stages are other plugins' glue: built on their own, since the plugins they
+# link leave out their own entry points there (feature `module`).
+COMBINED=(edge)
+
+is_combined() {
+  local c
+  for c in "${COMBINED[@]}"; do [[ $1 == "$c" ]] && return 0; done
+  return 1
+}
+
+# The source directories whose callbacks a module's exports must keep: its own, or for a
+# combined module every stage's.
+stage_sources() {
+  if is_combined "$1"; then
+    local pkg
+    for pkg in "${PLUGINS[@]}"; do is_combined "$pkg" || echo "plugins/$pkg/src"; done
+  else
+    echo "plugins/$1/src"
+  fi
+}
+
 # Copies the plugins to dist/, optimises them and prints their sizes.
 install_plugins() {
   mkdir -p dist
@@ -165,7 +186,7 @@ install_plugins() {
     before=$(wc -c <"$out")
     # Envoy crosses into the VM only for exported callbacks: drop those the plugin leaves
     # at the SDK's default (tools/trim_callbacks.py).
-    trimmed=$(python3 tools/trim_callbacks.py "$out" "plugins/${PLUGINS[$i]}/src")
+    trimmed=$(python3 tools/trim_callbacks.py "$out" $(stage_sources "${PLUGINS[$i]}"))
     echo "  $out: $(wc -w <<<"$trimmed") unused callbacks removed"
     if $have_opt; then
       wasm-opt "${WASM_OPT_FLAGS[@]}" "$out" -o "$out.tmp"
@@ -218,12 +239,16 @@ cmd_build() {
   ensure_wasm_target
   discover_crates
   ((${#PLUGINS[@]})) || echo "no plugins yet"
-  local args=() pkg
+  local args=() combined=() pkg
   for pkg in "${PLUGINS[@]}" "${TESTS[@]}"; do
-    args+=(-p "$pkg")
+    if is_combined "$pkg"; then combined+=(-p "$pkg"); else args+=(-p "$pkg"); fi
   done
   header "cargo build --release --target $TARGET ${args[*]}"
   cargo build --release --target "$TARGET" "${args[@]}"
+  if ((${#combined[@]})); then
+    header "cargo build --release --target $TARGET ${combined[*]}"
+    cargo build --release --target "$TARGET" "${combined[@]}"
+  fi
   install_plugins
   install_test_modules
   ensure_envoy

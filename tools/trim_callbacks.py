@@ -9,7 +9,8 @@ response body chunk, access log and stream end. The callbacks a plugin implement
 from its source (`fn on_http_response_body`, ...): a method named anywhere in the crate keeps its
 export, so nothing the plugin handles can be dropped.
 
-Usage: trim_callbacks.py MODULE.wasm CRATE_SRC_DIR   (rewrites MODULE.wasm in place)
+Usage: trim_callbacks.py MODULE.wasm CRATE_SRC_DIR...   (rewrites MODULE.wasm in place; a
+combined module names each stage's crate)
 Prints the exports it removed.
 """
 
@@ -119,8 +120,8 @@ def trim(module, drop):
 
 
 def main():
-    path, src = sys.argv[1], sys.argv[2]
-    keep = implemented(src)
+    path, srcs = sys.argv[1], sys.argv[2:]
+    keep = set().union(*(implemented(src) for src in srcs))
     drop = {export for export, methods in CALLBACKS.items() if not keep.intersection(methods)}
     with open(path, "rb") as f:
         trimmed, removed = trim(f.read(), drop)

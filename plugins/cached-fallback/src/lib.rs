@@ -8,5 +8,6 @@ pub mod config;
 pub mod filter;
 pub mod policy;
 
-#[cfg(feature = "host")]
+// The module's entry point; `edge.wasm` links this crate as one of its stages instead.
+#[cfg(all(feature = "module", target_family = "wasm"))]
 edge_host::host::main!(filter::FallbackRoot);

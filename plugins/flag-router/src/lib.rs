@@ -10,5 +10,6 @@ pub mod logic;
 pub mod policy;
 pub mod source;
 
-#[cfg(feature = "host")]
+// The module's entry point; `edge.wasm` links this crate as one of its stages instead.
+#[cfg(all(feature = "module", target_family = "wasm"))]
 edge_host::host::main!(filter::FlagRouterRoot);

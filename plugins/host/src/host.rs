@@ -4,7 +4,7 @@
 //! implements. Policies never import this module (a plugin built without its `host` feature
 //! cannot), so a hostcall cannot creep into them.
 
-use crate::ffi::{self, REQUEST_HEADERS};
+use crate::ffi;
 use edge_core::headers::HeaderEdits;
 use edge_core::request::{client_ip, RequestView};
 use proxy_wasm::hostcalls;
@@ -16,7 +16,9 @@ pub use proxy_wasm::traits::{Context, HttpContext, RootContext};
 pub use proxy_wasm::types::{Action, ContextType};
 
 /// Wires a plugin's root context into the module's entry point: `main!(filter::Root)` in
-/// lib.rs, `Root: Default`. Installs the logger first, so configure-time lines are kept.
+/// lib.rs, `Root: Default`; `main!("rateLimit" => A, "idempotency" => B)` for one filter of
+/// several stages (see [`crate::pipeline`]), each configured by its section. Installs the logger
+/// first, so configure-time lines are kept.
 pub use crate::__edge_main as main;
 
 /// What [`main!`] runs when the VM starts.
@@ -34,7 +36,7 @@ impl RequestView for HostRequest {
     fn header(&self, name: &str) -> Option<Vec<u8>> {
         // Any status but OK (including Envoy's BadArgument outside the request-header phase)
         // reads as "absent" instead of trapping.
-        ffi::get_header(REQUEST_HEADERS, name)
+        crate::bus::request_header(name)
     }
     fn method(&self) -> Vec<u8> {
         self.header(":method").unwrap_or_default()
@@ -43,7 +45,7 @@ impl RequestView for HostRequest {
         self.header(":path").unwrap_or_default()
     }
     fn client_ip(&self) -> Option<String> {
-        let raw = ffi::get_property(&["source", "address"])?;
+        let raw = crate::bus::client_address()?;
         client_ip(&String::from_utf8_lossy(&raw))
     }
 }
@@ -58,8 +60,12 @@ pub(crate) fn count(id: u32, n: u64) {
     let _ = ffi::increment_metric(id, i64::try_from(n).unwrap_or(i64::MAX));
 }
 
-/// The plugin's configuration bytes (empty when none was given).
-fn plugin_configuration() -> Vec<u8> {
+/// The plugin's configuration bytes (empty when none was given); in a combined filter, the
+/// section of the stage being configured.
+pub(crate) fn plugin_configuration() -> Vec<u8> {
+    if let Some((_, bytes)) = crate::bus::section() {
+        return bytes;
+    }
     hostcalls::get_buffer(
         proxy_wasm::types::BufferType::PluginConfiguration,
         0,
@@ -103,7 +109,7 @@ pub fn response_headers() -> Vec<(String, Vec<u8>)> {
 /// Every header of the request being filtered, pseudo-headers included (empty when
 /// unreadable: outside `on_http_request_headers`, Envoy refuses the read).
 pub fn request_headers() -> Vec<(String, Vec<u8>)> {
-    ffi::get_header_pairs(REQUEST_HEADERS).unwrap_or_default()
+    crate::bus::request_headers().unwrap_or_default()
 }
 
 /// `len` bytes of the request body buffered so far, from `start` (empty when unreadable).
@@ -182,7 +188,15 @@ pub fn load_config<C>(
     crate::logger::follow_host_level();
     match parse(&plugin_configuration()) {
         Ok(c) => Some(c),
-        Err(e) => {
+        Err(mut e) => {
+            // In a combined filter the field is named within its section.
+            if let Some((section, _)) = crate::bus::section() {
+                e.field = if e.field == "configuration" {
+                    section.to_string()
+                } else {
+                    format!("{section}.{}", e.field)
+                };
+            }
             log::error!("{plugin}: configuration rejected: {e}");
             None
         }
@@ -230,17 +244,30 @@ pub fn edit_response_headers<S: AsRef<str>>(edits: &HeaderEdits<S>) -> bool {
 /// refusal (e.g. after the headers went on) is a `false`, where the SDK's wrapper would trap.
 fn edit_headers<S: AsRef<str>>(map: u32, edits: &HeaderEdits<S>) -> bool {
     let mut all = true;
+    let request = map == ffi::REQUEST_HEADERS;
     for name in &edits.remove {
-        all &= ffi::set_header(map, name.as_ref(), None) == ffi::OK;
+        let ok = ffi::set_header(map, name.as_ref(), None) == ffi::OK;
+        if ok && request {
+            crate::bus::edited_request_header(name.as_ref(), None);
+        }
+        all &= ok;
     }
     for (name, value) in &edits.set {
-        all &= ffi::set_header(map, name.as_ref(), Some(value.as_ref().as_bytes())) == ffi::OK;
+        let value = value.as_ref().as_bytes();
+        let ok = ffi::set_header(map, name.as_ref(), Some(value)) == ffi::OK;
+        if ok && request {
+            crate::bus::edited_request_header(name.as_ref(), Some(value));
+        }
+        all &= ok;
     }
     all
 }
 
 /// Starts the root context's periodic `on_tick`; the host's status when it refuses.
 pub fn set_tick_period_ms(ms: u32) -> Result<(), u32> {
+    if crate::bus::hold_tick(ms) {
+        return Ok(());
+    }
     match ffi::set_tick_period_ms(ms) {
         ffi::OK => Ok(()),
         status => Err(status),
@@ -258,6 +285,7 @@ pub fn dispatch_http_call(
     timeout: std::time::Duration,
 ) -> Result<u32, Status> {
     hostcalls::dispatch_http_call(cluster, headers, None, vec![], timeout)
+        .inspect(|t| crate::bus::started_call(*t))
 }
 
 /// Like [`dispatch_http_call`], with a request body, from whichever context runs: called
@@ -270,6 +298,7 @@ pub fn http_call(
     timeout: std::time::Duration,
 ) -> Result<u32, Status> {
     hostcalls::dispatch_http_call(cluster, headers, Some(body), vec![], timeout)
+        .inspect(|t| crate::bus::started_call(*t))
 }
 
 /// The `:status` of the answer to this context's callout; `None` when the callout failed
@@ -290,6 +319,7 @@ pub fn grpc_call(
     timeout: std::time::Duration,
 ) -> Result<u32, Status> {
     hostcalls::dispatch_grpc_call(cluster, service, method, vec![], Some(message), timeout)
+        .inspect(|t| crate::bus::started_call(*t))
 }
 
 /// The message of this context's successful gRPC answer.
@@ -305,11 +335,17 @@ pub fn grpc_status() -> (u32, String) {
 
 /// Lets a paused request go on; false when the host refused (the SDK's wrapper would trap).
 pub fn resume_request() -> bool {
+    if crate::bus::hold_resume(true) {
+        return true;
+    }
     ffi::continue_stream(ffi::STREAM_REQUEST) == ffi::OK
 }
 
 /// Lets a paused response go on; false when the host refused.
 pub fn resume_response() -> bool {
+    if crate::bus::hold_resume(false) {
+        return true;
+    }
     ffi::continue_stream(ffi::STREAM_RESPONSE) == ffi::OK
 }
 

@@ -2,10 +2,12 @@
 //! raw imports (`ffi`, the workspace's only `unsafe`), shared data as edge-core's `SlotStore`,
 //! the logger and the counters; each hostcall's status becomes a value, never a trap.
 
+mod bus;
 mod ffi;
 pub mod host;
 mod logger;
 mod metrics;
+pub mod pipeline;
 mod shared_data;
 
 /// The SDK, for [`host::main!`]'s expansion only.
@@ -16,10 +18,24 @@ pub use proxy_wasm as __sdk;
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __edge_main {
+    // A separate module: the SDK drives the plugin's contexts directly (a one-stage pipeline
+    // would instantiate every SDK default method a second time, about 22 KB, for nothing).
     ($root:ty) => {
         $crate::__sdk::main! {{
             $crate::host::start(|_| {
                 ::std::boxed::Box::new(<$root as ::std::default::Default>::default())
+            });
+        }}
+    };
+    ($($section:expr => $root:ty),+ $(,)?) => {
+        $crate::__sdk::main! {{
+            $crate::host::start(|_| {
+                ::std::boxed::Box::new($crate::pipeline::PipelineRoot::combined(::std::vec![$(
+                    $crate::pipeline::Stage {
+                        section: $section,
+                        root: ::std::boxed::Box::new(<$root as ::std::default::Default>::default()),
+                    }
+                ),+]))
             });
         }}
     };

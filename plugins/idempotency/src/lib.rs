@@ -11,5 +11,6 @@ pub mod fleet;
 pub mod policy;
 pub mod record;
 
-#[cfg(feature = "host")]
+// The module's entry point; `edge.wasm` links this crate as one of its stages instead.
+#[cfg(all(feature = "module", target_family = "wasm"))]
 edge_host::host::main!(filter::IdempotencyRoot);

@@ -1,0 +1,180 @@
+//! What the pipeline and the stages' hostcalls share while one callback runs: the VM is
+//! single-threaded and a callback runs to its end, so a thread-local is the callback's scope.
+//! Each piece is armed by the pipeline around the call that needs it and read by `host`:
+//! the request's headers read once for every stage, the callouts a stage starts, a stage's
+//! own section of a combined configuration, its timer and its resume.
+
+use crate::ffi;
+use std::cell::RefCell;
+
+#[derive(Default)]
+struct Bus {
+    /// Armed during request headers: `Some(None)` armed and not read yet.
+    request: Option<Option<Option<Vec<(String, Vec<u8>)>>>>,
+    client_address: Option<Option<Option<Vec<u8>>>>,
+    tokens: Vec<u32>,
+    section: Option<(&'static str, Vec<u8>)>,
+    tick_ms: Option<u32>,
+    /// Resumes are held for the pipeline: `Some(None)` holding, none asked yet.
+    resume: Option<Option<bool>>,
+}
+
+thread_local! {
+    static BUS: RefCell<Bus> = RefCell::new(Bus::default());
+}
+
+fn with<R>(f: impl FnOnce(&mut Bus) -> R) -> R {
+    BUS.with(|b| f(&mut b.borrow_mut()))
+}
+
+/// Arms (or drops) the one read of the request's headers and client address that every stage
+/// of this callback shares.
+pub fn snapshot_request(on: bool) {
+    with(|b| {
+        b.request = on.then_some(None);
+        b.client_address = on.then_some(None);
+    });
+}
+
+fn request_pairs<R>(f: impl FnOnce(Option<&Vec<(String, Vec<u8>)>>) -> R) -> Option<R> {
+    let armed = with(|b| b.request.is_some());
+    if !armed {
+        return None;
+    }
+    let unread = with(|b| matches!(b.request, Some(None)));
+    if unread {
+        let pairs = ffi::get_header_pairs(ffi::REQUEST_HEADERS);
+        with(|b| b.request = Some(Some(pairs)));
+    }
+    with(|b| match &b.request {
+        Some(Some(pairs)) => Some(f(pairs.as_ref())),
+        _ => None,
+    })
+}
+
+/// A request header (the first value), from the shared read when armed.
+pub fn request_header(name: &str) -> Option<Vec<u8>> {
+    match request_pairs(|pairs| {
+        pairs.and_then(|p| p.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
+    }) {
+        Some(v) => v,
+        None => ffi::get_header(ffi::REQUEST_HEADERS, name),
+    }
+}
+
+/// Every request header, from the shared read when armed.
+pub fn request_headers() -> Option<Vec<(String, Vec<u8>)>> {
+    match request_pairs(|pairs| pairs.cloned()) {
+        Some(v) => v,
+        None => ffi::get_header_pairs(ffi::REQUEST_HEADERS),
+    }
+}
+
+/// The `source.address` property, read once per request-headers callback when armed.
+pub fn client_address() -> Option<Vec<u8>> {
+    let cached = with(|b| b.client_address.clone());
+    match cached {
+        Some(Some(v)) => v,
+        Some(None) => {
+            let v = ffi::get_property(&["source", "address"]);
+            with(|b| b.client_address = Some(Some(v.clone())));
+            v
+        }
+        None => ffi::get_property(&["source", "address"]),
+    }
+}
+
+/// Keeps the shared read equal to the map after a stage's edit that the host accepted.
+pub fn edited_request_header(name: &str, value: Option<&[u8]>) {
+    with(|b| {
+        if let Some(Some(Some(pairs))) = &mut b.request {
+            pairs.retain(|(k, _)| k != name);
+            if let Some(v) = value {
+                pairs.push((name.to_string(), v.to_vec()));
+            }
+        }
+    });
+}
+
+/// Records a callout token for the stage now running.
+pub fn started_call(token: u32) {
+    with(|b| b.tokens.push(token));
+}
+
+/// The tokens recorded since the last take.
+pub fn take_tokens() -> Vec<u32> {
+    with(|b| std::mem::take(&mut b.tokens))
+}
+
+/// Gives the stage about to be configured its section (and holds its timer request).
+pub fn configuring(section: &'static str, bytes: Vec<u8>) {
+    with(|b| {
+        b.section = Some((section, bytes));
+        b.tick_ms = None;
+    });
+}
+
+/// Ends a stage's configuration: the tick period it asked for.
+pub fn done_configuring() -> Option<u32> {
+    with(|b| {
+        b.section = None;
+        b.tick_ms.take()
+    })
+}
+
+/// The section a stage is being configured with, when the filter is combined.
+pub fn section() -> Option<(&'static str, Vec<u8>)> {
+    with(|b| b.section.clone())
+}
+
+/// A stage's timer request while configuring a combined filter: held (true) for the pipeline,
+/// which sets one host timer for every stage.
+pub fn hold_tick(ms: u32) -> bool {
+    with(|b| {
+        if b.section.is_some() {
+            b.tick_ms = Some(ms);
+            true
+        } else {
+            false
+        }
+    })
+}
+
+/// Starts (`true`) holding a stage's resumes for the pipeline, or stops and says which one
+/// was asked: `Some(true)` the request, `Some(false)` the response.
+pub fn intercept_resume(on: bool) -> Option<bool> {
+    with(|b| {
+        let asked = b.resume.flatten();
+        b.resume = on.then_some(None);
+        if on {
+            None
+        } else {
+            asked
+        }
+    })
+}
+
+/// A stage's resume while the pipeline holds them: recorded (true), not sent.
+pub fn hold_resume(request: bool) -> bool {
+    with(|b| match &mut b.resume {
+        Some(asked) => {
+            *asked = Some(request);
+            true
+        }
+        None => false,
+    })
+}
+
+/// Sends a resume to the host; false when refused.
+pub fn resume(request: bool) -> bool {
+    let stream = if request {
+        ffi::STREAM_REQUEST
+    } else {
+        ffi::STREAM_RESPONSE
+    };
+    let sent = ffi::continue_stream(stream) == ffi::OK;
+    if !sent {
+        log::warn!("edge: the host refused to resume a stream");
+    }
+    sent
+}
