@@ -395,7 +395,108 @@ pub struct Step {
     pub reached: Option<Vec<String>>,
 }
 
+/// Our plugins in the README's order, with their sections in `edge.wasm`'s configuration.
+pub const EDGE_SECTIONS: [(&str, &str); 4] = [
+    ("rate_limit", "rateLimit"),
+    ("flag_router", "flagRouter"),
+    ("idempotency", "idempotency"),
+    ("cached_fallback", "cachedFallback"),
+];
+
 impl Scenario {
+    /// The same scenario with its chain of our plugins in the README's order (rate limit,
+    /// flag router, idempotency, Envoy's buffer filters, cached fallback), and whether that
+    /// moved anything; `None` when the chain holds anything else, a plugin twice, or raw
+    /// configuration text.
+    pub fn in_readme_order(&self) -> Option<(Scenario, bool)> {
+        let mut plugins: Vec<(usize, &Filter)> = Vec::new();
+        let mut buffers = Vec::new();
+        for f in &self.chain {
+            if f.buffer.is_some() {
+                buffers.push(f.clone());
+                continue;
+            }
+            let plain = f.module.is_none()
+                && f.name.is_none()
+                && f.root_id.is_none()
+                && f.vm_id.is_none()
+                && f.config_text.is_none();
+            let plugin = f.plugin.as_deref()?;
+            let at = EDGE_SECTIONS.iter().position(|(p, _)| *p == plugin)?;
+            if !plain || plugins.iter().any(|(a, _)| *a == at) {
+                return None;
+            }
+            plugins.push((at, f));
+        }
+        if plugins.is_empty() {
+            return None;
+        }
+        plugins.sort_by_key(|(at, _)| *at);
+        let mut chain: Vec<Filter> = plugins
+            .iter()
+            .filter(|(at, _)| *at < 3)
+            .map(|(_, f)| (*f).clone())
+            .collect();
+        chain.extend(buffers);
+        chain.extend(
+            plugins
+                .iter()
+                .filter(|(at, _)| *at == 3)
+                .map(|(_, f)| (*f).clone()),
+        );
+        let key = |c: &[Filter]| -> Vec<String> {
+            c.iter()
+                .map(|f| f.plugin.clone().unwrap_or_else(|| format!("{:?}", f.buffer)))
+                .collect()
+        };
+        let moved = key(&chain) != key(&self.chain);
+        Some((
+            Scenario {
+                chain,
+                ..self.clone()
+            },
+            moved,
+        ))
+    }
+
+    /// The same scenario with its chain of our plugins as one `edge.wasm` filter: each
+    /// plugin's configuration its section, Envoy's buffer filters after it. `edge.wasm` runs
+    /// its stages in the README's order whatever order the chain had (see
+    /// [`Scenario::in_readme_order`]).
+    pub fn as_one_filter(&self) -> Option<Scenario> {
+        let (ordered, _) = self.in_readme_order()?;
+        let mut sections = serde_json::Map::new();
+        let mut buffers = Vec::new();
+        for f in ordered.chain {
+            match (&f.plugin, f.buffer) {
+                (_, Some(_)) => buffers.push(f),
+                (Some(plugin), None) => {
+                    let (_, section) = EDGE_SECTIONS.iter().find(|(p, _)| p == plugin)?;
+                    sections.insert(
+                        section.to_string(),
+                        f.config.clone().unwrap_or(serde_json::Value::Null),
+                    );
+                }
+                (None, None) => return None,
+            }
+        }
+        let mut chain = vec![Filter {
+            plugin: Some("edge".into()),
+            module: None,
+            name: None,
+            root_id: None,
+            vm_id: None,
+            config: Some(serde_json::Value::Object(sections)),
+            config_text: None,
+            buffer: None,
+        }];
+        chain.extend(buffers);
+        Some(Scenario {
+            chain,
+            ..self.clone()
+        })
+    }
+
     pub fn from_file(path: impl AsRef<Path>) -> Result<Scenario> {
         let path = path.as_ref();
         let text =
