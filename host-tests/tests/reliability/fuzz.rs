@@ -3,7 +3,7 @@
 //! error (e.g. a stream a plugin never continues), or a broken invariant of the plugin.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -11,6 +11,7 @@ use host_tests::{CalloutReply, Edge, Module, Plugin, Response, Upstream, Upstrea
 use serde_json::json;
 
 use crate::gen::{self, Case, Op, Req, Rng, Up};
+use crate::oracle::{Expected, Oracle, Served};
 
 const ROUTE_TIMEOUT: Duration = Duration::from_secs(5);
 const VARIANTS: [&str; 5] = ["v1", "v2", "beta", "", "😀-é"];
@@ -77,7 +78,7 @@ fn expression(rng: &mut Rng, depth: u32) -> serde_json::Value {
     if depth > 3 || rng.chance(30) {
         return match rng.below(6) {
             0 => {
-                json!({"var": rng.pick(&["tier", "targetingKey", "$flagd.flagKey", "missing.path", "tier.0"])})
+                json!({"var": rng.pick(&["tier", "targetingKey", "$flagd.flagKey", "$flagd.timestamp", "missing.path", "tier.0"])})
             }
             1 => json!(rng.pick(&["on", "off", "x", "beta"])),
             2 => json!(rng.range(0, 100)),
@@ -310,6 +311,11 @@ fn op(plugin: &str, rng: &mut Rng) -> Op {
         ("content-length", &["3", "999999"]),
     ];
     match rng.below(12) {
+        // Two hours let the 1 h TTLs expire. The flag router has none: its clock is the 1-5 s
+        // poll, which two hours would only repeat thousands of times over.
+        0 if plugin == "flag_router" => {
+            Op::Advance(*rng.pick(&[1, 500, 1000, 2000, 10_000, 60_000]))
+        }
         0 => Op::Advance(*rng.pick(&[1, 500, 1000, 2000, 10_000, 60_000, 7_200_000])),
         1 | 2 => {
             let a = request(plugin, rng);
@@ -385,10 +391,13 @@ pub fn run(case: &Case, module: &Module) -> Result<Outcome, String> {
             }
         })
         .collect();
-    let served: Vec<serde_json::Value> = docs
-        .iter()
-        .filter_map(|d| serde_json::from_str(d).ok())
-        .collect();
+    // The file changes every `every` fetches; with ETags the source answers a fetch naming the
+    // current version `304`, as a file server does (the plugin parses nothing then).
+    let every = *doc_rng.pick(&[1, 2, 5, 20]);
+    let etags = doc_rng.chance(75);
+    let served: Rc<RefCell<Vec<Served>>> = Rc::new(RefCell::new(Vec::new()));
+    let answers = served.clone();
+    let flag_docs = docs.clone();
     let fetches = Rc::new(RefCell::new(0usize));
     let built = Edge::builder()
         .plugin(
@@ -437,24 +446,38 @@ pub fn run(case: &Case, module: &Module) -> Result<Outcome, String> {
                 }
             }
         })
-        .cluster("flags", move |_req| {
+        .cluster("flags", move |req| {
             let i = {
                 let mut f = fetches.borrow_mut();
                 *f += 1;
                 *f
             };
             if i % 5 == 4 {
+                answers.borrow_mut().push(Served::Fail);
                 return CalloutReply::Fail {
                     delay: Duration::ZERO,
                 };
             }
+            let version = i / every;
+            let etag = format!("\"v{version}\"");
+            if etags && req.header("if-none-match") == Some(etag.as_str()) {
+                answers.borrow_mut().push(Served::NotModified);
+                return CalloutReply::Response {
+                    headers: vec![(b":status".to_vec(), b"304".to_vec())],
+                    body: Vec::new(),
+                    trailers: Vec::new(),
+                    delay: Duration::ZERO,
+                };
+            }
+            let doc = version % docs.len();
+            answers.borrow_mut().push(Served::Doc(doc));
+            let mut headers = vec![(b":status".to_vec(), b"200".to_vec())];
+            if etags {
+                headers.push((b"etag".to_vec(), etag.into_bytes()));
+            }
             CalloutReply::Response {
-                headers: vec![(b":status".to_vec(), b"200".to_vec())],
-                body: docs
-                    .get(i % docs.len())
-                    .cloned()
-                    .unwrap_or_default()
-                    .into_bytes(),
+                headers,
+                body: docs.get(doc).cloned().unwrap_or_default().into_bytes(),
                 trailers: Vec::new(),
                 delay: Duration::ZERO,
             }
@@ -480,42 +503,47 @@ pub fn run(case: &Case, module: &Module) -> Result<Outcome, String> {
         }
     };
     let config: serde_json::Value = serde_json::from_str(&case.config).unwrap_or_default();
-    // Per flag: every value one of its variants has in any document the plugin may hold.
-    let mut variant_values: BTreeMap<String, BTreeSet<Vec<u8>>> = BTreeMap::new();
-    for doc in served.iter().chain([&config]) {
-        if let Some(flags) = doc["flags"].as_object() {
-            for (name, flag) in flags {
-                for v in flag["variants"]
-                    .as_object()
-                    .into_iter()
-                    .flat_map(|m| m.values())
-                {
-                    let text = v.as_str().map_or_else(|| v.to_string(), str::to_string);
-                    variant_values
-                        .entry(name.clone())
-                        .or_default()
-                        .insert(text.into_bytes());
-                }
-            }
-        }
-    }
+    let mut oracle = if case.plugin == "flag_router" {
+        let vms = edge.worker_count() + 1;
+        Some(Oracle::new(&case.config, &flag_docs, vms).ok_or_else(|| {
+            "the plugin loaded a configuration its own parser refuses natively".to_string()
+        })?)
+    } else {
+        None
+    };
     let mut book = Book::default();
     let mut requests = 0;
+    // Streams without a worker of their own go round the workers, as `Edge::begin` sends them.
+    let mut round_robin = 0usize;
     for (i, op) in case.ops.iter().enumerate() {
         let at = |what: String| format!("op {i} ({}): {what}", describe(op));
         let before = edge.upstream_requests().len();
         let started_ns = edge.now_ns();
         let given_before = given.borrow().len();
         let mut responses: Vec<(Req, Response, bool)> = Vec::new();
+        // The flag router's expected outcome per request of this op, taken as it begins.
+        let mut expected: Vec<Expected> = Vec::new();
+        let mut expect = |edge: &Edge, req: &Req, worker: usize| -> Result<(), String> {
+            if let Some(o) = oracle.as_mut() {
+                expected.push(o.expect(edge, &served.borrow(), req, worker)?);
+            }
+            Ok(())
+        };
+        let workers = edge.worker_count();
         match op {
             Op::Advance(ms) => edge
                 .advance(Duration::from_millis(*ms))
                 .map_err(|e| at(format!("{e:#}")))?,
             Op::Send(req, up) => {
                 *current.borrow_mut() = up.clone();
-                let res = edge
-                    .send(req.to_request())
+                // `Edge::send`, in its parts: the flags are those held once due events ran.
+                edge.run_pending().map_err(|e| at(format!("{e:#}")))?;
+                let id = edge
+                    .begin(req.to_request())
                     .map_err(|e| at(format!("{e:#}")))?;
+                expect(&edge, req, round_robin % workers).map_err(at)?;
+                round_robin += 1;
+                let res = edge.finish(id).map_err(|e| at(format!("{e:#}")))?;
                 responses.push((req.clone(), res, false));
             }
             Op::Abort(req, up, after) => {
@@ -523,10 +551,16 @@ pub fn run(case: &Case, module: &Module) -> Result<Outcome, String> {
                 let id = edge
                     .begin(req.to_request())
                     .map_err(|e| at(format!("{e:#}")))?;
-                for _ in 0..*after {
-                    if let host_tests::Step::Done | host_tests::Step::Waiting =
-                        edge.step(id).map_err(|e| at(format!("{e:#}")))?
+                expect(&edge, req, round_robin % workers).map_err(at)?;
+                round_robin += 1;
+                for n in 0..*after {
+                    let step = edge.step(id).map_err(|e| at(format!("{e:#}")))?;
+                    if n == 0 && step != host_tests::Step::Ran(host_tests::Callback::RequestHeaders)
                     {
+                        // No evaluation ran: nothing to count.
+                        expected.clear();
+                    }
+                    if let host_tests::Step::Done | host_tests::Step::Waiting = step {
                         break;
                     }
                 }
@@ -537,14 +571,10 @@ pub fn run(case: &Case, module: &Module) -> Result<Outcome, String> {
             }
             Op::Pair(a, b, up, schedule) => {
                 *current.borrow_mut() = up.clone();
-                let mut bits = *schedule;
-                let res = edge
-                    .interleave(a.to_request(), b.to_request(), |_| {
-                        let k = (bits & 1) as usize;
-                        bits = bits.rotate_right(1);
-                        k
-                    })
-                    .map_err(|e| at(format!("{e:#}")))?;
+                let res = interleave(&mut edge, [a, b], *schedule, |edge, k, req| {
+                    expect(edge, req, k)
+                })
+                .map_err(at)?;
                 for (res, req) in res.into_iter().zip([a, b]) {
                     responses.push((req.clone(), res, false));
                 }
@@ -590,25 +620,28 @@ pub fn run(case: &Case, module: &Module) -> Result<Outcome, String> {
                 _ => false,
             })
             .count() as u64;
-        if case.plugin == "flag_router" {
-            book.checked += ups
-                .iter()
-                .filter(|u| {
-                    ["x-flag-0", "x-flag-1", "x-flag-2"]
-                        .iter()
-                        .any(|h| header(u, h).is_some())
-                })
-                .count() as u64;
-        }
         let check = match case.plugin.as_str() {
             "rate_limit" => check_rate_limit(&config, &mut book, &ups, started_ns, now),
             "idempotency" => {
                 check_idempotency(&config, &mut book, op, &responses, &ups, &answered, now)
             }
             "cached_fallback" => check_cached_fallback(&mut book, &responses, &ups, &answered),
-            _ => check_flag_router(&ups, &variant_values),
+            _ => match oracle.as_mut() {
+                Some(o) => check_flag_router(
+                    o,
+                    &edge,
+                    &served.borrow(),
+                    &mut book,
+                    &responses,
+                    &ups,
+                    &expected,
+                ),
+                None => Ok(()),
+            },
         };
         check.map_err(at)?;
+        // Each op's records are its own: the log and upstream record stay small.
+        edge.clear_records();
     }
     Ok(Outcome {
         rejected: false,
@@ -908,34 +941,73 @@ fn check_cached_fallback(
     Ok(())
 }
 
-/// A routing header the upstream sees is always one of its own flag's variant values, and
-/// appears once: a client's own value never passes, nor does another flag's.
+/// Every request of the op got exactly the headers, and counted exactly the variants, that
+/// the plugin's own evaluator gives on the flags its VM held when it began.
 fn check_flag_router(
+    oracle: &mut Oracle,
+    edge: &Edge,
+    served: &[Served],
+    book: &mut Book,
+    responses: &[(Req, Response, bool)],
     ups: &[UpstreamRequest],
-    variants: &BTreeMap<String, BTreeSet<Vec<u8>>>,
+    expected: &[Expected],
 ) -> Result<(), String> {
-    let none = BTreeSet::new();
-    for u in ups {
-        for (flag, name) in [("f0", "x-flag-0"), ("f1", "x-flag-1"), ("f2", "x-flag-2")] {
-            let allowed = variants.get(flag).unwrap_or(&none);
-            let seen: Vec<&Vec<u8>> = u
-                .headers
-                .iter()
-                .filter(|(k, _)| k == name.as_bytes())
-                .map(|(_, v)| v)
-                .collect();
-            if seen.len() > 1 {
-                return Err(format!("{name} reached the upstream {} times", seen.len()));
-            }
-            if let Some(v) = seen.into_iter().find(|v| !allowed.contains(*v)) {
+    for e in expected {
+        if let Some((_, r, _)) = responses.iter().find(|(_, r, _)| r.worker != e.worker) {
+            if expected.len() == 1 {
                 return Err(format!(
-                    "{name}: {:?} reached the upstream, not a variant value of {flag}",
-                    String::from_utf8_lossy(v)
+                    "the stream ran on worker {}, not {} as streams go round",
+                    r.worker, e.worker
                 ));
             }
         }
+        let up = ups.iter().find(|u| u.worker == e.worker);
+        if Oracle::check_request(e, up)? {
+            book.checked += 1;
+        }
     }
-    Ok(())
+    if ups.len() > expected.len() {
+        return Err(format!(
+            "{} upstream requests for {} streams",
+            ups.len(),
+            expected.len()
+        ));
+    }
+    oracle.end_op(edge, served)?;
+    oracle.check_counters(edge, expected)
+}
+
+/// `Edge::interleave` in its parts: `reqs[0]` on worker 0 and `reqs[1]` on worker 1, one
+/// callback at a time as the schedule's bits choose (a stream with none left yields), then
+/// both finished; `first` runs just before each stream's first callback.
+fn interleave(
+    edge: &mut Edge,
+    reqs: [&Req; 2],
+    schedule: u64,
+    mut first: impl FnMut(&Edge, usize, &Req) -> Result<(), String>,
+) -> Result<[Response; 2], String> {
+    let e = |e: anyhow::Error| format!("{e:#}");
+    let ids = [
+        edge.begin(reqs[0].to_request().worker(0)).map_err(e)?,
+        edge.begin(reqs[1].to_request().worker(1)).map_err(e)?,
+    ];
+    let mut bits = schedule;
+    let mut idle = [false, false];
+    let mut started = [false, false];
+    while !(idle[0] && idle[1]) {
+        let k = (bits & 1) as usize;
+        bits = bits.rotate_right(1);
+        let which = if idle[k] { 1 - k } else { k };
+        if !started[which] {
+            started[which] = true;
+            first(edge, which, reqs[which])?;
+        }
+        if !matches!(edge.step(ids[which]).map_err(e)?, host_tests::Step::Ran(_)) {
+            idle[which] = true;
+        }
+    }
+    let [x, y] = ids;
+    Ok([edge.finish(x).map_err(e)?, edge.finish(y).map_err(e)?])
 }
 
 /// Per plugin: cases run, requests sent, configs rejected, failures (first few kept).

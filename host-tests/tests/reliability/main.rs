@@ -15,6 +15,7 @@ mod common;
 mod flood;
 mod fuzz;
 mod gen;
+mod oracle;
 mod race;
 
 use std::path::PathBuf;
