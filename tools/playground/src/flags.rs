@@ -93,7 +93,17 @@ pub fn run(input: &Value) -> Result<Value, String> {
         .as_deref()
         .map(|t| (t, FlagSet::from_document(t.as_bytes())))
     {
-        Some((_, Ok(set))) => Some(set),
+        Some((t, Ok(set))) => {
+            // A fetched file's bad flag breaks that flag alone (it then resolves ERROR); the
+            // page still points at it.
+            for why in set.flags.values().filter_map(|f| f.broken.as_deref()) {
+                let (field, message) = why.split_once(": ").unwrap_or(("", why));
+                let e =
+                    ConfigError::new(field, format!("{message} (this flag alone resolves ERROR)"));
+                errors.push(config_error("flagd", t, &e));
+            }
+            Some(set)
+        }
         Some((t, Err(e))) => {
             errors.push(config_error("flagd", t, &e));
             None
