@@ -110,12 +110,11 @@ pub fn run(input: &Value) -> Result<Value, String> {
         }
         None => None,
     };
-    let out = match str_of(input, "mode").unwrap_or("context") {
+    let mut out = match str_of(input, "mode").unwrap_or("context") {
         "context" => by_context(input, document, users, now_secs, &mut errors)?,
         "request" => by_request(input, document, users, now_secs, &mut errors)?,
         other => return Err(format!("mode: {other} is neither context nor request")),
     };
-    let mut out = out;
     if let Some(o) = out.as_object_mut() {
         o.insert("errors".into(), Value::Array(errors));
         o.insert("users".into(), json!(users));

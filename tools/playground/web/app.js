@@ -270,7 +270,10 @@ function runSequence() {
     return;
   }
   const chain = $$('.chain-on').filter((c) => c.checked).map((c) => ({ plugin: c.value, config: $(`#cfg-${c.value}`).value }));
-  const out = call(sequence, { chain, requests, routeTimeoutMs: Number($('#seq-timeout').value) || 15000 });
+  // A flag_router with a `source` gets the Flags view's flag file, as its fetch would.
+  let flagd = '';
+  try { if (JSON.parse($('#cfg-flag_router').value).source) flagd = $('#flags-flagd').value; } catch { /* its error is shown below */ }
+  const out = call(sequence, { chain, requests, flagd, routeTimeoutMs: Number($('#seq-timeout').value) || 15000 });
   if (out.error) errors.append(el('li', { class: 'finding error', text: out.error }));
   for (const e of out.errors || []) {
     errors.append(el('li', { class: 'finding error' },
