@@ -7,8 +7,9 @@
 //! while the response is processed goes straight to the client; then every filter's log
 //! callback. Bodies arrive whole, as Envoy's buffer filter after idempotency makes them.
 //!
-//! Not emulated: a rate limit service (a rule's `global` part is answered as unavailable, so
-//! its `failureMode` applies and the answer says so), idempotency's etcd store (records are kept
+//! Not emulated: a rate limit service (each request says what it answers a rule's `global`
+//! part: `rls` = `ok`, `over_limit`, `timeout` or `unavailable`, the default, when its
+//! `failureMode` applies; the deny cache works as in the plugin), idempotency's etcd store (records are kept
 //! in shared data, as without `store`), flag polling (a flag file given is the fetched one),
 //! and concurrent requests (each request completes before the next is sent).
 
@@ -253,6 +254,38 @@ fn load(chain: &[Value], flagd: Option<&str>, errors: &mut Vec<Value>) -> Vec<Fi
     out
 }
 
+/// What the rate limit service answers a global rule's call (there is no service here: the
+/// request says, `unavailable` when it does not).
+#[derive(Clone, Copy)]
+enum Rls {
+    Ok,
+    OverLimit,
+    Timeout,
+    Unavailable,
+}
+
+impl Rls {
+    fn answer(self) -> rate_limit::policy::GlobalAnswer {
+        use rate_limit::global::{Answer, Failure};
+        use rate_limit::policy::GlobalAnswer;
+        match self {
+            Rls::Ok => GlobalAnswer::Service(Answer::Allowed(None)),
+            Rls::OverLimit => GlobalAnswer::Service(Answer::Limited(None)),
+            Rls::Timeout => GlobalAnswer::Failed(Failure::Timeout),
+            Rls::Unavailable => GlobalAnswer::Failed(Failure::Error),
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Rls::Ok => "the rate limit service (as the request's rls says) allowed it",
+            Rls::OverLimit => "the rate limit service (as the request's rls says) limited it",
+            Rls::Timeout => "the rate limit service timed out (the request's rls): each global rule's failureMode decided",
+            Rls::Unavailable => "the rate limit service failed (rls unavailable, the default): each global rule's failureMode decided",
+        }
+    }
+}
+
 /// A route of Envoy's that sends a request with `header: value` under `prefix` to `rewrite`
 /// instead (how a flag's route header picks the application's path, as envoy/edge.yaml does).
 struct Rewrite {
@@ -376,6 +409,7 @@ pub fn run(input: &Value) -> Result<Value, String> {
         recorded,
         rewrites,
         down: false,
+        rls: Rls::Unavailable,
         tokens: BTreeMap::new(),
     };
     let mut out = Vec::new();
@@ -412,6 +446,17 @@ pub fn run(input: &Value) -> Result<Value, String> {
             }
             _ => None,
         };
+        sim.rls = match str_of(step, "rls").unwrap_or("unavailable") {
+            "ok" => Rls::Ok,
+            "over_limit" => Rls::OverLimit,
+            "timeout" => Rls::Timeout,
+            "unavailable" => Rls::Unavailable,
+            other => {
+                return Err(format!(
+                    "requests[{i}].rls: {other} is not ok, over_limit, timeout or unavailable"
+                ))
+            }
+        };
         let body = text_of(step, "body").unwrap_or_default();
         for _ in 0..times {
             sent += 1;
@@ -440,6 +485,8 @@ struct Sim {
     rewrites: Vec<Rewrite>,
     /// The application refuses connections.
     down: bool,
+    /// How the rate limit service answers the request being sent.
+    rls: Rls,
     /// Per rate limit rule (`filter/rule`): the remaining tokens after each request it matched.
     tokens: BTreeMap<(usize, usize), Value>,
 }
@@ -675,13 +722,15 @@ impl Sim {
                 }
                 let mut action = d.action;
                 if let Some(pending) = d.pending {
+                    let mut calls = 0;
                     let answers: Vec<GlobalAnswer> = limiter
                         .plan(&pending, denied, now)
                         .into_iter()
                         .map(|ask| match ask {
                             rate_limit::policy::Ask::Known(a) => a,
                             rate_limit::policy::Ask::Call { .. } => {
-                                GlobalAnswer::Failed(rate_limit::global::Failure::Error)
+                                calls += 1;
+                                self.rls.answer()
                             }
                         })
                         .collect();
@@ -692,9 +741,11 @@ impl Sim {
                         }
                     }
                     action = settled.action;
-                    parts.push(
-                        "the rate limit service is not emulated: its calls count as failed, so each global rule's failureMode decided".into(),
-                    );
+                    parts.push(if calls > 0 {
+                        self.rls.describe()
+                    } else {
+                        "the deny cache still holds this client: no call to the rate limit service"
+                    }.into());
                 }
                 let detail = if parts.is_empty() {
                     "no rule matched".to_string()

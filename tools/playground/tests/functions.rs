@@ -101,3 +101,39 @@ fn malformed_inputs_get_an_error_answer() {
     let out: Value = serde_json::from_str(&edge_playground::check("[")).unwrap();
     assert!(out["error"].as_str().unwrap().contains("not JSON"));
 }
+
+#[test]
+fn a_global_rule_follows_what_the_request_says_the_service_answers() {
+    let config = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../plugins/rate-limit/examples/global-per-key.json"
+    ))
+    .unwrap();
+    let send =
+        |rls: &str| json!({ "path": "/api/a", "headers": [["x-api-key", "k1"]], "rls": rls });
+    let out = call(
+        edge_playground::sequence,
+        json!({
+            "chain": [{ "plugin": "rate_limit", "config": config }],
+            "requests": [send("ok"), send("unavailable"), send("timeout"), send("over_limit"), send("ok")]
+        }),
+    );
+    let answers: Vec<(u64, String)> = out["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["response"]["status"].as_u64().unwrap(),
+                r["decisions"][0]["detail"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let statuses: Vec<u64> = answers.iter().map(|a| a.0).collect();
+    // failureMode local: while the service fails, this proxy's bucket (with tokens) decides;
+    // once the service limited the client, the deny cache answers without a call.
+    assert_eq!(statuses, [200, 200, 200, 429, 429], "{answers:?}");
+    assert!(answers[1].1.contains("failureMode"), "{answers:?}");
+    assert!(answers[2].1.contains("timed out"), "{answers:?}");
+    assert!(answers[4].1.contains("deny cache"), "{answers:?}");
+}
