@@ -27,6 +27,9 @@ DEMO_ADMIN_PORT=9901
 DEMO_UPSTREAM_PORT=18080
 
 CARGO_OUT=${CARGO_TARGET_DIR:-$ROOT/target}
+# The playground's web module: wasm-bindgen's CLI must be the version the crate pins.
+WASM_BINDGEN_TOOLS=.tools/wasm-bindgen
+PLAYGROUND_DIR=tools/playground
 
 header() { printf '\n==> %s\n' "$*"; }
 die() {
@@ -83,6 +86,11 @@ usage: ./build.sh [command]
           check Envoy YAML files with edge-check (tools/edge-check/README.md): each edge
           plugin's configuration read by the plugin's own parser, then the chain around them;
           exit 0 when clean, 1 with findings, 2 when a file cannot be read
+  playground [--no-serve]
+          build the playground (tools/playground/README.md: edge-check, flag evaluation and
+          request sequences in the browser, from the plugins' own code) into dist/playground/
+          and serve it on 127.0.0.1 (a free port; the URL is printed) until Ctrl-C. Installs
+          wasm-bindgen-cli into $WASM_BINDGEN_TOOLS/ the first time (about 6 minutes)
   help    this text
 EOF
 }
@@ -307,9 +315,15 @@ cmd_test() {
     cargo check --quiet -p "$pkg" --no-default-features
   done
 
+  header "playground: the page in headless Chromium (node --test $PLAYGROUND_DIR/tests/)"
+  build_playground
+  ensure_apt_package chromium chromium
+  ensure_apt_package npm npm
+  (cd "$PLAYGROUND_DIR" && npm ci --no-audit --no-fund --silent && node --test tests/)
+
   echo
   echo "all passed: cargo test (unit, harness, e2e), $configs Envoy config(s) valid, rustfmt, clippy," \
-    "policies free of the host"
+    "policies free of the host, the playground in Chromium"
 }
 
 # --- demo ------------------------------------------------------------------------------------
@@ -479,13 +493,16 @@ cmd_bench() {
   {
     echo "## Module sizes"
     echo
-    echo "| module | built | after trimming unused callbacks and wasm-opt -Oz | target ≤ 200 KB (204,800 B) |"
-    echo "|---|---|---|---|"
-    local artifact before after
+    echo "| module | built | after trimming unused callbacks and wasm-opt -Oz | target | |"
+    echo "|---|---|---|---|---|"
+    local artifact before after target
     for artifact in "${PLUGIN_ARTIFACTS[@]}"; do
       before=$(wc -c <"$CARGO_OUT/$TARGET/release/$artifact.wasm")
       after=$(wc -c <"dist/$artifact.wasm")
-      echo "| $artifact.wasm | $before B | $after B | $( ((after <= 204800)) && echo pass || echo missed) |"
+      # KB as 1,000 bytes: a separate module ≤ 220 KB, the combined edge.wasm ≤ 400 KB.
+      target=220000
+      [[ $artifact == edge ]] && target=400000
+      echo "| $artifact.wasm | $before B | $after B | ≤ $target B | $( ((after <= target)) && echo pass || echo missed) |"
     done
   } >"$out/sizes.md"
   header "harness: wasm instructions per request (cargo bench -p host-tests)"
@@ -581,6 +598,68 @@ cmd_check() {
   (cd -- "${OLDPWD:-$ROOT}" && "$CARGO_OUT/debug/edge-check" "$@")
 }
 
+# --- playground ------------------------------------------------------------------------------
+
+# Builds dist/playground/: the engine for wasm32-unknown-unknown through wasm-bindgen (--target
+# web), the page, and the plugins' README examples it starts from. No wasm-opt: Debian's
+# binaryen breaks wasm-bindgen's output (its externref table export).
+build_playground() {
+  local version bindgen=$WASM_BINDGEN_TOOLS/bin/wasm-bindgen
+  version=$(sed -n 's/^wasm-bindgen = "=\([0-9.]*\)".*/\1/p' "$PLAYGROUND_DIR/Cargo.toml")
+  [[ -n $version ]] || die "$PLAYGROUND_DIR/Cargo.toml must pin wasm-bindgen with \"=VERSION\""
+  if ! rustup target list --installed | grep -qx wasm32-unknown-unknown; then
+    rustup target add wasm32-unknown-unknown
+  fi
+  # A copy outside the clone (CI clones afresh) spares the 6-minute build next time.
+  local cache=${XDG_CACHE_HOME:-$HOME/.cache}/edge-plugins/wasm-bindgen-$version
+  if [[ $("$bindgen" --version 2>/dev/null) != "wasm-bindgen $version" && -x $cache/bin/wasm-bindgen ]]; then
+    rm -rf -- "$WASM_BINDGEN_TOOLS"
+    mkdir -p "$(dirname -- "$WASM_BINDGEN_TOOLS")"
+    cp -R -- "$cache" "$WASM_BINDGEN_TOOLS"
+  fi
+  if [[ $("$bindgen" --version 2>/dev/null) != "wasm-bindgen $version" ]]; then
+    header "installing wasm-bindgen-cli $version into $WASM_BINDGEN_TOOLS/ (about 6 minutes)"
+    rm -rf -- "$WASM_BINDGEN_TOOLS"
+    cargo install --quiet wasm-bindgen-cli --version "$version" --root "$WASM_BINDGEN_TOOLS"
+  fi
+  if [[ ! -x $cache/bin/wasm-bindgen ]]; then
+    mkdir -p "$(dirname -- "$cache")" && cp -R -- "$WASM_BINDGEN_TOOLS" "$cache.tmp" &&
+      mv -- "$cache.tmp" "$cache" || echo "note: could not keep wasm-bindgen-cli in $cache"
+  fi
+  header "cargo build --release --target wasm32-unknown-unknown -p edge-playground"
+  cargo build --release --target wasm32-unknown-unknown -p edge-playground
+  local out=dist/playground p
+  rm -rf -- "$out"
+  mkdir -p "$out/examples"
+  "$bindgen" --target web --no-typescript --out-dir "$out" \
+    "$CARGO_OUT/wasm32-unknown-unknown/release/edge_playground.wasm"
+  cp -- "$PLAYGROUND_DIR"/web/* "$out/"
+  for p in rate-limit flag-router idempotency cached-fallback; do
+    mkdir -p "$out/examples/$p"
+    cp -- plugins/$p/examples/*.json "$out/examples/$p/"
+  done
+  printf '  %-40s %s\n' "$out/edge_playground_bg.wasm" "$(kib "$(wc -c <"$out/edge_playground_bg.wasm")")"
+}
+
+cmd_playground() {
+  build_playground
+  [[ ${1:-} == --no-serve ]] && return 0
+  [[ -z ${1:-} ]] || die "playground: unknown argument '$1' (playground [--no-serve])"
+  header "serving dist/playground/ (Ctrl-C stops)"
+  # Port 0: the system picks a free one; the server prints the URL once it listens.
+  exec python3 -c '
+import functools, http.server, sys
+handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=sys.argv[1])
+handler.func.extensions_map[".wasm"] = "application/wasm"
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+print(f"playground: http://127.0.0.1:{server.server_address[1]}/", flush=True)
+try:
+    server.serve_forever()
+except KeyboardInterrupt:
+    pass
+' dist/playground
+}
+
 # --- package ---------------------------------------------------------------------------------
 
 cmd_package() {
@@ -620,6 +699,7 @@ case ${1:-build} in
   package) shift && cmd_package "$@" ;;
   scenario) shift && cmd_scenario "$@" ;;
   check) shift && cmd_check "$@" ;;
+  playground) cmd_playground "${2:-}" ;;
   help | -h | --help) usage ;;
   *)
     usage >&2

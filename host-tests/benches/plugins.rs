@@ -9,7 +9,7 @@ use std::time::Instant;
 struct Case {
     plugin: &'static str,
     path: &'static str,
-    config: &'static str,
+    config: String,
     /// Sets the edge up (e.g. stores a response first); returns the request to measure.
     setup: fn(&mut Edge) -> anyhow::Result<()>,
     request: fn(u64) -> Request,
@@ -40,19 +40,33 @@ fn pay(n: u64) -> Request {
         .body("{\"amount\":10}")
 }
 
+/// The four configurations above as `edge.wasm`'s sections.
+fn edge_config() -> String {
+    format!(
+        r#"{{"rateLimit":{RATE},"flagRouter":{FLAGS},"idempotency":{IDEM},"cachedFallback":{CACHED}}}"#
+    )
+}
+
 fn cases() -> Vec<Case> {
+    let edge = |path, request: fn(u64) -> Request| Case {
+        plugin: "edge",
+        path,
+        config: edge_config(),
+        setup: none,
+        request,
+    };
     vec![
         Case {
             plugin: "rate_limit",
             path: "allowed, known client",
-            config: RATE,
+            config: RATE.into(),
             setup: |e| e.send(api(0)).map(drop),
             request: api,
         },
         Case {
             plugin: "rate_limit",
             path: "allowed, new client",
-            config: RATE,
+            config: RATE.into(),
             setup: none,
             request: |n| {
                 Request::get("/api/items").from(&format!(
@@ -66,42 +80,42 @@ fn cases() -> Vec<Case> {
         Case {
             plugin: "rate_limit",
             path: "limited (local 429)",
-            config: RATE_TIGHT,
+            config: RATE_TIGHT.into(),
             setup: |e| e.send(api(0)).map(drop),
             request: api,
         },
         Case {
             plugin: "rate_limit",
             path: "not matched",
-            config: RATE,
+            config: RATE.into(),
             setup: none,
             request: |_| Request::get("/health"),
         },
         Case {
             plugin: "flag_router",
             path: "fractional rollout",
-            config: FLAGS,
+            config: FLAGS.into(),
             setup: none,
             request: |n| Request::get("/checkout").header("x-user-id", &format!("user-{n}")),
         },
         Case {
             plugin: "flag_router",
             path: "targeting match",
-            config: FLAGS,
+            config: FLAGS.into(),
             setup: none,
             request: |_| Request::get("/checkout").header("x-tier", "beta"),
         },
         Case {
             plugin: "cached_fallback",
             path: "store (200 kept)",
-            config: CACHED,
+            config: CACHED.into(),
             setup: none,
             request: api,
         },
         Case {
             plugin: "cached_fallback",
             path: "serve (503 replaced)",
-            config: CACHED,
+            config: CACHED.into(),
             setup: |e| {
                 e.send(api(0))?;
                 e.set_upstream(|_| Upstream::status(503));
@@ -112,31 +126,38 @@ fn cases() -> Vec<Case> {
         Case {
             plugin: "cached_fallback",
             path: "not covered",
-            config: CACHED,
+            config: CACHED.into(),
             setup: none,
             request: |_| Request::get("/health"),
         },
         Case {
             plugin: "idempotency",
             path: "first POST (fresh key)",
-            config: IDEM,
+            config: IDEM.into(),
             setup: none,
             request: pay,
         },
         Case {
             plugin: "idempotency",
             path: "replay",
-            config: IDEM,
+            config: IDEM.into(),
             setup: |e| e.send(pay(0)).map(drop),
             request: |_| pay(0),
         },
         Case {
             plugin: "idempotency",
             path: "GET (ignored)",
-            config: IDEM,
+            config: IDEM.into(),
             setup: none,
             request: |_| Request::get("/payments"),
         },
+        // One filter for all four: the paths of the chain's mix.
+        edge("GET /api/ (limited rule, stored)", |_| api(0)),
+        edge("GET /checkout (fractional rollout)", |n| {
+            Request::get("/checkout").header("x-user-id", &format!("user-{n}"))
+        }),
+        edge("POST /payments (fresh key)", pay),
+        edge("GET /health (no policy applies)", |_| Request::get("/health")),
     ]
 }
 
@@ -187,7 +208,7 @@ fn repeat(which: &str, seconds: f64) -> anyhow::Result<()> {
 fn build(case: &Case) -> anyhow::Result<Edge> {
     let module = Module::from_file(module_path(case.plugin))?;
     let mut edge = Edge::builder()
-        .plugin(Plugin::new(&module, case.config))
+        .plugin(Plugin::new(&module, case.config.as_str()))
         .upstream(|_| {
             Upstream::ok("{\"items\":[1,2,3]}").header("content-type", "application/json")
         })

@@ -7,16 +7,39 @@
 use crate::ffi;
 use std::cell::RefCell;
 
+/// A value read from the host at most once while armed.
+#[derive(Clone, Default)]
+enum Once<T> {
+    #[default]
+    Off,
+    Unread,
+    Read(T),
+}
+
+impl<T> Once<T> {
+    fn arm(on: bool) -> Once<T> {
+        if on {
+            Once::Unread
+        } else {
+            Once::Off
+        }
+    }
+}
+
+type Pairs = Vec<(String, Vec<u8>)>;
+
 #[derive(Default)]
 struct Bus {
-    /// Armed during request headers: `Some(None)` armed and not read yet.
-    request: Option<Option<Option<Vec<(String, Vec<u8>)>>>>,
-    client_address: Option<Option<Option<Vec<u8>>>>,
+    /// Armed during request headers.
+    request: Once<Option<Pairs>>,
+    client_address: Once<Option<Vec<u8>>>,
     tokens: Vec<u32>,
     section: Option<(&'static str, Vec<u8>)>,
     tick_ms: Option<u32>,
     /// Resumes are held for the pipeline: `Some(None)` holding, none asked yet.
     resume: Option<Option<bool>>,
+    /// The host's clock, read once per pipeline callback when armed.
+    now: Once<u64>,
 }
 
 thread_local! {
@@ -31,23 +54,18 @@ fn with<R>(f: impl FnOnce(&mut Bus) -> R) -> R {
 /// of this callback shares.
 pub fn snapshot_request(on: bool) {
     with(|b| {
-        b.request = on.then_some(None);
-        b.client_address = on.then_some(None);
+        b.request = Once::arm(on);
+        b.client_address = Once::arm(on);
     });
 }
 
-fn request_pairs<R>(f: impl FnOnce(Option<&Vec<(String, Vec<u8>)>>) -> R) -> Option<R> {
-    let armed = with(|b| b.request.is_some());
-    if !armed {
-        return None;
-    }
-    let unread = with(|b| matches!(b.request, Some(None)));
-    if unread {
+fn request_pairs<R>(f: impl FnOnce(Option<&Pairs>) -> R) -> Option<R> {
+    if with(|b| matches!(b.request, Once::Unread)) {
         let pairs = ffi::get_header_pairs(ffi::REQUEST_HEADERS);
-        with(|b| b.request = Some(Some(pairs)));
+        with(|b| b.request = Once::Read(pairs));
     }
     with(|b| match &b.request {
-        Some(Some(pairs)) => Some(f(pairs.as_ref())),
+        Once::Read(pairs) => Some(f(pairs.as_ref())),
         _ => None,
     })
 }
@@ -63,7 +81,7 @@ pub fn request_header(name: &str) -> Option<Vec<u8>> {
 }
 
 /// Every request header, from the shared read when armed.
-pub fn request_headers() -> Option<Vec<(String, Vec<u8>)>> {
+pub fn request_headers() -> Option<Pairs> {
     match request_pairs(|pairs| pairs.cloned()) {
         Some(v) => v,
         None => ffi::get_header_pairs(ffi::REQUEST_HEADERS),
@@ -74,26 +92,45 @@ pub fn request_headers() -> Option<Vec<(String, Vec<u8>)>> {
 pub fn client_address() -> Option<Vec<u8>> {
     let cached = with(|b| b.client_address.clone());
     match cached {
-        Some(Some(v)) => v,
-        Some(None) => {
+        Once::Read(v) => v,
+        Once::Unread => {
             let v = ffi::get_property(&["source", "address"]);
-            with(|b| b.client_address = Some(Some(v.clone())));
+            with(|b| b.client_address = Once::Read(v.clone()));
             v
         }
-        None => ffi::get_property(&["source", "address"]),
+        Once::Off => ffi::get_property(&["source", "address"]),
     }
 }
 
 /// Keeps the shared read equal to the map after a stage's edit that the host accepted.
 pub fn edited_request_header(name: &str, value: Option<&[u8]>) {
     with(|b| {
-        if let Some(Some(Some(pairs))) = &mut b.request {
+        if let Once::Read(Some(pairs)) = &mut b.request {
             pairs.retain(|(k, _)| k != name);
             if let Some(v) = value {
                 pairs.push((name.to_string(), v.to_vec()));
             }
         }
     });
+}
+
+/// Arms (or drops) one read of the clock for every stage of this callback: the stages of one
+/// callback decide at one instant, as the chain's filters would within a microsecond.
+pub fn one_clock(on: bool) {
+    with(|b| b.now = Once::arm(on));
+}
+
+/// The host's clock in nanoseconds, from the callback's one read when armed.
+pub fn now_ns() -> u64 {
+    match with(|b| b.now.clone()) {
+        Once::Read(t) => t,
+        Once::Unread => {
+            let t = ffi::current_time_ns().unwrap_or(0);
+            with(|b| b.now = Once::Read(t));
+            t
+        }
+        Once::Off => ffi::current_time_ns().unwrap_or(0),
+    }
 }
 
 /// Records a callout token for the stage now running.

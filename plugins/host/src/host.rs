@@ -52,7 +52,7 @@ impl RequestView for HostRequest {
 
 /// The host's wall clock in nanoseconds since the epoch (0 if the host cannot say).
 pub fn now_ns() -> u64 {
-    ffi::current_time_ns().unwrap_or(0)
+    crate::bus::now_ns()
 }
 
 /// Adds `n` to counter `id` (defined at configure time); a refusal is ignored, never a trap.

@@ -295,12 +295,21 @@ impl PipelineStream {
         } else {
             self.reached.saturating_sub(1)
         };
-        self.run(phase, from)
+        bus::one_clock(true);
+        let action = self.run(phase, from);
+        bus::one_clock(false);
+        action
     }
 
     /// Delivers a callout's answer to the stage that made the call; when that stage resumes
     /// the phase it paused, the stages after it run before the stream goes on.
     fn answer(&mut self, token: u32, deliver: impl FnOnce(&mut dyn HttpContext)) {
+        bus::one_clock(true);
+        self.deliver(token, deliver);
+        bus::one_clock(false);
+    }
+
+    fn deliver(&mut self, token: u32, deliver: impl FnOnce(&mut dyn HttpContext)) {
         let Some(at) = self.calls.iter().position(|(t, _)| *t == token) else {
             return;
         };
@@ -388,9 +397,11 @@ impl HttpContext for PipelineStream {
 
     fn on_log(&mut self) {
         let reached = self.reached;
+        bus::one_clock(true);
         for stage in self.stages.iter_mut().take(reached) {
             stage.on_log();
         }
+        bus::one_clock(false);
     }
 }
 
