@@ -157,7 +157,9 @@ fn cases() -> Vec<Case> {
             Request::get("/checkout").header("x-user-id", &format!("user-{n}"))
         }),
         edge("POST /payments (fresh key)", pay),
-        edge("GET /health (no policy applies)", |_| Request::get("/health")),
+        edge("GET /health (no policy applies)", |_| {
+            Request::get("/health")
+        }),
     ]
 }
 
