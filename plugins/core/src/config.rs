@@ -29,6 +29,19 @@ impl ConfigError {
     }
 }
 
+impl ConfigError {
+    /// The same error with its field named within `section` of a combined configuration
+    /// (`idempotency.maxEntries`; a whole-configuration error names the section itself).
+    pub fn in_section(mut self, section: &str) -> ConfigError {
+        self.field = if self.field == "configuration" {
+            section.to_string()
+        } else {
+            format!("{section}.{}", self.field)
+        };
+        self
+    }
+}
+
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: {}", self.field, self.message)

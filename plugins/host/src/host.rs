@@ -188,15 +188,12 @@ pub fn load_config<C>(
     crate::logger::follow_host_level();
     match parse(&plugin_configuration()) {
         Ok(c) => Some(c),
-        Err(mut e) => {
+        Err(e) => {
             // In a combined filter the field is named within its section.
-            if let Some((section, _)) = crate::bus::section() {
-                e.field = if e.field == "configuration" {
-                    section.to_string()
-                } else {
-                    format!("{section}.{}", e.field)
-                };
-            }
+            let e = match crate::bus::section() {
+                Some((section, _)) => e.in_section(section),
+                None => e,
+            };
             log::error!("{plugin}: configuration rejected: {e}");
             None
         }
