@@ -13,6 +13,7 @@ fn the_readme_shows_the_example_files_and_the_filter_reads_them() {
 }
 
 /// The JSON configurations in an Envoy YAML file, in filter order.
+#[cfg(test)]
 fn configurations(yaml: &str) -> Vec<serde_json::Value> {
     let mut out = Vec::new();
     let mut lines = yaml.lines().peekable();
