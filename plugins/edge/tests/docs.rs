@@ -39,7 +39,7 @@ fn the_full_example_is_edge_single_yaml_and_edge_yamls_four_configurations() {
         serde_json::from_str(include_str!("../examples/edge.json")).unwrap();
     let single =
         configurations(&std::fs::read_to_string(format!("{root}edge-single.yaml")).unwrap());
-    assert_eq!(single, [example.clone()]);
+    assert_eq!(single, std::slice::from_ref(&example));
     let chain = configurations(&std::fs::read_to_string(format!("{root}edge.yaml")).unwrap());
     let sections: Vec<serde_json::Value> =
         edge::SECTIONS.iter().map(|s| example[*s].clone()).collect();
