@@ -446,7 +446,11 @@ impl Scenario {
         );
         let key = |c: &[Filter]| -> Vec<String> {
             c.iter()
-                .map(|f| f.plugin.clone().unwrap_or_else(|| format!("{:?}", f.buffer)))
+                .map(|f| {
+                    f.plugin
+                        .clone()
+                        .unwrap_or_else(|| format!("{:?}", f.buffer))
+                })
                 .collect()
         };
         let moved = key(&chain) != key(&self.chain);
@@ -1033,16 +1037,22 @@ pub fn run_in_harness(s: &Scenario, modules: &mut Modules) -> Result<Transcript>
                         .and_then(|d| parse_duration(d).ok())
                         .unwrap_or_default()
                 };
+                let failed = |status: u32, message: &str| {
+                    GrpcReply::error(status, &grpc_message_seen(message))
+                };
                 match answers.get(&method) {
-                    // gRPC's own answer to a method the server does not have.
-                    None => GrpcReply::error(12, "unknown method"),
+                    None => failed(UNKNOWN_METHOD.0, UNKNOWN_METHOD.1),
+                    Some(a) if a.reset => GrpcReply {
+                        delay: delay(a),
+                        ..GrpcReply::error(14, GRPC_RESET_SEEN)
+                    },
                     Some(a) if a.grpc_status == 0 => GrpcReply {
                         delay: delay(a),
                         ..GrpcReply::ok(a.body.clone())
                     },
                     Some(a) => GrpcReply {
                         delay: delay(a),
-                        ..GrpcReply::error(a.grpc_status, &a.grpc_message)
+                        ..failed(a.grpc_status, &a.grpc_message)
                     },
                 }
             });
@@ -1078,6 +1088,7 @@ pub fn run_in_harness(s: &Scenario, modules: &mut Modules) -> Result<Transcript>
     let recorded = s.recorded_headers();
     let mut t = Transcript::default();
     let mut calls_before = 0;
+    let mut grpc_before = 0;
     for step in &s.steps {
         let before = edge.upstream_requests().len();
         let mut rec = StepRecord {
@@ -1180,10 +1191,51 @@ pub fn run_in_harness(s: &Scenario, modules: &mut Modules) -> Result<Transcript>
             }
         }
         calls_before = callouts.len();
+        // A gRPC call is one HTTP/2 request to its cluster: `POST /package.Service/Method`.
+        let grpc = edge.grpc_sent();
+        for g in grpc.iter().skip(grpc_before).filter(|g| !g.stream) {
+            if s.clusters.contains_key(&g.cluster) {
+                let path = format!("/{}/{}", g.service, g.method);
+                rec.calls.push(call_line(&g.cluster, "POST", &path));
+            }
+        }
+        grpc_before = grpc.len();
         rec.calls.sort();
         t.steps.push(rec);
     }
     Ok(t)
+}
+
+/// How a scenario's gRPC server answers a method it does not have: gRPC's UNIMPLEMENTED.
+pub const UNKNOWN_METHOD: (u32, &str) = (12, "unknown method");
+
+/// What a plugin reads (`proxy_get_status`) when a scenario's gRPC server resets the call's
+/// stream before answering: Envoy 1.40's router answers the call 14 with this message.
+const GRPC_RESET_SEEN: &str = "upstream connect error or disconnect/reset before headers. \
+     reset reason: remote reset{upstream_reset_before_response_started{remote_reset}}";
+
+/// `grpc-message` as a gRPC server writes it: percent-encoded outside printable ASCII, and
+/// `%` itself.
+pub fn grpc_message_on_the_wire(message: &str) -> String {
+    let mut out = String::new();
+    for b in message.bytes() {
+        if (0x20..0x7f).contains(&b) && b != b'%' {
+            out.push(char::from(b));
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
+/// The message a plugin reads for a call a gRPC server failed with `message`: Envoy 1.40
+/// hands over the header as it came (not percent-decoded) with its response details,
+/// `{via_upstream}`, appended; without a message, the details alone (`via_upstream`).
+fn grpc_message_seen(message: &str) -> String {
+    if message.is_empty() {
+        return "via_upstream".into();
+    }
+    format!("{}{{via_upstream}}", grpc_message_on_the_wire(message))
 }
 
 /// A call to a scenario's cluster as both runners record it.
@@ -1281,7 +1333,10 @@ fn harness_request(send: &Send) -> Request {
     }
     if !body.is_empty() || matches!(method.as_str(), "POST" | "PUT" | "PATCH") {
         if send.chunks.unwrap_or(1) > 1 && !send.grpc {
-            req = req.header("transfer-encoding", "chunked");
+            // HTTP/2 has no chunked encoding: the pieces are DATA frames, with no length.
+            if send.protocol.as_deref() != Some("h2") {
+                req = req.header("transfer-encoding", "chunked");
+            }
         } else {
             req = req.header("content-length", &body.len().to_string());
         }
@@ -1304,7 +1359,12 @@ fn harness_request(send: &Send) -> Request {
 }
 
 fn seen(res: &crate::Response, recorded: &[String]) -> Seen {
-    let seen = Seen::new(res.status, recorded, |h| res.header(h), &res.body);
+    // A header missing from the headers may be a trailer (`grpc-status` after a body).
+    let header = |h: &str| {
+        res.header(h)
+            .or_else(|| crate::state::header_value(&res.trailers, h))
+    };
+    let seen = Seen::new(res.status, recorded, header, &res.body);
     // A reset after the headers shows as the headers, then the reset (the body cut short
     // is not compared: how much of it got out is a matter of timing in Envoy).
     if res.reset && res.status != 0 {

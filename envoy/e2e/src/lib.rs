@@ -1,5 +1,6 @@
 //! The real-Envoy end-to-end rig: a scriptable [`TestUpstream`], an [`Envoy`] process guard that
-//! starts the configs in `envoy/` with free ports, a blocking [`client`], and a stats reader.
+//! starts the configs in `envoy/` with free ports, a blocking [`client`], a stats reader, and
+//! for scenario files a scripted gRPC server and an HTTP/2 client ([`http2`]).
 //!
 //! Nothing here is global: every test makes its own upstream and Envoy, so tests run in
 //! parallel, and every process or thread a test starts ends when its guard drops.
@@ -18,6 +19,7 @@
 pub mod client;
 mod envoy;
 mod http;
+pub mod http2;
 pub mod scenario;
 mod upstream;
 

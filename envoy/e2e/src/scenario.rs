@@ -1,7 +1,8 @@
 //! The real-Envoy runner of scenario files (`host_tests::scenario`): it generates the Envoy
-//! config of the scenario's chain, scripts two [`TestUpstream`]s (the application and the
-//! `flags` cluster), sends the steps' requests with real pauses, and writes the same
-//! normalised transcript as the harness runner.
+//! config of the scenario's chain, scripts a [`TestUpstream`] for the application and for each
+//! HTTP callout cluster (`flags` always) and a [`GrpcServer`] for each gRPC one, sends the
+//! steps' requests (HTTP/1.1, or HTTP/2 for `protocol: h2`) with real pauses, and writes the
+//! same normalised transcript as the harness runner.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -9,8 +10,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use crate::http;
+use crate::http2::{self, GrpcServer, H2Request};
 use crate::{Envoy, HeldPort, RecordedRequest, Script, Substitutions, TestUpstream};
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use host_tests::scenario::{
     answer_for, call_line, parse_duration, step_label, upstream_line, Answer, Scenario, Seen, Send,
     StepRecord, Transcript,
@@ -145,12 +147,23 @@ pub fn envoy_config(s: &Scenario) -> String {
             ));
         }
     }
-    let cluster = |name: &str, port: &str| {
+    let cluster = |name: &str, port: &str, grpc: bool| {
+        // A gRPC cluster speaks HTTP/2 to its server (gRPC has no HTTP/1.1 form).
+        let h2 = if grpc {
+            r#"      typed_extension_protocol_options:
+        envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+          "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+          explicit_http_config:
+            http2_protocol_options: {}
+"#
+        } else {
+            ""
+        };
         format!(
             r#"    - name: {name}
       type: STATIC
       connect_timeout: 1s
-      load_assignment:
+{h2}      load_assignment:
         cluster_name: {name}
         endpoints:
           - lb_endpoints:
@@ -190,10 +203,10 @@ static_resources:
 {backend}{flags}"#,
         routes = indent(&routes, 6),
         filters = indent(&filters, 6),
-        backend = cluster("backend", "port_value: 18080"),
+        backend = cluster("backend", "port_value: 18080", false),
         flags = callout_clusters(s)
             .iter()
-            .map(|(name, marker)| cluster(name, marker))
+            .map(|(name, marker)| cluster(name, marker, is_grpc(s, name)))
             .collect::<String>(),
     )
 }
@@ -206,6 +219,43 @@ fn callout_clusters(s: &Scenario) -> Vec<(String, String)> {
         out.push((name.clone(), format!("port_value: {}", 18100 + i)));
     }
     out
+}
+
+fn is_grpc(s: &Scenario, cluster: &str) -> bool {
+    s.clusters.get(cluster).is_some_and(|c| c.grpc)
+}
+
+/// A callout cluster's server: HTTP, or gRPC over HTTP/2.
+enum Callee {
+    Http(TestUpstream),
+    Grpc(GrpcServer),
+}
+
+impl Callee {
+    fn port(&self) -> u16 {
+        match self {
+            Callee::Http(up) => up.port(),
+            Callee::Grpc(server) => server.port(),
+        }
+    }
+
+    /// The calls received since the last time, as `(:method, :path)`.
+    fn take_calls(&self) -> Vec<(String, String)> {
+        match self {
+            Callee::Http(up) => {
+                let calls = up.requests().into_iter().map(|r| (r.method, r.path));
+                let calls = calls.collect();
+                up.clear();
+                calls
+            }
+            Callee::Grpc(server) => {
+                let calls = server.calls().into_iter().map(|c| (c.method, c.path));
+                let calls = calls.collect();
+                server.clear();
+                calls
+            }
+        }
+    }
 }
 
 /// The answers each callout cluster serves, by name.
@@ -242,19 +292,6 @@ pub fn run_in_envoy(s: &Scenario) -> Result<Transcript> {
     if let Some(b) = &backend {
         serve(b, &backend_routes, false);
     }
-    if let Some((name, _)) = s.clusters.iter().find(|(_, c)| c.grpc) {
-        bail!(
-            "cluster {name:?} is a gRPC cluster: the Envoy runner has no gRPC server yet (run \
-             the file in the harness only)"
-        );
-    }
-    if s.steps
-        .iter()
-        .flat_map(|step| step.send.iter().chain(step.together.iter().flatten()))
-        .any(|send| send.protocol.as_deref() == Some("h2"))
-    {
-        bail!("protocol: h2 requests: the Envoy runner's client speaks HTTP/1.1 only");
-    }
     let flags = TestUpstream::start()?;
     serve(&flags, &flag_routes, true);
     let mut subs = Substitutions::new(backend_addr.port())
@@ -263,12 +300,18 @@ pub fn run_in_envoy(s: &Scenario) -> Result<Transcript> {
     let mut others = Vec::new();
     let mut other_names = Vec::new();
     for (name, marker) in callout_clusters(s).into_iter().skip(1) {
-        other_names.push(name.clone());
-        let up = TestUpstream::start()?;
-        let served: Routes = Arc::new(Mutex::new(routes.get(&name).cloned().unwrap_or_default()));
-        serve(&up, &served, true);
-        subs = subs.replace(marker, format!("port_value: {}", up.port()));
-        others.push(up);
+        let callee = match s.clusters.get(&name).filter(|c| c.grpc) {
+            Some(c) => Callee::Grpc(GrpcServer::start(c.answers.clone())?),
+            None => {
+                let up = TestUpstream::start()?;
+                let served = routes.get(&name).cloned().unwrap_or_default();
+                serve(&up, &Arc::new(Mutex::new(served)), true);
+                Callee::Http(up)
+            }
+        };
+        subs = subs.replace(marker, format!("port_value: {}", callee.port()));
+        other_names.push(name);
+        others.push(callee);
     }
     if let Some(flags_routes) = routes
         .get("flags")
@@ -382,14 +425,21 @@ pub fn run_in_envoy(s: &Scenario) -> Result<Transcript> {
                 .push(upstream_line(&u.method, &u.path, &headers, u.body.len()));
         }
         rec.upstream.sort();
-        let declared = std::iter::once(("flags".to_string(), &flags))
-            .chain(other_names.iter().cloned().zip(others.iter()))
-            .filter(|(name, _)| s.clusters.contains_key(name));
-        for (name, up) in declared {
-            for r in up.requests() {
-                rec.calls.push(call_line(&name, &r.method, &r.path));
+        let flag_calls = flags.requests().into_iter().map(|r| (r.method, r.path));
+        let flag_calls: Vec<_> = flag_calls.collect();
+        flags.clear();
+        let declared = std::iter::once(("flags", flag_calls))
+            .chain(
+                other_names
+                    .iter()
+                    .map(String::as_str)
+                    .zip(others.iter().map(Callee::take_calls)),
+            )
+            .filter(|(name, _)| s.clusters.contains_key(*name));
+        for (name, calls) in declared {
+            for (method, path) in calls {
+                rec.calls.push(call_line(name, &method, &path));
             }
-            up.clear();
         }
         rec.calls.sort();
         t.steps.push(rec);
@@ -428,6 +478,31 @@ fn send_one(listener: SocketAddr, send: &Send, recorded: &[String]) -> Result<Se
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
+    if send.protocol.as_deref() == Some("h2") {
+        let h2_headers = h2_headers(&method, &headers, &pieces);
+        let h2_headers: Vec<(&str, &str)> = h2_headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let req = H2Request {
+            method: &method,
+            path: &send.path,
+            authority: AUTHORITY,
+            headers: &h2_headers,
+            pieces: &pieces,
+        };
+        let res = http2::send(listener, from, &req, CLIENT_TIMEOUT)?;
+        let seen = Seen::new(res.status, recorded, |h| res.header(h), &res.body);
+        return Ok(if res.reset {
+            Seen {
+                body: String::new(),
+                ..seen
+            }
+            .reset_after_headers()
+        } else {
+            seen
+        });
+    }
     let stream = connect(listener, from)?;
     write_request(&stream, &method, &send.path, &headers, &pieces)?;
     let mut reader = BufReader::new(&stream);
@@ -450,6 +525,24 @@ fn send_one(listener: SocketAddr, send: &Send, recorded: &[String]) -> Result<Se
             Err(_) => seen(b"").reset_after_headers(),
         });
     }
+}
+
+/// An HTTP/2 request's headers as the harness gives them: `content-length` for a body sent in
+/// one piece (or any POST, PUT, PATCH), none for one in several (HTTP/2 has no chunked
+/// encoding: each piece is its own DATA frame).
+fn h2_headers(method: &str, headers: &[(&str, &str)], pieces: &[&[u8]]) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    let has = |name: &str| headers.iter().any(|(n, _)| n.eq_ignore_ascii_case(name));
+    let body_len: usize = pieces.iter().map(|p| p.len()).sum();
+    let one_piece = pieces.iter().filter(|p| !p.is_empty()).count() <= 1;
+    if one_piece
+        && (body_len > 0 || matches!(method, "POST" | "PUT" | "PATCH"))
+        && !has("content-length")
+    {
+        out.push(("content-length".into(), body_len.to_string()));
+    }
+    out.extend(headers.iter().map(|(n, v)| (n.to_string(), v.to_string())));
+    out
 }
 
 /// The request as the rig's client writes it (`host`, `connection: close`, the length or

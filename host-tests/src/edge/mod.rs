@@ -135,16 +135,30 @@ pub struct Edge {
 
 /// The request headers Envoy's codec and connection manager hand the first filter.
 fn downstream_request_headers(request: &Request, host: &mut HostShared) -> HeaderMap {
-    let mut headers: HeaderMap = vec![
-        (
-            b":authority".to_vec(),
-            request.authority.clone().into_bytes(),
-        ),
-        (b":path".to_vec(), request.path.clone().into_bytes()),
-        (b":method".to_vec(), request.method.clone().into_bytes()),
-        (b":scheme".to_vec(), b"http".to_vec()),
-    ];
-    headers.extend(request.headers.iter().cloned());
+    let authority = (
+        b":authority".to_vec(),
+        request.authority.clone().into_bytes(),
+    );
+    let path = (b":path".to_vec(), request.path.clone().into_bytes());
+    let method = (b":method".to_vec(), request.method.clone().into_bytes());
+    let scheme = (b":scheme".to_vec(), b"http".to_vec());
+    // The HTTP/2 codec keeps the client's order: the h2 crate's (and tonic's, hyper's).
+    let mut headers: HeaderMap = if request.protocol == "HTTP/2" {
+        vec![method, scheme, authority, path]
+    } else {
+        vec![authority, path, method, scheme]
+    };
+    // Envoy 1.40's HTTP/1.1 codec takes a chunked body's `transfer-encoding` out of the headers
+    // filters see (the upstream codec frames the body again).
+    headers.extend(
+        request
+            .headers
+            .iter()
+            .filter(|(name, value)| {
+                name.as_slice() != b"transfer-encoding" || !value.eq_ignore_ascii_case(b"chunked")
+            })
+            .cloned(),
+    );
     // The connection manager sets x-forwarded-proto, then generates the request id.
     headers.push((b"x-forwarded-proto".to_vec(), b"http".to_vec()));
     if !headers.iter().any(|(name, _)| name == b"x-request-id") {

@@ -174,8 +174,18 @@ impl Edge {
         let flight = self.flight(id)?;
         let request = {
             let exchange = flight.exchange.borrow();
+            let mut headers = super::codec::as_http1_peer_sees(&exchange.maps.request_headers);
+            // Envoy's HTTP/1.1 upstream codec frames a body of unknown length (an HTTP/2
+            // client's without `content-length`) as chunked.
+            let has = |name: &[u8]| headers.iter().any(|(n, _)| n.as_slice() == name);
+            if !flight.chains.request.delivered_body.is_empty()
+                && !has(b"content-length")
+                && !has(b"transfer-encoding")
+            {
+                headers.push((b"transfer-encoding".to_vec(), b"chunked".to_vec()));
+            }
             UpstreamRequest {
-                headers: super::codec::as_http1_peer_sees(&exchange.maps.request_headers),
+                headers,
                 body: flight.chains.request.delivered_body.clone(),
                 trailers: exchange.maps.request_trailers.clone(),
                 worker: flight.worker,
