@@ -48,8 +48,10 @@ usage: ./build.sh [command]
   test    build, then: cargo test --workspace, envoy --mode validate on envoy/*.yaml,
           cargo fmt --check, cargo clippy -D warnings, and each plugin without its host glue
           (cargo check --no-default-features: a policy cannot reach the host)
-  demo    build, then run the demo application (tools/demo_app.py) and Envoy on envoy/edge.yaml
-          (http://127.0.0.1:$DEMO_LISTENER_PORT) until Ctrl-C
+  demo [--single]
+          build, then run the demo application (tools/demo_app.py) and Envoy on envoy/edge.yaml
+          (http://127.0.0.1:$DEMO_LISTENER_PORT) until Ctrl-C; --single runs the same policies as
+          one filter, dist/edge.wasm (envoy/edge-single.yaml)
   bench   build, then measure (about 10 minutes, not part of test): module sizes, wasm
           instructions per request in the harness, Envoy CPU per request, throughput and
           latency for each plugin beside bare Envoy, its native local_ratelimit and an empty
@@ -140,8 +142,9 @@ for name in wanted:
   done <<<"$list"
 }
 
-# Modules whose stages are other plugins' glue: built on their own, since the plugins they
-# link leave out their own entry points there (feature `module`).
+# Modules whose stages are other plugins' glue: built on their own (profile `combined`, the
+# release settings in a directory of its own), since the plugins they link leave out their
+# own entry points there (feature `module`).
 COMBINED=(edge)
 
 is_combined() {
@@ -159,6 +162,13 @@ stage_sources() {
   else
     echo "plugins/$1/src"
   fi
+}
+
+# Where cargo put plugin number $1's module.
+built_module() {
+  local profile=release
+  is_combined "${PLUGINS[$1]}" && profile=combined
+  echo "$CARGO_OUT/$TARGET/$profile/${PLUGIN_ARTIFACTS[$1]}.wasm"
 }
 
 # Copies the plugins to dist/, optimises them and prints their sizes.
@@ -190,7 +200,7 @@ install_plugins() {
   for i in "${!PLUGIN_ARTIFACTS[@]}"; do
     artifact=${PLUGIN_ARTIFACTS[$i]}
     out=dist/$artifact.wasm
-    cp -- "$CARGO_OUT/$TARGET/release/$artifact.wasm" "$out"
+    cp -- "$(built_module "$i")" "$out"
     before=$(wc -c <"$out")
     # Envoy crosses into the VM only for exported callbacks: drop those the plugin leaves
     # at the SDK's default (tools/trim_callbacks.py).
@@ -254,8 +264,8 @@ cmd_build() {
   header "cargo build --release --target $TARGET ${args[*]}"
   cargo build --release --target "$TARGET" "${args[@]}"
   if ((${#combined[@]})); then
-    header "cargo build --release --target $TARGET ${combined[*]}"
-    cargo build --release --target "$TARGET" "${combined[@]}"
+    header "cargo build --profile combined --target $TARGET ${combined[*]}"
+    cargo build --profile combined --target "$TARGET" "${combined[@]}"
   fi
   install_plugins
   install_test_modules
@@ -430,6 +440,12 @@ EOF
 }
 
 cmd_demo() {
+  local config=envoy/edge.yaml
+  case ${1:-} in
+    "") ;;
+    --single) config=envoy/edge-single.yaml ;;
+    *) die "demo: the only option is --single (the four policies as one filter, dist/edge.wasm)" ;;
+  esac
   local port
   for port in "$DEMO_LISTENER_PORT" "$DEMO_ADMIN_PORT" "$DEMO_UPSTREAM_PORT"; do
     if port_in_use "$port"; then
@@ -441,12 +457,12 @@ cmd_demo() {
   trap demo_stop EXIT
   trap 'exit 130' INT
   trap 'exit 143' TERM
-  header "starting the demo application (tools/demo_app.py) and Envoy on envoy/edge.yaml"
+  header "starting the demo application (tools/demo_app.py) and Envoy on $config"
   # The application is plain Python, the one bench/soak.py serves too: nothing to compile.
   python3 tools/demo_app.py "$DEMO_UPSTREAM_PORT" &
   DEMO_PIDS+=("$!")
   # Plugin log lines (wasm:info) and Envoy's warnings go to this terminal.
-  "$ENVOY_BIN" -c envoy/edge.yaml --concurrency 2 --disable-hot-restart \
+  "$ENVOY_BIN" -c "$config" --concurrency 2 --disable-hot-restart \
     --log-level warning --component-log-level wasm:info &
   local envoy_pid=$!
   DEMO_PIDS+=("$envoy_pid")
@@ -495,9 +511,10 @@ cmd_bench() {
     echo
     echo "| module | built | after trimming unused callbacks and wasm-opt -Oz | target | |"
     echo "|---|---|---|---|---|"
-    local artifact before after target
-    for artifact in "${PLUGIN_ARTIFACTS[@]}"; do
-      before=$(wc -c <"$CARGO_OUT/$TARGET/release/$artifact.wasm")
+    local artifact before after target i
+    for i in "${!PLUGIN_ARTIFACTS[@]}"; do
+      artifact=${PLUGIN_ARTIFACTS[$i]}
+      before=$(wc -c <"$(built_module "$i")")
       after=$(wc -c <"dist/$artifact.wasm")
       # KB as 1,000 bytes: a separate module ≤ 220 KB, the combined edge.wasm ≤ 400 KB.
       target=220000
@@ -691,7 +708,7 @@ cmd_package() {
 case ${1:-build} in
   build) cmd_build ;;
   test) cmd_test ;;
-  demo) cmd_demo ;;
+  demo) cmd_demo "${2:-}" ;;
   bench) cmd_bench ;;
   soak) cmd_soak "${2:-}" ;;
   fuzz) cmd_fuzz "${2:-}" ;;
