@@ -399,6 +399,13 @@ pub fn run(case: &Case, module: &Module) -> Result<Outcome, String> {
     let answers = served.clone();
     let flag_docs = docs.clone();
     let fetches = Rc::new(RefCell::new(0usize));
+    // The source is the cluster the configuration names, even a mutated one's: the plugin
+    // cannot know Envoy's clusters, so a name Envoy lacks is the operator's mistake, not the
+    // plugin's, and fuzzing it would test nothing but that refusal.
+    let cluster = serde_json::from_str::<serde_json::Value>(&case.config)
+        .ok()
+        .and_then(|c| c["source"]["cluster"].as_str().map(str::to_string))
+        .unwrap_or_else(|| "flags".into());
     let built = Edge::builder()
         .plugin(
             Plugin::new(module, case.config.clone())
@@ -446,7 +453,7 @@ pub fn run(case: &Case, module: &Module) -> Result<Outcome, String> {
                 }
             }
         })
-        .cluster("flags", move |req| {
+        .cluster(&cluster, move |req| {
             let i = {
                 let mut f = fetches.borrow_mut();
                 *f += 1;
