@@ -12,6 +12,7 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+mod edge;
 mod flood;
 mod fuzz;
 mod gen;

@@ -24,7 +24,7 @@ fn schedule(t: u64, len: u64) -> Box<dyn FnMut(usize) -> usize> {
     }
 }
 
-fn callbacks_of(edge: &mut Edge, req: Request) -> u64 {
+pub(crate) fn callbacks_of(edge: &mut Edge, req: Request) -> u64 {
     let id = edge.begin(req).expect("begin");
     let mut n = 0;
     while let Step::Ran(_) = edge.step(id).expect("step") {
@@ -37,7 +37,7 @@ fn callbacks_of(edge: &mut Edge, req: Request) -> u64 {
 /// Runs `trials` races on `edge`: `setup` before each (e.g. let the clock pass), `pair(t)`
 /// gives the two requests, and exactly one of them, or the other worker a staged race stands
 /// for, may reach the application. `check` sees both responses. Returns the staged trials.
-fn run_trials(
+pub(crate) fn run_trials(
     edge: &mut Edge,
     trials: u64,
     len: u64,
