@@ -3,9 +3,9 @@
 
 use crate::config::Node;
 use crate::request::RequestView;
+use crate::siphash::SipHasher24;
 use crate::store::{get_or_create, SlotStore, StoreError};
 use crate::ConfigError;
-use crate::siphash::SipHasher24;
 
 /// Where a key part comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
