@@ -3,7 +3,7 @@
 #![doc = include_str!("../README.md")]
 
 /// The sections of the configuration, in the order the stages run.
-pub const SECTIONS: [&str; 4] = ["rateLimit", "flagRouter", "idempotency", "cachedFallback"];
+pub use edge_core::config::SECTIONS;
 
 #[cfg(target_family = "wasm")]
 edge_host::host::main!(
@@ -17,7 +17,7 @@ edge_host::host::main!(
 /// plugin's own parser. The warnings it would log (each with its plugin's prefix), or the
 /// error it would log.
 pub fn check(config: &[u8]) -> Result<Vec<String>, String> {
-    let sections = edge_host::pipeline::split_sections(config, &SECTIONS)?;
+    let sections = edge_core::config::split_sections(config, &SECTIONS)?;
     let mut warnings = Vec::new();
     for (section, bytes) in SECTIONS.iter().zip(sections) {
         let Some(bytes) = bytes else { continue };

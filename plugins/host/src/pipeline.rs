@@ -15,6 +15,7 @@
 //! as the plugin made it.
 
 use crate::bus;
+use edge_core::config::split_sections;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
 
@@ -113,39 +114,6 @@ fn gcd(a: u64, b: u64) -> u64 {
     } else {
         gcd(b, a % b)
     }
-}
-
-/// The bytes of each named section of a combined configuration (`None` where absent), or why
-/// the configuration is refused.
-pub fn split_sections(raw: &[u8], names: &[&str]) -> Result<Vec<Option<Vec<u8>>>, String> {
-    let text = if raw.iter().all(u8::is_ascii_whitespace) {
-        &b"{}"[..]
-    } else {
-        raw
-    };
-    let value: serde_json::Value =
-        serde_json::from_slice(text).map_err(|e| format!("configuration: not JSON: {e}"))?;
-    let serde_json::Value::Object(map) = value else {
-        return Err(format!(
-            "configuration: must be an object of sections ({})",
-            names.join(", ")
-        ));
-    };
-    if let Some(unknown) = map.keys().find(|k| !names.contains(&k.as_str())) {
-        return Err(format!(
-            "{unknown}: unknown section; the sections are {}",
-            names.join(", ")
-        ));
-    }
-    names
-        .iter()
-        .map(|name| match map.get(*name) {
-            None => Ok(None),
-            Some(v) => serde_json::to_vec(v)
-                .map(Some)
-                .map_err(|e| format!("{name}: {e}")),
-        })
-        .collect()
 }
 
 impl Context for PipelineRoot {
@@ -408,29 +376,6 @@ impl HttpContext for PipelineStream {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const NAMES: [&str; 2] = ["rateLimit", "idempotency"];
-
-    #[test]
-    fn sections_are_split_and_absent_ones_are_off() {
-        let s = split_sections(br#"{"idempotency": {"routes": []}}"#, &NAMES).unwrap();
-        assert_eq!(s[0], None);
-        assert_eq!(s[1].as_deref(), Some(&br#"{"routes":[]}"#[..]));
-        assert_eq!(split_sections(b"  ", &NAMES).unwrap(), vec![None, None]);
-    }
-
-    #[test]
-    fn an_unknown_section_or_a_non_object_is_refused_by_name() {
-        let e = split_sections(br#"{"rateLimits": {}}"#, &NAMES).unwrap_err();
-        assert_eq!(
-            e,
-            "rateLimits: unknown section; the sections are rateLimit, idempotency"
-        );
-        let e = split_sections(b"[1]", &NAMES).unwrap_err();
-        assert!(e.starts_with("configuration: must be an object"), "{e}");
-        let e = split_sections(b"{", &NAMES).unwrap_err();
-        assert!(e.starts_with("configuration: not JSON"), "{e}");
-    }
 
     #[test]
     fn timers_share_one_period() {

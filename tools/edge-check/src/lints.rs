@@ -87,7 +87,7 @@ pub fn document(file: &str, text: &str, doc: &Node<'_>, out: &mut Vec<Finding>) 
         let ours = entries
             .iter()
             .enumerate()
-            .filter_map(|(i, e)| Filter::read(text, e, i))
+            .flat_map(|(i, e)| Filter::read(text, e, i))
             .collect();
         let chain = Chain {
             file,
@@ -141,7 +141,7 @@ impl Chain<'_, '_> {
                 };
                 out.push(self.finding(
                     line,
-                    Some(f.plugin),
+                    (!f.whole).then_some(f.plugin),
                     &e.field,
                     Severity::Error,
                     format!("{message}: Envoy refuses this configuration"),
@@ -207,10 +207,11 @@ impl Chain<'_, '_> {
                 continue;
             };
             if clusters.lacks(&source.cluster) {
+                let path = f.path("source.cluster");
                 out.push(self.finding(
-                    f.line_of("source.cluster"),
+                    f.line_of(&path),
                     Some(f.plugin),
-                    "source.cluster",
+                    path,
                     Severity::Error,
                     format!(
                         "\"{}\" is not a cluster of static_resources.clusters: every fetch of \
@@ -240,10 +241,11 @@ impl Chain<'_, '_> {
                          (failureMode \"open\")"
                     }
                 };
+                let path = f.path("store.etcd.cluster");
                 out.push(self.finding(
-                    f.line_of("store.etcd.cluster"),
+                    f.line_of(&path),
                     Some(f.plugin),
-                    "store.etcd.cluster",
+                    path,
                     Severity::Error,
                     format!(
                         "\"{}\" is not a cluster of static_resources.clusters: no request reaches \
@@ -274,7 +276,7 @@ impl Chain<'_, '_> {
                     FailureMode::Open => "every request is allowed (failureMode \"open\")",
                     FailureMode::Closed => "every request gets 503 (failureMode \"closed\")",
                 };
-                let path = format!("rules[{i}].global.cluster");
+                let path = f.path(&format!("rules[{i}].global.cluster"));
                 let problem = match clusters.find(&global.cluster) {
                     Lookup::Missing => "is not a cluster of static_resources.clusters".to_string(),
                     Lookup::Found(c) if !speaks_http2(c) => format!(
@@ -363,7 +365,7 @@ impl Chain<'_, '_> {
                 out.push(self.finding(
                     test.line,
                     Some(f.plugin),
-                    format!("flags.{flag}.variants"),
+                    f.path(&format!("flags.{flag}.variants")),
                     Severity::Warning,
                     format!(
                         "the route matches {header} {} \"{}\", which no variant of flag \
@@ -387,7 +389,8 @@ impl Chain<'_, '_> {
     fn order(&self, out: &mut Vec<Finding>) {
         for (i, early) in self.ours.iter().enumerate() {
             for late in self.ours.iter().skip(i + 1) {
-                if early.plugin <= late.plugin {
+                // The stages of one edge.wasm filter run in the README's order.
+                if early.plugin <= late.plugin || early.index == late.index {
                     continue;
                 }
                 out.push(self.finding(

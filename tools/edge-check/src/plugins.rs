@@ -39,15 +39,37 @@ impl Plugin {
         Plugin::ALL.into_iter().find(|p| p.name() == name)
     }
 
+    /// The plugin whose section of `edge.wasm`'s configuration is `section`.
+    fn by_section(section: &str) -> Option<Plugin> {
+        let at = edge_core::config::SECTIONS
+            .iter()
+            .position(|s| *s == section)?;
+        Plugin::ALL.get(at).copied()
+    }
+}
+
+/// What a wasm filter runs: one of our plugins, or all of them as `edge.wasm`'s stages.
+enum Module {
+    One(Plugin),
+    Edge,
+}
+
+impl Module {
     /// The module file names it when it is one of ours (it is what runs), else the `root_id`.
-    fn of_wasm(config: &Node<'_>) -> Option<Plugin> {
+    fn of_wasm(config: &Node<'_>) -> Option<Module> {
+        let by_name = |name: &str| match name {
+            "edge" => Some(Module::Edge),
+            _ => Plugin::by_name(name).map(Module::One),
+        };
         let file = yaml::str_at(config, &["vm_config", "code", "local", "filename"])
             .and_then(|f| f.rsplit(['/', '\\']).next())
             .and_then(|f| f.strip_suffix(".wasm"))
-            .and_then(Plugin::by_name);
-        file.or_else(|| yaml::str_at(config, &["root_id"]).and_then(Plugin::by_name))
+            .and_then(by_name);
+        file.or_else(|| yaml::str_at(config, &["root_id"]).and_then(by_name))
     }
+}
 
+impl Plugin {
     fn parse(self, json: &[u8]) -> Result<Parsed, ConfigError> {
         Ok(match self {
             Plugin::RateLimit => Parsed::RateLimit(rate_limit::config::Config::parse(json)?),
@@ -86,8 +108,13 @@ pub struct Filter {
     pub config: Result<Parsed, ConfigError>,
     /// The line of the configuration's `value` (the filter's line when there is none).
     pub config_line: usize,
+    /// The error is about `edge.wasm`'s configuration as a whole (its sections), not `plugin`'s.
+    pub whole: bool,
+    /// The plugin's section, in `edge.wasm`'s configuration.
+    pub section: Option<&'static str>,
 }
 
+#[derive(Clone)]
 struct JsonText {
     text: String,
     /// YAML line of the text's first line, when the text's lines are the YAML's lines (a
@@ -98,13 +125,18 @@ struct JsonText {
 }
 
 impl Filter {
-    /// Reads a `http_filters` entry; `None` when it is not one of our plugins.
-    pub fn read(source: &str, entry: &Node<'_>, index: usize) -> Option<Filter> {
+    /// Reads a `http_filters` entry: one filter per plugin it runs (`edge.wasm`: one per
+    /// section its configuration has), none when it is not ours.
+    pub fn read(source: &str, entry: &Node<'_>, index: usize) -> Vec<Filter> {
+        Self::read_module(source, entry, index).unwrap_or_default()
+    }
+
+    fn read_module(source: &str, entry: &Node<'_>, index: usize) -> Option<Vec<Filter>> {
         if !yaml::is_filter(entry, "envoy.filters.http.wasm", WASM_TYPE) {
             return None;
         }
         let config = yaml::path(entry, &["typed_config", "config"])?;
-        let plugin = Plugin::of_wasm(config)?;
+        let module = Module::of_wasm(config)?;
         let line = yaml::entry(entry, "name").map_or(yaml::line(entry), |(k, _)| yaml::line(k));
         let value = yaml::path(config, &["configuration"]).and_then(|c| yaml::entry(c, "value"));
         let json = value.map(|(key, value)| {
@@ -121,24 +153,75 @@ impl Filter {
             }
         });
         let config_line = json.as_ref().map_or(line, |j| j.value_line);
-        let parsed = match value {
-            Some((_, v)) if v.data.as_str().is_none() => Err(ConfigError::new(
-                "configuration",
-                "the StringValue's `value` must be a string holding the JSON configuration",
-            )),
-            _ => plugin.parse(json.as_ref().map_or(&[][..], |j| j.text.as_bytes())),
-        };
-        Some(Filter {
+        let not_text = value.is_some_and(|(_, v)| v.data.as_str().is_none());
+        let text = json.as_ref().map_or(&[][..], |j| j.text.as_bytes());
+        let filter = |plugin, config| Filter {
             plugin,
             line,
             index,
-            json,
-            config: parsed,
+            json: json.clone(),
+            config,
             config_line,
-        })
+            whole: false,
+            section: None,
+        };
+        if not_text {
+            let plugin = match module {
+                Module::One(p) => p,
+                Module::Edge => Plugin::RateLimit,
+            };
+            return Some(vec![Filter {
+                whole: matches!(module, Module::Edge),
+                ..filter(
+                    plugin,
+                    Err(ConfigError::new(
+                        "configuration",
+                        "the StringValue's `value` must be a string holding the JSON configuration",
+                    )),
+                )
+            }]);
+        }
+        let plugin = match module {
+            Module::One(plugin) => return Some(vec![filter(plugin, plugin.parse(text))]),
+            Module::Edge => Plugin::RateLimit,
+        };
+        let sections = match edge_core::config::split_sections(text, &edge_core::config::SECTIONS) {
+            Ok(s) => s,
+            // Not one plugin's: the finding names no plugin (see `whole`).
+            Err(why) => {
+                let (field, message) = why.split_once(": ").unwrap_or(("configuration", &why));
+                return Some(vec![Filter {
+                    whole: true,
+                    ..filter(plugin, Err(ConfigError::new(field, message)))
+                }]);
+            }
+        };
+        Some(
+            edge_core::config::SECTIONS
+                .iter()
+                .zip(sections)
+                .filter_map(|(section, bytes)| {
+                    let plugin = Plugin::by_section(section)?;
+                    let parsed = plugin.parse(&bytes?).map_err(|e| e.in_section(section));
+                    Some(Filter {
+                        section: Some(section),
+                        ..filter(plugin, parsed)
+                    })
+                })
+                .collect(),
+        )
     }
 
-    /// The YAML line of a field of the configuration (`path` as the plugins name it), or of
+    /// `path` (as the plugin names its fields) within the whole configuration: under the
+    /// plugin's section in `edge.wasm`'s.
+    pub fn path(&self, path: &str) -> String {
+        match self.section {
+            Some(section) => format!("{section}.{path}"),
+            None => path.to_string(),
+        }
+    }
+
+    /// The YAML line of a field of the configuration (`path` as in [`Filter::path`]), or of
     /// the configuration when the field has no line of its own in the file.
     pub fn line_of(&self, path: &str) -> usize {
         self.json
