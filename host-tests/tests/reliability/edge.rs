@@ -66,7 +66,7 @@ fn generate(seed: u64) -> Case {
             }
             sub = sub.wrapping_add(0x1_0000);
         };
-        sections.insert(section.to_string(), value);
+        sections.insert(section.to_string(), roomy(section, value));
         lifecycles.push(ops);
     }
     if lifecycles.is_empty() {
@@ -92,6 +92,40 @@ fn generate(seed: u64) -> Case {
         config: Value::Object(sections).to_string(),
         ops,
     }
+}
+
+/// The section with tables that never fill in a case: which keys share a slot, and which
+/// records a full byte budget samples for eviction, follow the deployment's random key seed
+/// and draws, so once a table fills any two deployments answer apart (two restarts of the
+/// chain as much as the chain and `edge.wasm`). Only sizes the generator gave as numbers grow;
+/// a broken one stays broken. The floods check the bounds.
+fn roomy(section: &str, mut v: Value) -> Value {
+    let grow = |n: &mut Value, at_least: u64| {
+        if let Some(x) = n.as_u64() {
+            *n = json!(x.max(at_least));
+        }
+    };
+    match section {
+        "rateLimit" => {
+            if let Some(rules) = v.get_mut("rules").and_then(Value::as_array_mut) {
+                for rule in rules {
+                    if let Some(n) = rule.get_mut("maxKeys") {
+                        grow(n, 4096);
+                    }
+                }
+            }
+        }
+        "cachedFallback" | "idempotency" => {
+            if let Some(n) = v.get_mut("maxEntries") {
+                grow(n, 4096);
+            }
+            if let Some(n) = v.get_mut("maxTotalBytes") {
+                grow(n, 64 << 20);
+            }
+        }
+        _ => {}
+    }
+    v
 }
 
 /// One side of the comparison: an edge and what its upstream handed out.
