@@ -5,7 +5,9 @@
 //!   generators, run through `edge.wasm` and through the four-filter chain of the separate
 //!   modules in the README's order. Beyond no trap, no ABI misuse and an answer for every
 //!   request, both must give the same answers (status, headers, body, details) and send the
-//!   application the same requests, op by op; one loads where the other does.
+//!   application the same requests, op by op; one loads where the other does, and refuses in
+//!   the plugin's words with the field under the section's name. Tables are sized not to fill
+//!   (see [`roomy`]).
 //! - `flood_edge`: distinct clients, idempotency keys and URLs through the rate limit,
 //!   idempotency and cached fallback stages at once, each stage's shared data within the bounds
 //!   its own flood asserts.
@@ -14,7 +16,9 @@
 //! Streams of the two sides are driven one host stage at a time (everything the filters do
 //! up to the upstream exchange, the exchange, everything up to the access log), since a step
 //! of the chain is one filter's callback and a step of `edge.wasm` all stages' callbacks: the
-//! two agree on what another worker can see at those boundaries, not within them.
+//! two agree on what another worker can see at those boundaries, not within them. A case with
+//! concurrent or aborted streams then runs again through `edge.wasm` alone, interleaved and
+//! aborted at every callback as the plugins' fuzzers do, for the same safety checks.
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -134,6 +138,9 @@ struct Side {
     current: Rc<RefCell<Up>>,
     /// Plugins in the chain (1 for `edge.wasm`).
     filters: usize,
+    /// Streams interleave and abort at every callback, as in the plugins' fuzzers, rather
+    /// than at host stages (no comparison then: the chain has more callbacks).
+    fine: bool,
 }
 
 /// The flag files a case's source serves, drawn as the flag router's fuzzer draws them: flag
@@ -242,6 +249,7 @@ fn side(case: &Case, plugins: Vec<Plugin>, cluster: &str) -> Result<Side, String
         edge,
         current,
         filters,
+        fine: false,
     })
     .map_err(|e| format!("{e:#}"))
 }
@@ -259,6 +267,16 @@ fn host_stage(edge: &mut Edge, id: FlightId) -> Result<bool, String> {
             Step::Ran(_) => ran = true,
             Step::Waiting | Step::Done => return Ok(ran),
         }
+    }
+}
+
+/// One callback (`fine`) or one host stage of the stream; `false` when nothing ran.
+fn advance_stream(edge: &mut Edge, id: FlightId, fine: bool) -> Result<bool, String> {
+    if fine {
+        let step = edge.step(id).map_err(|e| format!("{e:#}"))?;
+        Ok(matches!(step, Step::Ran(_)))
+    } else {
+        host_stage(edge, id)
     }
 }
 
@@ -298,7 +316,7 @@ fn apply(s: &mut Side, op: &Op) -> Result<Seen, String> {
     let e = |e: anyhow::Error| format!("{e:#}");
     let before = s.edge.upstream_requests().len();
     let mut answers = Vec::new();
-    let edge = &mut s.edge;
+    let (edge, fine) = (&mut s.edge, s.fine);
     match op {
         Op::Advance(ms) => edge.advance(Duration::from_millis(*ms)).map_err(e)?,
         Op::Send(req, up) => {
@@ -308,9 +326,11 @@ fn apply(s: &mut Side, op: &Op) -> Result<Seen, String> {
         Op::Abort(req, up, after) => {
             *s.current.borrow_mut() = up.clone();
             let id = edge.begin(req.to_request()).map_err(e)?;
-            // Before any callback, after the upstream exchange, or after the response.
-            for _ in 0..(after % 3) {
-                if !host_stage(edge, id)? {
+            // Host stages: before any callback, after the upstream exchange, or after the
+            // response.
+            let stages = if fine { *after } else { after % 3 };
+            for _ in 0..stages {
+                if !advance_stream(edge, id, fine)? {
                     break;
                 }
             }
@@ -329,7 +349,7 @@ fn apply(s: &mut Side, op: &Op) -> Result<Seen, String> {
                 let k = (bits & 1) as usize;
                 bits = bits.rotate_right(1);
                 let which = if idle[k] { 1 - k } else { k };
-                if !host_stage(edge, ids[which])? {
+                if !advance_stream(edge, ids[which], fine)? {
                     idle[which] = true;
                 }
             }
@@ -538,6 +558,26 @@ fn run(case: &Case, m: &Modules) -> Result<fuzz::Outcome, String> {
         outcome.requests += o.answers.len() as u64;
         outcome.checked += decisions(&o);
     }
+    // The streams again through edge.wasm alone, at every callback boundary.
+    if case
+        .ops
+        .iter()
+        .any(|op| matches!(op, Op::Pair(..) | Op::Abort(..)))
+    {
+        let one = Plugin::new(&m.edge, case.config.clone())
+            .name("edge")
+            .root_id("edge");
+        let mut fine = side(case, vec![one], &cluster)?;
+        fine.fine = true;
+        for (i, op) in case.ops.iter().enumerate() {
+            apply(&mut fine, op).map_err(|w| {
+                format!(
+                    "op {i} ({}) through edge.wasm, one callback at a time: {w}",
+                    describe(op)
+                )
+            })?;
+        }
+    }
     Ok(outcome)
 }
 
@@ -552,7 +592,11 @@ fn describe(op: &Op) -> String {
     match op {
         Op::Send(q, _) => format!("send {}", r(q)),
         Op::Pair(a, b, _, _) => format!("pair {} | {}", r(a), r(b)),
-        Op::Abort(q, _, n) => format!("abort {} after {} host stages", r(q), n % 3),
+        Op::Abort(q, _, n) => format!(
+            "abort {} after {} host stages or {n} callbacks",
+            r(q),
+            n % 3
+        ),
         Op::Advance(ms) => format!("advance {ms} ms"),
     }
 }
