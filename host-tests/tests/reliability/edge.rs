@@ -699,14 +699,15 @@ fn fuzz_edge() {
     );
 }
 
-/// Shared data per stage: (keys, bytes) under each plugin's prefix (`<plugin>/edge/...`).
+/// Shared data per stage: (keys, bytes) under each plugin's prefix (`<plugin>/edge/...`), then
+/// under any other name.
 fn usage_by_stage(edge: &Edge) -> Vec<(usize, usize)> {
-    let mut out = vec![(0, 0); EDGE_SECTIONS.len()];
+    let mut out = vec![(0, 0); EDGE_SECTIONS.len() + 1];
     for (key, size) in edge.shared_data_sizes("") {
         let at = EDGE_SECTIONS
             .iter()
             .position(|(p, _)| key.starts_with(format!("{p}/").as_bytes()));
-        if let Some(slot) = at.and_then(|i| out.get_mut(i)) {
+        if let Some(slot) = out.get_mut(at.unwrap_or(EDGE_SECTIONS.len())) {
             slot.0 += 1;
             slot.1 += key.len() + size;
         }
@@ -749,7 +750,7 @@ fn flood_edge() {
     };
     let item = |i: u64| Request::get(&format!("/api/item/{i}"));
     let started = Instant::now();
-    let mut peak = vec![(0usize, 0usize); EDGE_SECTIONS.len()];
+    let mut peak = vec![(0usize, 0usize); EDGE_SECTIONS.len() + 1];
     let mut sample = |edge: &Edge| {
         for (p, u) in peak.iter_mut().zip(usage_by_stage(edge)) {
             *p = (p.0.max(u.0), p.1.max(u.1));
@@ -819,6 +820,8 @@ fn flood_edge() {
             "{plugin}: {bytes} bytes > {bound_bytes}"
         );
     }
+    let others = peak.last().copied().unwrap_or_default();
+    assert_eq!(others, (0, 0), "shared data outside the stages' names");
     for (i, plugin) in [(2, "idempotency"), (3, "cached_fallback")] {
         assert!(
             peak[i].1 >= MAX_BYTES * 9 / 10,
