@@ -145,6 +145,8 @@ impl HttpContext for FallbackStream {
         let Some(policy) = self.policy.clone() else {
             return Action::Continue;
         };
+        // The path, method, key headers and the captured request: one read of the headers.
+        let _once = edge_host::host::read_request_once();
         if !policy.covers(&HostRequest) {
             return Action::Continue;
         }

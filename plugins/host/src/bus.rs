@@ -28,10 +28,38 @@ impl<T> Once<T> {
 
 type Pairs = Vec<(String, Vec<u8>)>;
 
+/// The request's headers as one read returned them (serialised pairs, decoded only where
+/// needed), and the edits stages made since, latest last.
+#[derive(Clone, Default)]
+struct Snapshot {
+    raw: Option<Vec<u8>>,
+    edits: Vec<(String, Option<Vec<u8>>)>,
+}
+
+impl Snapshot {
+    fn header(&self, name: &str) -> Option<Vec<u8>> {
+        if let Some((_, v)) = self.edits.iter().rev().find(|(k, _)| k == name) {
+            return v.clone();
+        }
+        ffi::find_pair(self.raw.as_deref()?, name)?.map(<[u8]>::to_vec)
+    }
+
+    fn pairs(&self) -> Option<Pairs> {
+        let mut pairs = ffi::decode_pairs(self.raw.as_deref()?)?;
+        for (name, value) in &self.edits {
+            pairs.retain(|(k, _)| k != name);
+            if let Some(v) = value {
+                pairs.push((name.clone(), v.clone()));
+            }
+        }
+        Some(pairs)
+    }
+}
+
 #[derive(Default)]
 struct Bus {
     /// Armed during request headers.
-    request: Once<Option<Pairs>>,
+    request: Once<Snapshot>,
     client_address: Once<Option<Vec<u8>>>,
     tokens: Vec<u32>,
     section: Option<(&'static str, Vec<u8>)>,
@@ -59,22 +87,52 @@ pub fn snapshot_request(on: bool) {
     });
 }
 
-fn request_pairs<R>(f: impl FnOnce(Option<&Pairs>) -> R) -> Option<R> {
+/// Arms the shared read of the request for as long as the guard lives, unless something
+/// already has (a pipeline's callback): a separate module's glue takes one where its decision
+/// needs several request headers, so they cost one crossing.
+pub fn read_request_once() -> ReadOnce {
+    let armed_here = with(|b| {
+        if matches!(b.request, Once::Off) {
+            b.request = Once::Unread;
+            b.client_address = Once::Unread;
+            true
+        } else {
+            false
+        }
+    });
+    ReadOnce(armed_here)
+}
+
+/// See [`read_request_once`].
+pub struct ReadOnce(bool);
+
+impl Drop for ReadOnce {
+    fn drop(&mut self) {
+        if self.0 {
+            snapshot_request(false);
+        }
+    }
+}
+
+fn snapshot<R>(f: impl FnOnce(&Snapshot) -> R) -> Option<R> {
     if with(|b| matches!(b.request, Once::Unread)) {
-        let pairs = ffi::get_header_pairs(ffi::REQUEST_HEADERS);
-        with(|b| b.request = Once::Read(pairs));
+        let raw = ffi::get_header_pairs_raw(ffi::REQUEST_HEADERS);
+        with(|b| {
+            b.request = Once::Read(Snapshot {
+                raw,
+                edits: Vec::new(),
+            })
+        });
     }
     with(|b| match &b.request {
-        Once::Read(pairs) => Some(f(pairs.as_ref())),
+        Once::Read(s) => Some(f(s)),
         _ => None,
     })
 }
 
 /// A request header (the first value), from the shared read when armed.
 pub fn request_header(name: &str) -> Option<Vec<u8>> {
-    match request_pairs(|pairs| {
-        pairs.and_then(|p| p.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
-    }) {
+    match snapshot(|s| s.header(name)) {
         Some(v) => v,
         None => ffi::get_header(ffi::REQUEST_HEADERS, name),
     }
@@ -82,7 +140,7 @@ pub fn request_header(name: &str) -> Option<Vec<u8>> {
 
 /// Every request header, from the shared read when armed.
 pub fn request_headers() -> Option<Pairs> {
-    match request_pairs(|pairs| pairs.cloned()) {
+    match snapshot(Snapshot::pairs) {
         Some(v) => v,
         None => ffi::get_header_pairs(ffi::REQUEST_HEADERS),
     }
@@ -105,11 +163,8 @@ pub fn client_address() -> Option<Vec<u8>> {
 /// Keeps the shared read equal to the map after a stage's edit that the host accepted.
 pub fn edited_request_header(name: &str, value: Option<&[u8]>) {
     with(|b| {
-        if let Once::Read(Some(pairs)) = &mut b.request {
-            pairs.retain(|(k, _)| k != name);
-            if let Some(v) = value {
-                pairs.push((name.to_string(), v.to_vec()));
-            }
+        if let Once::Read(s) = &mut b.request {
+            s.edits.push((name.to_string(), value.map(<[u8]>::to_vec)));
         }
     });
 }

@@ -271,14 +271,17 @@ pub fn get_property(path: &[&str]) -> Option<Vec<u8>> {
 /// `proxy_get_header_map_pairs` on map `map`: every (name, value), or `None` for any status
 /// but OK (or a malformed answer).
 pub fn get_header_pairs(map: u32) -> Option<Vec<(String, Vec<u8>)>> {
+    decode_pairs(&get_header_pairs_raw(map)?)
+}
+
+/// `proxy_get_header_map_pairs` as the host serialised it (see [`decode_pairs`]), or `None`
+/// for any status but OK.
+pub fn get_header_pairs_raw(map: u32) -> Option<Vec<u8>> {
     let (mut data, mut size) = (std::ptr::null_mut(), 0usize);
     // SAFETY: out-pointers to locals.
     let status = unsafe { proxy_get_header_map_pairs(map, &mut data, &mut size) };
-    if status != OK {
-        return None;
-    }
     // SAFETY: see `owned`.
-    decode_pairs(&unsafe { owned(data, size) })
+    (status == OK).then(|| unsafe { owned(data, size) })
 }
 
 /// `proxy_get_buffer_bytes`: up to `max` bytes from `start`, or `None` for any status but OK.
@@ -409,6 +412,33 @@ pub fn encode_pairs(pairs: &[(&str, &[u8])]) -> Vec<u8> {
 
 /// The ABI's serialised header map: a count, then (name length, value length) pairs, then
 /// each name and value followed by a NUL.
+/// The first value of header `name` in serialised pairs, without decoding the others: `None`
+/// when the bytes are malformed, `Some(None)` when the header is absent.
+pub fn find_pair<'a>(bytes: &'a [u8], name: &str) -> Option<Option<&'a [u8]>> {
+    if bytes.is_empty() {
+        return Some(None);
+    }
+    let word = |at: usize| -> Option<usize> {
+        let b: [u8; 4] = bytes.get(at..at + 4)?.try_into().ok()?;
+        usize::try_from(u32::from_le_bytes(b)).ok()
+    };
+    let n = word(0)?;
+    let mut sizes = 4;
+    let mut at = 4usize.checked_add(n.checked_mul(8)?)?;
+    for _ in 0..n {
+        let (k, v) = (word(sizes)?, word(sizes + 4)?);
+        sizes += 8;
+        let key = bytes.get(at..at.checked_add(k)?)?;
+        at = at.checked_add(k)?.checked_add(1)?;
+        let value = bytes.get(at..at.checked_add(v)?)?;
+        at = at.checked_add(v)?.checked_add(1)?;
+        if key == name.as_bytes() {
+            return Some(Some(value));
+        }
+    }
+    Some(None)
+}
+
 pub fn decode_pairs(bytes: &[u8]) -> Option<Vec<(String, Vec<u8>)>> {
     if bytes.is_empty() {
         return Some(Vec::new());
@@ -436,6 +466,21 @@ pub fn decode_pairs(bytes: &[u8]) -> Option<Vec<(String, Vec<u8>)>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_pair_is_found_without_decoding_the_rest() {
+        let mut b = Vec::new();
+        b.extend_from_slice(&2u32.to_le_bytes());
+        for n in [1u32, 2, 2, 0] {
+            b.extend_from_slice(&n.to_le_bytes());
+        }
+        b.extend_from_slice(b"a\0xy\0ok\0\0");
+        assert_eq!(find_pair(&b, "a"), Some(Some(&b"xy"[..])));
+        assert_eq!(find_pair(&b, "ok"), Some(Some(&b""[..])));
+        assert_eq!(find_pair(&b, "x"), Some(None));
+        assert_eq!(find_pair(&b[..b.len() - 3], "ok"), None);
+        assert_eq!(find_pair(&[], "a"), Some(None));
+    }
 
     #[test]
     fn header_pairs_decode_and_malformed_ones_do_not() {

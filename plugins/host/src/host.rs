@@ -50,6 +50,10 @@ impl RequestView for HostRequest {
     }
 }
 
+/// Reads the request headers with one hostcall for the rest of this callback (while the
+/// guard lives), where a decision needs several of them; see [`HostRequest`].
+pub use crate::bus::{read_request_once, ReadOnce};
+
 /// The host's wall clock in nanoseconds since the epoch (0 if the host cannot say).
 pub fn now_ns() -> u64 {
     crate::bus::now_ns()

@@ -260,6 +260,8 @@ impl HttpContext for IdempotencyStream {
         let Some(policy) = self.policy.clone() else {
             return Action::Continue;
         };
+        // The key, method, path and more: one read of the request's headers.
+        let _once = edge_host::host::read_request_once();
         let key = match policy.identify(&HostRequest) {
             Identify::Skip => return Action::Continue,
             Identify::Refuse(problem, detail) => return self.refuse(&policy, problem, &detail),

@@ -645,6 +645,8 @@ impl Context for EtcdStream {
 
 impl HttpContext for EtcdStream {
     fn on_http_request_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
+        // The key, method, path and more: one read of the request's headers.
+        let _once = edge_host::host::read_request_once();
         let hash = match self.policy.identify(&HostRequest) {
             Identify::Skip => return Action::Continue,
             Identify::Refuse(problem, detail) => return self.refuse(problem, &detail),
