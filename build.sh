@@ -525,6 +525,7 @@ cmd_bench() {
   header "harness: wasm instructions per request (cargo bench -p host-tests)"
   cargo bench -q -p host-tests --bench plugins | tee "$out/fuel.md"
   cargo bench -q -p host-tests --bench harness | tee "$out/harness.txt"
+  cargo bench -q -p host-tests --bench flag_budget | tee -a "$out/harness.txt"
   header "Envoy: CPU per request, interleaved rounds"
   python3 bench/envoy_bench.py "$ENVOY_BIN" dist target/modules/empty_filter.wasm "$out"
   header "Envoy: a global rate limit rule against envoy/ratelimit-service and Redis"
