@@ -119,6 +119,38 @@ pub fn send_from(
     pieces: &[&[u8]],
     timeout: Duration,
 ) -> Result<Response> {
+    let stream = connect(addr, from, timeout)?;
+    write_request(&stream, authority, method, path, headers, pieces)?;
+
+    let mut reader = BufReader::new(&stream);
+    loop {
+        let head = http::read_head(&mut reader)?.context("connection closed before a response")?;
+        let status: u16 = head
+            .start_line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .with_context(|| format!("bad status line {:?}", head.start_line))?;
+        // Interim responses (100 Continue) precede the real one.
+        if (100..200).contains(&status) {
+            continue;
+        }
+        let body = http::read_body(&mut reader, Framing::of_response(&head, method, status)?)?;
+        return Ok(Response {
+            status,
+            headers: head.headers,
+            body,
+        });
+    }
+}
+
+/// A connection to `addr` from `from` (any 127.0.0.0/8 address on loopback), with `timeout`
+/// for the connect and every read and write.
+pub(crate) fn connect(
+    addr: SocketAddr,
+    from: Option<IpAddr>,
+    timeout: Duration,
+) -> Result<TcpStream> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     if let Some(ip) = from {
         socket.bind(&SocketAddr::new(ip, 0).into())?;
@@ -127,6 +159,19 @@ pub fn send_from(
     let stream: TcpStream = socket.into();
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
+    Ok(stream)
+}
+
+/// Writes an HTTP/1.1 request as the rig's client sends it (`host`, `connection: close`, the
+/// length, or chunked framing for more than one piece, each chunk written on its own).
+pub(crate) fn write_request(
+    stream: &TcpStream,
+    authority: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    pieces: &[&[u8]],
+) -> Result<()> {
     let has = |name: &str| headers.iter().any(|(n, _)| n.eq_ignore_ascii_case(name));
     let body_len: usize = pieces.iter().map(|p| p.len()).sum();
     let chunked = pieces.iter().filter(|p| !p.is_empty()).count() > 1;
@@ -149,7 +194,7 @@ pub fn send_from(
         out.push_str(&format!("{name}: {value}\r\n"));
     }
     out.push_str("\r\n");
-    let mut w = &stream;
+    let mut w = stream;
     w.write_all(out.as_bytes())?;
     if chunked {
         for piece in pieces.iter().filter(|p| !p.is_empty()) {
@@ -164,27 +209,7 @@ pub fn send_from(
             w.write_all(piece)?;
         }
     }
-
-    let mut reader = BufReader::new(&stream);
-    loop {
-        let head = http::read_head(&mut reader)?.context("connection closed before a response")?;
-        let status: u16 = head
-            .start_line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .with_context(|| format!("bad status line {:?}", head.start_line))?;
-        // Interim responses (100 Continue) precede the real one.
-        if (100..200).contains(&status) {
-            continue;
-        }
-        let body = http::read_body(&mut reader, Framing::of_response(&head, method, status)?)?;
-        return Ok(Response {
-            status,
-            headers: head.headers,
-            body,
-        });
-    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -9,17 +9,15 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use crate::http;
 use crate::http2::{self, GrpcServer, H2Request};
+use crate::{client, http};
 use crate::{Envoy, HeldPort, RecordedRequest, Script, Substitutions, TestUpstream};
 use anyhow::{Context, Result};
 use host_tests::scenario::{
     answer_for, call_line, parse_duration, step_label, upstream_line, Answer, Scenario, Seen, Send,
     StepRecord, Transcript,
 };
-use socket2::{Domain, Socket, Type};
-use std::io::{BufReader, Write};
-use std::net::TcpStream;
+use std::io::BufReader;
 
 /// The flags cluster's marker port in generated configs (rewritten to its upstream).
 const FLAGS_MARKER: &str = "port_value: 18082";
@@ -503,8 +501,8 @@ fn send_one(listener: SocketAddr, send: &Send, recorded: &[String]) -> Result<Se
             seen
         });
     }
-    let stream = connect(listener, from)?;
-    write_request(&stream, &method, &send.path, &headers, &pieces)?;
+    let stream = client::connect(listener, from, CLIENT_TIMEOUT)?;
+    client::write_request(&stream, AUTHORITY, &method, &send.path, &headers, &pieces)?;
     let mut reader = BufReader::new(&stream);
     loop {
         let head = http::read_head(&mut reader)?.context("connection closed before a response")?;
@@ -543,67 +541,4 @@ fn h2_headers(method: &str, headers: &[(&str, &str)], pieces: &[&[u8]]) -> Vec<(
     }
     out.extend(headers.iter().map(|(n, v)| (n.to_string(), v.to_string())));
     out
-}
-
-/// The request as the rig's client writes it (`host`, `connection: close`, the length or
-/// chunked framing), each chunk written on its own.
-fn write_request(
-    stream: &TcpStream,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    pieces: &[&[u8]],
-) -> Result<()> {
-    let has = |name: &str| headers.iter().any(|(n, _)| n.eq_ignore_ascii_case(name));
-    let body_len: usize = pieces.iter().map(|p| p.len()).sum();
-    let chunked = pieces.iter().filter(|p| !p.is_empty()).count() > 1;
-    let mut out = format!("{method} {path} HTTP/1.1\r\n");
-    if !has("host") {
-        out.push_str(&format!("host: {AUTHORITY}\r\n"));
-    }
-    if !has("connection") {
-        out.push_str("connection: close\r\n");
-    }
-    if chunked {
-        if !has("transfer-encoding") {
-            out.push_str("transfer-encoding: chunked\r\n");
-        }
-    } else if (body_len > 0 || matches!(method, "POST" | "PUT" | "PATCH"))
-        && !has("content-length")
-        && !has("transfer-encoding")
-    {
-        out.push_str(&format!("content-length: {body_len}\r\n"));
-    }
-    for (name, value) in headers {
-        out.push_str(&format!("{name}: {value}\r\n"));
-    }
-    out.push_str("\r\n");
-    let mut w = stream;
-    w.write_all(out.as_bytes())?;
-    if chunked {
-        for piece in pieces.iter().filter(|p| !p.is_empty()) {
-            http::write_chunk(&mut w, piece)?;
-            w.flush()?;
-            // Separate reads at the proxy: each piece is its own body callback.
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        http::write_last_chunk(&mut w)?;
-    } else {
-        for piece in pieces {
-            w.write_all(piece)?;
-        }
-    }
-    Ok(())
-}
-
-fn connect(listener: SocketAddr, from: Option<IpAddr>) -> Result<TcpStream> {
-    let socket = Socket::new(Domain::for_address(listener), Type::STREAM, None)?;
-    if let Some(ip) = from {
-        socket.bind(&SocketAddr::new(ip, 0).into())?;
-    }
-    socket.connect_timeout(&listener.into(), CLIENT_TIMEOUT)?;
-    let stream: TcpStream = socket.into();
-    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
-    stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
-    Ok(stream)
 }
