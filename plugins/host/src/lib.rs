@@ -19,7 +19,7 @@ pub use proxy_wasm as __sdk;
 #[macro_export]
 macro_rules! __edge_main {
     // A separate module: the SDK drives the plugin's contexts directly (a one-stage pipeline
-    // would instantiate every SDK default method a second time, about 22 KB, for nothing).
+    // would instantiate every SDK default method a second time, for nothing).
     ($root:ty) => {
         $crate::__sdk::main! {{
             $crate::host::start(|_| {
