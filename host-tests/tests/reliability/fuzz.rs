@@ -7,7 +7,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::rc::Rc;
 use std::time::Duration;
 
-use host_tests::{CalloutReply, Edge, Module, Plugin, Response, Upstream, UpstreamRequest};
+use host_tests::{CalloutReply, Edge, Module, Plugin, Response, UpstreamRequest};
 use serde_json::json;
 
 use crate::gen::{self, Case, Op, Req, Rng, Up};
@@ -417,41 +417,20 @@ pub fn run(case: &Case, module: &Module) -> Result<Outcome, String> {
         .route_timeout(ROUTE_TIMEOUT)
         .upstream(move |req: &UpstreamRequest| {
             let up = cur.borrow().clone();
-            match up {
-                Up::Reset => Upstream::Reset,
-                Up::Refused => Upstream::Refused,
-                Up::Hang => Upstream::Hang,
-                Up::Respond {
-                    status,
-                    headers,
-                    mut chunks,
-                    delay_ms,
-                } => {
-                    let n = {
-                        let mut c = cnt.borrow_mut();
-                        *c += 1;
-                        *c
-                    };
-                    let token = format!("#tok{n}#");
-                    match chunks.last_mut() {
-                        Some(last) => last.extend_from_slice(token.as_bytes()),
-                        None => chunks.push(token.clone().into_bytes()),
-                    }
-                    giv.borrow_mut().push(Answered {
-                        token,
-                        status,
-                        headers: headers.clone(),
-                        request: req.clone(),
-                    });
-                    let mut u = Upstream::status(status).chunks(chunks);
-                    for (k, v) in &headers {
-                        if k != "content-length" {
-                            u = u.header(k, v);
-                        }
-                    }
-                    u.delay(Duration::from_millis(delay_ms))
-                }
-            }
+            let Up::Respond {
+                status, headers, ..
+            } = &up
+            else {
+                return up.answer("");
+            };
+            let token = next_token(&cnt);
+            giv.borrow_mut().push(Answered {
+                token: token.clone(),
+                status: *status,
+                headers: headers.clone(),
+                request: req.clone(),
+            });
+            up.answer(&token)
         })
         .cluster(&cluster, move |req| {
             let i = {
@@ -1037,4 +1016,11 @@ pub fn tally_line(plugin: &str, t: &Tally, secs: f64) -> String {
         t.checked,
         t.failures.len()
     )
+}
+
+/// The next answer's token, `#tok<n>#`: each of a case's upstream answers is told apart by it.
+pub(crate) fn next_token(counter: &RefCell<u64>) -> String {
+    let mut c = counter.borrow_mut();
+    *c += 1;
+    format!("#tok{c}#")
 }

@@ -1,7 +1,9 @@
 //! Seeded generation of fuzz cases: request lifecycles and configs as plain data, so that a
 //! failing case can be saved as JSON and replayed as a regression test.
 
+use host_tests::Upstream;
 use serde::{Deserialize, Serialize};
+use std::time::Duration;
 
 /// SplitMix64: tiny, fast, and the same sequence on every machine for a seed.
 pub struct Rng(u64);
@@ -129,6 +131,36 @@ pub enum Up {
     Reset,
     Refused,
     Hang,
+}
+
+impl Up {
+    /// The harness upstream's answer: a response ends its body with `token`, so that a kept or
+    /// replayed answer is told from a fresh one (the harness sets `content-length` itself).
+    pub fn answer(self, token: &str) -> Upstream {
+        match self {
+            Up::Reset => Upstream::Reset,
+            Up::Refused => Upstream::Refused,
+            Up::Hang => Upstream::Hang,
+            Up::Respond {
+                status,
+                headers,
+                mut chunks,
+                delay_ms,
+            } => {
+                match chunks.last_mut() {
+                    Some(last) => last.extend_from_slice(token.as_bytes()),
+                    None => chunks.push(token.as_bytes().to_vec()),
+                }
+                let mut u = Upstream::status(status).chunks(chunks);
+                for (k, v) in &headers {
+                    if k != "content-length" {
+                        u = u.header(k, v);
+                    }
+                }
+                u.delay(Duration::from_millis(delay_ms))
+            }
+        }
+    }
 }
 
 pub fn upstream(rng: &mut Rng, header_pool: &[(&str, &[&str])]) -> Up {

@@ -127,17 +127,7 @@ fn fuzz_plugin(plugin: &str) {
             }
             Err(why) => {
                 let (case, why) = shrink(case, why, &module);
-                let dir = regressions_dir();
-                let _ = std::fs::create_dir_all(&dir);
-                let file = dir.join(format!("{plugin}-{}.json", case.seed));
-                if let Ok(text) = serde_json::to_string(&case) {
-                    let _ = std::fs::write(&file, text);
-                }
-                eprintln!(
-                    "FAILED {plugin} seed {}: {why}\n  saved as {}",
-                    case.seed,
-                    file.display()
-                );
+                save_failure(plugin, case.seed, &case, &why, "");
                 tally.failures.push((case, why));
                 if tally.failures.len() >= 3 {
                     break;
@@ -225,4 +215,25 @@ fn race_idempotency_claim() {
 #[test]
 fn race_circuit_breaker_probe() {
     race::circuit(env_u64("RACE_TRIALS", 500));
+}
+
+/// Saves a failing case under `regressions/<name>-<seed>.json`, where the next run of that
+/// fuzzer replays it first, and says so (with `detail`, more lines about the case).
+pub(crate) fn save_failure(
+    name: &str,
+    seed: u64,
+    case: &impl serde::Serialize,
+    why: &str,
+    detail: &str,
+) {
+    let dir = regressions_dir();
+    let _ = std::fs::create_dir_all(&dir);
+    let file = dir.join(format!("{name}-{seed}.json"));
+    if let Ok(text) = serde_json::to_string(case) {
+        let _ = std::fs::write(&file, text);
+    }
+    eprintln!(
+        "FAILED {name} seed {seed}: {why}{detail}\n  saved as {}",
+        file.display()
+    );
 }
