@@ -216,19 +216,9 @@ fn a_key_in_flight_gets_409_from_the_headers_on_the_other_worker() -> Result<()>
     let (b, _kv) = edge(FLEET);
     let mut edge = b.build()?;
     let a = edge.begin(pay("k1", "{}").worker(0))?;
-    // Run the first until its request reached the upstream stage.
-    while edge.upstream_requests().is_empty() {
-        if !matches!(edge.step(a)?, host_tests::Step::Ran(_)) {
-            edge.advance(Duration::from_millis(1))?;
-        }
-    }
+    run_until_upstream(&mut edge, a)?;
     let b = edge.begin(pay("k1", "{\"other\":1}").worker(1))?;
-    let ran = callbacks_to_end(&mut edge, b)?;
-    assert!(
-        !ran.contains(&host_tests::Callback::RequestBody),
-        "answered from the headers: {ran:?}"
-    );
-    let dup = edge.finish(b)?;
+    let dup = answered_from_headers(&mut edge, b)?;
     assert_eq!(dup.status, 409);
     assert_eq!(dup.header("retry-after"), Some("1"));
     assert_eq!(
@@ -452,18 +442,9 @@ fn with_the_local_store_too_a_key_in_flight_gets_409_before_its_body_is_read() -
         .upstream(|_| Upstream::status(201).body("ok"))
         .build()?;
     let a = edge.begin(pay("k1", "{}").worker(0))?;
-    while edge.upstream_requests().is_empty() {
-        if !matches!(edge.step(a)?, host_tests::Step::Ran(_)) {
-            edge.advance(Duration::from_millis(1))?;
-        }
-    }
+    run_until_upstream(&mut edge, a)?;
     let b = edge.begin(pay("k1", "{}").worker(1))?;
-    let ran = callbacks_to_end(&mut edge, b)?;
-    assert!(
-        !ran.contains(&host_tests::Callback::RequestBody),
-        "answered from the headers: {ran:?}"
-    );
-    let dup = edge.finish(b)?;
+    let dup = answered_from_headers(&mut edge, b)?;
     assert_eq!(dup.status, 409);
     assert_eq!(
         problem_type(dup.body_str()),
@@ -497,4 +478,24 @@ fn a_lease_etcd_no_longer_knows_is_replaced_and_the_claim_sent_again() -> Result
         Some("true")
     );
     Ok(())
+}
+
+/// Runs stream `a` until its request has reached the upstream stage (its claim is in flight).
+fn run_until_upstream(edge: &mut Edge, a: host_tests::FlightId) -> Result<()> {
+    while edge.upstream_requests().is_empty() {
+        if !matches!(edge.step(a)?, host_tests::Step::Ran(_)) {
+            edge.advance(Duration::from_millis(1))?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs the duplicate `b` to its answer, which must come from its headers: no body callback.
+fn answered_from_headers(edge: &mut Edge, b: host_tests::FlightId) -> Result<host_tests::Response> {
+    let ran = callbacks_to_end(edge, b)?;
+    assert!(
+        !ran.contains(&host_tests::Callback::RequestBody),
+        "answered from the headers: {ran:?}"
+    );
+    edge.finish(b)
 }
