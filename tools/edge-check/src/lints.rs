@@ -124,6 +124,18 @@ impl Chain<'_, '_> {
         }
     }
 
+    /// A cluster field of `f`'s configuration naming a cluster the YAML does not define.
+    fn undefined_cluster(&self, f: &Filter, field: &str, cluster: &str, then: &str) -> Finding {
+        let path = f.path(field);
+        self.finding(
+            f.line_of(&path),
+            Some(f.plugin),
+            path,
+            Severity::Error,
+            format!("\"{cluster}\" is not a cluster of static_resources.clusters: {then}"),
+        )
+    }
+
     /// Each configuration, read by its plugin's parser: what Envoy would refuse at load.
     fn configs(&self, out: &mut Vec<Finding>) {
         for f in &self.ours {
@@ -207,17 +219,12 @@ impl Chain<'_, '_> {
                 continue;
             };
             if clusters.lacks(&source.cluster) {
-                let path = f.path("source.cluster");
-                out.push(self.finding(
-                    f.line_of(&path),
-                    Some(f.plugin),
-                    path,
-                    Severity::Error,
-                    format!(
-                        "\"{}\" is not a cluster of static_resources.clusters: every fetch of \
-                         the flag document fails, so the router only ever has its inline flags",
-                        source.cluster
-                    ),
+                out.push(self.undefined_cluster(
+                    f,
+                    "source.cluster",
+                    &source.cluster,
+                    "every fetch of the flag document fails, so the router only ever has its \
+                     inline flags",
                 ));
             }
         }
@@ -241,17 +248,11 @@ impl Chain<'_, '_> {
                          (failureMode \"open\")"
                     }
                 };
-                let path = f.path("store.etcd.cluster");
-                out.push(self.finding(
-                    f.line_of(&path),
-                    Some(f.plugin),
-                    path,
-                    Severity::Error,
-                    format!(
-                        "\"{}\" is not a cluster of static_resources.clusters: no request reaches \
-                         etcd, so every keyed request {then}",
-                        etcd.cluster
-                    ),
+                out.push(self.undefined_cluster(
+                    f,
+                    "store.etcd.cluster",
+                    &etcd.cluster,
+                    &format!("no request reaches etcd, so every keyed request {then}"),
                 ));
             }
         }
