@@ -92,6 +92,12 @@ fn set_shared_data(
         }
         None => {
             scope.insert(key, (value, next));
+            if cas != 0 && staged {
+                // Another worker created the key with the very same value first.
+                host.staged_races -= 1;
+                host.races_run += 1;
+                return Err(Status::CasMismatch.into());
+            }
         }
     }
     Ok(())

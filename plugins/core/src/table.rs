@@ -1,31 +1,37 @@
 //! A bounded table of records in a [`SlotStore`], for plugins that remember something per
 //! client key across workers (cached responses, idempotency records).
 //!
-//! Shared data has no delete, so the table owns a fixed set of keys: `slots` index slots
-//! (`<ns>i/<n>`, small records), one body key per slot (`<ns>b/<n>`, the large payload, read
-//! only when needed) and one `<ns>bytes` key counting the body bytes held. A record lives in
-//! one of [`PROBES`] slots chosen by its key hash. The number of keys never exceeds
-//! `2 × slots + 1` and the bytes never exceed `max_bytes`, however many distinct keys clients
-//! send; to make room the oldest record that is not pinned goes (among the probed slots for
-//! an index slot, among a sample of [`SAMPLE`] slots for bytes, like Redis's sampled LRU).
+//! Shared data has no delete, so the table owns a fixed set of keys. Its `slots` records sit
+//! in sets of [`WAYS`] (`<ns>s/<n>`: one value holds a set's records, so one read sees every
+//! slot a key may occupy and one compare-and-swap changes it atomically), with one body key
+//! per slot (`<ns>b/<n>`, the large payload, read only when needed) and one `<ns>bytes` key
+//! counting the body bytes held. The number of keys never exceeds `2 × slots + 1` and the
+//! bytes never exceed `max_bytes`, however many distinct keys clients send; to make room the
+//! oldest record that is not pinned goes (within the key's set for a slot, among a sample of
+//! [`SAMPLE`] sets for bytes, like Redis's sampled LRU).
 //!
-//! Claiming a key is atomic across workers even though records can sit in different slots:
-//! after a claim wins its slot, it reads the other probed slots, and yields if the same key
-//! was claimed there too. Of two racing claims the later check sees the earlier write, so at
-//! most one wins (both may yield, which callers treat as "in use": safe, and rare).
+//! Every write of a slot bumps its generation, kept in the set even when the slot is empty,
+//! so "the record I read or wrote is still there" is a comparison, never an ABA guess. A
+//! record's own write does not tell its new version (Envoy's versions come from one counter
+//! for all keys), so the next change of it reads the set first; a record that was read
+//! carries the set as read, and the first write after a read needs no read of its own.
 
 use crate::store::{
-    contended, get_or_create, update, update_or_create, Entry, SlotStore, StoreError, Write,
+    contended, get_or_create, update_or_create, Entry, SlotStore, StoreError, Write,
 };
+use std::cell::{Cell, RefCell};
 
-/// Slots a key may occupy.
-pub const PROBES: u64 = 4;
-/// Slots sampled (at random) per round when making room for bytes.
+/// Slots in a set: the slots a key may occupy.
+pub const WAYS: u32 = 4;
+/// Sets sampled (consecutive, from a random one) per round when making room for bytes.
 pub const SAMPLE: u32 = 8;
 const ATTEMPTS: u32 = 16;
 const HEAD: usize = 21;
+/// Sets read lately and kept for a claim that follows (a find at request headers, the claim
+/// at the body): the claim's compare-and-swap proves they are still current.
+const REMEMBERED: usize = 4;
 
-/// What an index slot holds.
+/// What a slot holds.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Record {
     /// The key hash (never 0).
@@ -51,14 +57,12 @@ impl Record {
         }
     }
 
-    fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(HEAD + self.meta.len());
+    fn encode_into(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.key.to_le_bytes());
         out.extend_from_slice(&self.at_ns.to_le_bytes());
         out.push(u8::from(self.pinned));
         out.extend_from_slice(&self.body_len.to_le_bytes());
         out.extend_from_slice(&self.meta);
-        out
     }
 
     fn decode(bytes: &[u8]) -> Option<Record> {
@@ -76,32 +80,90 @@ impl Record {
     }
 }
 
-/// A record as read, with what is needed to change it only if nobody else did.
+/// One slot of a set: its generation and its record, if any.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Way {
+    gen: u32,
+    record: Option<Record>,
+}
+
+/// A set's slots as stored: per slot its generation (u32), the record's length (u16) and the
+/// record. Anything unreadable reads as empty slots.
+fn decode_set(bytes: &[u8], ways: usize) -> Vec<Way> {
+    let mut out = Vec::with_capacity(ways);
+    let mut at = 0usize;
+    while out.len() < ways {
+        let Some((gen, len)) = way_head(bytes, at) else {
+            break;
+        };
+        let start = at + 6;
+        let Some(body) = start.checked_add(len).and_then(|end| bytes.get(start..end)) else {
+            break;
+        };
+        out.push(Way {
+            gen,
+            record: Record::decode(body),
+        });
+        at = start + len;
+    }
+    out.resize(ways, Way::default());
+    out
+}
+
+fn way_head(bytes: &[u8], at: usize) -> Option<(u32, usize)> {
+    let gen = u32::from_le_bytes(bytes.get(at..at.checked_add(4)?)?.try_into().ok()?);
+    let len = u16::from_le_bytes(bytes.get(at + 4..at.checked_add(6)?)?.try_into().ok()?);
+    Some((gen, usize::from(len)))
+}
+
+fn encode_set(ways: &[Way]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(ways.len() * (6 + HEAD + 40));
+    for w in ways {
+        out.extend_from_slice(&w.gen.to_le_bytes());
+        let len_at = out.len();
+        out.extend_from_slice(&[0, 0]);
+        if let Some(r) = &w.record {
+            r.encode_into(&mut out);
+        }
+        let len = u16::try_from(out.len() - len_at - 2).unwrap_or(u16::MAX);
+        if let Some(l) = out.get_mut(len_at..len_at + 2) {
+            l.copy_from_slice(&len.to_le_bytes());
+        }
+    }
+    out
+}
+
+/// A record as read or written, with what is needed to change it only if nobody else did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Found {
     pub slot: u32,
     pub record: Record,
-    version: u32,
+    /// The slot's generation when the record was read or written.
+    gen: u32,
+    /// The set as read, when this record was read: its version lets the next write skip a
+    /// read. `None` after our own write, whose version Envoy does not tell.
+    seen: Option<Entry>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Claim {
     /// The record is now ours.
     Won(Found),
-    /// The key already has a record (possibly a claim racing with ours).
+    /// The key already has a record.
     Exists(Found),
-    /// Every probed slot holds a record that may not be evicted.
+    /// Every slot of the key's set holds a record that may not be evicted.
     Full,
 }
 
 pub struct Table {
     ns: String,
-    /// `<ns>i/` and `<ns>b/`, the prefixes of index and body keys.
-    index_prefix: String,
+    /// `<ns>s/` and `<ns>b/`, the prefixes of set and body keys.
+    set_prefix: String,
     body_prefix: String,
     slots: u32,
     max_bytes: u64,
-    evictions: std::cell::Cell<u64>,
+    evictions: Cell<u64>,
+    remembered: RefCell<Vec<(u32, Entry)>>,
 }
 
 fn mix(mut x: u64) -> u64 {
@@ -116,17 +178,33 @@ impl Table {
     /// `ns` prefixes every key (end it with `/`); `slots` ≥ 1.
     pub fn new(ns: &str, slots: u32, max_bytes: u64) -> Table {
         Table {
-            index_prefix: format!("{ns}i/"),
+            set_prefix: format!("{ns}s/"),
             body_prefix: format!("{ns}b/"),
             ns: ns.to_string(),
             slots: slots.max(1),
             max_bytes,
-            evictions: std::cell::Cell::new(0),
+            evictions: Cell::new(0),
+            remembered: RefCell::new(Vec::with_capacity(REMEMBERED)),
         }
     }
 
-    fn index_key(&self, slot: u32) -> String {
-        crate::text::key(&self.index_prefix, u64::from(slot))
+    fn sets(&self) -> u32 {
+        self.slots.div_ceil(WAYS)
+    }
+
+    /// The slots of set `set` (the last set may have fewer than [`WAYS`]).
+    fn ways(&self, set: u32) -> usize {
+        let first = set.saturating_mul(WAYS);
+        usize::try_from(self.slots.saturating_sub(first).min(WAYS)).unwrap_or(1)
+    }
+
+    /// The set a key lives in.
+    pub fn set_of(&self, key: u64) -> u32 {
+        u32::try_from(mix(key) % u64::from(self.sets())).unwrap_or(0)
+    }
+
+    fn set_key(&self, set: u32) -> String {
+        crate::text::key(&self.set_prefix, u64::from(set))
     }
 
     fn body_key(&self, slot: u32) -> String {
@@ -137,125 +215,195 @@ impl Table {
         format!("{}bytes", self.ns)
     }
 
-    /// The distinct slots `key` may occupy, in probe order.
-    pub fn probes(&self, key: u64) -> Vec<u32> {
-        let mut out: Vec<u32> = Vec::with_capacity(PROBES as usize);
-        for p in 0..PROBES {
-            let s = u32::try_from(
-                mix(key ^ p.wrapping_mul(0x9e37_79b9_7f4a_7c15)) % u64::from(self.slots),
-            )
-            .unwrap_or(0);
-            if !out.contains(&s) {
-                out.push(s);
-            }
+    fn remember(&self, set: u32, entry: &Entry) {
+        let mut r = self.remembered.borrow_mut();
+        r.retain(|(s, _)| *s != set);
+        if r.len() >= REMEMBERED {
+            r.remove(0);
         }
-        out
+        r.push((set, entry.clone()));
     }
 
-    fn read(&self, store: &impl SlotStore, slot: u32) -> Result<Entry, StoreError> {
-        get_or_create(store, &self.index_key(slot), &[])
+    /// A set read lately, handed out once.
+    fn recall(&self, set: u32) -> Option<Entry> {
+        let mut r = self.remembered.borrow_mut();
+        let i = r.iter().position(|(s, _)| *s == set)?;
+        Some(r.remove(i).1)
+    }
+
+    fn read_set(&self, store: &impl SlotStore, set: u32) -> Result<Option<Entry>, StoreError> {
+        store.get(&self.set_key(set))
+    }
+
+    /// Writes a set over the one read as `read` (`None`: the key does not exist yet).
+    fn write_set(
+        &self,
+        store: &impl SlotStore,
+        set: u32,
+        read: Option<&Entry>,
+        ways: &[Way],
+    ) -> Result<Write, StoreError> {
+        let key = self.set_key(set);
+        let value = encode_set(ways);
+        match read {
+            Some(e) => store.compare_and_swap(&key, &value, e.version),
+            None => store.create(&key, &value),
+        }
+    }
+
+    fn found(&self, set: u32, way: usize, w: &Way, seen: Option<Entry>) -> Option<Found> {
+        let record = w.record.clone()?;
+        Some(Found {
+            slot: set * WAYS + u32::try_from(way).unwrap_or(0),
+            record,
+            gen: w.gen,
+            seen,
+        })
     }
 
     /// The record for `key`, if any.
     pub fn find(&self, store: &impl SlotStore, key: u64) -> Result<Option<Found>, StoreError> {
-        for slot in self.probes(key) {
-            let e = self.read(store, slot)?;
-            if let Some(record) = Record::decode(&e.value).filter(|r| r.key == key) {
-                return Ok(Some(Found {
-                    slot,
-                    record,
-                    version: e.version,
-                }));
-            }
-        }
-        Ok(None)
+        let set = self.set_of(key);
+        let Some(e) = self.read_set(store, set)? else {
+            return Ok(None);
+        };
+        self.remember(set, &e);
+        let ways = decode_set(&e.value, self.ways(set));
+        Ok(ways
+            .iter()
+            .position(|w| w.record.as_ref().is_some_and(|r| r.key == key))
+            .and_then(|i| {
+                ways.get(i)
+                    .and_then(|w| self.found(set, i, w, Some(e.clone())))
+            }))
     }
 
-    /// Installs `record` for its key unless the key has one: into an empty probed slot, else
-    /// over the oldest probed record that `evictable` allows (its body is freed).
+    /// Installs `record` for its key unless the key has one: into an empty slot of its set,
+    /// else over the oldest record there that `evictable` allows (its body is freed).
     pub fn claim(
         &self,
         store: &impl SlotStore,
         record: Record,
         evictable: impl Fn(&Record) -> bool,
     ) -> Result<Claim, StoreError> {
-        let probes = self.probes(record.key);
+        let set = self.set_of(record.key);
+        let n = self.ways(set);
+        // A set read lately (at the request's headers) is tried first: only a write can prove
+        // it current, so an answer other than "won" is taken from a fresh read.
+        let mut remembered = self.recall(set);
         for _ in 0..ATTEMPTS {
-            let mut target: Option<(u32, Option<Record>, u32)> = None;
-            let mut existing = None;
-            for &slot in &probes {
-                let e = self.read(store, slot)?;
-                let r = Record::decode(&e.value);
-                match r {
-                    Some(r) if r.key == record.key => {
-                        existing = Some(Found {
-                            slot,
-                            record: r,
-                            version: e.version,
-                        });
-                        break;
-                    }
-                    None => {
-                        if !matches!(target, Some((_, None, _))) {
-                            target = Some((slot, None, e.version));
-                        }
-                    }
-                    Some(r) if evictable(&r) && !r.pinned => {
-                        let older = match &target {
-                            None => true,
-                            Some((_, Some(t), _)) => r.at_ns < t.at_ns,
-                            Some((_, None, _)) => false,
-                        };
-                        if older {
-                            target = Some((slot, Some(r), e.version));
-                        }
-                    }
-                    Some(_) => {}
+            let from_memory = remembered.is_some();
+            let read = match remembered.take() {
+                Some(e) => Some(e),
+                None => self.read_set(store, set)?,
+            };
+            let mut ways = read
+                .as_ref()
+                .map_or_else(|| vec![Way::default(); n], |e| decode_set(&e.value, n));
+            if let Some(i) = ways
+                .iter()
+                .position(|w| w.record.as_ref().is_some_and(|r| r.key == record.key))
+            {
+                if from_memory {
+                    continue;
                 }
+                let found = ways
+                    .get(i)
+                    .and_then(|w| self.found(set, i, w, read.clone()));
+                return Ok(found.map_or(Claim::Full, Claim::Exists));
             }
-            if let Some(f) = existing {
-                return Ok(Claim::Exists(f));
-            }
-            let Some((slot, victim, version)) = target else {
+            let target = ways.iter().position(|w| w.record.is_none()).or_else(|| {
+                ways.iter()
+                    .enumerate()
+                    .filter(|(_, w)| w.record.as_ref().is_some_and(|r| !r.pinned && evictable(r)))
+                    .min_by_key(|(_, w)| w.record.as_ref().map_or(0, |r| r.at_ns))
+                    .map(|(i, _)| i)
+            });
+            let Some(i) = target else {
+                if from_memory {
+                    continue;
+                }
+                return Ok(Claim::Full);
+            };
+            let Some(w) = ways.get_mut(i) else {
                 return Ok(Claim::Full);
             };
             let mut mine = record.clone();
             mine.body_len = 0;
-            if store.compare_and_swap(&self.index_key(slot), &mine.encode(), version)?
-                == Write::Conflict
-            {
+            let victim = w.record.replace(mine.clone());
+            w.gen = w.gen.wrapping_add(1);
+            let gen = w.gen;
+            if self.write_set(store, set, read.as_ref(), &ways)? == Write::Conflict {
                 continue;
             }
+            let slot = set * WAYS + u32::try_from(i).unwrap_or(0);
             if let Some(v) = victim {
                 self.evicted();
                 self.free_body(store, slot, &v)?;
             }
-            // The version to act on later must be that of our own write: if another worker
-            // already replaced it, the claim is lost and is tried again.
-            let now = self.read(store, slot)?;
-            if now.value != mine.encode() {
-                continue;
-            }
-            let won = Found {
+            return Ok(Claim::Won(Found {
                 slot,
-                version: now.version,
                 record: mine,
-            };
-            // A racing claim of the same key in another probed slot: the later check yields.
-            for &other in probes.iter().filter(|s| **s != slot) {
-                let e = self.read(store, other)?;
-                if let Some(r) = Record::decode(&e.value).filter(|r| r.key == record.key) {
-                    self.release(store, &won)?;
-                    return Ok(Claim::Exists(Found {
-                        slot: other,
-                        record: r,
-                        version: e.version,
-                    }));
-                }
-            }
-            return Ok(Claim::Won(won));
+                gen,
+                seen: None,
+            }));
         }
         Err(contended(ATTEMPTS))
+    }
+
+    /// Puts `new` (or nothing) in place of the record `found` names, unless that slot has
+    /// been written since; then `None`. Returns the slot's new generation.
+    fn change(
+        &self,
+        store: &impl SlotStore,
+        found: &Found,
+        new: Option<Record>,
+    ) -> Result<Option<u32>, StoreError> {
+        let set = found.slot / WAYS;
+        let way = usize::try_from(found.slot % WAYS).unwrap_or(0);
+        let n = self.ways(set);
+        let mut seen = found.seen.clone();
+        for _ in 0..ATTEMPTS {
+            let e = match seen.take() {
+                Some(e) => e,
+                None => match self.read_set(store, set)? {
+                    Some(e) => e,
+                    None => return Ok(None),
+                },
+            };
+            let mut ways = decode_set(&e.value, n);
+            let Some(w) = ways.get_mut(way) else {
+                return Ok(None);
+            };
+            if w.gen != found.gen || w.record.as_ref() != Some(&found.record) {
+                return Ok(None);
+            }
+            w.record = new.clone();
+            w.gen = w.gen.wrapping_add(1);
+            let gen = w.gen;
+            if self.write_set(store, set, Some(&e), &ways)? == Write::Done {
+                return Ok(Some(gen));
+            }
+        }
+        Err(contended(ATTEMPTS))
+    }
+
+    /// Whether the slot still holds exactly what `found` names; the set as read when it does.
+    fn still_ours(
+        &self,
+        store: &impl SlotStore,
+        found: &Found,
+    ) -> Result<Option<Entry>, StoreError> {
+        let set = found.slot / WAYS;
+        let way = usize::try_from(found.slot % WAYS).unwrap_or(0);
+        let Some(e) = self.read_set(store, set)? else {
+            return Ok(None);
+        };
+        let ways = decode_set(&e.value, self.ways(set));
+        Ok(ways
+            .get(way)
+            .is_some_and(|w| w.gen == found.gen && w.record.as_ref() == Some(&found.record))
+            .then_some(e))
     }
 
     /// Replaces the record read as `found` (same body), unless someone changed it since:
@@ -268,36 +416,19 @@ impl Table {
     ) -> Result<Option<Found>, StoreError> {
         record.body_len = found.record.body_len;
         record.at_ns = found.record.at_ns;
-        self.write(store, found, record)
-    }
-
-    fn write(
-        &self,
-        store: &impl SlotStore,
-        found: &Found,
-        record: Record,
-    ) -> Result<Option<Found>, StoreError> {
-        let key = self.index_key(found.slot);
-        let encoded = record.encode();
-        if store.compare_and_swap(&key, &encoded, found.version)? == Write::Conflict {
-            return Ok(None);
-        }
-        // Only a read-back of our own bytes proves the version is ours to act on.
-        Ok(store
-            .get(&key)?
-            .filter(|e| e.value == encoded)
-            .map(|e| Found {
+        Ok(self
+            .change(store, found, Some(record.clone()))?
+            .map(|gen| Found {
                 slot: found.slot,
                 record,
-                version: e.version,
+                gen,
+                seen: None,
             }))
     }
 
     /// Empties the slot if it still holds what was read as `found`; frees its body.
     pub fn release(&self, store: &impl SlotStore, found: &Found) -> Result<bool, StoreError> {
-        if store.compare_and_swap(&self.index_key(found.slot), &[], found.version)?
-            == Write::Conflict
-        {
+        if self.change(store, found, None)?.is_none() {
             return Ok(false);
         }
         self.free_body(store, found.slot, &found.record)?;
@@ -334,32 +465,33 @@ impl Table {
         value.extend_from_slice(&record.at_ns.to_le_bytes());
         value.extend_from_slice(body);
         record.body_len = len;
-        let index_key = self.index_key(found.slot);
-        let encoded = record.encode();
-        if store.compare_and_swap(&index_key, &encoded, found.version)? == Write::Conflict {
+        let Some(gen) = self.change(store, found, Some(record.clone()))? else {
             if delta > 0 {
                 self.add_bytes(store, -delta)?;
             }
             return Ok(None);
-        }
+        };
+        let mut mine = Found {
+            slot: found.slot,
+            record,
+            gen,
+            seen: None,
+        };
         if delta < 0 {
             self.add_bytes(store, delta)?;
         }
         let body_key = self.body_key(found.slot);
         for _ in 0..ATTEMPTS {
             let current = get_or_create(store, &body_key, &[])?;
-            // Our own bytes still in the index prove the slot is ours (and give the version
-            // to act on later); a record's bytes name its key and write time.
-            let Some(owner) = store.get(&index_key)?.filter(|e| e.value == encoded) else {
+            // The record still in its slot proves the slot is ours; a body names its
+            // record's key and write time.
+            let Some(set) = self.still_ours(store, &mine)? else {
                 // Replaced meanwhile: whoever evicted it gave its bytes back.
                 return Ok(None);
             };
             if store.compare_and_swap(&body_key, &value, current.version)? == Write::Done {
-                return Ok(Some(Found {
-                    slot: found.slot,
-                    record,
-                    version: owner.version,
-                }));
+                mine.seen = Some(set);
+                return Ok(Some(mine));
             }
         }
         Err(contended(ATTEMPTS))
@@ -398,16 +530,22 @@ impl Table {
             .map_or(0, |e| read_u64(&e.value)))
     }
 
+    /// Empties the body key while it holds `old`'s body, and stops counting its bytes.
     fn free_body(&self, store: &impl SlotStore, slot: u32, old: &Record) -> Result<(), StoreError> {
         if old.body_len == 0 {
             return Ok(());
         }
         let at = old.at_ns.to_le_bytes();
         let body_key = self.body_key(slot);
-        if store.get(&body_key)?.is_some() {
-            update(store, &body_key, ATTEMPTS, |v| {
-                bound_to(v, &old.key, Some(&at[..])).then(Vec::new)
-            })?;
+        for _ in 0..ATTEMPTS {
+            match store.get(&body_key)? {
+                Some(e) if bound_to(&e.value, &old.key, Some(&at[..])) => {
+                    if store.compare_and_swap(&body_key, &[], e.version)? == Write::Done {
+                        break;
+                    }
+                }
+                _ => break,
+            }
         }
         self.add_bytes(store, -i64::from(old.body_len))
     }
@@ -445,28 +583,34 @@ impl Table {
             if taken.is_some() {
                 return Ok(true);
             }
-            // Evict the oldest body among a sample of slots.
+            // Evict the oldest body among a sample of distinct sets (all of them in a table of
+            // up to twice the sample, where a sample could miss every body but the newest).
+            let sets = u64::from(self.sets());
             let start = mix(self.used_bytes(store)? ^ n ^ u64::from(keep) ^ (round << 40));
+            let sampled = if sets <= 2 * u64::from(SAMPLE) {
+                sets
+            } else {
+                u64::from(SAMPLE)
+            };
             let mut victim: Option<Found> = None;
-            for i in 0..u64::from(SAMPLE) {
-                let slot =
-                    u32::try_from(mix(start.wrapping_add(i)) % u64::from(self.slots)).unwrap_or(0);
-                if slot == keep {
-                    continue;
-                }
-                let Some(e) = store.get(&self.index_key(slot))? else {
+            for i in 0..sampled {
+                let set = u32::try_from(start.wrapping_add(i) % sets).unwrap_or(0);
+                let Some(e) = self.read_set(store, set)? else {
                     continue;
                 };
-                if let Some(r) = Record::decode(&e.value) {
-                    if !r.pinned
-                        && r.body_len > 0
-                        && victim.as_ref().is_none_or(|v| r.at_ns < v.record.at_ns)
+                let ways = decode_set(&e.value, self.ways(set));
+                for (w, way) in ways.iter().enumerate() {
+                    let Some(f) = self.found(set, w, way, Some(e.clone())) else {
+                        continue;
+                    };
+                    if f.slot != keep
+                        && !f.record.pinned
+                        && f.record.body_len > 0
+                        && victim
+                            .as_ref()
+                            .is_none_or(|v| f.record.at_ns < v.record.at_ns)
                     {
-                        victim = Some(Found {
-                            slot,
-                            record: r,
-                            version: e.version,
-                        });
+                        victim = Some(f);
                     }
                 }
             }
@@ -506,6 +650,47 @@ mod tests {
         }
     }
 
+    /// Keys of distinct sets' worth: `n` keys that all land in `t`'s set of key `first`.
+    fn same_set(t: &Table, first: u64, n: usize) -> Vec<u64> {
+        let set = t.set_of(first);
+        (first..).filter(|k| t.set_of(*k) == set).take(n).collect()
+    }
+
+    /// A store that counts round trips.
+    struct Counting {
+        inner: MemoryStore,
+        reads: Cell<u32>,
+        writes: Cell<u32>,
+    }
+
+    impl Counting {
+        fn new() -> Counting {
+            Counting {
+                inner: MemoryStore::new(),
+                reads: Cell::new(0),
+                writes: Cell::new(0),
+            }
+        }
+        fn take(&self) -> (u32, u32) {
+            (self.reads.replace(0), self.writes.replace(0))
+        }
+    }
+
+    impl SlotStore for Counting {
+        fn get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
+            self.reads.set(self.reads.get() + 1);
+            self.inner.get(key)
+        }
+        fn compare_and_swap(&self, key: &str, v: &[u8], version: u32) -> Result<Write, StoreError> {
+            self.writes.set(self.writes.get() + 1);
+            self.inner.compare_and_swap(key, v, version)
+        }
+        fn create(&self, key: &str, v: &[u8]) -> Result<Write, StoreError> {
+            self.writes.set(self.writes.get() + 1);
+            self.inner.create(key, v)
+        }
+    }
+
     #[test]
     fn a_claimed_key_is_found_and_a_second_claim_sees_it() {
         let s = MemoryStore::new();
@@ -540,10 +725,30 @@ mod tests {
         let t = Table::new("t/", 64, 1000);
         let f = won(t.claim(&s, rec(7, 1), |_| true).unwrap());
         let newer = t.replace(&s, &f, rec(7, 1)).unwrap().unwrap();
+        // Byte for byte the same record, but written again since `f` was taken.
+        assert_eq!(newer.record, f.record);
         assert_eq!(t.put_body(&s, &f, rec(7, 2), b"x").unwrap(), None);
         assert!(!t.release(&s, &f).unwrap());
         assert_eq!(t.used_bytes(&s).unwrap(), 0);
         assert!(t.release(&s, &newer).unwrap());
+    }
+
+    #[test]
+    fn a_change_to_another_slot_of_the_set_does_not_make_a_handle_stale() {
+        let s = MemoryStore::new();
+        let t = Table::new("t/", 64, 1000);
+        let keys = same_set(&t, 1, 2);
+        let (a, b) = (keys[0], keys[1]);
+        won(t.claim(&s, rec(a, 1), |_| true).unwrap());
+        let found = t.find(&s, a).unwrap().unwrap();
+        // Another request claims a key of the same set after `found` was read.
+        won(t.claim(&s, rec(b, 2), |_| true).unwrap());
+        let kept = t.put_body(&s, &found, rec(a, 3), b"body").unwrap().unwrap();
+        assert_eq!(t.body(&s, &kept).unwrap().unwrap(), b"body");
+        assert!(
+            t.find(&s, b).unwrap().is_some(),
+            "the other slot is untouched"
+        );
     }
 
     #[test]
@@ -552,7 +757,8 @@ mod tests {
         let t = Table::new("t/", 1, 1000);
         let stale = won(t.claim(&s, rec(7, 1), |_| true).unwrap());
         assert!(t.release(&s, &stale).unwrap());
-        let owner = won(t.claim(&s, rec(7, 2), |_| true).unwrap());
+        let owner = won(t.claim(&s, rec(7, 1), |_| true).unwrap());
+        assert_eq!(owner.record, stale.record, "the same bytes, claimed again");
         let owner = t.put_body(&s, &owner, rec(7, 3), b"new").unwrap().unwrap();
         assert_eq!(t.put_body(&s, &stale, rec(7, 4), b"old").unwrap(), None);
         assert_eq!(t.body(&s, &owner).unwrap().unwrap(), b"new");
@@ -560,7 +766,7 @@ mod tests {
     }
 
     #[test]
-    fn the_oldest_probed_record_makes_room_and_pinned_ones_never_do() {
+    fn the_oldest_record_of_the_set_makes_room_and_pinned_ones_never_do() {
         let s = MemoryStore::new();
         let t = Table::new("t/", 1, 1000);
         let a = won(t.claim(&s, rec(1, 10), |_| true).unwrap());
@@ -574,6 +780,32 @@ mod tests {
         won(t.claim(&s, pinned, |_| true).unwrap());
         assert_eq!(t.claim(&s, rec(4, 40), |_| true).unwrap(), Claim::Full);
         assert!(t.find(&s, 3).unwrap().is_some());
+        // In a set of four, the oldest of the four goes.
+        let t = Table::new("u/", 4, 1000);
+        for (k, at) in [(1, 40), (2, 10), (3, 30), (4, 20)] {
+            won(t.claim(&s, rec(k, at), |_| true).unwrap());
+        }
+        won(t.claim(&s, rec(5, 50), |_| true).unwrap());
+        let left: Vec<u64> = (1..=5)
+            .filter(|k| t.find(&s, *k).unwrap().is_some())
+            .collect();
+        assert_eq!(left, vec![1, 3, 4, 5]);
+    }
+
+    #[test]
+    fn a_table_holds_exactly_its_slots_even_when_they_do_not_fill_the_last_set() {
+        let s = MemoryStore::new();
+        let t = Table::new("t/", 5, 1000);
+        for k in 1..=400u64 {
+            if let Claim::Won(_) = t
+                .claim(&s, Record::new(k, k, true, vec![]), |_| true)
+                .unwrap()
+            {}
+        }
+        let held = (1..=400u64)
+            .filter(|k| t.find(&s, *k).unwrap().is_some())
+            .count();
+        assert_eq!(held, 5);
     }
 
     #[test]
@@ -605,14 +837,43 @@ mod tests {
         assert_eq!(t.put_body(&s, &f, rec(200, 201), &[0; 101]).unwrap(), None);
     }
 
+    #[test]
+    fn a_find_then_a_claim_of_a_new_key_is_one_read_and_one_write() {
+        let s = Counting::new();
+        let t = Table::new("t/", 64, 1000);
+        let others = same_set(&t, 1, 2);
+        won(t.claim(&s, rec(others[0], 1), |_| true).unwrap());
+        s.take();
+        assert!(t.find(&s, others[1]).unwrap().is_none());
+        won(t.claim(&s, rec(others[1], 2), |_| true).unwrap());
+        assert_eq!(s.take(), (1, 1));
+        // Without the find first, the claim reads the set itself.
+        let t = Table::new("u/", 64, 1000);
+        won(t.claim(&s, rec(9, 2), |_| true).unwrap());
+        assert_eq!(s.take(), (1, 1));
+        // A remembered set that has changed since costs one more read, and the claim sees
+        // the record another worker wrote meanwhile.
+        let t2 = Table::new("u/", 64, 1000);
+        let keys = same_set(&t, 20, 3);
+        won(t2.claim(&s.inner, rec(keys[2], 3), |_| true).unwrap());
+        assert!(t.find(&s, keys[0]).unwrap().is_none());
+        won(t2.claim(&s.inner, rec(keys[0], 3), |_| true).unwrap());
+        s.take();
+        assert!(matches!(
+            t.claim(&s, rec(keys[0], 4), |_| true).unwrap(),
+            Claim::Exists(_)
+        ));
+        assert_eq!(s.take(), (1, 1), "a lost write, then a fresh read");
+    }
+
     type Hook = Box<dyn FnOnce(&MemoryStore)>;
 
     /// A store where another worker writes right after this worker's first successful
-    /// compare-and-swap (between its claim and its check), or its first to `on` when set.
+    /// compare-and-swap, or its first to `on` when set.
     struct Racing {
         inner: MemoryStore,
         on: Option<String>,
-        then: std::cell::RefCell<Option<Hook>>,
+        then: RefCell<Option<Hook>>,
     }
 
     impl SlotStore for Racing {
@@ -634,71 +895,52 @@ mod tests {
     }
 
     #[test]
-    fn of_two_claims_racing_into_different_probe_slots_at_most_one_wins() {
+    fn of_two_claims_of_one_key_racing_for_its_set_one_wins() {
         let t = Table::new("t/", 1024, 1000);
-        let probes = t.probes(9);
-        let (Some(&first), Some(&second)) = (probes.first(), probes.get(1)) else {
-            panic!("fewer than two probe slots")
-        };
-        // The other worker saw the first probe slot busy (a record that has since been
-        // evicted) and claimed key 9 in the second, just after this worker won the first.
-        let s = Racing {
-            inner: MemoryStore::new(),
-            on: None,
-            then: std::cell::RefCell::new(None),
-        };
-        let index_key = t.index_key(second);
-        *s.then.borrow_mut() = Some(Box::new(move |m: &MemoryStore| {
-            let e = get_or_create(m, &index_key, &[]).unwrap();
-            let theirs = Record::new(9, 1, true, b"theirs".to_vec());
-            m.compare_and_swap(&index_key, &theirs.encode(), e.version)
-                .unwrap();
-        }));
+        let s = MemoryStore::new();
+        // The other worker read the set too, and writes first.
+        let mine_read = t.find(&s, 9).unwrap();
+        assert!(mine_read.is_none());
+        let other = Table::new("t/", 1024, 1000);
+        won(other
+            .claim(&s, Record::new(9, 1, true, b"theirs".to_vec()), |_| true)
+            .unwrap());
         let c = t.claim(&s, rec(9, 2), |_| true).unwrap();
         assert!(
-            matches!(&c, Claim::Exists(f) if f.slot == second && f.record.meta == b"theirs"),
+            matches!(&c, Claim::Exists(f) if f.record.meta == b"theirs"),
             "{c:?}"
         );
-        let mine = Record::decode(&s.inner.get(&t.index_key(first)).unwrap().unwrap().value);
-        assert_eq!(mine, None, "the yielding claim gave its slot back");
-        // Without the race the same claim wins.
-        let s = MemoryStore::new();
-        won(t.claim(&s, rec(9, 2), |_| true).unwrap());
     }
 
     #[test]
     fn a_record_replaced_right_after_its_write_is_not_handed_out_as_ours() {
         let t = Table::new("t/", 1, 1000);
-        let index_key = t.index_key(0);
-        let overwrite = |m: &MemoryStore| {
-            let e = m.get("t/i/0").unwrap().unwrap();
-            let theirs = Record::new(99, 5, false, b"theirs".to_vec());
-            m.compare_and_swap("t/i/0", &theirs.encode(), e.version)
-                .unwrap();
+        let set_key = t.set_key(0);
+        let overwrite = {
+            let set_key = set_key.clone();
+            move |m: &MemoryStore| {
+                let e = m.get(&set_key).unwrap().unwrap();
+                let mut ways = decode_set(&e.value, 1);
+                ways[0].record = Some(Record::new(99, 5, false, b"theirs".to_vec()));
+                ways[0].gen += 1;
+                m.compare_and_swap(&set_key, &encode_set(&ways), e.version)
+                    .unwrap();
+            }
         };
-        // A claim whose slot is taken by another worker between its write and read-back.
         let s = Racing {
             inner: MemoryStore::new(),
             on: None,
-            then: std::cell::RefCell::new(Some(Box::new(overwrite))),
-        };
-        assert_eq!(
-            t.claim(&s, rec(7, 1), |r| r.key != 99).unwrap(),
-            Claim::Full
-        );
-        assert_eq!(t.find(&s, 99).unwrap().unwrap().record.meta, b"theirs");
-        // A replace likewise: the handle it returns would act on the other record.
-        let s = Racing {
-            inner: MemoryStore::new(),
-            on: None,
-            then: std::cell::RefCell::new(None),
+            then: RefCell::new(None),
         };
         let f = won(t.claim(&s, rec(7, 1), |_| true).unwrap());
         *s.then.borrow_mut() = Some(Box::new(overwrite));
-        assert_eq!(t.replace(&s, &f, rec(7, 1)).unwrap(), None);
+        let newer = t.replace(&s, &f, rec(7, 1)).unwrap().unwrap();
+        // The replace's own write is followed by the other worker's: the handle is stale.
+        assert_eq!(t.replace(&s, &newer, rec(7, 1)).unwrap(), None);
+        assert!(!t.release(&s, &newer).unwrap());
         assert!(
             t.find(&s, 99).unwrap().is_some(),
-            "{index_key} kept the other record"
+            "{set_key} kept the other record"
         );
     }
 
@@ -709,24 +951,27 @@ mod tests {
         let a = won(t.claim(&s, rec(1, 1), |_| true).unwrap());
         t.put_body(&s, &a, rec(1, 1), &[7; 50]).unwrap().unwrap();
         let b = won(t.claim(&s, rec(2, 2), |_| true).unwrap());
-        let index_key = t.index_key(b.slot);
+        let set_key = t.set_key(b.slot / WAYS);
+        let way = (b.slot % WAYS) as usize;
         // Another worker evicts B right after B's record is written, before its body is:
         // it gives back the 30 bytes B's record declares.
         let evict = {
-            let index_key = index_key.clone();
+            let set_key = set_key.clone();
             move |m: &MemoryStore| {
                 let t = Table::new("t/", 1024, 1000);
-                let e = m.get(&index_key).unwrap().unwrap();
-                let theirs = Record::new(3, 3, false, Vec::new());
-                m.compare_and_swap(&index_key, &theirs.encode(), e.version)
+                let e = m.get(&set_key).unwrap().unwrap();
+                let mut ways = decode_set(&e.value, WAYS as usize);
+                ways[way].record = Some(Record::new(3, 3, false, Vec::new()));
+                ways[way].gen += 1;
+                m.compare_and_swap(&set_key, &encode_set(&ways), e.version)
                     .unwrap();
                 t.add_bytes(m, -30).unwrap();
             }
         };
         let r = Racing {
             inner: s,
-            on: Some(index_key),
-            then: std::cell::RefCell::new(Some(Box::new(evict))),
+            on: Some(set_key),
+            then: RefCell::new(Some(Box::new(evict))),
         };
         assert_eq!(t.put_body(&r, &b, rec(2, 2), &[9; 30]).unwrap(), None);
         assert_eq!(t.used_bytes(&r).unwrap(), 50, "A's body alone is held");
@@ -736,11 +981,12 @@ mod tests {
     }
 
     #[test]
-    fn garbage_in_a_slot_reads_as_empty() {
+    fn garbage_in_a_set_reads_as_empty() {
         let s = MemoryStore::new();
         let t = Table::new("t/", 1, 1000);
-        s.create("t/i/0", b"junk").unwrap();
+        s.create("t/s/0", b"junk").unwrap();
         assert!(t.find(&s, 1).unwrap().is_none());
         won(t.claim(&s, rec(1, 1), |_| true).unwrap());
+        assert!(t.find(&s, 1).unwrap().is_some());
     }
 }
