@@ -10,7 +10,7 @@ ENVOY_VERSION=1.40.0
 ENVOY_TOOLS=.tools/envoy
 # Test-only wasm modules (package names): built with the plugins, copied to target/modules/,
 # never to dist/.
-TEST_MODULES=(probe empty-filter)
+TEST_MODULES=(probe empty-filter replay-filter)
 # `-Oz` plus the features rustc's wasm32-wasip1 target enables by default (the ones binaryen 108
 # knows). rustc records them in the module's target_features section, which wasm-opt reads;
 # naming them here keeps wasm-opt working if that section is ever missing (binaryen's own

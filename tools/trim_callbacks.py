@@ -11,6 +11,8 @@ export, so nothing the plugin handles can be dropped.
 
 Usage: trim_callbacks.py MODULE.wasm CRATE_SRC_DIR...   (rewrites MODULE.wasm in place; a
 combined module names each stage's crate)
+       trim_callbacks.py MODULE.wasm --keep EXPORT,EXPORT...   (keeps exactly the callbacks
+named: the bench's replay module exports what the module it replays exports)
 Prints the exports it removed.
 """
 
@@ -121,8 +123,12 @@ def trim(module, drop):
 
 def main():
     path, srcs = sys.argv[1], sys.argv[2:]
-    keep = set().union(*(implemented(src) for src in srcs))
-    drop = {export for export, methods in CALLBACKS.items() if not keep.intersection(methods)}
+    if srcs[:1] == ["--keep"]:
+        kept = set(",".join(srcs[1:]).split(","))
+        drop = {export for export in CALLBACKS if export not in kept}
+    else:
+        keep = set().union(*(implemented(src) for src in srcs))
+        drop = {export for export, methods in CALLBACKS.items() if not keep.intersection(methods)}
     with open(path, "rb") as f:
         trimmed, removed = trim(f.read(), drop)
     with open(path, "wb") as f:

@@ -271,6 +271,12 @@ fn main() -> anyhow::Result<()> {
         let secs = args.get(i + 2).and_then(|s| s.parse().ok()).unwrap_or(5.0);
         return repeat(which, secs);
     }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let traces = root.join("bench").join("out").join("traces");
+    // `--traces`: only the traces of the Envoy bench's paths.
+    if args.iter().any(|a| a == "--traces") {
+        return write_traces(&traces);
+    }
     let mut profile = Vec::new();
     let mut models = Vec::new();
     println!("| plugin | path | wasm instructions / request | harness lifecycles/s |");
@@ -323,5 +329,373 @@ fn main() -> anyhow::Result<()> {
         0.5 * edge("GET /api/") + 0.25 * edge("POST /payments") + 0.25 * edge("GET /checkout");
     println!();
     println!("- edge.wasm on the Envoy bench's chain mix, by the cost model: {mix:.1} µs added per request");
+    write_traces(&traces)
+}
+
+// --- Traces for the Envoy bench's floor -------------------------------------------------------
+//
+// Each path the Envoy bench measures is recorded here, one request per request type, in the
+// state the bench's load reaches (same configurations, same requests, tables as full as after
+// thousands of requests), as `bench/out/traces/<name>.json`. `bench/replay` replays a trace in
+// Envoy: what it adds over bare Envoy is the measured cost of that path's crossings.
+
+/// The plugin configurations of `bench/envoy_bench.py` (it reads the same file).
+const BENCH_CONFIGS: &str = include_str!("../../bench/plugin-configs.json");
+
+/// A request type of a path: its name (the `x-replay` value), share of the load, request `n`.
+type Kind = (&'static str, f64, fn(u64) -> Request);
+
+/// One measured path: the plugins of its Envoy configuration, the load that brings them to
+/// steady state and the request types whose traces a replay picks from (`x-replay`).
+struct TraceSet {
+    name: &'static str,
+    /// (module, section of BENCH_CONFIGS; `None`: the whole file, edge.wasm's configuration)
+    plugins: Vec<(&'static str, Option<&'static str>)>,
+    /// The Envoy bench's request sequence (wrk's Lua), request `n`.
+    load: fn(u64) -> Request,
+    /// Request types: name, share of the load, the request.
+    kinds: Vec<Kind>,
+    /// Fresh-key requests to send until the shared-data table stops growing, so that each
+    /// claim evicts an old record as after a long Envoy run (the mixes fill it with their
+    /// POSTs alone, which their load would take four times as long to send).
+    fill: Option<fn(u64) -> Request>,
+}
+
+fn wrk_get(path: &str) -> Request {
+    Request::get(path)
+        .authority("127.0.0.1:10000")
+        .from("127.0.0.1:40000")
+}
+
+fn bench_api(_: u64) -> Request {
+    wrk_get("/api/items")
+}
+
+fn bench_flagged(n: u64) -> Request {
+    wrk_get("/checkout").header("x-user-id", &format!("user-{n}"))
+}
+
+fn bench_post(n: u64) -> Request {
+    Request::post("/payments")
+        .authority("127.0.0.1:10000")
+        .from("127.0.0.1:40000")
+        .header("idempotency-key", &format!("123456789-{n}"))
+        .header("content-type", "application/json")
+        .body("{\"amount\":10}")
+}
+
+/// The chain's mix as `CHAIN` in envoy_bench.py sends it, with the `x-replay` header naming
+/// the request type (every mix configuration gets it, so all see the same requests).
+fn mix_api(_: u64) -> Request {
+    wrk_get("/api/items").header("x-replay", "api")
+}
+
+fn mix_checkout(n: u64) -> Request {
+    wrk_get("/checkout")
+        .header("x-user-id", &format!("user-{n}"))
+        .header("x-replay", "checkout")
+}
+
+fn mix_pay(n: u64) -> Request {
+    Request::post("/payments")
+        .authority("127.0.0.1:10000")
+        .from("127.0.0.1:40000")
+        .header("idempotency-key", &format!("123456789-{n}"))
+        .header("x-replay", "pay")
+        .body("{\"amount\":10}")
+}
+
+fn mix(n: u64) -> Request {
+    match n % 4 {
+        0 => mix_pay(n),
+        1 => mix_checkout(n),
+        _ => mix_api(n),
+    }
+}
+
+fn trace_sets() -> Vec<TraceSet> {
+    let chain_kinds = || -> Vec<Kind> {
+        vec![
+            ("api", 0.5, mix_api),
+            ("checkout", 0.25, mix_checkout),
+            ("pay", 0.25, mix_pay),
+        ]
+    };
+    vec![
+        TraceSet {
+            name: "rate_limit",
+            plugins: vec![("rate_limit", Some("rateLimit"))],
+            load: bench_api,
+            kinds: vec![("only", 1.0, bench_api)],
+            fill: None,
+        },
+        TraceSet {
+            name: "flag_router",
+            plugins: vec![("flag_router", Some("flagRouter"))],
+            load: bench_flagged,
+            kinds: vec![("only", 1.0, bench_flagged)],
+            fill: None,
+        },
+        TraceSet {
+            name: "cached_fallback",
+            plugins: vec![("cached_fallback", Some("cachedFallback"))],
+            load: bench_api,
+            kinds: vec![("only", 1.0, bench_api)],
+            fill: None,
+        },
+        TraceSet {
+            name: "idempotency_post",
+            plugins: vec![("idempotency", Some("idempotency"))],
+            load: bench_post,
+            kinds: vec![("only", 1.0, bench_post)],
+            fill: Some(bench_post),
+        },
+        TraceSet {
+            name: "idempotency_get",
+            plugins: vec![("idempotency", Some("idempotency"))],
+            load: |_| wrk_get("/payments"),
+            kinds: vec![("only", 1.0, |_| wrk_get("/payments"))],
+            fill: None,
+        },
+        TraceSet {
+            name: "chain",
+            plugins: vec![
+                ("rate_limit", Some("rateLimit")),
+                ("flag_router", Some("flagRouter")),
+                ("idempotency", Some("idempotency")),
+                ("cached_fallback", Some("cachedFallback")),
+            ],
+            load: mix,
+            kinds: chain_kinds(),
+            fill: Some(mix_pay),
+        },
+        TraceSet {
+            name: "edge",
+            plugins: vec![("edge", None)],
+            load: mix,
+            kinds: chain_kinds(),
+            fill: Some(mix_pay),
+        },
+    ]
+}
+
+fn bench_edge(plugins: &[(Module, String)]) -> anyhow::Result<Edge> {
+    let mut b = Edge::builder();
+    for (module, config) in plugins {
+        b = b.plugin(Plugin::new(module, config.as_str()).root_id(module.name()));
+    }
+    // As envoy_bench.py's upstream answers: a direct response of 60 bytes.
+    b.upstream(|_| Upstream::ok("ok ".repeat(20)).header("content-type", "text/plain"))
+        .build()
+}
+
+/// The callback exports of a module: the crossings Envoy may make for a stream.
+fn callback_exports(module: &Module) -> Vec<String> {
+    module
+        .exports()
+        .into_iter()
+        .filter(|e| e.starts_with("proxy_on_") && e != "proxy_on_memory_allocate")
+        .collect()
+}
+
+/// Fuel of one request's callbacks among `exports`, from a recorded trace.
+fn trace_fuel(trace: &[host_tests::TracedCallback]) -> u64 {
+    trace.iter().map(|c| c.fuel).sum()
+}
+
+/// The op sequence of a trace, per callback, with the sizes Envoy's cost depends on: how a
+/// replay is checked against its plugin. Guest allocations follow from the data returned,
+/// and a single header read's answer may be the replay's selector: both are left out.
+fn op_kinds(trace: &[host_tests::TracedCallback]) -> Vec<String> {
+    let mut out = Vec::new();
+    for c in trace {
+        out.push(c.callback.to_string());
+        for v in &c.calls {
+            let op = v
+                .get("op")
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or("");
+            if op.starts_with('(') {
+                continue;
+            }
+            let size = ["len", "size"]
+                .iter()
+                .filter(|_| op != "get_header_map_value")
+                .find_map(|k| v.get(*k).and_then(serde_json::Value::as_i64));
+            out.push(match size {
+                Some(n) => format!("{op}({n})"),
+                None => op.to_string(),
+            });
+        }
+    }
+    out
+}
+
+fn write_traces(out: &std::path::Path) -> anyhow::Result<()> {
+    use serde_json::{json, Value};
+    let configs: Value = serde_json::from_str(BENCH_CONFIGS)?;
+    std::fs::create_dir_all(out)?;
+    let replay = Module::from_file(module_path("replay_filter"))?;
+    let mut summary = Vec::new();
+    for set in trace_sets() {
+        let mut plugins = Vec::new();
+        for (name, section) in &set.plugins {
+            let config = match section {
+                Some(s) => configs.get(*s).map(Value::to_string).unwrap_or_default(),
+                None => BENCH_CONFIGS.to_string(),
+            };
+            plugins.push((Module::from_file(module_path(name))?, config));
+        }
+        let mut edge = bench_edge(&plugins)?;
+        let mut n = 0u64;
+        if let Some(fresh) = set.fill {
+            // The idempotency table keeps a bounded number of records: once the store stops
+            // growing, each fresh key's claim evicts an old one.
+            let mut keys = edge.shared_data_usage("").0;
+            loop {
+                for _ in 0..5000 {
+                    n += 1;
+                    edge.send(fresh(n))?;
+                }
+                let now = edge.shared_data_usage("").0;
+                if now <= keys || n > 1_000_000 {
+                    break;
+                }
+                keys = now;
+            }
+        }
+        for _ in 0..1000 {
+            n += 1;
+            edge.send((set.load)(n))?;
+        }
+        edge.clear_records();
+        // traces[plugin][kind]
+        let mut traces: Vec<Vec<(&str, f64, Vec<host_tests::TracedCallback>)>> =
+            plugins.iter().map(|_| Vec::new()).collect();
+        edge.start_trace();
+        let mut sent = Vec::new();
+        for (kind, share, request) in &set.kinds {
+            n += 1;
+            sent.push(n);
+            for i in 0..plugins.len() {
+                edge.take_trace(i);
+            }
+            edge.send(request(n))?;
+            for (i, t) in traces.iter_mut().enumerate() {
+                t.push((kind, *share, edge.take_trace(i)));
+            }
+        }
+        let mut docs = Vec::new();
+        for (module, _) in &plugins {
+            let i = docs.len();
+            let kinds = traces.get(i).map_or(&[][..], Vec::as_slice);
+            docs.push(json!({
+                "module": module.name(),
+                "exports": callback_exports(module),
+                "filled": set.fill.is_some(),
+                "shares": kinds.iter().map(|(k, s, _)| (k.to_string(), json!(s))).collect::<serde_json::Map<_, _>>(),
+                "fuel": kinds.iter().map(|(k, _, t)| (k.to_string(), json!(trace_fuel(t)))).collect::<serde_json::Map<_, _>>(),
+                "traces": kinds.iter().map(|(k, _, t)| (k.to_string(), json!(t.iter().map(|c| c.to_json()).collect::<Vec<_>>()))).collect::<serde_json::Map<_, _>>(),
+            }));
+        }
+        // The replays in the harness, one per plugin of the chain: their own instructions
+        // (the floor counts only the plugins' instructions beyond them) and a check that each
+        // makes its plugin's calls, with the same requests.
+        let replays: Vec<(Module, String)> = docs
+            .iter()
+            .map(|d| (replay.clone(), d.to_string()))
+            .collect();
+        let mut r = bench_edge(&replays)?;
+        let mut replay_fuel: Vec<serde_json::Map<String, Value>> =
+            docs.iter().map(|_| serde_json::Map::new()).collect();
+        let mut mismatched: Vec<Vec<String>> = docs.iter().map(|_| Vec::new()).collect();
+        for ((kind, _, request), n) in set.kinds.iter().zip(&sent) {
+            r.send(request(n + 1_000_000))?;
+            r.start_trace();
+            r.send(request(*n))?;
+            for (i, (module, _)) in plugins.iter().enumerate() {
+                let exports = callback_exports(module);
+                let got: Vec<_> = r
+                    .take_trace(i)
+                    .into_iter()
+                    .filter(|c| exports.iter().any(|e| e == c.callback))
+                    .collect();
+                if let Some(f) = replay_fuel.get_mut(i) {
+                    f.insert(kind.to_string(), json!(trace_fuel(&got)));
+                }
+                let recorded = traces
+                    .get(i)
+                    .and_then(|t| t.iter().find(|k| k.0 == *kind))
+                    .map_or(&[][..], |k| k.2.as_slice());
+                let (want, have) = (op_kinds(recorded), op_kinds(&got));
+                let differs =
+                    (0..want.len().max(have.len())).find(|i| want.get(*i) != have.get(*i));
+                if let (Some(at), Some(m)) = (differs, mismatched.get_mut(i)) {
+                    m.push(format!(
+                        "{kind}: call {at} recorded {:?}, replayed {:?}",
+                        want.get(at),
+                        have.get(at)
+                    ));
+                }
+            }
+        }
+        for (i, mut doc) in docs.into_iter().enumerate() {
+            let file = if plugins.len() > 1 {
+                format!("{}_{}", set.name, set.plugins.get(i).map_or("", |p| p.0))
+            } else {
+                set.name.to_string()
+            };
+            let fuel = replay_fuel.get(i).cloned().unwrap_or_default();
+            if let Some(o) = doc.as_object_mut() {
+                o.insert("replay_fuel".into(), Value::Object(fuel));
+            }
+            std::fs::write(
+                out.join(format!("{file}.json")),
+                serde_json::to_string(&doc)?,
+            )?;
+            let m = mismatched.get(i).cloned().unwrap_or_default();
+            summary.push(format!(
+                "- trace {file}: {} request type(s), {n} requests sent first{}",
+                set.kinds.len(),
+                if m.is_empty() {
+                    "; the replay makes the same calls".to_string()
+                } else {
+                    format!("; replay differs: {}", m.join(", "))
+                }
+            ));
+        }
+    }
+    // What a wasm instruction costs in Envoy: the rate limit replay plus a burn of known size
+    // (the burn's instructions are the harness's fuel for that same module and request).
+    let base = std::fs::read_to_string(out.join("rate_limit.json"))?;
+    let fuel_with = |rounds: u64| -> anyhow::Result<u64> {
+        let mut doc: Value = serde_json::from_str(&base)?;
+        if let Some(o) = doc.as_object_mut() {
+            o.insert("burn".into(), json!(rounds));
+        }
+        let mut r = bench_edge(&[(replay.clone(), doc.to_string())])?;
+        r.send(bench_api(1))?;
+        Ok(r.send(bench_api(2))?.fuel)
+    };
+    let plain = fuel_with(0)?;
+    let per_round = (fuel_with(1000)? - plain) as f64 / 1000.0;
+    // About 200,000 instructions: 50 µs at 0.25 ns each, well above the bench's noise.
+    let rounds = (200_000.0 / per_round.max(1.0)) as u64;
+    let burned = fuel_with(rounds)? - plain;
+    std::fs::write(
+        out.join("burn.json"),
+        serde_json::to_string(
+            &json!({"trace": "rate_limit", "rounds": rounds, "instructions": burned}),
+        )?,
+    )?;
+    summary.push(format!(
+        "- burn: {rounds} rounds = {burned} wasm instructions per request"
+    ));
+    println!();
+    println!("Traces for the Envoy bench's floor (bench/out/traces/):");
+    println!();
+    for line in summary {
+        println!("{line}");
+    }
     Ok(())
 }

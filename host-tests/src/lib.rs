@@ -5,6 +5,7 @@ mod edge;
 mod hostcalls;
 pub mod scenario;
 mod state;
+mod trace;
 mod vm;
 mod wasi;
 
@@ -15,6 +16,7 @@ pub use edge::{
 pub use state::{
     CalloutReply, CalloutRequest, GrpcReply, GrpcRequest, HeaderMap, LocalReply, LogRecord,
 };
+pub use trace::TracedCallback;
 pub use vm::{CallbackCost, Module};
 
 /// Path of a module built by `./build.sh`: `dist/<name>.wasm` for shipped plugins,

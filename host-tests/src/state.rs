@@ -516,6 +516,8 @@ pub(crate) struct VmState {
     /// Calls per `env` import, and guest allocations the host made to hand data over: each is
     /// a crossing between the host and the VM, which Envoy pays for.
     pub hostcalls: BTreeMap<&'static str, u64>,
+    /// The callbacks made while tracing (`Edge::start_trace`), with their hostcalls.
+    pub trace: Option<Vec<crate::trace::TracedCallback>>,
 }
 
 impl VmState {

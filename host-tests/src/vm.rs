@@ -77,6 +77,16 @@ impl Module {
     pub fn name(&self) -> &str {
         &self.inner.name
     }
+
+    /// The names the module exports, in its order: what a replay of its traces must export.
+    pub fn exports(&self) -> Vec<String> {
+        self.inner
+            .pre
+            .module()
+            .exports()
+            .map(|e| e.name().to_string())
+            .collect()
+    }
 }
 
 /// How one guest callback ended.
@@ -134,6 +144,7 @@ impl Vm {
             starting: true,
             exit_code: None,
             hostcalls: BTreeMap::new(),
+            trace: None,
         };
         let mut store = Store::new(&module.inner.engine, state);
         store
@@ -242,9 +253,31 @@ impl Vm {
             })
             .collect();
         let mut results: Vec<Val> = ty.results().map(|_| Val::I32(0)).collect();
+        if let Some(trace) = self.store.data_mut().trace.as_mut() {
+            trace.push(crate::trace::TracedCallback {
+                callback: export,
+                returned: None,
+                fuel: 0,
+                calls: Vec::new(),
+            });
+        }
         let _ = self.store.set_fuel(FUEL_PER_CALLBACK);
         let r = f.call(&mut self.store, &params, &mut results);
         let used = FUEL_PER_CALLBACK - self.store.get_fuel().unwrap_or(0);
+        let returned = match &r {
+            Ok(()) => results.first().and_then(|v| v.i32()).map(|v| v as u32),
+            Err(_) => None,
+        };
+        if let Some(last) = self
+            .store
+            .data_mut()
+            .trace
+            .as_mut()
+            .and_then(|t| t.last_mut())
+        {
+            last.returned = returned;
+            last.fuel = used;
+        }
         let cost = self.costs.entry(export).or_default();
         cost.calls += 1;
         cost.fuel += used;

@@ -173,6 +173,30 @@ impl Edge {
         out
     }
 
+    /// Starts recording, in every VM, each callback and its hostcalls (see [`Edge::take_trace`]).
+    pub fn start_trace(&mut self) {
+        for vms in &mut self.workers {
+            for vm in vms.iter_mut() {
+                vm.store.data_mut().trace = Some(Vec::new());
+            }
+        }
+    }
+
+    /// The callbacks `plugin`'s VMs ran since tracing started or the last take, in order per
+    /// worker (one request runs on one worker); tracing goes on.
+    pub fn take_trace(&mut self, plugin: usize) -> Vec<crate::TracedCallback> {
+        let mut out = Vec::new();
+        for vms in &mut self.workers {
+            if let Some(trace) = vms
+                .get_mut(plugin)
+                .and_then(|vm| vm.store.data_mut().trace.as_mut())
+            {
+                out.append(trace);
+            }
+        }
+        out
+    }
+
     /// Places where a plugin used the ABI in a way Envoy would refuse or ignore.
     pub fn abi_misuse(&self) -> Vec<String> {
         self.host.borrow().misuse.clone()

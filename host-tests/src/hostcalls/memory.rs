@@ -100,6 +100,7 @@ fn allocate(caller: &mut Caller<'_, VmState>, size: u32) -> Result<u32, Hostcall
         .hostcalls
         .entry("(guest allocation)")
         .or_default() += 1;
+    crate::trace::allocation(caller.data_mut(), size);
     let address = allocator
         .call(&mut *caller, size)
         .map_err(HostcallError::Trap)?;

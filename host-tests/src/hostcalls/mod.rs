@@ -22,9 +22,11 @@ macro_rules! import {
             |mut caller: wasmtime::Caller<'_, crate::state::VmState>, $($parameter: $type),*|
                 -> wasmtime::Result<u32> {
                 *caller.data_mut().hostcalls.entry($name).or_default() += 1;
-                crate::hostcalls::memory::status_code(
-                    $implementation(&mut caller $(, $parameter)* $(, $extra)*),
-                )
+                let args = [$($parameter as i64),*];
+                let traced = crate::trace::before(&mut caller, $name, &args);
+                let result = $implementation(&mut caller $(, $parameter)* $(, $extra)*);
+                crate::trace::after(&mut caller, traced, &args, &result);
+                crate::hostcalls::memory::status_code(result)
             },
         )?;
     };

@@ -1,0 +1,480 @@
+//! A path's crossings without its policy: replays, per callback, the hostcalls a plugin made
+//! for one request in the harness (same kinds, sizes and order, recorded by
+//! `host-tests/benches/plugins.rs`) and returns the recorded action. What it adds to bare Envoy
+//! is the measured cost of those crossings; `bench/README.md`, "The floor".
+//!
+//! Configuration: `{"traces": {"NAME": [callback, ...], ...}, "burn": N}`. With several traces,
+//! a stream takes the one named by its `x-replay` request header, read by the first request
+//! header read the trace makes anyway. `burn` runs N rounds of [`burn`] per request, to measure
+//! what a wasm instruction costs in the same Envoy run.
+
+use proxy_wasm::hostcalls as host;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, BufferType, ContextType, MapType, MetricType};
+use serde_json::Value;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+/// The header that names a request's trace in a set.
+const SELECTOR: &str = "x-replay";
+
+/// The callbacks a trace records, in the order of [`Stream::seen`].
+const CALLBACKS: [&str; 10] = [
+    "proxy_on_context_create",
+    "proxy_on_request_headers",
+    "proxy_on_request_body",
+    "proxy_on_request_trailers",
+    "proxy_on_response_headers",
+    "proxy_on_response_body",
+    "proxy_on_response_trailers",
+    "proxy_on_log",
+    "proxy_on_done",
+    "proxy_on_delete",
+];
+
+enum Op {
+    HeaderGet(MapType, String),
+    HeaderPairs(MapType),
+    HeaderSet(MapType, String, Vec<u8>, bool),
+    HeaderRemove(MapType, String),
+    Property(Vec<String>),
+    SharedGet(String),
+    SharedSet(String, Vec<u8>, bool),
+    Define(MetricType, String),
+    Increment(u32, i64),
+    Record(u32, u64),
+    GetMetric(u32),
+    BufferGet(BufferType, usize, usize),
+    BufferSet(BufferType, usize, usize, Vec<u8>),
+    Reply(u32, Vec<(String, String)>, Vec<u8>),
+    Resume(i64),
+    Time,
+}
+
+struct Callback {
+    kind: usize,
+    returned: u32,
+    ops: Vec<Op>,
+}
+
+/// One request's callbacks, by kind: `by_kind[k]` lists the callbacks of kind `k` in order.
+struct Trace {
+    name: String,
+    by_kind: Vec<Vec<Callback>>,
+}
+
+struct Replay {
+    traces: Vec<Trace>,
+    burn: u64,
+    /// The cas each shared-data key last read had, for writes that gave one.
+    cas: RefCell<HashMap<String, u32>>,
+}
+
+fn map_type(n: i64) -> Option<MapType> {
+    Some(match n {
+        0 => MapType::HttpRequestHeaders,
+        1 => MapType::HttpRequestTrailers,
+        2 => MapType::HttpResponseHeaders,
+        3 => MapType::HttpResponseTrailers,
+        _ => return None,
+    })
+}
+
+fn buffer_type(n: i64) -> Option<BufferType> {
+    Some(match n {
+        0 => BufferType::HttpRequestBody,
+        1 => BufferType::HttpResponseBody,
+        _ => return None,
+    })
+}
+
+fn metric_type(n: i64) -> MetricType {
+    match n {
+        1 => MetricType::Gauge,
+        2 => MetricType::Histogram,
+        _ => MetricType::Counter,
+    }
+}
+
+fn int(v: &Value, k: &str) -> i64 {
+    v.get(k).and_then(Value::as_i64).unwrap_or(0)
+}
+
+fn string(v: &Value, k: &str) -> String {
+    v.get(k)
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn filler(len: i64) -> Vec<u8> {
+    vec![b'r'; usize::try_from(len).unwrap_or(0)]
+}
+
+/// Turns the recorded calls into ops; prepares, once, what they read: metrics defined,
+/// shared-data keys written with values of the recorded lengths. A read that found nothing
+/// reads a key nobody writes, so that it finds nothing here too.
+fn ops(
+    calls: &[Value],
+    metrics: &mut HashMap<(String, i64), u32>,
+    written: &mut Vec<String>,
+) -> Vec<Op> {
+    let mut out = Vec::new();
+    let mut metric = |name: String, kind: i64| -> u32 {
+        *metrics
+            .entry((name.clone(), kind))
+            .or_insert_with(|| host::define_metric(metric_type(kind), &name).unwrap_or(0))
+    };
+    for c in calls {
+        let map = || map_type(int(c, "map"));
+        let op = match c.get("op").and_then(Value::as_str).unwrap_or_default() {
+            "get_header_map_value" => map().map(|m| Op::HeaderGet(m, string(c, "name"))),
+            "get_header_map_pairs" => map().map(Op::HeaderPairs),
+            "replace_header_map_value" | "add_header_map_value" => map().map(|m| {
+                let add = c.get("op").and_then(Value::as_str) == Some("add_header_map_value");
+                Op::HeaderSet(m, string(c, "name"), filler(int(c, "len")), add)
+            }),
+            "remove_header_map_value" => map().map(|m| Op::HeaderRemove(m, string(c, "name"))),
+            "get_property" => {
+                let path = c.get("path").and_then(Value::as_array).map(|p| {
+                    p.iter()
+                        .filter_map(Value::as_str)
+                        .map(String::from)
+                        .collect()
+                });
+                path.map(Op::Property)
+            }
+            "get_shared_data" => {
+                let key = string(c, "key");
+                if string(c, "status") == "ok" {
+                    if !written.contains(&key) {
+                        let _ = host::set_shared_data(&key, Some(&filler(int(c, "len"))), None);
+                        written.push(key.clone());
+                    }
+                    Some(Op::SharedGet(key))
+                } else {
+                    Some(Op::SharedGet(format!("{key}\u{1}")))
+                }
+            }
+            "set_shared_data" => Some(Op::SharedSet(
+                string(c, "key"),
+                filler(int(c, "len")),
+                c.get("cas").and_then(Value::as_bool).unwrap_or(false),
+            )),
+            "define_metric" => Some(Op::Define(metric_type(int(c, "kind")), string(c, "name"))),
+            "increment_metric" => Some(Op::Increment(
+                metric(string(c, "name"), int(c, "kind")),
+                int(c, "value"),
+            )),
+            "record_metric" => Some(Op::Record(
+                metric(string(c, "name"), int(c, "kind")),
+                u64::try_from(int(c, "value")).unwrap_or(0),
+            )),
+            "get_metric" => Some(Op::GetMetric(metric(string(c, "name"), int(c, "kind")))),
+            "get_buffer_bytes" => buffer_type(int(c, "buffer")).map(|b| {
+                let start = usize::try_from(int(c, "start")).unwrap_or(0);
+                Op::BufferGet(b, start, usize::try_from(int(c, "max")).unwrap_or(0))
+            }),
+            "set_buffer_bytes" => buffer_type(int(c, "buffer")).map(|b| {
+                let start = usize::try_from(int(c, "start")).unwrap_or(0);
+                let size = usize::try_from(int(c, "size")).unwrap_or(0);
+                Op::BufferSet(b, start, size, filler(int(c, "len")))
+            }),
+            "send_local_response" => {
+                let headers = c
+                    .get("headers")
+                    .and_then(Value::as_array)
+                    .map(|hs| {
+                        hs.iter()
+                            .filter_map(|h| {
+                                let k = h.get(0).and_then(Value::as_str)?;
+                                let v = h.get(1).and_then(Value::as_str)?;
+                                Some((k.to_string(), v.to_string()))
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let status = u32::try_from(int(c, "status")).unwrap_or(500);
+                Some(Op::Reply(status, headers, filler(int(c, "body"))))
+            }
+            "continue_stream" => Some(Op::Resume(int(c, "target"))),
+            "get_current_time_nanoseconds" => Some(Op::Time),
+            // Guest allocations follow from the data-returning calls; nothing else is on a
+            // plugin's request path.
+            _ => None,
+        };
+        out.extend(op);
+    }
+    out
+}
+
+fn parse(config: &[u8]) -> Option<Replay> {
+    let v: Value = serde_json::from_slice(config).ok()?;
+    let mut metrics = HashMap::new();
+    let mut written = Vec::new();
+    let mut traces = Vec::new();
+    for (name, callbacks) in v.get("traces")?.as_object()? {
+        let mut by_kind: Vec<Vec<Callback>> = CALLBACKS.iter().map(|_| Vec::new()).collect();
+        for cb in callbacks.as_array()? {
+            let export = cb
+                .get("callback")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            let Some(kind) = CALLBACKS.iter().position(|c| *c == export) else {
+                continue;
+            };
+            let calls = cb
+                .get("calls")
+                .and_then(Value::as_array)
+                .map_or(&[][..], Vec::as_slice);
+            let callback = Callback {
+                kind,
+                returned: u32::try_from(int(cb, "returned")).unwrap_or(0),
+                ops: ops(calls, &mut metrics, &mut written),
+            };
+            if let Some(list) = by_kind.get_mut(callback.kind) {
+                list.push(callback);
+            }
+        }
+        traces.push(Trace {
+            name: name.clone(),
+            by_kind,
+        });
+    }
+    Some(Replay {
+        traces,
+        burn: u64::try_from(int(&v, "burn")).unwrap_or(0),
+        cas: RefCell::new(HashMap::new()),
+    })
+}
+
+/// Realistic work of a known size: loads, stores, branches and calls over 4 KB of memory.
+#[inline(never)]
+fn burn(rounds: u64) -> u32 {
+    let mut table = [0u32; 1024];
+    let mut x: u32 = 0x9e37_79b9;
+    for i in 0..rounds {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        let at = (x as usize) & 1023;
+        if let Some(slot) = table.get_mut(at) {
+            *slot = if *slot & 1 == 0 {
+                step(*slot, x)
+            } else {
+                slot.wrapping_add(i as u32)
+            };
+        }
+    }
+    table.iter().fold(0, |a, b| a ^ b)
+}
+
+#[inline(never)]
+fn step(a: u32, b: u32) -> u32 {
+    std::hint::black_box(a.wrapping_mul(31) ^ b)
+}
+
+/// What a replayed call answered does not matter: only that Envoy did the work.
+fn ignore<T>(_: T) {}
+
+struct Root {
+    replay: Option<Rc<Replay>>,
+}
+
+struct Stream {
+    replay: Rc<Replay>,
+    trace: usize,
+    selected: bool,
+    seen: [usize; CALLBACKS.len()],
+}
+
+impl Stream {
+    /// Runs the next recorded callback of `kind`; returns its recorded result (`None`: no
+    /// such callback was recorded, and the callback does what the SDK's default does).
+    fn run(&mut self, kind: usize) -> Option<u32> {
+        let replay = self.replay.clone();
+        let n = self.seen.get(kind).copied().unwrap_or(0);
+        if let Some(s) = self.seen.get_mut(kind) {
+            *s += 1;
+        }
+        let mut at = 0;
+        let mut returned = None;
+        loop {
+            let Some(cb) = replay
+                .traces
+                .get(self.trace)
+                .and_then(|t| t.by_kind.get(kind))
+                .and_then(|l| l.get(n))
+            else {
+                return returned;
+            };
+            returned = Some(cb.returned);
+            let Some(op) = cb.ops.get(at) else {
+                return returned;
+            };
+            at += 1;
+            if !self.selected && self.selects(op) {
+                continue;
+            }
+            self.apply(&replay, op);
+        }
+    }
+
+    /// The first request header read of a set's stream reads the selector instead and picks
+    /// the trace to go on with (at the same place: the traces agree up to here).
+    fn selects(&mut self, op: &Op) -> bool {
+        self.selected = true;
+        if self.replay.traces.len() < 2 {
+            return false;
+        }
+        let name = match op {
+            Op::HeaderGet(MapType::HttpRequestHeaders, _) => {
+                host::get_map_value_bytes(MapType::HttpRequestHeaders, SELECTOR)
+                    .ok()
+                    .flatten()
+            }
+            Op::HeaderPairs(MapType::HttpRequestHeaders) => {
+                host::get_map_bytes(MapType::HttpRequestHeaders)
+                    .ok()
+                    .and_then(|m| m.into_iter().find(|(k, _)| k == SELECTOR).map(|(_, v)| v))
+            }
+            _ => {
+                self.selected = false;
+                return false;
+            }
+        };
+        if let Some(name) = name {
+            if let Some(i) = self
+                .replay
+                .traces
+                .iter()
+                .position(|t| t.name.as_bytes() == name)
+            {
+                self.trace = i;
+            }
+        }
+        true
+    }
+
+    fn apply(&self, replay: &Replay, op: &Op) {
+        match op {
+            Op::HeaderGet(m, name) => ignore(host::get_map_value_bytes(*m, name)),
+            Op::HeaderPairs(m) => ignore(host::get_map_bytes(*m)),
+            Op::HeaderSet(m, name, value, false) => {
+                ignore(host::set_map_value_bytes(*m, name, Some(value)))
+            }
+            Op::HeaderSet(m, name, value, true) => {
+                ignore(host::add_map_value_bytes(*m, name, value))
+            }
+            Op::HeaderRemove(m, name) => ignore(host::remove_map_value(*m, name)),
+            Op::Property(path) => ignore(host::get_property(
+                path.iter().map(String::as_str).collect(),
+            )),
+            Op::SharedGet(key) => {
+                if let Ok((_, Some(cas))) = host::get_shared_data(key) {
+                    replay.cas.borrow_mut().insert(key.clone(), cas);
+                }
+            }
+            Op::SharedSet(key, value, with_cas) => {
+                let cas = replay.cas.borrow_mut().remove(key).filter(|_| *with_cas);
+                let _ = host::set_shared_data(key, Some(value), cas);
+            }
+            Op::Define(kind, name) => ignore(host::define_metric(*kind, name)),
+            Op::Increment(id, by) => ignore(host::increment_metric(*id, *by)),
+            Op::Record(id, value) => ignore(host::record_metric(*id, *value)),
+            Op::GetMetric(id) => ignore(host::get_metric(*id)),
+            Op::BufferGet(b, start, max) => ignore(host::get_buffer(*b, *start, *max)),
+            Op::BufferSet(b, start, size, value) => {
+                ignore(host::set_buffer(*b, *start, *size, value))
+            }
+            Op::Reply(status, headers, body) => {
+                let headers = headers
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect();
+                let _ = host::send_http_response(*status, headers, Some(body));
+            }
+            Op::Resume(0) => ignore(host::resume_http_request()),
+            Op::Resume(_) => ignore(host::resume_http_response()),
+            Op::Time => ignore(host::get_current_time()),
+        }
+    }
+
+    fn action(&mut self, kind: usize) -> Action {
+        match self.run(kind) {
+            Some(1) => Action::Pause,
+            _ => Action::Continue,
+        }
+    }
+}
+
+impl Context for Root {}
+
+impl Context for Stream {
+    fn on_done(&mut self) -> bool {
+        self.run(8) != Some(0)
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.run(9);
+    }
+}
+
+impl HttpContext for Stream {
+    fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
+        let action = self.action(1);
+        if self.replay.burn > 0 {
+            std::hint::black_box(burn(self.replay.burn));
+        }
+        action
+    }
+    fn on_http_request_body(&mut self, _: usize, _: bool) -> Action {
+        self.action(2)
+    }
+    fn on_http_request_trailers(&mut self, _: usize) -> Action {
+        self.action(3)
+    }
+    fn on_http_response_headers(&mut self, _: usize, _: bool) -> Action {
+        self.action(4)
+    }
+    fn on_http_response_body(&mut self, _: usize, _: bool) -> Action {
+        self.action(5)
+    }
+    fn on_http_response_trailers(&mut self, _: usize) -> Action {
+        self.action(6)
+    }
+    fn on_log(&mut self) {
+        self.run(7);
+    }
+}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _: usize) -> bool {
+        let config = self.get_plugin_configuration().unwrap_or_default();
+        self.replay = parse(&config).map(Rc::new);
+        self.replay.is_some()
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+
+    fn create_http_context(&self, _: u32) -> Option<Box<dyn HttpContext>> {
+        let replay = self.replay.clone()?;
+        let mut stream = Stream {
+            replay,
+            trace: 0,
+            selected: false,
+            seen: [0; CALLBACKS.len()],
+        };
+        stream.run(0);
+        Some(Box::new(stream))
+    }
+}
+
+proxy_wasm::main! {{
+    proxy_wasm::set_root_context(|_| Box::new(Root { replay: None }));
+}}
