@@ -439,9 +439,10 @@ impl Table {
     /// (whose `at_ns` the body is bound to). `None` when the record changed meanwhile or no
     /// room can be made within `max_bytes`; the table is unchanged then.
     ///
-    /// The record is replaced first (that is what proves ownership), then the body is written,
-    /// only while the record is still ours: a writer that lost its slot never overwrites the
-    /// new owner's body. Between the two writes a reader finds the record without its body.
+    /// The body is written first, bound to the new record (so readers of the old one ignore
+    /// it), then the record: its compare-and-swap proves the slot was ours all along. A writer
+    /// that lost its slot takes its body back unless a new owner has written one since, and
+    /// writes over another record's body only after reading that the slot is still its own.
     pub fn put_body(
         &self,
         store: &impl SlotStore,
@@ -460,41 +461,55 @@ impl Table {
         if delta > 0 && !self.reserve(store, delta.unsigned_abs(), found.slot)? {
             return Ok(None);
         }
+        let undo = |store: &_| -> Result<Option<Found>, StoreError> {
+            if delta > 0 {
+                self.add_bytes(store, -delta)?;
+            }
+            Ok(None)
+        };
         let mut value = Vec::with_capacity(16 + body.len());
         value.extend_from_slice(&record.key.to_le_bytes());
         value.extend_from_slice(&record.at_ns.to_le_bytes());
         value.extend_from_slice(body);
+        let body_key = self.body_key(found.slot);
+        let old_at = found.record.at_ns.to_le_bytes();
+        let mut written = false;
+        for _ in 0..ATTEMPTS {
+            let current = get_or_create(store, &body_key, &[])?;
+            // An empty body key, or our record's own old body, may be written over; any other
+            // body may be a new owner's, so only a slot still ours is written.
+            let ours = current.value.is_empty()
+                || bound_to(&current.value, &found.record.key, Some(&old_at[..]));
+            if !ours && self.still_ours(store, found)?.is_none() {
+                return undo(store);
+            }
+            if store.compare_and_swap(&body_key, &value, current.version)? == Write::Done {
+                written = true;
+                break;
+            }
+        }
+        if !written {
+            return Err(contended(ATTEMPTS));
+        }
         record.body_len = len;
         let Some(gen) = self.change(store, found, Some(record.clone()))? else {
-            if delta > 0 {
-                self.add_bytes(store, -delta)?;
+            let at = record.at_ns.to_le_bytes();
+            if let Some(e) = store.get(&body_key)? {
+                if bound_to(&e.value, &record.key, Some(&at[..])) {
+                    store.compare_and_swap(&body_key, &[], e.version)?;
+                }
             }
-            return Ok(None);
-        };
-        let mut mine = Found {
-            slot: found.slot,
-            record,
-            gen,
-            seen: None,
+            return undo(store);
         };
         if delta < 0 {
             self.add_bytes(store, delta)?;
         }
-        let body_key = self.body_key(found.slot);
-        for _ in 0..ATTEMPTS {
-            let current = get_or_create(store, &body_key, &[])?;
-            // The record still in its slot proves the slot is ours; a body names its
-            // record's key and write time.
-            let Some(set) = self.still_ours(store, &mine)? else {
-                // Replaced meanwhile: whoever evicted it gave its bytes back.
-                return Ok(None);
-            };
-            if store.compare_and_swap(&body_key, &value, current.version)? == Write::Done {
-                mine.seen = Some(set);
-                return Ok(Some(mine));
-            }
-        }
-        Err(contended(ATTEMPTS))
+        Ok(Some(Found {
+            slot: found.slot,
+            record,
+            gen,
+            seen: None,
+        }))
     }
 
     /// The body stored for the record read as `found`.
@@ -945,7 +960,7 @@ mod tests {
     }
 
     #[test]
-    fn a_record_evicted_between_its_write_and_its_body_counts_its_bytes_once() {
+    fn a_record_evicted_between_its_body_and_its_write_counts_its_bytes_once() {
         let t = Table::new("t/", 1024, 1000);
         let s = MemoryStore::new();
         let a = won(t.claim(&s, rec(1, 1), |_| true).unwrap());
@@ -953,27 +968,30 @@ mod tests {
         let b = won(t.claim(&s, rec(2, 2), |_| true).unwrap());
         let set_key = t.set_key(b.slot / WAYS);
         let way = (b.slot % WAYS) as usize;
-        // Another worker evicts B right after B's record is written, before its body is:
-        // it gives back the 30 bytes B's record declares.
+        // Another worker evicts B right after B's body is written, before its record is: B's
+        // record declared no body yet, so the evicting worker gives back nothing.
         let evict = {
             let set_key = set_key.clone();
             move |m: &MemoryStore| {
-                let t = Table::new("t/", 1024, 1000);
                 let e = m.get(&set_key).unwrap().unwrap();
                 let mut ways = decode_set(&e.value, WAYS as usize);
                 ways[way].record = Some(Record::new(3, 3, false, Vec::new()));
                 ways[way].gen += 1;
                 m.compare_and_swap(&set_key, &encode_set(&ways), e.version)
                     .unwrap();
-                t.add_bytes(m, -30).unwrap();
             }
         };
         let r = Racing {
             inner: s,
-            on: Some(set_key),
+            on: Some(t.body_key(b.slot)),
             then: RefCell::new(Some(Box::new(evict))),
         };
         assert_eq!(t.put_body(&r, &b, rec(2, 2), &[9; 30]).unwrap(), None);
+        assert_eq!(
+            r.inner.get(&t.body_key(b.slot)).unwrap().unwrap().value,
+            Vec::<u8>::new(),
+            "the body written for the lost record was taken back"
+        );
         assert_eq!(t.used_bytes(&r).unwrap(), 50, "A's body alone is held");
         assert_eq!(t.find(&r, 2).unwrap(), None);
         let a = t.find(&r, 1).unwrap().unwrap();
