@@ -609,8 +609,8 @@ def floor_section(medians, replays, burn, traces_dir):
         f"{burn['instructions']} instructions more per request cost {burned - plain:+.1f} µs "
         f"({burned:.1f} against {plain:.1f} µs). Traces: `bench/out/traces/` (host-tests/benches/plugins.rs).",
         "",
-        "| target | measured added µs | replay added µs | instructions beyond the replay | their µs | floor µs | measured ÷ floor | measured − floor µs | the replay's crossings per request |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| target | measured added µs | replay added µs | instructions beyond the replay | their µs | floor µs | measured ÷ floor | measured − floor µs | the replay's crossings per request | replay µs per crossing |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, (replay, files) in REPLAY_OF.items():
         if name not in medians or replay not in medians or any(f not in replays for f in files):
@@ -628,10 +628,12 @@ def floor_section(medians, replays, burn, traces_dir):
         floor = crossed + instr_us
         ratio = measured / floor if floor > 0 else float("inf")
         out[name] = {"ratio": ratio, "floor": floor}
+        total = sum(counts.values())
         parts = [f"{counts.pop('callbacks', 0):g} callbacks"] + [
             f"{k} {v:g}" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
         lines.append(f"| {name} | {measured:.1f} | {crossed:.1f} | {instructions:.0f} | {instr_us:.1f} | "
-                     f"{floor:.1f} | {ratio:.2f} | {measured - floor:+.1f} | {', '.join(parts)} |")
+                     f"{floor:.1f} | {ratio:.2f} | {measured - floor:+.1f} | {', '.join(parts)} | "
+                     f"{crossed / total if total else 0:.2f} |")
     lines.append("")
     out["lines"] = lines
     return out

@@ -1,6 +1,8 @@
 //! Wasm instructions per request for each plugin and path, from the harness's fuel metering
 //! (deterministic, so comparable across commits), and request lifecycles per second through
-//! each plugin in the harness. Run by `./build.sh bench`; prints a Markdown table.
+//! each plugin in the harness; then the traces of the Envoy bench's paths that its replays
+//! need (`bench/out/traces/`, bench/README.md "The floor"; `--traces` writes only those). Run
+//! by `./build.sh bench`; prints Markdown.
 
 use host_tests::{module_path, Edge, Module, Plugin, Request, Upstream};
 use std::collections::BTreeMap;
@@ -180,54 +182,11 @@ fn delta<K: Ord + Copy + std::fmt::Display>(
         .join(", ")
 }
 
-/// Hostcalls that hand data to the VM: Envoy allocates in the guest for each (about 1 µs with
-/// the allocation, bench/README.md); the others cost about 0.2 µs.
-const DATA_HOSTCALLS: [&str; 6] = [
-    "proxy_get_header_map_value",
-    "proxy_get_header_map_pairs",
-    "proxy_get_property",
-    "proxy_get_shared_data",
-    "proxy_get_buffer_bytes",
-    "proxy_get_status",
-];
-
-/// One request's Envoy CPU by bench/README.md's cost model, from what the harness counted:
-/// callbacks 1 µs, data hostcalls 1 µs, other hostcalls 0.2 µs, 0.25 ns per instruction.
-fn model_us(callbacks: u64, hostcalls: &BTreeMap<&str, u64>, instructions: u64) -> f64 {
-    let (data, other) =
-        hostcalls
-            .iter()
-            .filter(|(k, _)| !k.starts_with('('))
-            .fold((0, 0), |(d, o), (k, n)| {
-                if DATA_HOSTCALLS.contains(k) {
-                    (d + n, o)
-                } else {
-                    (d, o + n)
-                }
-            });
-    callbacks as f64 + data as f64 + 0.2 * other as f64 + instructions as f64 * 0.25e-3
-}
-
-/// `after - before` per name.
-fn diff<'a>(
-    before: &BTreeMap<&'a str, u64>,
-    after: &BTreeMap<&'a str, u64>,
-) -> BTreeMap<&'a str, u64> {
-    after
-        .iter()
-        .map(|(k, v)| (*k, v - before.get(k).copied().unwrap_or(0)))
-        .collect()
-}
-
 fn fuel(edge: &Edge) -> BTreeMap<&'static str, u64> {
     edge.costs(0)
         .into_iter()
         .map(|(k, v)| (k, v.fuel))
         .collect()
-}
-
-fn callbacks(edge: &Edge) -> u64 {
-    edge.costs(0).values().map(|c| c.calls).sum()
 }
 
 /// `--loop PLUGIN/PATH SECONDS`: sends that case's request over and over, for a sampling
@@ -278,21 +237,14 @@ fn main() -> anyhow::Result<()> {
         return write_traces(&traces);
     }
     let mut profile = Vec::new();
-    let mut models = Vec::new();
     println!("| plugin | path | wasm instructions / request | harness lifecycles/s |");
     println!("|---|---|---|---|");
     for case in cases() {
         let mut edge = build(&case)?;
-        let (fuel0, calls0, entries0) = (fuel(&edge), edge.hostcalls(0), callbacks(&edge));
+        let (fuel0, calls0) = (fuel(&edge), edge.hostcalls(0));
         let used = edge.send((case.request)(1))?.fuel;
-        let model = model_us(
-            callbacks(&edge) - entries0,
-            &diff(&calls0, &edge.hostcalls(0)),
-            used,
-        );
-        models.push((case.plugin, case.path, model));
         profile.push(format!(
-            "| {} | {} | {} | {} | {model:.1} |",
+            "| {} | {} | {} | {} |",
             case.plugin,
             case.path,
             delta(&fuel0, &fuel(&edge)),
@@ -310,25 +262,14 @@ fn main() -> anyhow::Result<()> {
     println!(
         "Where one request goes: wasm instructions per callback, and the crossings into Envoy"
     );
-    println!("(hostcalls, and guest allocations Envoy makes to hand data over), and the Envoy CPU");
-    println!("that makes by bench/README.md's cost model.");
+    println!("(hostcalls, and guest allocations Envoy makes to hand data over); what they cost in");
+    println!("Envoy is measured by the replays (the Floor section).");
     println!();
-    println!("| plugin | path | instructions per callback | hostcalls | cost model µs |");
-    println!("|---|---|---|---|---|");
+    println!("| plugin | path | instructions per callback | hostcalls |");
+    println!("|---|---|---|---|");
     for line in profile {
         println!("{line}");
     }
-    // The Envoy bench's chain mix: half GET /api/, a quarter fresh POSTs, a quarter /checkout.
-    let edge = |path: &str| {
-        models
-            .iter()
-            .find(|(p, q, _)| *p == "edge" && q.starts_with(path))
-            .map_or(0.0, |(_, _, m)| *m)
-    };
-    let mix =
-        0.5 * edge("GET /api/") + 0.25 * edge("POST /payments") + 0.25 * edge("GET /checkout");
-    println!();
-    println!("- edge.wasm on the Envoy bench's chain mix, by the cost model: {mix:.1} µs added per request");
     write_traces(&traces)
 }
 
@@ -679,8 +620,9 @@ fn write_traces(out: &std::path::Path) -> anyhow::Result<()> {
     };
     let plain = fuel_with(0)?;
     let per_round = (fuel_with(1000)? - plain) as f64 / 1000.0;
-    // About 200,000 instructions: 50 µs at 0.25 ns each, well above the bench's noise.
-    let rounds = (200_000.0 / per_round.max(1.0)) as u64;
+    // About a million instructions: some 250 µs at 0.25 ns each, so that the bench's noise
+    // (a few µs per request) moves the figure by a few per cent at most.
+    let rounds = (1_000_000.0 / per_round.max(1.0)) as u64;
     let burned = fuel_with(rounds)? - plain;
     std::fs::write(
         out.join("burn.json"),
