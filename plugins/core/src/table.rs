@@ -80,15 +80,33 @@ impl Record {
     }
 }
 
-/// One slot of a set: its generation and its record, if any.
+/// Whose body a slot's body key holds: a record's key and write time.
+type Binding = (u64, u64);
+
+fn own(r: &Record) -> Binding {
+    (r.key, r.at_ns)
+}
+
+/// One slot of a set: its generation, its record if any, and the body its record's
+/// `body_len` counts when that is not the record's own: a claim that evicts a record takes
+/// over its body's bytes and leaves the body in place, for its own response to overwrite.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Way {
     gen: u32,
     record: Option<Record>,
+    inherited: Option<Binding>,
 }
 
-/// A set's slots as stored: per slot its generation (u32), the record's length (u16) and the
-/// record. Anything unreadable reads as empty slots.
+impl Way {
+    /// The body this slot's bytes are counted for.
+    fn binding(&self) -> Option<Binding> {
+        self.inherited.or_else(|| self.record.as_ref().map(own))
+    }
+}
+
+/// A set's slots as stored: per slot its generation (u32), the length (u16) of what follows,
+/// then a flag (1: an inherited body's key and time follow, 16 bytes) and the record.
+/// Anything unreadable reads as empty slots.
 fn decode_set(bytes: &[u8], ways: usize) -> Vec<Way> {
     let mut out = Vec::with_capacity(ways);
     let mut at = 0usize;
@@ -100,9 +118,15 @@ fn decode_set(bytes: &[u8], ways: usize) -> Vec<Way> {
         let Some(body) = start.checked_add(len).and_then(|end| bytes.get(start..end)) else {
             break;
         };
+        let (inherited, record) = match body.split_first() {
+            Some((1, rest)) => (read_binding(rest), rest.get(16..).and_then(Record::decode)),
+            Some((_, rest)) => (None, Record::decode(rest)),
+            None => (None, None),
+        };
         out.push(Way {
             gen,
-            record: Record::decode(body),
+            inherited: inherited.filter(|_| record.is_some()),
+            record,
         });
         at = start + len;
     }
@@ -116,13 +140,25 @@ fn way_head(bytes: &[u8], at: usize) -> Option<(u32, usize)> {
     Some((gen, usize::from(len)))
 }
 
+fn read_binding(b: &[u8]) -> Option<Binding> {
+    Some((crate::store::read_u64(b, 0)?, crate::store::read_u64(b, 8)?))
+}
+
 fn encode_set(ways: &[Way]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(ways.len() * (6 + HEAD + 40));
+    let mut out = Vec::with_capacity(ways.len() * (7 + HEAD + 40));
     for w in ways {
         out.extend_from_slice(&w.gen.to_le_bytes());
         let len_at = out.len();
         out.extend_from_slice(&[0, 0]);
         if let Some(r) = &w.record {
+            match w.inherited {
+                Some((key, at)) => {
+                    out.push(1);
+                    out.extend_from_slice(&key.to_le_bytes());
+                    out.extend_from_slice(&at.to_le_bytes());
+                }
+                None => out.push(0),
+            }
             r.encode_into(&mut out);
         }
         let len = u16::try_from(out.len() - len_at - 2).unwrap_or(u16::MAX);
@@ -140,6 +176,8 @@ pub struct Found {
     pub record: Record,
     /// The slot's generation when the record was read or written.
     gen: u32,
+    /// The body the record's `body_len` counts (its own, or one it took over).
+    body: Binding,
     /// The set as read, when this record was read: its version lets the next write skip a
     /// read. `None` after our own write, whose version Envoy does not tell.
     seen: Option<Entry>,
@@ -255,6 +293,7 @@ impl Table {
         let record = w.record.clone()?;
         Some(Found {
             slot: set * WAYS + u32::try_from(way).unwrap_or(0),
+            body: w.binding().unwrap_or_else(|| own(&record)),
             record,
             gen: w.gen,
             seen,
@@ -279,7 +318,9 @@ impl Table {
     }
 
     /// Installs `record` for its key unless the key has one: into an empty slot of its set,
-    /// else over the oldest record there that `evictable` allows (its body is freed).
+    /// else over the oldest record there that `evictable` allows. The evicted record's body
+    /// stays, counted for the new record, until the new record's own body overwrites it (or
+    /// its release frees it): a new record of the same size costs no byte accounting.
     pub fn claim(
         &self,
         store: &impl SlotStore,
@@ -329,20 +370,26 @@ impl Table {
                 return Ok(Claim::Full);
             };
             let mut mine = record.clone();
-            mine.body_len = 0;
-            let victim = w.record.replace(mine.clone());
+            let inherited = w
+                .binding()
+                .filter(|_| w.record.as_ref().is_some_and(|v| v.body_len > 0));
+            mine.body_len = match &inherited {
+                Some(_) => w.record.as_ref().map_or(0, |v| v.body_len),
+                None => 0,
+            };
+            let evicting = w.record.replace(mine.clone()).is_some();
+            w.inherited = inherited;
             w.gen = w.gen.wrapping_add(1);
             let gen = w.gen;
             if self.write_set(store, set, read.as_ref(), &ways)? == Write::Conflict {
                 continue;
             }
-            let slot = set * WAYS + u32::try_from(i).unwrap_or(0);
-            if let Some(v) = victim {
+            if evicting {
                 self.evicted();
-                self.free_body(store, slot, &v)?;
             }
             return Ok(Claim::Won(Found {
-                slot,
+                slot: set * WAYS + u32::try_from(i).unwrap_or(0),
+                body: inherited.unwrap_or_else(|| own(&mine)),
                 record: mine,
                 gen,
                 seen: None,
@@ -351,13 +398,15 @@ impl Table {
         Err(contended(ATTEMPTS))
     }
 
-    /// Puts `new` (or nothing) in place of the record `found` names, unless that slot has
-    /// been written since; then `None`. Returns the slot's new generation.
+    /// Puts `new` (or nothing) in place of the record `found` names, its bytes counted for
+    /// `inherited` (`None`: its own body), unless that slot has been written since; then
+    /// `None`. Returns the slot's new generation.
     fn change(
         &self,
         store: &impl SlotStore,
         found: &Found,
         new: Option<Record>,
+        inherited: Option<Binding>,
     ) -> Result<Option<u32>, StoreError> {
         let set = found.slot / WAYS;
         let way = usize::try_from(found.slot % WAYS).unwrap_or(0);
@@ -378,6 +427,7 @@ impl Table {
             if w.gen != found.gen || w.record.as_ref() != Some(&found.record) {
                 return Ok(None);
             }
+            w.inherited = inherited.filter(|_| new.is_some());
             w.record = new.clone();
             w.gen = w.gen.wrapping_add(1);
             let gen = w.gen;
@@ -416,10 +466,12 @@ impl Table {
     ) -> Result<Option<Found>, StoreError> {
         record.body_len = found.record.body_len;
         record.at_ns = found.record.at_ns;
+        let inherited = (found.body != own(&record)).then_some(found.body);
         Ok(self
-            .change(store, found, Some(record.clone()))?
+            .change(store, found, Some(record.clone()), inherited)?
             .map(|gen| Found {
                 slot: found.slot,
+                body: found.body,
                 record,
                 gen,
                 seen: None,
@@ -428,10 +480,10 @@ impl Table {
 
     /// Empties the slot if it still holds what was read as `found`; frees its body.
     pub fn release(&self, store: &impl SlotStore, found: &Found) -> Result<bool, StoreError> {
-        if self.change(store, found, None)?.is_none() {
+        if self.change(store, found, None, None)?.is_none() {
             return Ok(false);
         }
-        self.free_body(store, found.slot, &found.record)?;
+        self.free_body(store, found.slot, found.body, found.record.body_len)?;
         Ok(true)
     }
 
@@ -472,14 +524,14 @@ impl Table {
         value.extend_from_slice(&record.at_ns.to_le_bytes());
         value.extend_from_slice(body);
         let body_key = self.body_key(found.slot);
-        let old_at = found.record.at_ns.to_le_bytes();
+        let old_at = found.body.1.to_le_bytes();
         let mut written = false;
         for _ in 0..ATTEMPTS {
             let current = get_or_create(store, &body_key, &[])?;
             // An empty body key, or our record's own old body, may be written over; any other
             // body may be a new owner's, so only a slot still ours is written.
             let ours = current.value.is_empty()
-                || bound_to(&current.value, &found.record.key, Some(&old_at[..]));
+                || bound_to(&current.value, &found.body.0, Some(&old_at[..]));
             if !ours && self.still_ours(store, found)?.is_none() {
                 return undo(store);
             }
@@ -492,7 +544,7 @@ impl Table {
             return Err(contended(ATTEMPTS));
         }
         record.body_len = len;
-        let Some(gen) = self.change(store, found, Some(record.clone()))? else {
+        let Some(gen) = self.change(store, found, Some(record.clone()), None)? else {
             let at = record.at_ns.to_le_bytes();
             if let Some(e) = store.get(&body_key)? {
                 if bound_to(&e.value, &record.key, Some(&at[..])) {
@@ -506,6 +558,7 @@ impl Table {
         }
         Ok(Some(Found {
             slot: found.slot,
+            body: own(&record),
             record,
             gen,
             seen: None,
@@ -545,16 +598,22 @@ impl Table {
             .map_or(0, |e| read_u64(&e.value)))
     }
 
-    /// Empties the body key while it holds `old`'s body, and stops counting its bytes.
-    fn free_body(&self, store: &impl SlotStore, slot: u32, old: &Record) -> Result<(), StoreError> {
-        if old.body_len == 0 {
+    /// Empties the body key while it holds the body `bound`, and stops counting its `len`.
+    fn free_body(
+        &self,
+        store: &impl SlotStore,
+        slot: u32,
+        bound: Binding,
+        len: u32,
+    ) -> Result<(), StoreError> {
+        if len == 0 {
             return Ok(());
         }
-        let at = old.at_ns.to_le_bytes();
+        let at = bound.1.to_le_bytes();
         let body_key = self.body_key(slot);
         for _ in 0..ATTEMPTS {
             match store.get(&body_key)? {
-                Some(e) if bound_to(&e.value, &old.key, Some(&at[..])) => {
+                Some(e) if bound_to(&e.value, &bound.0, Some(&at[..])) => {
                     if store.compare_and_swap(&body_key, &[], e.version)? == Write::Done {
                         break;
                     }
@@ -562,7 +621,7 @@ impl Table {
                 _ => break,
             }
         }
-        self.add_bytes(store, -i64::from(old.body_len))
+        self.add_bytes(store, -i64::from(len))
     }
 
     fn add_bytes(&self, store: &impl SlotStore, delta: i64) -> Result<(), StoreError> {
@@ -618,9 +677,12 @@ impl Table {
                     let Some(f) = self.found(set, w, way, Some(e.clone())) else {
                         continue;
                     };
+                    // A claim holding an evicted record's body is not itself evicted for bytes
+                    // (it may be a request in flight).
                     if f.slot != keep
                         && !f.record.pinned
                         && f.record.body_len > 0
+                        && f.body == own(&f.record)
                         && victim
                             .as_ref()
                             .is_none_or(|v| f.record.at_ns < v.record.at_ns)
@@ -786,11 +848,19 @@ mod tests {
         let t = Table::new("t/", 1, 1000);
         let a = won(t.claim(&s, rec(1, 10), |_| true).unwrap());
         t.put_body(&s, &a, rec(1, 10), b"aaaa").unwrap().unwrap();
-        won(t.claim(&s, rec(2, 20), |_| true).unwrap());
+        let b = won(t.claim(&s, rec(2, 20), |_| true).unwrap());
         assert!(t.find(&s, 1).unwrap().is_none(), "evicted");
         assert_eq!(t.take_evictions(), 1);
         assert_eq!(t.take_evictions(), 0);
+        // Its body's bytes are now counted for the new record, whose own body is not there.
+        assert_eq!(t.used_bytes(&s).unwrap(), 4);
+        assert_eq!(t.body(&s, &b).unwrap(), None);
+        assert!(t.release(&s, &b).unwrap());
         assert_eq!(t.used_bytes(&s).unwrap(), 0, "its body was freed");
+        assert_eq!(
+            s.get(&t.body_key(0)).unwrap().unwrap().value,
+            Vec::<u8>::new()
+        );
         let pinned = Record::new(3, 30, true, vec![]);
         won(t.claim(&s, pinned, |_| true).unwrap());
         assert_eq!(t.claim(&s, rec(4, 40), |_| true).unwrap(), Claim::Full);
@@ -879,6 +949,49 @@ mod tests {
             Claim::Exists(_)
         ));
         assert_eq!(s.take(), (1, 1), "a lost write, then a fresh read");
+    }
+
+    #[test]
+    fn a_claim_over_a_kept_body_and_its_own_body_of_the_same_size_cost_three_reads_and_writes() {
+        let s = Counting::new();
+        let t = Table::new("t/", 1, 1000);
+        let a = won(t.claim(&s, rec(1, 1), |_| true).unwrap());
+        t.put_body(&s, &a, rec(1, 1), b"aaaaa").unwrap().unwrap();
+        s.take();
+        // The request's headers look the key up; its body claims it; its response is kept.
+        assert!(t.find(&s, 2).unwrap().is_none());
+        let b = won(t.claim(&s, rec(2, 2), |_| true).unwrap());
+        let b = t.put_body(&s, &b, rec(2, 3), b"bbbbb").unwrap().unwrap();
+        assert_eq!(s.take(), (3, 3));
+        assert_eq!(t.body(&s, &b).unwrap().unwrap(), b"bbbbb");
+        assert_eq!(t.used_bytes(&s).unwrap(), 5);
+        // A smaller body gives bytes back, a larger one reserves the difference.
+        let b = t.put_body(&s, &b, rec(2, 4), b"bb").unwrap().unwrap();
+        assert_eq!(t.used_bytes(&s).unwrap(), 2);
+        t.put_body(&s, &b, rec(2, 5), b"bbbbbbb").unwrap().unwrap();
+        assert_eq!(t.used_bytes(&s).unwrap(), 7);
+    }
+
+    #[test]
+    fn a_claim_holding_an_evicted_body_is_never_evicted_to_make_room_for_bytes() {
+        let s = MemoryStore::new();
+        // One set of two slots, ten bytes.
+        let t = Table::new("t/", 2, 10);
+        let one = won(t.claim(&s, rec(1, 1), |_| true).unwrap());
+        t.put_body(&s, &one, rec(1, 1), &[1; 8]).unwrap().unwrap();
+        let two = won(t.claim(&s, rec(2, 2), |_| true).unwrap());
+        // Three evicts one, the oldest, and takes over its 8 bytes while it is in flight.
+        let three = won(t.claim(&s, rec(3, 3), |_| true).unwrap());
+        assert!(t.find(&s, 1).unwrap().is_none());
+        assert_eq!(t.put_body(&s, &two, rec(2, 4), &[2; 5]).unwrap(), None);
+        assert!(
+            t.find(&s, 3).unwrap().is_some(),
+            "the claim in flight stays"
+        );
+        assert_eq!(t.used_bytes(&s).unwrap(), 8);
+        let three = t.put_body(&s, &three, rec(3, 5), &[3; 3]).unwrap().unwrap();
+        assert_eq!(t.used_bytes(&s).unwrap(), 3);
+        assert_eq!(t.body(&s, &three).unwrap().unwrap(), vec![3; 3]);
     }
 
     type Hook = Box<dyn FnOnce(&MemoryStore)>;
