@@ -12,8 +12,8 @@ use edge_core::throttle::Throttle;
 use edge_core::StoreError;
 use edge_host::host::{
     answer, load_config, namespace_and_seed, now_ns, property, request_headers,
-    response_body_chunk, response_headers, response_status, warn_throttled, Action, Context,
-    ContextType, Counters, HostRequest, HttpContext, RootContext, SharedData,
+    response_body_chunk, response_status_and_headers, warn_throttled, Action, Context, ContextType,
+    Counters, HostRequest, HttpContext, RootContext, SharedData,
 };
 use std::rc::Rc;
 
@@ -182,12 +182,12 @@ impl HttpContext for FallbackStream {
         if self.answered {
             return Action::Continue;
         }
-        let Some(status) = response_status() else {
+        let (Some(status), all) = response_status_and_headers() else {
             return Action::Continue;
         };
         let details = property(&["response", "code_details"]);
         let headers = if policy.wants_headers(status, details.as_deref()) {
-            response_headers()
+            all
         } else {
             Vec::new()
         };

@@ -95,19 +95,21 @@ pub fn callout_response_header(name: &str) -> Option<String> {
         .map(|v| String::from_utf8_lossy(&v).into_owned())
 }
 
-/// A header of the response being filtered (`None` when absent or unreadable).
-fn response_header(name: &str) -> Option<Vec<u8>> {
-    ffi::get_header(ffi::RESPONSE_HEADERS, name)
-}
-
-/// The response's `:status`; `None` when absent or not a number.
-pub fn response_status() -> Option<u16> {
-    edge_core::text::parse_u64(&response_header(":status")?).and_then(|s| u16::try_from(s).ok())
-}
-
 /// Every header of the response being filtered (empty when unreadable).
 pub fn response_headers() -> Vec<(String, Vec<u8>)> {
     ffi::get_header_pairs(ffi::RESPONSE_HEADERS).unwrap_or_default()
+}
+
+/// The response's status and every header, in one read (the pairs hold `:status`): for a
+/// plugin that needs both, one crossing instead of two.
+pub fn response_status_and_headers() -> (Option<u16>, Vec<(String, Vec<u8>)>) {
+    let headers = response_headers();
+    let status = headers
+        .iter()
+        .find(|(k, _)| k == ":status")
+        .and_then(|(_, v)| edge_core::text::parse_u64(v))
+        .and_then(|s| u16::try_from(s).ok());
+    (status, headers)
 }
 
 /// Every header of the request being filtered, pseudo-headers included (empty when

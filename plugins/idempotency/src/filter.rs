@@ -14,8 +14,8 @@ use edge_core::throttle::Throttle;
 use edge_core::RequestView;
 use edge_host::host::{
     answer, load_config, namespace_and_seed, now_ns, property, request_body, response_body_chunk,
-    response_headers, response_status, set_tick_period_ms, warn_throttled, Action, Context,
-    ContextType, Counters, HostRequest, HttpContext, RootContext, SharedData,
+    response_status_and_headers, set_tick_period_ms, warn_throttled, Action, Context, ContextType,
+    Counters, HostRequest, HttpContext, RootContext, SharedData,
 };
 use std::rc::Rc;
 
@@ -321,7 +321,8 @@ impl HttpContext for IdempotencyStream {
             return Action::Continue;
         };
         // No readable status is no status the policy keeps: the key goes back.
-        let status = response_status().unwrap_or(0);
+        let (status, headers) = response_status_and_headers();
+        let status = status.unwrap_or(0);
         let details = property(&["response", "code_details"]);
         if let Fate::Release(why) = policy.response_fate(status, details.as_deref()) {
             self.release(why);
@@ -330,7 +331,7 @@ impl HttpContext for IdempotencyStream {
         let Phase::Claimed(claim) = std::mem::replace(&mut self.phase, Phase::Idle) else {
             return Action::Continue;
         };
-        let mut copy = policy.copy(status, response_headers());
+        let mut copy = policy.copy(status, headers);
         if end_of_stream {
             copy.end();
         }

@@ -12,7 +12,7 @@ use edge_core::throttle::Throttle;
 use edge_core::RequestView;
 use edge_host::host::{
     answer, callout_response_body, callout_status, http_call, now_ns, property, random_token,
-    request_body, response_body_chunk, response_headers, response_status, resume_request,
+    request_body, response_body_chunk, response_status_and_headers, resume_request,
     resume_response, warn_throttled, Action, Context, Counters, HostRequest, HttpContext,
 };
 
@@ -694,7 +694,8 @@ impl HttpContext for EtcdStream {
         if self.stage != Stage::Forwarded {
             return Action::Continue;
         }
-        let status = response_status().unwrap_or(0);
+        let (status, headers) = response_status_and_headers();
+        let status = status.unwrap_or(0);
         let details = property(&["response", "code_details"]);
         if let Fate::Release(why) = self.policy.response_fate(status, details.as_deref()) {
             log::debug!("idempotency: key released: {why}");
@@ -703,7 +704,7 @@ impl HttpContext for EtcdStream {
             self.stage = Stage::Recording;
             return self.start(Next::Release);
         }
-        let mut copy = self.policy.copy(status, response_headers());
+        let mut copy = self.policy.copy(status, headers);
         if end_of_stream {
             copy.end();
         }
