@@ -130,6 +130,21 @@ fn snapshot<R>(f: impl FnOnce(&Snapshot) -> R) -> Option<R> {
     })
 }
 
+/// Whether the shared read, when already taken, shows `name` absent (as the map is now): a
+/// removal of it would be a crossing for nothing.
+pub fn request_header_absent(name: &str) -> bool {
+    with(|b| match &b.request {
+        Once::Read(s) => match s.edits.iter().rev().find(|(k, _)| k == name) {
+            Some((_, v)) => v.is_none(),
+            None => s
+                .raw
+                .as_deref()
+                .is_some_and(|raw| ffi::find_pair(raw, name) == Some(None)),
+        },
+        _ => false,
+    })
+}
+
 /// A request header (the first value), from the shared read when armed.
 pub fn request_header(name: &str) -> Option<Vec<u8>> {
     match snapshot(|s| s.header(name)) {

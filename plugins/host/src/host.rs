@@ -249,6 +249,9 @@ fn edit_headers<S: AsRef<str>>(map: u32, edits: &HeaderEdits<S>) -> bool {
     let mut all = true;
     let request = map == ffi::REQUEST_HEADERS;
     for name in &edits.remove {
+        if request && crate::bus::request_header_absent(name.as_ref()) {
+            continue;
+        }
         let ok = ffi::set_header(map, name.as_ref(), None) == ffi::OK;
         if ok && request {
             crate::bus::edited_request_header(name.as_ref(), None);
