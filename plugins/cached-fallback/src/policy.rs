@@ -779,7 +779,7 @@ impl Fallback {
             false,
             meta_response(pending.stale_if_error),
         );
-        let Some(found) = self.slot_for(&record, store)? else {
+        let Some(found) = self.slot_for(&record, store, true)? else {
             return Ok(false);
         };
         Ok(self
@@ -788,14 +788,21 @@ impl Fallback {
             .is_some())
     }
 
-    /// The record for `record.key`: the existing one, or a newly claimed slot.
+    /// The record for `record.key`: the existing one, or a newly claimed slot. A caller
+    /// that only overwrites it takes it as the request's lookup read it (`to_write`): the
+    /// write proves it current; one that decides on its content reads it afresh.
     fn slot_for(
         &self,
         record: &Record,
         store: &impl SlotStore,
+        to_write: bool,
     ) -> Result<Option<Found>, StoreError> {
-        // A claim finds the key's existing record itself (`Exists`).
-        Ok(match self.table.claim(store, record.clone(), |_| true)? {
+        let claim = if to_write {
+            self.table.claim_to_write(store, record.clone(), |_| true)?
+        } else {
+            self.table.claim(store, record.clone(), |_| true)?
+        };
+        Ok(match claim {
             Claim::Won(f) | Claim::Exists(f) => Some(f),
             Claim::Full => None,
         })
@@ -813,7 +820,7 @@ impl Fallback {
     ) -> Result<bool, StoreError> {
         let meta = meta_vary(names);
         let record = Record::new(base, now, false, meta.clone());
-        let Some(found) = self.slot_for(&record, store)? else {
+        let Some(found) = self.slot_for(&record, store, false)? else {
             return Ok(false);
         };
         let current = found.record.meta == meta

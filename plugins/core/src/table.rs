@@ -28,8 +28,9 @@ pub const SAMPLE: u32 = 8;
 const ATTEMPTS: u32 = 16;
 const HEAD: usize = 21;
 /// Sets read lately and kept for a claim that follows (a find at request headers, the claim
-/// at the body): the claim's compare-and-swap proves they are still current.
-const REMEMBERED: usize = 4;
+/// at the body or the response): the claim's compare-and-swap proves them still current. As
+/// many as a worker has streams between the two, within reason.
+const REMEMBERED: usize = 64;
 
 /// What a slot holds.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -327,6 +328,28 @@ impl Table {
         record: Record,
         evictable: impl Fn(&Record) -> bool,
     ) -> Result<Claim, StoreError> {
+        self.claim_with(store, record, evictable, false)
+    }
+
+    /// [`Table::claim`] for a caller that only writes what it gets: an existing record is
+    /// handed out as a set read lately shows it, since the write that follows proves it
+    /// current (and changes nothing when it is not).
+    pub fn claim_to_write(
+        &self,
+        store: &impl SlotStore,
+        record: Record,
+        evictable: impl Fn(&Record) -> bool,
+    ) -> Result<Claim, StoreError> {
+        self.claim_with(store, record, evictable, true)
+    }
+
+    fn claim_with(
+        &self,
+        store: &impl SlotStore,
+        record: Record,
+        evictable: impl Fn(&Record) -> bool,
+        to_write: bool,
+    ) -> Result<Claim, StoreError> {
         let set = self.set_of(record.key);
         let n = self.ways(set);
         // A set read lately (at the request's headers) is tried first: only a write can prove
@@ -345,7 +368,7 @@ impl Table {
                 .iter()
                 .position(|w| w.record.as_ref().is_some_and(|r| r.key == record.key))
             {
-                if from_memory {
+                if from_memory && !to_write {
                     continue;
                 }
                 let found = ways
@@ -992,6 +1015,38 @@ mod tests {
         let three = t.put_body(&s, &three, rec(3, 5), &[3; 3]).unwrap().unwrap();
         assert_eq!(t.used_bytes(&s).unwrap(), 3);
         assert_eq!(t.body(&s, &three).unwrap().unwrap(), vec![3; 3]);
+    }
+
+    #[test]
+    fn a_claim_to_write_takes_an_existing_record_from_the_set_read_lately() {
+        let s = Counting::new();
+        let t = Table::new("t/", 64, 1000);
+        let f = won(t.claim(&s, rec(7, 1), |_| true).unwrap());
+        t.put_body(&s, &f, rec(7, 1), b"one").unwrap().unwrap();
+        // Looked up at the request, stored again at the response: no second read of the set.
+        assert!(t.find(&s, 7).unwrap().is_some());
+        s.take();
+        let Claim::Exists(f) = t.claim_to_write(&s, rec(7, 2), |_| true).unwrap() else {
+            panic!("the record exists");
+        };
+        assert_eq!(s.take(), (0, 0));
+        let f = t.put_body(&s, &f, rec(7, 2), b"two").unwrap().unwrap();
+        assert_eq!(t.body(&s, &f).unwrap().unwrap(), b"two");
+        // When another worker has replaced the record since, the write changes nothing.
+        assert!(t.find(&s, 7).unwrap().is_some());
+        let other = Table::new("t/", 64, 1000);
+        let theirs = other.find(&s, 7).unwrap().unwrap();
+        other
+            .put_body(&s, &theirs, rec(7, 3), b"three")
+            .unwrap()
+            .unwrap();
+        let Claim::Exists(stale) = t.claim_to_write(&s, rec(7, 4), |_| true).unwrap() else {
+            panic!("the record exists");
+        };
+        assert_eq!(t.put_body(&s, &stale, rec(7, 4), b"four").unwrap(), None);
+        let now = t.find(&s, 7).unwrap().unwrap();
+        assert_eq!(t.body(&s, &now).unwrap().unwrap(), b"three");
+        assert_eq!(t.used_bytes(&s).unwrap(), 5);
     }
 
     type Hook = Box<dyn FnOnce(&MemoryStore)>;
