@@ -262,6 +262,9 @@ impl HttpContext for FallbackStream {
         let Some(policy) = self.policy.clone() else {
             return;
         };
+        if self.probe.is_none() && self.pending.is_none() {
+            return;
+        }
         let now = now_ns();
         if let Some(token) = self.probe.take() {
             if let Err(e) = policy.abandon_probe(token, now, &SharedData) {
