@@ -67,6 +67,8 @@ struct Trace {
 struct Replay {
     traces: Vec<Trace>,
     burn: u64,
+    /// Counter `replay_unrecorded`: callbacks without a recorded counterpart.
+    unrecorded: u32,
     /// The cas each shared-data key last read had, for writes that gave one.
     cas: RefCell<HashMap<String, u32>>,
 }
@@ -245,6 +247,7 @@ fn parse(config: &[u8]) -> Option<Replay> {
     Some(Replay {
         traces,
         burn: u64::try_from(int(&v, "burn")).unwrap_or(0),
+        unrecorded: host::define_metric(MetricType::Counter, "replay_unrecorded").unwrap_or(0),
         cas: RefCell::new(HashMap::new()),
     })
 }
@@ -305,6 +308,11 @@ impl Stream {
                 .and_then(|t| t.by_kind.get(kind))
                 .and_then(|l| l.get(n))
             else {
+                // A callback Envoy made that the harness did not record (Envoy may split a
+                // body in two, say): counted, so the bench can tell the replay is incomplete.
+                if returned.is_none() {
+                    ignore(host::increment_metric(replay.unrecorded, 1));
+                }
                 return returned;
             };
             returned = Some(cb.returned);
