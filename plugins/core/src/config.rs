@@ -60,7 +60,7 @@ pub fn parse_json(bytes: &[u8]) -> Result<Value, ConfigError> {
             "missing: the filter needs a JSON configuration",
         ));
     }
-    serde_json::from_slice(bytes).map_err(|e| ConfigError::from_json(&e))
+    edge_json::from_slice(bytes).map_err(|e| ConfigError::from_json(&e))
 }
 
 /// A value in the config tree and its JSON path, for errors that name the field.
@@ -914,8 +914,7 @@ pub fn split_sections(raw: &[u8], names: &[&str]) -> Result<Vec<Option<Vec<u8>>>
     } else {
         raw
     };
-    let value: serde_json::Value =
-        serde_json::from_slice(text).map_err(|e| format!("configuration: not JSON: {e}"))?;
+    let value = edge_json::from_slice(text).map_err(|e| format!("configuration: not JSON: {e}"))?;
     let serde_json::Value::Object(map) = value else {
         return Err(format!(
             "configuration: must be an object of sections ({})",
@@ -932,7 +931,7 @@ pub fn split_sections(raw: &[u8], names: &[&str]) -> Result<Vec<Option<Vec<u8>>>
         .iter()
         .map(|name| match map.get(*name) {
             None => Ok(None),
-            Some(v) => serde_json::to_vec(v)
+            Some(v) => edge_json::to_vec(v)
                 .map(Some)
                 .map_err(|e| format!("{name}: {e}")),
         })

@@ -12,76 +12,10 @@
 
 use edge_core::key::KeyPart;
 use edge_core::{ConfigError, Node, RequestView};
-use prost::Message;
-
-/// `RateLimitRequest` (envoy.service.ratelimit.v3).
-#[derive(Clone, PartialEq, Message)]
-pub struct RateLimitRequest {
-    #[prost(string, tag = "1")]
-    pub domain: String,
-    #[prost(message, repeated, tag = "2")]
-    pub descriptors: Vec<RateLimitDescriptor>,
-    #[prost(uint32, tag = "3")]
-    pub hits_addend: u32,
-}
-
-/// `RateLimitDescriptor` (envoy.extensions.common.ratelimit.v3).
-#[derive(Clone, PartialEq, Message)]
-pub struct RateLimitDescriptor {
-    #[prost(message, repeated, tag = "1")]
-    pub entries: Vec<Entry>,
-}
-
-/// `RateLimitDescriptor.Entry`.
-#[derive(Clone, PartialEq, Message)]
-pub struct Entry {
-    #[prost(string, tag = "1")]
-    pub key: String,
-    #[prost(string, tag = "2")]
-    pub value: String,
-}
-
-/// `RateLimitResponse`, the fields the plugin reads.
-#[derive(Clone, PartialEq, Message)]
-pub struct RateLimitResponse {
-    #[prost(int32, tag = "1")]
-    pub overall_code: i32,
-    #[prost(message, repeated, tag = "2")]
-    pub statuses: Vec<DescriptorStatus>,
-}
-
-/// `RateLimitResponse.DescriptorStatus`.
-#[derive(Clone, PartialEq, Message)]
-pub struct DescriptorStatus {
-    #[prost(int32, tag = "1")]
-    pub code: i32,
-    #[prost(message, optional, tag = "2")]
-    pub current_limit: Option<RateLimit>,
-    #[prost(uint32, tag = "3")]
-    pub limit_remaining: u32,
-    #[prost(message, optional, tag = "4")]
-    pub duration_until_reset: Option<ProtoDuration>,
-}
-
-/// `RateLimitResponse.RateLimit`.
-#[derive(Clone, PartialEq, Message)]
-pub struct RateLimit {
-    #[prost(uint32, tag = "1")]
-    pub requests_per_unit: u32,
-    #[prost(int32, tag = "2")]
-    pub unit: i32,
-    #[prost(string, tag = "3")]
-    pub name: String,
-}
-
-/// `google.protobuf.Duration`.
-#[derive(Clone, PartialEq, Message)]
-pub struct ProtoDuration {
-    #[prost(int64, tag = "1")]
-    pub seconds: i64,
-    #[prost(int32, tag = "2")]
-    pub nanos: i32,
-}
+pub use rls_proto::{
+    DescriptorStatus, Entry, ProtoDuration, RateLimit, RateLimitDescriptor, RateLimitRequest,
+    RateLimitResponse,
+};
 
 /// The gRPC method the plugin calls, as `proxy_grpc_call` takes it.
 pub const SERVICE: &str = "envoy.service.ratelimit.v3.RateLimitService";
@@ -115,26 +49,11 @@ pub fn request(domain: &str, rule: &str, parts: &[KeyPart], req: &impl RequestVi
             value: String::from_utf8_lossy(&value).into_owned(),
         });
     }
-    RateLimitRequest {
+    rls_proto::encode_request(&RateLimitRequest {
         domain: domain.to_string(),
         descriptors: vec![RateLimitDescriptor { entries }],
         hits_addend: 1,
-    }
-    .encode_to_vec()
-}
-
-#[cfg(test)]
-impl RateLimitRequest {
-    /// A sent request's domain and first descriptor's entries, for tests.
-    pub fn decode_message(bytes: &[u8]) -> (String, Vec<(String, String)>) {
-        let r = RateLimitRequest::decode(bytes).unwrap();
-        let entries = r.descriptors[0]
-            .entries
-            .iter()
-            .map(|e| (e.key.clone(), e.value.clone()))
-            .collect();
-        (r.domain, entries)
-    }
+    })
 }
 
 /// The service's quota for the descriptor, when it sent one (envoyproxy/ratelimit does;
@@ -194,7 +113,7 @@ impl Failure {
 
 /// The answer in a successful reply's bytes.
 pub fn answer(body: &[u8]) -> Result<Answer, Failure> {
-    let r = RateLimitResponse::decode(body).map_err(|_| Failure::Malformed)?;
+    let r = rls_proto::decode_response(body).map_err(|_| Failure::Malformed)?;
     let quota = r.statuses.first().and_then(|s| {
         let limit = s.current_limit.as_ref()?;
         let reset = s.duration_until_reset.as_ref().map_or(0, |d| {
@@ -377,6 +296,7 @@ impl DenyCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use prost::Message;
 
     struct Req(Vec<(&'static str, &'static str)>);
     impl RequestView for Req {
