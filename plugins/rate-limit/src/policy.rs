@@ -27,7 +27,7 @@ use edge_core::text;
 use edge_core::{RequestView, SlotStore, StoreError};
 
 /// Slots in a set: the slots a key may occupy, read and written as one value.
-pub const WAYS: u32 = 4;
+pub const WAYS: u32 = 8;
 /// Read-modify-write attempts before the store counts as failing.
 pub const ATTEMPTS: u32 = 16;
 /// The key hash of the overflow bucket's slot.
@@ -1366,6 +1366,24 @@ mod tests {
         }
         // 64 slots + the overflow bucket + the seed-free namespace: nothing else.
         assert!(s.len() <= 65, "{} keys", s.len());
+    }
+
+    #[test]
+    fn a_rule_half_full_gives_nearly_every_client_its_own_bucket() {
+        // 2,048 active clients in 4,096 slots: sets of eight overflow for about one client in
+        // a hundred (a Poisson tail at 4 per set); sets of four would for one in twenty.
+        let l = per_ip_keys(5, "60s", "", 4096);
+        let s = MemoryStore::new();
+        let shared = (0..2048u32)
+            .filter(|i| {
+                let ip = format!("10.0.{}.{}:1", i >> 8, i & 255);
+                l.check(&from(&ip), 0, &s).results[0].overflow
+            })
+            .count();
+        assert!(
+            shared <= 41,
+            "{shared} of 2048 clients share the overflow bucket"
+        );
     }
 
     #[test]
