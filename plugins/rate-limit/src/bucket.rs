@@ -122,8 +122,15 @@ impl Limit {
 fn div(a: u128, b: u128) -> u128 {
     match (u64::try_from(a), u64::try_from(b)) {
         (Ok(a), Ok(b)) if b > 0 => u128::from(a / b),
-        _ => a / b.max(1),
+        _ => div_wide(a, b),
     }
+}
+
+/// The 128-bit routine, out of line: reached only by limits beyond 18 billion tokens.
+#[cold]
+#[inline(never)]
+fn div_wide(a: u128, b: u128) -> u128 {
+    a / b.max(1)
 }
 
 /// Whole seconds, rounded up (for `retry-after` and the RateLimit `t` parameter).
