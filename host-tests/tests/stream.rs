@@ -220,22 +220,3 @@ fn properties_a_plugin_sets_read_back_and_log_level_is_reported() -> anyhow::Res
     assert_eq!(up.header("x-log-level"), Some("Debug"));
     Ok(())
 }
-
-#[test]
-fn a_frame_passes_every_filter_before_the_next_frame_comes() -> anyhow::Result<()> {
-    // Envoy's HTTP/1 codec hands a small body over as its bytes, then an empty end-of-stream
-    // frame; each frame runs through the whole chain before the next.
-    let mut edge = probe_edge("").plugin(Plugin::new(&probe(), "")).build()?;
-    edge.send(Request::post("/b").chunks(vec![b"ab".to_vec(), Vec::new()]))?;
-    assert_eq!(
-        lines(&edge, "request body"),
-        [
-            "request body size=2 eos=false status_size=2",
-            "request body size=2 eos=false status_size=2",
-            "request body size=0 eos=true status_size=0",
-            "request body size=0 eos=true status_size=0",
-        ]
-    );
-    assert_eq!(edge.upstream_requests()[0].body, b"ab");
-    Ok(())
-}

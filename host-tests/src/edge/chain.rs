@@ -138,13 +138,8 @@ impl Chain {
                     part: Part::Body,
                 };
             }
-            if progress.buffering {
+            if progress.buffering || (self.has_body && !progress.end_reached) {
                 return Next::Blocked;
-            }
-            // Envoy runs a frame through every filter that continues it before the codec
-            // hands over the next: data passed on runs behind this filter before more comes.
-            if self.has_body && !progress.end_reached {
-                continue;
             }
             if self.has_trailers {
                 match progress.trailers {
