@@ -2,10 +2,10 @@
 //! upstream are told. Pure: requests come in as a [`RequestView`], state as a [`SlotStore`].
 //!
 //! # State layout
-//! Each rule owns `maxKeys` slots in the store, in sets of [`WAYS`] (`<ns><rule>/s<n>`, one
-//! value per set), created on first use and never more. A key hashes to one set and may live
-//! in any of its slots, so one read finds its bucket or a free slot and one compare-and-swap
-//! takes the token: two workers claiming a new key race for the same value, and the loser
+//! Each rule owns `maxKeys` slots in the store, in sets of [`WAYS`](edge_core::table::WAYS)
+//! (`<ns><rule>/s<n>`, one value per set, laid out as the record table's sets), created on
+//! first use and never more. A key hashes to one set and may live in any of its slots, so one
+//! read finds its bucket or a free slot and one compare-and-swap takes the token: two workers claiming a new key race for the same value, and the loser
 //! reads again and finds the winner's bucket.
 //! A slot holds the key's 64-bit hash and its bucket; it is given to another key only when it
 //! is empty or its bucket is full again (so taking it over forgets nothing: no client escapes
@@ -23,11 +23,10 @@ use edge_core::key::{key_hash, KeyHasher};
 use edge_core::metrics::Counter;
 use edge_core::problem::{json_string_list, problem_json, retry_after, retry_after_secs, Reply};
 use edge_core::store::{contended, get_or_create, update, Write};
+use edge_core::table::{set_count, set_ways};
 use edge_core::text;
 use edge_core::{RequestView, SlotStore, StoreError};
 
-/// Slots in a set: the slots a key may occupy, read and written as one value.
-pub const WAYS: u32 = 8;
 /// Read-modify-write attempts before the store counts as failing.
 pub const ATTEMPTS: u32 = 16;
 /// The key hash of the overflow bucket's slot.
@@ -779,10 +778,8 @@ impl Limiter {
             fp,
             key,
         } = *t;
-        let n = rule.max_keys.max(1);
-        let set = u32::try_from(key % u64::from(n.div_ceil(WAYS))).unwrap_or(0);
-        let ways =
-            usize::try_from(n.saturating_sub(set.saturating_mul(WAYS)).min(WAYS)).unwrap_or(1);
+        let set = u32::try_from(key % u64::from(set_count(rule.max_keys))).unwrap_or(0);
+        let ways = set_ways(rule.max_keys, set);
         let set_key = self.slot_key(i, Some(set));
         for _ in 0..ATTEMPTS {
             let read = store.get(&set_key)?;
@@ -910,6 +907,7 @@ impl Limiter {
 mod tests {
     use super::*;
     use edge_core::store::MemoryStore;
+    use edge_core::table::WAYS;
     use edge_core::RequestParts;
 
     const S: u64 = 1_000_000_000;
@@ -985,8 +983,7 @@ mod tests {
     fn set_of(l: &Limiter, req: &RequestParts) -> (u64, String, Slot) {
         let rule = &l.config.rules[0];
         let key = key_hash(l.seed, &rule.name, &rule.key, req);
-        let sets = rule.max_keys.div_ceil(WAYS);
-        let set = u32::try_from(key % u64::from(sets)).unwrap();
+        let set = u32::try_from(key % u64::from(set_count(rule.max_keys))).unwrap();
         let theirs = Slot {
             key,
             limit: l.fingerprints[0],
@@ -1370,8 +1367,7 @@ mod tests {
 
     #[test]
     fn a_rule_half_full_gives_nearly_every_client_its_own_bucket() {
-        // 2,048 active clients in 4,096 slots: sets of eight overflow for about one client in
-        // a hundred (a Poisson tail at 4 per set); sets of four would for one in twenty.
+        // 2,048 active clients in 4,096 slots: see [`WAYS`]. With sets of four about 90 share.
         let l = per_ip_keys(5, "60s", "", 4096);
         let s = MemoryStore::new();
         let shared = (0..2048u32)
@@ -1380,6 +1376,7 @@ mod tests {
                 l.check(&from(&ip), 0, &s).results[0].overflow
             })
             .count();
+        println!("half full: {shared} of 2048 clients share the overflow bucket");
         assert!(
             shared <= 41,
             "{shared} of 2048 clients share the overflow bucket"
