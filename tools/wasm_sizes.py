@@ -1,0 +1,114 @@
+#!/usr/bin/env python3
+"""Where a module's code bytes go: each function's body size, by name, largest first.
+
+    python3 tools/wasm_sizes.py MODULE.wasm [--top N] [--match REGEX]...
+
+Names need an unstripped module (target/wasm32-wasip1/release/<crate>.wasm; dist/ holds
+stripped ones). Each --match prints the total of the functions whose demangled-ish name
+matches REGEX, so a share ("the configuration readers") is a command, not a guess.
+"""
+import argparse
+import re
+
+
+def leb(b, i):
+    r = s = 0
+    while True:
+        x = b[i]
+        i += 1
+        r |= (x & 0x7F) << s
+        s += 7
+        if x < 0x80:
+            return r, i
+
+
+def functions(path):
+    b = open(path, "rb").read()
+    i, sizes, names, imported = 8, [], {}, 0
+    while i < len(b):
+        sid = b[i]
+        n, i = leb(b, i + 1)
+        end = i + n
+        if sid == 2:  # imports: functions among them shift the indices
+            count, j = leb(b, i)
+            for _ in range(count):
+                for _ in range(2):
+                    ln, j = leb(b, j)
+                    j += ln
+                kind = b[j]
+                j += 1
+                if kind == 0:
+                    _, j = leb(b, j)
+                    imported += 1
+                elif kind == 1:
+                    j += 1
+                    flags = b[j]
+                    _, j = leb(b, j + 1)
+                    if flags & 1:
+                        _, j = leb(b, j)
+                elif kind == 2:
+                    flags = b[j]
+                    _, j = leb(b, j + 1)
+                    if flags & 1:
+                        _, j = leb(b, j)
+                elif kind == 3:
+                    j += 2
+        elif sid == 10:
+            count, j = leb(b, i)
+            for _ in range(count):
+                ln, k = leb(b, j)
+                sizes.append(k - j + ln)
+                j = k + ln
+        elif sid == 0:
+            ln, j = leb(b, i)
+            if b[j : j + ln] == b"name":
+                j += ln
+                while j < end:
+                    sub = b[j]
+                    sl, j = leb(b, j + 1)
+                    if sub == 1:
+                        count, k = leb(b, j)
+                        for _ in range(count):
+                            idx, k = leb(b, k)
+                            ln2, k = leb(b, k)
+                            names[idx] = b[k : k + ln2].decode("utf8", "replace")
+                            k += ln2
+                    j += sl
+        i = end
+    return [(size, readable(names.get(imported + k, f"#{k}"))) for k, size in enumerate(sizes)]
+
+
+def readable(name):
+    """Itanium-mangled Rust names as path::segments (enough to read and to match)."""
+    if not name.startswith("_ZN"):
+        return name
+    out, i = [], 3
+    while i < len(name) and name[i].isdigit():
+        j = i
+        while name[j].isdigit():
+            j += 1
+        n = int(name[i:j])
+        out.append(name[j : j + n])
+        i = j + n
+    if out and re.fullmatch(r"h[0-9a-f]{16}", out[-1]):
+        out.pop()
+    return "::".join(out).replace("$LT$", "<").replace("$GT$", ">").replace("$u20$", " ").replace("..", "::")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("module")
+    p.add_argument("--top", type=int, default=30)
+    p.add_argument("--match", action="append", default=[], metavar="REGEX")
+    a = p.parse_args()
+    fs = sorted(functions(a.module), reverse=True)
+    print(f"{sum(s for s, _ in fs)} B of code in {len(fs)} functions")
+    for s, n in fs[: a.top]:
+        print(f"{s:8} {n}")
+    for rx in a.match:
+        hit = [s for s, n in fs if re.search(rx, n)]
+        print(f"{sum(hit):8} B in {len(hit)} functions matching {rx!r}")
+
+
+if __name__ == "__main__":
+    main()
