@@ -8,6 +8,8 @@
 //! header read the trace makes anyway. `burn` runs N rounds of [`burn`] per request, to measure
 //! what a plugin's wasm instruction costs in the same Envoy run.
 
+// The plugins' allocator: a replay's guest allocations cost what the plugins' do.
+use edge_host as _;
 use proxy_wasm::hostcalls as host;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, MapType, MetricType};

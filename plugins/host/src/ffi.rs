@@ -1,7 +1,7 @@
 //! The hostcalls plugins make on the request path, imported directly rather than through the
 //! SDK's wrappers, which panic (trapping the VM for every later request) on any status they do
 //! not expect. Each wrapper returns the raw status; callers turn it into a value and decide.
-//! This is the crate's only `unsafe` code.
+//! With the allocator (`alloc`), this is the crate's only `unsafe` code.
 #![allow(unsafe_code)]
 
 pub const OK: u32 = 0;

@@ -1,7 +1,10 @@
 //! The edge plugins' way to the proxy-wasm host, through one door: [`host`]. Behind it, the
-//! raw imports (`ffi`, the workspace's only `unsafe`), shared data as edge-core's `SlotStore`,
-//! the logger and the counters; each hostcall's status becomes a value, never a trap.
+//! raw imports (`ffi`), shared data as edge-core's `SlotStore`, the logger and the counters;
+//! each hostcall's status becomes a value, never a trap. `ffi` and the modules' allocator
+//! (`alloc`) hold the workspace's only `unsafe`.
 
+#[cfg(any(target_arch = "wasm32", test))]
+mod alloc;
 mod bus;
 mod ffi;
 pub mod host;

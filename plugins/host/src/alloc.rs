@@ -1,0 +1,188 @@
+//! The modules' allocator: free lists of small blocks in front of the system's `malloc`.
+//!
+//! A request allocates and frees the same small sizes over and over (header strings, keys,
+//! vectors of pairs). wasi-libc's dlmalloc spends about a hundred wasm instructions on each
+//! call; a free list pops and pushes in a handful, so the guest's share of a request shrinks.
+//! A freed small block goes onto its class's list and is never handed back to `malloc`: what
+//! the lists hold is bounded by the most small blocks that were ever live at once (the
+//! largest configuration parsed, the busiest request), and they are reused for every later
+//! allocation of their class.
+//!
+//! A block's class depends only on its layout, so `dealloc` and `realloc` find the list its
+//! `alloc` took it from. The VM runs one thread: the list heads are atomics only to be `Sync`
+//! without `static mut` (on wasm32 without threads a relaxed atomic is a plain load or store).
+#![allow(unsafe_code)]
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
+/// Classes of 16-byte steps up to 256 bytes, then 512, 1024 and 2048.
+const CLASSES: usize = 19;
+const LARGEST: usize = 2048;
+/// Blocks come from `malloc` with this alignment (its own, so no `posix_memalign`); larger
+/// alignments go to the system allocator directly.
+const ALIGN: usize = 8;
+
+pub struct Pools {
+    heads: [AtomicUsize; CLASSES],
+}
+
+/// The class of a layout and the size of its blocks, or None for the system allocator.
+fn class(layout: Layout) -> Option<(usize, usize)> {
+    let size = layout.size();
+    if size > LARGEST || layout.align() > ALIGN {
+        return None;
+    }
+    if size <= 256 {
+        let steps = size.div_ceil(16).max(1);
+        return Some((steps - 1, steps * 16));
+    }
+    // 257..=2048: powers of two from 512.
+    let block = size.next_power_of_two();
+    Some((16 + (block.trailing_zeros() as usize - 9), block))
+}
+
+impl Pools {
+    pub const fn new() -> Pools {
+        Pools {
+            heads: [const { AtomicUsize::new(0) }; CLASSES],
+        }
+    }
+
+    fn head(&self, class: usize) -> &AtomicUsize {
+        // `class` returns indices below CLASSES; the fallback is never taken.
+        self.heads.get(class).unwrap_or(&self.heads[0])
+    }
+}
+
+impl Default for Pools {
+    fn default() -> Self {
+        Pools::new()
+    }
+}
+
+// Out of line: inlined into every allocating call site, the fast paths would cost each one
+// more bytes than the call they save (5-16 KB per module).
+// SAFETY: every block on a list came from `System` with the class's size and ALIGN, and is
+// owned by the list alone until `alloc` hands it out again; its first word holds the next
+// block's address (blocks are at least 16 bytes).
+unsafe impl GlobalAlloc for Pools {
+    #[inline(never)]
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let from_system = match class(layout) {
+            Some((c, block)) => {
+                let head = self.head(c);
+                let top = head.load(Relaxed);
+                if top != 0 {
+                    head.store(unsafe { (top as *const usize).read() }, Relaxed);
+                    return top as *mut u8;
+                }
+                unsafe { Layout::from_size_align_unchecked(block, ALIGN) }
+            }
+            None => layout,
+        };
+        // One call site: the system allocator's code is inlined once.
+        unsafe { System.alloc(from_system) }
+    }
+
+    #[inline(never)]
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        let Some((c, _)) = class(layout) else {
+            return unsafe { System.dealloc(ptr, layout) };
+        };
+        let head = self.head(c);
+        unsafe { (ptr as *mut usize).write(head.load(Relaxed)) };
+        head.store(ptr as usize, Relaxed);
+    }
+
+    #[inline(never)]
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let new = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
+        let (from, to) = (class(layout), class(new));
+        if from.is_some() && from.map(|c| c.0) == to.map(|c| c.0) {
+            // Same class: the block already has room.
+            return ptr;
+        }
+        if from.is_none() && to.is_none() && layout.align() <= ALIGN {
+            // Both large, in `malloc`'s alignment: `realloc` may grow in place.
+            return unsafe { System.realloc(ptr, layout, new_size) };
+        }
+        let moved = unsafe { self.alloc(new) };
+        if !moved.is_null() {
+            unsafe {
+                std::ptr::copy_nonoverlapping(ptr, moved, layout.size().min(new_size));
+                self.dealloc(ptr, layout);
+            }
+        }
+        moved
+    }
+}
+
+#[cfg(target_arch = "wasm32")]
+#[global_allocator]
+static POOLS: Pools = Pools::new();
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout(size: usize) -> Layout {
+        Layout::from_size_align(size, 1).unwrap()
+    }
+
+    #[test]
+    fn classes_cover_every_small_size_with_room() {
+        let mut last = 0;
+        for size in 0..=LARGEST {
+            let (c, block) = class(layout(size)).unwrap();
+            assert!(c < CLASSES && block >= size.max(1) && block >= 16, "{size}");
+            assert!(c >= last, "classes grow with the size");
+            last = c;
+        }
+        assert_eq!(class(layout(LARGEST + 1)), None);
+        assert_eq!(class(Layout::from_size_align(64, 16).unwrap()), None);
+    }
+
+    #[test]
+    fn a_freed_block_is_reused_by_its_class_only() {
+        let pools = Pools::new();
+        unsafe {
+            let a = pools.alloc(layout(40));
+            a.write_bytes(7, 40);
+            pools.dealloc(a, layout(40));
+            let other = pools.alloc(layout(100));
+            assert_ne!(other, a, "another class takes its own block");
+            let b = pools.alloc(layout(33));
+            assert_eq!(b, a, "same class (48 bytes): the freed block");
+            let c = pools.alloc(layout(48));
+            assert_ne!(c, a, "the list is empty again");
+            for (p, n) in [(b, 33), (c, 48), (other, 100)] {
+                pools.dealloc(p, layout(n));
+            }
+        }
+    }
+
+    #[test]
+    fn realloc_keeps_the_bytes_across_classes_and_into_the_system_allocator() {
+        let pools = Pools::new();
+        unsafe {
+            let mut p = pools.alloc(layout(10));
+            for i in 0..10u8 {
+                p.add(usize::from(i)).write(i);
+            }
+            let mut size = 10;
+            for new in [16, 300, 5000, 9000, 20] {
+                let q = pools.realloc(p, layout(size), new);
+                if class(layout(size)).map(|c| c.0) == class(layout(new)).map(|c| c.0) {
+                    assert_eq!(q, p, "{size} -> {new} stays in its block");
+                }
+                for i in 0..10u8 {
+                    assert_eq!(q.add(usize::from(i)).read(), i, "{size} -> {new}");
+                }
+                p = q;
+                size = new;
+            }
+            pools.dealloc(p, layout(size));
+        }
+    }
+}
