@@ -177,9 +177,10 @@ impl RateLimitStream {
             warn_throttled(&self.metrics.1, || {
                 let (code, message) = status.clone().unwrap_or_default();
                 format!(
-                    "rate-limit: the rate limit service failed ({}, gRPC status {code} {message:?}); \
+                    "rate-limit: the rate limit service failed ({}, gRPC status {code} {}); \
                      each rule's failureMode applies",
-                    f.describe()
+                    f.describe(),
+                    edge_core::problem::json_string(&message)
                 )
             });
         }
