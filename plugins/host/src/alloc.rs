@@ -4,7 +4,7 @@
 //! vectors of pairs). wasi-libc's dlmalloc spends about a hundred wasm instructions on each
 //! call; a free list pops and pushes in a handful, so the guest's share of a request shrinks.
 //! A freed small block goes onto its class's list and is never handed back to `malloc`: what
-//! the lists hold is bounded by the most small blocks that were ever live at once (the
+//! a class's list holds is bounded by the most blocks of that class ever live at once (the
 //! largest configuration parsed, the busiest request), and they are reused for every later
 //! allocation of their class.
 //!
@@ -133,11 +133,25 @@ mod tests {
     #[test]
     fn classes_cover_every_small_size_with_room() {
         let mut last = 0;
+        let mut blocks = [0usize; CLASSES];
         for size in 0..=LARGEST {
             let (c, block) = class(layout(size)).unwrap();
             assert!(c < CLASSES && block >= size.max(1) && block >= 16, "{size}");
             assert!(c >= last, "classes grow with the size");
+            assert!(
+                blocks[c] == 0 || blocks[c] == block,
+                "class {c}: one block size"
+            );
+            blocks[c] = block;
             last = c;
+        }
+        assert!(blocks.iter().all(|b| *b > 0), "every class is used");
+        assert!(blocks.windows(2).all(|w| w[0] < w[1]), "{blocks:?}");
+        for align in [2, 4, 8] {
+            let l = Layout::from_size_align(24, align).unwrap();
+            let p = unsafe { Pools::new().alloc(l) };
+            assert_eq!(p as usize % align, 0);
+            unsafe { System.dealloc(p, Layout::from_size_align(32, ALIGN).unwrap()) };
         }
         assert_eq!(class(layout(LARGEST + 1)), None);
         assert_eq!(class(Layout::from_size_align(64, 16).unwrap()), None);
@@ -171,13 +185,24 @@ mod tests {
                 p.add(usize::from(i)).write(i);
             }
             let mut size = 10;
+            // Grown to 300 with every byte set, the next moves must keep all 300.
             for new in [16, 300, 5000, 9000, 20] {
                 let q = pools.realloc(p, layout(size), new);
                 if class(layout(size)).map(|c| c.0) == class(layout(new)).map(|c| c.0) {
                     assert_eq!(q, p, "{size} -> {new} stays in its block");
                 }
-                for i in 0..10u8 {
-                    assert_eq!(q.add(usize::from(i)).read(), i, "{size} -> {new}");
+                let kept = if size >= 300 {
+                    size.min(new).min(300)
+                } else {
+                    size.min(new).min(10)
+                };
+                for i in 0..kept {
+                    assert_eq!(q.add(i).read(), i as u8, "{size} -> {new}: byte {i}");
+                }
+                if new == 300 {
+                    for i in 0..300 {
+                        q.add(i).write(i as u8);
+                    }
                 }
                 p = q;
                 size = new;

@@ -1,7 +1,7 @@
 //! The edge plugins' way to the proxy-wasm host, through one door: [`host`]. Behind it, the
 //! raw imports (`ffi`), shared data as edge-core's `SlotStore`, the logger and the counters;
 //! each hostcall's status becomes a value, never a trap. `ffi` and the modules' allocator
-//! (`alloc`) hold the workspace's only `unsafe`.
+//! (`alloc`) hold the crate's only `unsafe`.
 
 #[cfg(any(target_arch = "wasm32", test))]
 mod alloc;
