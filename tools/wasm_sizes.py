@@ -8,18 +8,12 @@ stripped ones). Each --match prints the total of the functions whose demangled-i
 matches REGEX, so a share ("the configuration readers") is a command, not a guess.
 """
 import argparse
+import os
 import re
+import sys
 
-
-def leb(b, i):
-    r = s = 0
-    while True:
-        x = b[i]
-        i += 1
-        r |= (x & 0x7F) << s
-        s += 7
-        if x < 0x80:
-            return r, i
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from trim_callbacks import leb  # noqa: E402  (the one LEB128 reader of the tools)
 
 
 def functions(path):

@@ -35,6 +35,7 @@ pub fn set_ways(slots: u32, set: u32) -> usize {
     let first = set.saturating_mul(WAYS);
     usize::try_from(slots.max(1).saturating_sub(first).min(WAYS)).unwrap_or(1)
 }
+
 /// Sets sampled (consecutive, from a random one) per round when making room for bytes.
 pub const SAMPLE: u32 = 8;
 const ATTEMPTS: u32 = 16;
@@ -768,7 +769,7 @@ mod tests {
 
     #[test]
     fn a_table_half_full_keeps_nearly_every_record() {
-        // 2,048 records in 4,096 slots: see [`WAYS`]. With sets of four this loses about 80.
+        // 2,048 records in 4,096 slots: see [`WAYS`]. With `WAYS` = 4 it loses 81 and fails.
         let s = MemoryStore::new();
         let t = Table::new("h/", 4096, u64::MAX);
         for k in 1..=2048u64 {

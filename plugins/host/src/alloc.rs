@@ -1,8 +1,8 @@
 //! The modules' allocator: free lists of small blocks in front of the system's `malloc`.
 //!
 //! A request allocates and frees the same small sizes over and over (header strings, keys,
-//! vectors of pairs). wasi-libc's dlmalloc spends about a hundred wasm instructions on each
-//! call; a free list pops and pushes in a handful, so the guest's share of a request shrinks.
+//! vectors of pairs). wasi-libc's dlmalloc runs its general paths (bins, chunk headers,
+//! coalescing) on each call; a free list pops and pushes in a handful of instructions.
 //! A freed small block goes onto its class's list and is never handed back to `malloc`: what
 //! a class's list holds is bounded by the most blocks of that class ever live at once (the
 //! largest configuration parsed, the busiest request), and they are reused for every later
@@ -62,7 +62,7 @@ impl Default for Pools {
 }
 
 // Out of line: inlined into every allocating call site, the fast paths would cost each one
-// more bytes than the call they save (5-16 KB per module).
+// more bytes than the call they save (3-7 KB per module).
 // SAFETY: every block on a list came from `System` with the class's size and ALIGN, and is
 // owned by the list alone until `alloc` hands it out again; its first word holds the next
 // block's address (blocks are at least 16 bytes).

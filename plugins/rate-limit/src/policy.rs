@@ -5,8 +5,9 @@
 //! Each rule owns `maxKeys` slots in the store, in sets of [`WAYS`](edge_core::table::WAYS)
 //! (`<ns><rule>/s<n>`, one value per set, laid out as the record table's sets), created on
 //! first use and never more. A key hashes to one set and may live in any of its slots, so one
-//! read finds its bucket or a free slot and one compare-and-swap takes the token: two workers claiming a new key race for the same value, and the loser
-//! reads again and finds the winner's bucket.
+//! read finds its bucket or a free slot and one compare-and-swap takes the token: two workers
+//! claiming a new key race for the same value, and the loser reads again and finds the
+//! winner's bucket.
 //! A slot holds the key's 64-bit hash and its bucket; it is given to another key only when it
 //! is empty or its bucket is full again (so taking it over forgets nothing: no client escapes
 //! its limit by making others evict it). When every slot of the set holds an active bucket of
@@ -1367,7 +1368,7 @@ mod tests {
 
     #[test]
     fn a_rule_half_full_gives_nearly_every_client_its_own_bucket() {
-        // 2,048 active clients in 4,096 slots: see [`WAYS`]. With sets of four about 90 share.
+        // 2,048 active clients in 4,096 slots: see [`WAYS`]. With `WAYS` = 4, 91 share and it fails.
         let l = per_ip_keys(5, "60s", "", 4096);
         let s = MemoryStore::new();
         let shared = (0..2048u32)
