@@ -32,6 +32,15 @@ fn none(_: &mut Edge) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Rollout requests of users enough for both variants' counters to exist: the measured
+/// request then defines none, as at steady state.
+fn every_variant(e: &mut Edge) -> anyhow::Result<()> {
+    for i in 0..16 {
+        e.send(Request::get("/checkout").header("x-user-id", &format!("warm-{i}")))?;
+    }
+    Ok(())
+}
+
 fn api(_: u64) -> Request {
     Request::get("/api/items").from("10.0.0.1:1000")
 }
@@ -50,11 +59,11 @@ fn edge_config() -> String {
 }
 
 fn cases() -> Vec<Case> {
-    let edge = |path, request: fn(u64) -> Request| Case {
+    let edge = |path, setup, request: fn(u64) -> Request| Case {
         plugin: "edge",
         path,
         config: edge_config(),
-        setup: none,
+        setup,
         request,
     };
     vec![
@@ -97,7 +106,7 @@ fn cases() -> Vec<Case> {
             plugin: "flag_router",
             path: "fractional rollout",
             config: FLAGS.into(),
-            setup: none,
+            setup: every_variant,
             request: |n| Request::get("/checkout").header("x-user-id", &format!("user-{n}")),
         },
         Case {
@@ -154,12 +163,12 @@ fn cases() -> Vec<Case> {
             request: |_| Request::get("/payments"),
         },
         // One filter for all four: the paths of the chain's mix.
-        edge("GET /api/ (limited rule, stored)", |_| api(0)),
-        edge("GET /checkout (fractional rollout)", |n| {
+        edge("GET /api/ (limited rule, stored)", none, |_| api(0)),
+        edge("GET /checkout (fractional rollout)", every_variant, |n| {
             Request::get("/checkout").header("x-user-id", &format!("user-{n}"))
         }),
-        edge("POST /payments (fresh key)", pay),
-        edge("GET /health (no policy applies)", |_| {
+        edge("POST /payments (fresh key)", none, pay),
+        edge("GET /health (no policy applies)", none, |_| {
             Request::get("/health")
         }),
     ]

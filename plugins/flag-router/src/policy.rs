@@ -84,6 +84,13 @@ pub struct Reporter {
 
 /// Appends a name part Envoy's stat tags do not split on.
 fn push_stat_part(out: &mut String, s: &str) {
+    // Flag and variant names are nearly always clean already: one copy, no per-char pushes.
+    if s.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        out.push_str(s);
+        return;
+    }
     out.extend(s.chars().map(|c| {
         if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
             c

@@ -2,6 +2,7 @@
 //! counter, never a trap) and incremented with [`crate::host::count`].
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::marker::PhantomData;
 
 use crate::ffi;
@@ -59,15 +60,38 @@ impl<C: Counter> Counters<C> {
 /// first use. At most `cap` names get their own counter: a file that renames its variants on
 /// every fetch cannot grow the host's stats without bound; later names count under `overflow`.
 pub struct NamedCounters {
-    ids: HashMap<String, Option<u32>>,
+    ids: HashMap<String, Option<u32>, BuildHasherDefault<Fnv>>,
     cap: usize,
     overflow: String,
+}
+
+/// FNV-1a for the names' map, looked up once per counted request. The names come from the
+/// operator's own flag file and at most `cap` are kept, so a keyed hash (std's SipHash, several
+/// times the instructions per name) would defend against nothing.
+struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Fnv {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Hasher for Fnv {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 impl NamedCounters {
     pub fn new(cap: usize, overflow: &str) -> NamedCounters {
         NamedCounters {
-            ids: HashMap::new(),
+            ids: HashMap::default(),
             cap,
             overflow: overflow.to_string(),
         }

@@ -52,11 +52,16 @@ pub(super) fn fractional(v: &[Cow<'_, Value>], data: &Value) -> Option<Value> {
             .get("targetingKey")?
             .as_str()
             .filter(|k| !k.is_empty())?;
-        let flag = data.get("$flagd").and_then(|f| f.get("flagKey"));
-        Some(Cow::Owned(format!(
-            "{}{key}",
-            flag.and_then(Value::as_str).unwrap_or("")
-        )))
+        let flag = data
+            .get("$flagd")
+            .and_then(|f| f.get("flagKey"))
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        // Pushed, not `format!`ted: this runs on every request of a rollout.
+        let mut joined = String::with_capacity(flag.len() + key.len());
+        joined.push_str(flag);
+        joined.push_str(key);
+        Some(Cow::Owned(joined))
     };
     let (first, rest) = v.split_first()?;
     let (bucket_by, dists) = match &**first {
