@@ -56,12 +56,15 @@ impl Snapshot {
     }
 }
 
-#[derive(Default)]
 struct Bus {
     /// Armed during request headers.
     request: Once<Snapshot>,
     client_address: Once<Option<Vec<u8>>>,
+    /// Callouts started by the stage now running; recorded only in a pipeline, which hands
+    /// them to their stage (a separate module's SDK routes answers itself, and would only
+    /// pile them up).
     tokens: Vec<u32>,
+    record_tokens: bool,
     section: Option<(&'static str, Vec<u8>)>,
     tick_ms: Option<u32>,
     /// Resumes are held for the pipeline: `Some(None)` holding, none asked yet.
@@ -70,8 +73,25 @@ struct Bus {
     now: Once<u64>,
 }
 
+impl Bus {
+    const fn new() -> Bus {
+        Bus {
+            request: Once::Off,
+            client_address: Once::Off,
+            tokens: Vec::new(),
+            record_tokens: false,
+            section: None,
+            tick_ms: None,
+            resume: None,
+            now: Once::Off,
+        }
+    }
+}
+
 thread_local! {
-    static BUS: RefCell<Bus> = RefCell::new(Bus::default());
+    // Const-initialised: every access is a plain static's, with no lazy-init check (the bus
+    // is reached several times per stage per callback).
+    static BUS: RefCell<Bus> = const { RefCell::new(Bus::new()) };
 }
 
 fn with<R>(f: impl FnOnce(&mut Bus) -> R) -> R {
@@ -203,14 +223,33 @@ pub fn now_ns() -> u64 {
     }
 }
 
-/// Records a callout token for the stage now running.
-pub fn started_call(token: u32) {
-    with(|b| b.tokens.push(token));
+/// From now on, callouts are recorded for the pipeline to route (see [`token_mark`]).
+pub fn record_tokens() {
+    with(|b| b.record_tokens = true);
 }
 
-/// The tokens recorded since the last take.
-pub fn take_tokens() -> Vec<u32> {
-    with(|b| std::mem::take(&mut b.tokens))
+/// Records a callout token for the stage now running, in a pipeline.
+pub fn started_call(token: u32) {
+    with(|b| {
+        if b.record_tokens {
+            b.tokens.push(token);
+        }
+    });
+}
+
+/// How many callout tokens are recorded: the mark to pass [`tokens_since`] after a stage ran.
+pub fn token_mark() -> usize {
+    with(|b| b.tokens.len())
+}
+
+/// Hands `to` each token recorded since `mark` and forgets them. A stage that started no
+/// callout (nearly every call) costs two reads of a length.
+pub fn tokens_since(mark: usize, mut to: impl FnMut(u32)) {
+    with(|b| {
+        if b.tokens.len() > mark {
+            b.tokens.drain(mark..).for_each(&mut to);
+        }
+    });
 }
 
 /// Gives the stage about to be configured its section (and holds its timer request).
@@ -284,4 +323,37 @@ pub fn resume(request: bool) -> bool {
         log::warn!("edge: the host refused to resume a stream");
     }
     sent
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_separate_module_keeps_no_callout_tokens() {
+        // Each test runs on its own thread: its own bus.
+        for token in 0..1000 {
+            started_call(token);
+        }
+        assert_eq!(
+            token_mark(),
+            0,
+            "a module without a pipeline would grow by every callout"
+        );
+    }
+
+    #[test]
+    fn a_pipeline_gets_each_stage_its_own_tokens() {
+        record_tokens();
+        let first = token_mark();
+        started_call(1);
+        started_call(2);
+        let mut got = Vec::new();
+        tokens_since(first, |t| got.push(t));
+        assert_eq!(got, [1, 2]);
+        assert_eq!(token_mark(), first, "handed-over tokens are forgotten");
+        let second = token_mark();
+        tokens_since(second, |t| got.push(t));
+        assert_eq!(got, [1, 2], "a stage that started nothing gets nothing");
+    }
 }

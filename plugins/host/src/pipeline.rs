@@ -39,6 +39,7 @@ pub struct PipelineRoot {
 impl PipelineRoot {
     /// One filter of several stages, each configured by its section.
     pub fn combined(stages: Vec<Stage>) -> PipelineRoot {
+        bus::record_tokens();
         PipelineRoot {
             stages,
             on: Vec::new(),
@@ -52,10 +53,10 @@ impl PipelineRoot {
         let Some(stage) = self.stages.get_mut(i) else {
             return;
         };
-        bus::take_tokens();
+        let mark = bus::token_mark();
         f(stage.root.as_mut());
-        self.calls
-            .extend(bus::take_tokens().into_iter().map(|t| (t, i)));
+        let calls = &mut self.calls;
+        bus::tokens_since(mark, |t| calls.push((t, i)));
     }
 
     /// Reads the combined configuration: an object of sections, each a plugin's whole
@@ -226,27 +227,33 @@ impl PipelineStream {
     /// Runs `phase` from stage `from` on: forward for the request, backward for the response,
     /// until a stage pauses.
     fn run(&mut self, phase: Phase, from: usize) -> Action {
-        let order: Vec<usize> = if phase.is_request() {
-            (from..self.stages.len()).collect()
+        let request = phase.is_request();
+        // Stages `from..len` for the request; `from` down to 0 (within those reached) for the
+        // response. Counted, not collected: this runs on every callback.
+        let (mut i, count) = if request {
+            (from, self.stages.len().saturating_sub(from))
         } else if self.reached == 0 {
-            Vec::new()
+            (0, 0)
         } else {
-            (0..=from.min(self.reached - 1)).rev().collect()
+            let top = from.min(self.reached - 1);
+            (top, top + 1)
         };
         let headers = matches!(phase, Phase::RequestHeaders(..));
-        for i in order {
+        for _ in 0..count {
+            let at = i;
+            i = if request { i + 1 } else { i.wrapping_sub(1) };
             if headers {
-                self.reached = self.reached.max(i + 1);
+                self.reached = self.reached.max(at + 1);
             }
-            let Some(stage) = self.stages.get_mut(i) else {
+            let Some(stage) = self.stages.get_mut(at) else {
                 continue;
             };
-            bus::take_tokens();
+            let mark = bus::token_mark();
             let action = Self::call(stage.as_mut(), phase);
-            self.calls
-                .extend(bus::take_tokens().into_iter().map(|t| (t, i)));
+            let calls = &mut self.calls;
+            bus::tokens_since(mark, |t| calls.push((t, at)));
             if action != Action::Continue {
-                self.paused = Some((phase, i));
+                self.paused = Some((phase, at));
                 return action;
             }
         }
@@ -286,10 +293,10 @@ impl PipelineStream {
             return;
         };
         bus::intercept_resume(true);
-        bus::take_tokens();
+        let mark = bus::token_mark();
         deliver(stage.as_mut());
-        self.calls
-            .extend(bus::take_tokens().into_iter().map(|t| (t, i)));
+        let calls = &mut self.calls;
+        bus::tokens_since(mark, |t| calls.push((t, i)));
         let Some(request) = bus::intercept_resume(false) else {
             return;
         };
