@@ -129,7 +129,7 @@ fn capture() -> RequestParts {
         headers
             .iter()
             .find(|(k, _)| k == name)
-            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+            .map(|(_, v)| edge_core::text::to_text(v))
             .unwrap_or_default()
     };
     RequestParts {

@@ -1,13 +1,28 @@
 //! Text built on the request path without `format!`: the formatting machinery costs hundreds
 //! of wasm instructions per call, where these cost tens.
 
-/// `prefix` followed by `n` in decimal: a store key such as `rate_limit/1/api/42`.
 /// A header value as a whole number (`content-length`, `age`, `:status`), surrounding
 /// whitespace allowed; `None` when it is not one.
 pub fn parse_u64(value: &[u8]) -> Option<u64> {
     std::str::from_utf8(value).ok()?.trim().parse().ok()
 }
 
+/// Bytes from the host as text: valid UTF-8 (nearly always) keeps its buffer; anything else
+/// has its bad sequences replaced. `String::from_utf8_lossy` alone would walk the bytes in
+/// chunks and then copy them.
+pub fn into_text(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
+/// Borrowed bytes as an owned text, as [`into_text`] does.
+pub fn to_text(bytes: &[u8]) -> String {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => s.to_owned(),
+        Err(_) => String::from_utf8_lossy(bytes).into_owned(),
+    }
+}
+
+/// `prefix` followed by `n` in decimal: a store key such as `rate_limit/1/api/42`.
 pub fn key(prefix: &str, n: u64) -> String {
     let mut s = String::with_capacity(prefix.len() + 20);
     s.push_str(prefix);

@@ -5,6 +5,7 @@ use crate::config::{Attribute, Config, ValueType};
 use crate::flags::{FlagSet, Reason};
 use edge_core::headers::HeaderEdits;
 use edge_core::metrics::Counter;
+use edge_core::text::into_text as text;
 use edge_core::RequestView;
 use serde_json::{Map, Value};
 
@@ -135,11 +136,6 @@ impl Reporter {
             _ => None,
         }
     }
-}
-
-/// Request bytes as text; valid UTF-8 (nearly always) keeps its buffer.
-fn text(bytes: Vec<u8>) -> String {
-    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 /// Sets `v` at `path`, creating the objects on the way. The configuration refuses an attribute

@@ -304,7 +304,7 @@ pub fn status() -> (u32, String) {
     }
     // SAFETY: see `owned`.
     let message = unsafe { owned(data, size) };
-    (code, String::from_utf8_lossy(&message).into_owned())
+    (code, edge_core::text::into_text(message))
 }
 
 /// The host's wall clock in nanoseconds, or `None` for any status but OK.
@@ -458,7 +458,7 @@ pub fn decode_pairs(bytes: &[u8]) -> Option<Vec<(String, Vec<u8>)>> {
         at = at.checked_add(k)?.checked_add(1)?;
         let value = bytes.get(at..at.checked_add(v)?)?;
         at = at.checked_add(v)?.checked_add(1)?;
-        out.push((String::from_utf8_lossy(name).into_owned(), value.to_vec()));
+        out.push((edge_core::text::to_text(name), value.to_vec()));
     }
     Some(out)
 }

@@ -85,14 +85,13 @@ fn root_id() -> String {
     hostcalls::get_property(vec!["plugin_root_id"])
         .ok()
         .flatten()
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .map(edge_core::text::into_text)
         .unwrap_or_default()
 }
 
 /// A header of the response to this root context's callout (`None` when absent or unreadable).
 pub fn callout_response_header(name: &str) -> Option<String> {
-    ffi::get_header(ffi::HTTP_CALL_RESPONSE_HEADERS, name)
-        .map(|v| String::from_utf8_lossy(&v).into_owned())
+    ffi::get_header(ffi::HTTP_CALL_RESPONSE_HEADERS, name).map(edge_core::text::into_text)
 }
 
 /// Every header of the response being filtered (empty when unreadable).
@@ -135,7 +134,7 @@ pub fn response_body_chunk(size: usize) -> Vec<u8> {
 
 /// A property as text (`None` when absent or unreadable), e.g. `["response", "code_details"]`.
 pub fn property(path: &[&str]) -> Option<String> {
-    ffi::get_property(path).map(|v| String::from_utf8_lossy(&v).into_owned())
+    ffi::get_property(path).map(edge_core::text::into_text)
 }
 
 /// Sends a local reply (any header value bytes). False when the host refused it (the SDK's

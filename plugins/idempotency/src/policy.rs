@@ -542,11 +542,11 @@ impl Idempotency {
 }
 
 fn m(req: &impl RequestView) -> String {
-    String::from_utf8_lossy(&req.method()).into_owned()
+    edge_core::text::into_text(req.method())
 }
 
 fn p(req: &impl RequestView) -> String {
-    String::from_utf8_lossy(&req.path()).into_owned()
+    edge_core::text::into_text(req.path())
 }
 
 fn too_large(max: u64) -> String {

@@ -46,7 +46,7 @@ pub fn request(domain: &str, rule: &str, parts: &[KeyPart], req: &impl RequestVi
         let value = part.value(req).unwrap_or_default();
         entries.push(Entry {
             key: entry_key(part).to_string(),
-            value: String::from_utf8_lossy(&value).into_owned(),
+            value: edge_core::text::into_text(value),
         });
     }
     rls_proto::encode_request(&RateLimitRequest {
