@@ -76,6 +76,10 @@ fn a_user_gets_the_same_variant_on_every_worker_and_the_split_follows_the_weight
         v2 += usize::from(answers[0].as_deref() == Some("v2"));
     }
     assert!((70..=130).contains(&v2), "{v2} of 200 in a 50% rollout");
+    // Every request counted under the variant it got, with both outcomes interleaved.
+    let counted = |v| edge.metric(&format!("flag_router.new-checkout.variant.{v}"));
+    assert_eq!(counted("on"), Some(2 * v2 as u64));
+    assert_eq!(counted("off"), Some(2 * (200 - v2) as u64));
     Ok(())
 }
 
@@ -186,6 +190,9 @@ fn flipping_the_served_flag_to_disabled_moves_traffic_within_one_poll() -> Resul
             "worker {w} still routes to canary"
         );
     }
+    // The new file's outcomes count under their own names, the old file's stay as they were.
+    assert_eq!(edge.metric("flag_router.new-checkout.disabled"), Some(2));
+    assert_eq!(edge.metric("flag_router.new-checkout.variant.on"), Some(1));
     Ok(())
 }
 

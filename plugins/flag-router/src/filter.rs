@@ -43,10 +43,34 @@ impl Default for Metrics {
     }
 }
 
+/// The flags in force, and the counters their outcomes have counted under so far: a warm
+/// request neither builds a counter name nor hashes one. An outcome is found by its mapped
+/// header's position in the configuration, the address of the set's own variant name (fixed
+/// while the set lives, and this cache lives and dies with the set) and the reason. Bounded
+/// by the set: at most one entry per mapped flag and variant or reason.
+#[derive(Default)]
+struct Loaded {
+    set: FlagSet,
+    ids: RefCell<OutcomeIds>,
+}
+
+/// (mapped header's position, variant name's address or 0, reason) and its counter id, in
+/// key order: a binary search, and less code than another map type.
+type OutcomeIds = Vec<((usize, usize, u8), Option<u32>)>;
+
+impl Loaded {
+    fn new(set: FlagSet) -> Rc<Loaded> {
+        Rc::new(Loaded {
+            set,
+            ids: RefCell::default(),
+        })
+    }
+}
+
 #[derive(Default)]
 pub struct FlagRouterRoot {
     config: Option<Rc<Config>>,
-    flags: Rc<FlagSet>,
+    flags: Rc<Loaded>,
     poller: Poller,
     metrics: Rc<RefCell<Metrics>>,
 }
@@ -109,7 +133,7 @@ impl Context for FlagRouterRoot {
         match fetched {
             Fetched::Updated(set) => {
                 log::info!("flag-router: flags updated ({} flags)", set.flags.len());
-                self.flags = Rc::new(set);
+                self.flags = Loaded::new(set);
                 self.metrics.borrow_mut().reporter.flags_replaced();
             }
             Fetched::NotModified => {}
@@ -133,7 +157,7 @@ impl RootContext for FlagRouterRoot {
                 return false;
             }
         }
-        self.flags = Rc::new(std::mem::take(&mut config.flags));
+        self.flags = Loaded::new(std::mem::take(&mut config.flags));
         self.metrics.borrow_mut().reporter.flags_replaced();
         let polled = config.source.is_some();
         if config.context.iter().any(|a| a.kind != ValueType::String) {
@@ -167,7 +191,7 @@ impl RootContext for FlagRouterRoot {
 
 pub struct FlagRouterStream {
     config: Option<Rc<Config>>,
-    flags: Rc<FlagSet>,
+    flags: Rc<Loaded>,
     metrics: Rc<RefCell<Metrics>>,
 }
 
@@ -178,7 +202,12 @@ impl HttpContext for FlagRouterStream {
         let Some(config) = self.config.clone() else {
             return Action::Continue;
         };
-        let d = decide(&config, &self.flags, &HostRequest, now_ns() / 1_000_000_000);
+        let d = decide(
+            &config,
+            &self.flags.set,
+            &HostRequest,
+            now_ns() / 1_000_000_000,
+        );
         if !edit_request_headers(&d.edits) {
             warn_throttled(&self.metrics.borrow().throttle, || {
                 "flag-router: the host refused a routing header edit".into()
@@ -196,8 +225,23 @@ impl HttpContext for FlagRouterStream {
             context.add(ContextCounter::TypeErrors, d.type_errors.len() as u64);
             warn_throttled(throttle, || format!("flag-router: {}", type_warning(first)));
         }
-        for e in &d.evaluations {
-            counters.add(reporter.counter(e), 1);
+        let mut ids = self.flags.ids.borrow_mut();
+        // One evaluation per mapped header, in the configuration's order.
+        for (at, e) in d.evaluations.iter().enumerate() {
+            let key = (
+                at,
+                e.variant.map_or(0, |v| v.as_ptr() as usize),
+                e.reason as u8,
+            );
+            let id = match ids.binary_search_by_key(&key, |(k, _)| *k) {
+                Ok(at) => ids.get(at).and_then(|(_, id)| *id),
+                Err(at) => {
+                    let id = counters.id(reporter.counter(e));
+                    ids.insert(at, (key, id));
+                    id
+                }
+            };
+            counters.add_id(id, 1);
             if let Some(w) = reporter.warning(e) {
                 log::warn!("flag-router: {w}");
             }

@@ -108,8 +108,16 @@ impl NamedCounters {
     }
 
     pub fn add(&mut self, name: &str, n: u64) {
+        if let (Some(id), true) = (self.id(name), n > 0) {
+            count(id, n);
+        }
+    }
+
+    /// The counter `name` counts under (defined on first use; `None` when the host refused
+    /// it), for a caller that keeps it instead of looking the name up per request.
+    pub fn id(&mut self, name: &str) -> Option<u32> {
         // A known name (every request once warm) is found without allocating.
-        let id = match self.ids.get(name) {
+        match self.ids.get(name) {
             Some(id) => *id,
             None => {
                 let name = self.slot(name).to_string();
@@ -118,7 +126,11 @@ impl NamedCounters {
                     .entry(name)
                     .or_insert_with_key(|k| ffi::define_counter(k))
             }
-        };
+        }
+    }
+
+    /// Adds `n` to a counter [`NamedCounters::id`] returned.
+    pub fn add_id(&self, id: Option<u32>, n: u64) {
         if let (Some(id), true) = (id, n > 0) {
             count(id, n);
         }
