@@ -204,6 +204,27 @@ def configurations(dist, empty, replays=None, burn=None):
     return out
 
 
+# Configurations whose filters are our plugins' modules (what `--compare` runs twice).
+PLUGIN_CONFIGS_MEASURED = ("rate_limit", "flag_router", "cached_fallback", "idempotency POST",
+                           "idempotency GET", "full chain", "edge.wasm")
+
+
+def with_compared(configs, others):
+    """`configs` with, after each plugin configuration, its twin from `others` (the same
+    requests and filters, another build's modules), compared against the same bare Envoy."""
+    twins = {c[0]: c for c in others}
+    out = []
+    for c in configs:
+        out.append(c)
+        if c[0] in PLUGIN_CONFIGS_MEASURED and c[0] in twins:
+            name = f"{c[0]} (compared)"
+            _, _, filters, script = twins[c[0]]
+            out.append((name, f"{c[1]}; the compared build's modules", filters, script))
+            if c[0] in FLOOR_OF:
+                FLOOR_OF[name] = FLOOR_OF[c[0]]
+    return out
+
+
 def envoy_yaml(filters, upstream_port, direct, extra_clusters=()):
     route = (
         {"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "ok " * 20}}}
@@ -675,6 +696,10 @@ def main():
                     help="comma-separated configurations to measure (their floors, bare and the empty "
                          "filter are added); for development runs")
     ap.add_argument("--no-etcd", action="store_true", help="skip the etcd measurements")
+    ap.add_argument("--compare", default="",
+                    help="another build's dist directory: each plugin configuration also runs with its "
+                         "modules, named '<configuration> (compared)', in the same interleaved rounds; "
+                         "for A/B runs of a build setting")
     args = ap.parse_args()
     if os.cpu_count() < 2:
         raise SystemExit("the bench pins Envoy and wrk to separate CPUs: it needs 2")
@@ -708,6 +733,9 @@ def main():
         else:
             print(f"no traces in {args.traces} or no {args.replay}: no replays, no floor", flush=True)
         configs = configurations(os.path.abspath(args.dist), os.path.abspath(args.empty), replays, burn)
+        if args.compare:
+            configs = with_compared(configs, configurations(os.path.abspath(args.compare),
+                                                             os.path.abspath(args.empty)))
         if args.only:
             wanted = {w.strip() for w in args.only.split(",")} | {"bare", "empty wasm"}
             for w in list(wanted):
@@ -719,7 +747,7 @@ def main():
                     wanted.add(w)
             for w in list(wanted):
                 wanted.add(FLOOR_OF.get(w, "bare"))
-            configs = [c for c in configs if c[0] in wanted]
+            configs = [c for c in configs if c[0] in wanted or c[0].removesuffix(" (compared)") in wanted]
         lua = {}
         for name, _, filters, script in configs:
             envoys.append(Envoy(args.envoy, name, envoy_yaml(filters, upstream.port, False), 0, work))
