@@ -125,27 +125,61 @@ fn decode_set(bytes: &[u8], ways: usize) -> Vec<Way> {
     let mut out = Vec::with_capacity(ways);
     let mut at = 0usize;
     while out.len() < ways {
-        let Some((gen, len)) = way_head(bytes, at) else {
+        let Some((gen, body, next)) = next_way(bytes, at) else {
             break;
         };
-        let start = at + 6;
-        let Some(body) = start.checked_add(len).and_then(|end| bytes.get(start..end)) else {
-            break;
-        };
-        let (inherited, record) = match body.split_first() {
-            Some((1, rest)) => (read_binding(rest), rest.get(16..).and_then(Record::decode)),
-            Some((_, rest)) => (None, Record::decode(rest)),
-            None => (None, None),
-        };
-        out.push(Way {
-            gen,
-            inherited: inherited.filter(|_| record.is_some()),
-            record,
-        });
-        at = start + len;
+        out.push(decode_way(gen, body));
+        at = next;
     }
     out.resize(ways, Way::default());
     out
+}
+
+/// The slot stored at `at`: its generation, the bytes after its head, and where the next
+/// slot starts.
+#[inline(always)]
+fn next_way(bytes: &[u8], at: usize) -> Option<(u32, &[u8], usize)> {
+    let (gen, len) = way_head(bytes, at)?;
+    let start = at + 6;
+    let end = start.checked_add(len)?;
+    Some((gen, bytes.get(start..end)?, end))
+}
+
+#[inline(always)]
+fn decode_way(gen: u32, body: &[u8]) -> Way {
+    let (inherited, record) = match body.split_first() {
+        Some((1, rest)) => (read_binding(rest), rest.get(16..).and_then(Record::decode)),
+        Some((_, rest)) => (None, Record::decode(rest)),
+        None => (None, None),
+    };
+    Way {
+        gen,
+        inherited: inherited.filter(|_| record.is_some()),
+        record,
+    }
+}
+
+/// The first of a set's `ways` slots whose record has `key`, decoded alone: what
+/// [`decode_set`] and a search would find, without copying every other record's data.
+fn find_way(bytes: &[u8], ways: usize, key: u64) -> Option<(usize, Way)> {
+    let mut at = 0usize;
+    for i in 0..ways {
+        let (gen, body, next) = next_way(bytes, at)?;
+        let record = match body.split_first() {
+            Some((1, rest)) => rest.get(16..),
+            Some((_, rest)) => Some(rest),
+            None => None,
+        };
+        let stored = record.and_then(|r| crate::store::read_u64(r, 0));
+        if key != 0 && stored == Some(key) {
+            let way = decode_way(gen, body);
+            if way.record.is_some() {
+                return Some((i, way));
+            }
+        }
+        at = next;
+    }
+    None
 }
 
 fn way_head(bytes: &[u8], at: usize) -> Option<(u32, usize)> {
@@ -319,14 +353,8 @@ impl Table {
             return Ok(None);
         };
         self.remember(set, &e);
-        let ways = decode_set(&e.value, self.ways(set));
-        Ok(ways
-            .iter()
-            .position(|w| w.record.as_ref().is_some_and(|r| r.key == key))
-            .and_then(|i| {
-                ways.get(i)
-                    .and_then(|w| self.found(set, i, w, Some(e.clone())))
-            }))
+        Ok(find_way(&e.value, self.ways(set), key)
+            .and_then(|(i, w)| self.found(set, i, &w, Some(e))))
     }
 
     /// Installs `record` for its key unless the key has one: into an empty slot of its set,
@@ -758,6 +786,37 @@ mod tests {
         match c {
             Claim::Won(f) => f,
             other => panic!("expected a win, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn one_slot_decoded_alone_is_the_slot_a_full_decode_finds() {
+        // Records of several shapes (with and without an inherited body, empty slots between),
+        // then the bytes cut short at every length.
+        let mut ways = vec![Way::default(); WAYS as usize];
+        ways[1].record = Some(Record::new(11, 1, false, b"first".to_vec()));
+        ways[2] = Way {
+            gen: 7,
+            record: Some(Record::new(22, 2, true, vec![])),
+            inherited: Some((5, 6)),
+        };
+        ways[4].record = Some(Record::new(33, 3, false, vec![9; 40]));
+        ways[6].record = Some(Record::new(11, 4, false, b"second".to_vec()));
+        let bytes = encode_set(&ways);
+        for cut in 0..=bytes.len() {
+            let b = &bytes[..cut];
+            for key in [0, 11, 22, 33, 44] {
+                let full = decode_set(b, WAYS as usize);
+                let want = full
+                    .iter()
+                    .position(|w| w.record.as_ref().is_some_and(|r| r.key == key))
+                    .map(|i| (i, full[i].clone()));
+                assert_eq!(
+                    find_way(b, WAYS as usize, key),
+                    want,
+                    "key {key}, cut at {cut}"
+                );
+            }
         }
     }
 
