@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 
+use edge_core::request::HeaderList;
 use edge_core::RequestParts;
 use flag_router::config::Config;
 use flag_router::flags::FlagSet;
@@ -209,18 +210,15 @@ impl Oracle {
 /// filter, and the client's address.
 fn view(req: &Req) -> RequestParts {
     let r = req.to_request();
-    let mut headers: Vec<(String, Vec<u8>)> = vec![
-        (":authority".into(), r.authority.clone().into_bytes()),
-        (":path".into(), r.path.clone().into_bytes()),
-        (":method".into(), r.method.clone().into_bytes()),
-        (":scheme".into(), b"http".to_vec()),
-    ];
-    headers.extend(
-        r.headers
-            .iter()
-            .map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), v.clone())),
-    );
-    headers.push(("x-forwarded-proto".into(), b"http".to_vec()));
+    let mut headers = HeaderList::default();
+    headers.push(":authority", r.authority.as_bytes());
+    headers.push(":path", r.path.as_bytes());
+    headers.push(":method", r.method.as_bytes());
+    headers.push(":scheme", b"http");
+    for (k, v) in &r.headers {
+        headers.push(&String::from_utf8_lossy(k), v);
+    }
+    headers.push("x-forwarded-proto", b"http");
     RequestParts {
         method: r.method.clone(),
         path: r.path.clone(),

@@ -127,9 +127,8 @@ fn capture() -> RequestParts {
     let headers = request_headers();
     let find = |name: &str| {
         headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| edge_core::text::to_text(v))
+            .get(name)
+            .map(edge_core::text::to_text)
             .unwrap_or_default()
     };
     RequestParts {

@@ -253,7 +253,7 @@ pub fn storability(
     max_body: u64,
 ) -> Result<Storable, Skip> {
     let cc = CacheControl::parse(values(response, "cache-control"));
-    if cc.no_store || CacheControl::parse(values(&req.headers, "cache-control")).no_store {
+    if cc.no_store || CacheControl::parse(req.headers.values("cache-control")).no_store {
         return Err(Skip::NoStore);
     }
     if cc.private {
@@ -470,9 +470,7 @@ impl Fallback {
             .key
             .headers
             .iter()
-            .fold(h, |h, name| {
-                h.header_values(name, values(&req.headers, name))
-            })
+            .fold(h, |h, name| h.header_values(name, req.headers.values(name)))
             .finish()
     }
 
@@ -482,7 +480,7 @@ impl Fallback {
             .iter()
             .fold(
                 KeyHasher::new(self.seed, "cached_fallback/variant").number(base),
-                |h, name| h.header_values(name, values(&req.headers, name)),
+                |h, name| h.header_values(name, req.headers.values(name)),
             )
             .finish()
     }
@@ -1110,7 +1108,7 @@ mod tests {
         // The client's path bytes, as captured: two paths one lossy text would merge.
         let raw = |p: &[u8]| {
             let mut r = get("/a");
-            r.headers.push((":path".into(), p.to_vec()));
+            r.headers.push(":path", p);
             r
         };
         assert_ne!(k(&raw(b"/a\xff")), k(&raw(b"/a\xfe")));

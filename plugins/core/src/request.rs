@@ -79,8 +79,116 @@ pub fn client_ip(address: &str) -> Option<String> {
 pub struct RequestParts {
     pub method: String,
     pub path: String,
-    pub headers: Vec<(String, Vec<u8>)>,
+    pub headers: HeaderList,
     pub client_ip: Option<String>,
+}
+
+/// Header pairs in one buffer: the host's serialised map kept as it came, or pairs pushed one
+/// by one. A request's headers, kept until its response, then cost two allocations rather
+/// than two per header. Names and values are bytes, compared as bytes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HeaderList {
+    bytes: Vec<u8>,
+    /// Per pair, in order: where its name and its value are in `bytes` (start, length).
+    at: Vec<[u32; 4]>,
+}
+
+impl HeaderList {
+    /// The proxy-wasm ABI's serialised header map, kept as is: a count, then (name length,
+    /// value length) pairs, then each name and value followed by a NUL. `None` when the bytes
+    /// do not hold what the count says.
+    pub fn from_serialized(bytes: Vec<u8>) -> Option<HeaderList> {
+        if bytes.is_empty() {
+            return Some(HeaderList::default());
+        }
+        let word = |at: usize| -> Option<usize> {
+            let b: [u8; 4] = bytes.get(at..at.checked_add(4)?)?.try_into().ok()?;
+            usize::try_from(u32::from_le_bytes(b)).ok()
+        };
+        let n = word(0)?;
+        let mut sizes = 4usize;
+        let mut at = sizes.checked_add(n.checked_mul(8)?)?;
+        let mut index = Vec::with_capacity(n.min(256));
+        let u = |x: usize| u32::try_from(x).ok();
+        for _ in 0..n {
+            let (k, v) = (word(sizes)?, word(sizes + 4)?);
+            sizes += 8;
+            // Each name and value must lie within the bytes (the last NUL may be missing).
+            let name = at;
+            let value = name.checked_add(k)?.checked_add(1)?;
+            let end = value.checked_add(v)?;
+            if end > bytes.len() {
+                return None;
+            }
+            index.push([u(name)?, u(k)?, u(value)?, u(v)?]);
+            at = end.checked_add(1)?;
+        }
+        Some(HeaderList { bytes, at: index })
+    }
+
+    /// Appends a pair.
+    pub fn push(&mut self, name: &str, value: &[u8]) {
+        let u = |x: usize| u32::try_from(x).unwrap_or(u32::MAX);
+        let name_at = self.bytes.len();
+        self.bytes.extend_from_slice(name.as_bytes());
+        let value_at = self.bytes.len();
+        self.bytes.extend_from_slice(value);
+        self.at
+            .push([u(name_at), u(name.len()), u(value_at), u(value.len())]);
+    }
+
+    /// Drops every pair named `name` (their bytes stay until the list does).
+    pub fn remove(&mut self, name: &str) {
+        self.retain(|k, _| k != name.as_bytes());
+    }
+
+    /// Keeps the pairs `keep` accepts (name, value), in order.
+    pub fn retain(&mut self, mut keep: impl FnMut(&[u8], &[u8]) -> bool) {
+        let bytes = &self.bytes;
+        self.at.retain(|p| {
+            keep(
+                slice(bytes, p[0], p[1]).unwrap_or_default(),
+                slice(bytes, p[2], p[3]).unwrap_or_default(),
+            )
+        });
+    }
+
+    /// Each pair, in order: (name, value).
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
+        self.at.iter().map(|p| {
+            (
+                slice(&self.bytes, p[0], p[1]).unwrap_or_default(),
+                slice(&self.bytes, p[2], p[3]).unwrap_or_default(),
+            )
+        })
+    }
+
+    /// The first value of `name` (names as the host gives them: lowercase).
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
+        self.iter()
+            .find(|(k, _)| *k == name.as_bytes())
+            .map(|(_, v)| v)
+    }
+
+    /// Every value of `name`, its case ignored, in order.
+    pub fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.iter()
+            .filter(move |(k, _)| k.eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| v)
+    }
+
+    pub fn len(&self) -> usize {
+        self.at.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.at.is_empty()
+    }
+}
+
+fn slice(bytes: &[u8], start: u32, len: u32) -> Option<&[u8]> {
+    let start = usize::try_from(start).ok()?;
+    bytes.get(start..start.checked_add(usize::try_from(len).ok()?)?)
 }
 
 impl RequestParts {
@@ -94,7 +202,7 @@ impl RequestParts {
 
     pub fn header(mut self, name: &str, value: &str) -> Self {
         self.headers
-            .push((name.to_ascii_lowercase(), value.as_bytes().to_vec()));
+            .push(&name.to_ascii_lowercase(), value.as_bytes());
         self
     }
 
@@ -106,10 +214,7 @@ impl RequestParts {
 
 impl RequestView for RequestParts {
     fn header(&self, name: &str) -> Option<Vec<u8>> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.clone())
+        self.headers.get(name).map(<[u8]>::to_vec)
     }
     // Captured pseudo-headers win: they are the client's exact bytes, where `method` and
     // `path` are text for logs and tests.
@@ -150,9 +255,55 @@ mod tests {
     #[test]
     fn captured_pseudo_headers_keep_the_exact_bytes() {
         let mut r = RequestParts::new("GET", "/a\u{fffd}");
-        r.headers.push((":path".into(), b"/a\xff?q".to_vec()));
+        r.headers.push(":path", b"/a\xff?q");
         assert_eq!(r.raw_path(), b"/a\xff?q");
         assert_eq!(r.path(), b"/a\xff");
+    }
+
+    /// The ABI's serialised map of `a: xy`, `ok: ` and `a: 2`.
+    fn serialized() -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(&3u32.to_le_bytes());
+        for n in [1u32, 2, 2, 0, 1, 1] {
+            b.extend_from_slice(&n.to_le_bytes());
+        }
+        b.extend_from_slice(b"a\0xy\0ok\0\0a\x002\0");
+        b
+    }
+
+    #[test]
+    fn a_serialised_header_map_is_read_in_place_and_a_cut_one_is_refused() {
+        let b = serialized();
+        let list = HeaderList::from_serialized(b.clone()).unwrap();
+        let pairs: Vec<(&[u8], &[u8])> = list.iter().collect();
+        assert_eq!(pairs, [(&b"a"[..], &b"xy"[..]), (b"ok", b""), (b"a", b"2")]);
+        assert_eq!(list.get("a"), Some(&b"xy"[..]));
+        assert_eq!(list.get("A"), None, "the host's names are lowercase");
+        assert_eq!(list.values("A").collect::<Vec<_>>(), [&b"xy"[..], b"2"]);
+        for cut in 1..b.len() - 1 {
+            assert_eq!(
+                HeaderList::from_serialized(b[..cut].to_vec()),
+                None,
+                "cut at {cut}"
+            );
+        }
+        assert_eq!(HeaderList::from_serialized(vec![255; 4]), None);
+        assert!(HeaderList::from_serialized(Vec::new()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn pushed_and_removed_pairs_read_as_a_list() {
+        let mut list = HeaderList::from_serialized(serialized()).unwrap();
+        list.remove("a");
+        list.push("x-new", b"1");
+        list.push("ok", b"again");
+        let pairs: Vec<(&[u8], &[u8])> = list.iter().collect();
+        assert_eq!(
+            pairs,
+            [(&b"ok"[..], &b""[..]), (b"x-new", b"1"), (b"ok", b"again")]
+        );
+        assert_eq!(list.len(), 3);
+        assert_eq!(list.get("a"), None);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! own section of a combined configuration, its timer and its resume.
 
 use crate::ffi;
+use edge_core::request::HeaderList;
 use std::cell::RefCell;
 
 /// A value read from the host at most once while armed.
@@ -26,8 +27,6 @@ impl<T> Once<T> {
     }
 }
 
-type Pairs = Vec<(String, Vec<u8>)>;
-
 /// The request's headers as one read returned them (serialised pairs, decoded only where
 /// needed), and the edits stages made since, latest last.
 #[derive(Clone, Default)]
@@ -44,15 +43,15 @@ impl Snapshot {
         ffi::find_pair(self.raw.as_deref()?, name)?.map(<[u8]>::to_vec)
     }
 
-    fn pairs(&self) -> Option<Pairs> {
-        let mut pairs = ffi::decode_pairs(self.raw.as_deref()?)?;
+    fn list(&self) -> Option<HeaderList> {
+        let mut list = HeaderList::from_serialized(self.raw.clone()?)?;
         for (name, value) in &self.edits {
-            pairs.retain(|(k, _)| k != name);
+            list.remove(name);
             if let Some(v) = value {
-                pairs.push((name.clone(), v.clone()));
+                list.push(name, v);
             }
         }
-        Some(pairs)
+        Some(list)
     }
 }
 
@@ -174,10 +173,10 @@ pub fn request_header(name: &str) -> Option<Vec<u8>> {
 }
 
 /// Every request header, from the shared read when armed.
-pub fn request_headers() -> Option<Pairs> {
-    match snapshot(Snapshot::pairs) {
+pub fn request_headers() -> Option<HeaderList> {
+    match snapshot(Snapshot::list) {
         Some(v) => v,
-        None => ffi::get_header_pairs(ffi::REQUEST_HEADERS),
+        None => HeaderList::from_serialized(ffi::get_header_pairs_raw(ffi::REQUEST_HEADERS)?),
     }
 }
 

@@ -410,8 +410,6 @@ pub fn encode_pairs(pairs: &[(&str, &[u8])]) -> Vec<u8> {
     out
 }
 
-/// The ABI's serialised header map: a count, then (name length, value length) pairs, then
-/// each name and value followed by a NUL.
 /// The first value of header `name` in serialised pairs, without decoding the others: `None`
 /// when the bytes are malformed, `Some(None)` when the header is absent.
 pub fn find_pair<'a>(bytes: &'a [u8], name: &str) -> Option<Option<&'a [u8]>> {
@@ -439,6 +437,8 @@ pub fn find_pair<'a>(bytes: &'a [u8], name: &str) -> Option<Option<&'a [u8]>> {
     Some(None)
 }
 
+/// The ABI's serialised header map: a count, then (name length, value length) pairs, then
+/// each name and value followed by a NUL.
 pub fn decode_pairs(bytes: &[u8]) -> Option<Vec<(String, Vec<u8>)>> {
     if bytes.is_empty() {
         return Some(Vec::new());

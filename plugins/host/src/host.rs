@@ -6,7 +6,7 @@
 
 use crate::ffi;
 use edge_core::headers::HeaderEdits;
-use edge_core::request::{client_ip, RequestView};
+use edge_core::request::{client_ip, HeaderList, RequestView};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{NewRootContext, Status};
 
@@ -113,7 +113,7 @@ pub fn response_status_and_headers() -> (Option<u16>, Vec<(String, Vec<u8>)>) {
 
 /// Every header of the request being filtered, pseudo-headers included (empty when
 /// unreadable: outside `on_http_request_headers`, Envoy refuses the read).
-pub fn request_headers() -> Vec<(String, Vec<u8>)> {
+pub fn request_headers() -> HeaderList {
     crate::bus::request_headers().unwrap_or_default()
 }
 

@@ -196,10 +196,9 @@ pub fn request_of(r: &Value) -> Result<RequestParts, String> {
         .to_ascii_uppercase();
     let path = str_of(r, "path").unwrap_or("/").trim().to_string();
     let mut req = RequestParts::new(&method, &path);
-    req.headers
-        .push((":authority".into(), b"edge.test".to_vec()));
+    req.headers.push(":authority", b"edge.test");
     for (k, v) in headers_of(r, "headers")? {
-        req.headers.push((k, v.into_bytes()));
+        req.headers.push(&k, v.as_bytes());
     }
     let from = str_of(r, "from").unwrap_or("127.0.0.1");
     Ok(req.from_ip(&format!("{from}:40000")))
@@ -212,21 +211,20 @@ fn as_user(base: &RequestParts, part: Option<&KeyPart>, i: u64) -> Option<Reques
     let id = format!("user-{i}");
     match part? {
         KeyPart::Header(h) => {
-            req.headers.retain(|(k, _)| k != h);
-            req.headers.push((h.clone(), id.into_bytes()));
+            req.headers.retain(|k, _| k != h.as_bytes());
+            req.headers.push(h, id.as_bytes());
         }
         KeyPart::Cookie(c) => {
             let others = req
                 .headers
-                .iter()
-                .find(|(k, _)| k == "cookie")
-                .map(|(_, v)| String::from_utf8_lossy(v).into_owned());
-            req.headers.retain(|(k, _)| k != "cookie");
+                .get("cookie")
+                .map(|v| String::from_utf8_lossy(v).into_owned());
+            req.headers.retain(|k, _| k != b"cookie");
             let cookie = match others {
                 Some(o) if !o.trim().is_empty() => format!("{c}={id}; {o}"),
                 _ => format!("{c}={id}"),
             };
-            req.headers.push(("cookie".into(), cookie.into_bytes()));
+            req.headers.push("cookie", cookie.as_bytes());
         }
         KeyPart::ClientIp => {
             req.client_ip = Some(format!(

@@ -17,6 +17,7 @@ use crate::flags::{reason_name, request_of};
 use crate::input::{headers_of, str_of, text_of, u64_of};
 use edge_core::headers::HeaderEdits;
 use edge_core::problem::Reply;
+use edge_core::request::HeaderList;
 use edge_core::store::MemoryStore;
 use edge_core::{RequestParts, RequestView};
 use serde_json::{json, Map, Value};
@@ -169,6 +170,18 @@ fn apply<S: AsRef<str>>(headers: &mut Vec<(String, Vec<u8>)>, e: &HeaderEdits<S>
         let k = k.as_ref().to_ascii_lowercase();
         headers.retain(|(h, _)| *h != k);
         headers.push((k, v.as_ref().as_bytes().to_vec()));
+    }
+}
+
+/// [`apply`] for a request's headers.
+fn apply_to_request<S: AsRef<str>>(headers: &mut HeaderList, e: &HeaderEdits<S>) {
+    for r in &e.remove {
+        headers.retain(|k, _| !k.eq_ignore_ascii_case(r.as_ref().as_bytes()));
+    }
+    for (k, v) in &e.set {
+        let k = k.as_ref().to_ascii_lowercase();
+        headers.remove(&k);
+        headers.push(&k, v.as_ref().as_bytes());
     }
 }
 
@@ -501,9 +514,9 @@ impl Sim {
         let method = req.method.clone();
         let path = req.path.clone();
         if !body.is_empty() || matches!(method.as_str(), "POST" | "PUT" | "PATCH") {
-            req.headers.retain(|(k, _)| k != "content-length");
+            req.headers.retain(|k, _| k != b"content-length");
             req.headers
-                .push(("content-length".into(), body.len().to_string().into_bytes()));
+                .push("content-length", body.len().to_string().as_bytes());
         }
         let mut notes = Vec::new();
         let mut held: Vec<Held> = self.filters.iter().map(|_| Held::Nothing).collect();
@@ -596,8 +609,8 @@ impl Sim {
         let headers: Vec<Value> = req
             .headers
             .iter()
-            .filter(|(k, _)| !k.starts_with(':'))
-            .map(|(k, v)| json!([k, text(v)]))
+            .filter(|(k, _)| !k.starts_with(b":"))
+            .map(|(k, v)| json!([text(k), text(v)]))
             .collect();
         let seen = json!({
             "method": method,
@@ -764,7 +777,7 @@ impl Sim {
                                 .detail(detail)
                                 .edits("request", &upstream),
                         );
-                        apply(&mut req.headers, &upstream);
+                        apply_to_request(&mut req.headers, &upstream);
                         *held = Held::Quota(response);
                         None
                     }
@@ -801,7 +814,7 @@ impl Sim {
                         .detail(parts.join("; "))
                         .edits("request", &d.edits),
                 );
-                apply(&mut req.headers, &d.edits);
+                apply_to_request(&mut req.headers, &d.edits);
                 None
             }
             Policy::Idempotency(policy) => {
