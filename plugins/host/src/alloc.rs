@@ -156,7 +156,10 @@ mod tests {
             unsafe { System.dealloc(p, Layout::from_size_align(32, ALIGN).unwrap()) };
         }
         assert_eq!(class(layout(LARGEST + 1)), None);
-        assert!(class(Layout::from_size_align(64, 16).unwrap()).is_some(), "u128 values");
+        assert!(
+            class(Layout::from_size_align(64, 16).unwrap()).is_some(),
+            "u128 values"
+        );
         assert_eq!(class(Layout::from_size_align(64, 32).unwrap()), None);
     }
 
