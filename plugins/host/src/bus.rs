@@ -222,7 +222,7 @@ pub fn now_ns() -> u64 {
     }
 }
 
-/// From now on, callouts are recorded for the pipeline to route (see [`token_mark`]).
+/// From now on, callouts are recorded for the pipeline to route (see [`start_tokens`]).
 pub fn record_tokens() {
     with(|b| b.record_tokens = true);
 }
@@ -236,17 +236,20 @@ pub fn started_call(token: u32) {
     });
 }
 
-/// How many callout tokens are recorded: the mark to pass [`tokens_since`] after a stage ran.
-pub fn token_mark() -> usize {
-    with(|b| b.tokens.len())
+/// Starts recording the callouts of the stage about to run, forgetting any that no pipeline
+/// took (one a stage started from a callback the pipeline does not route, such as `on_log`,
+/// whose answer Envoy drops with the stream). A callback runs one stage at a time, so these
+/// windows never nest; at most one window's tokens are ever held.
+pub fn start_tokens() {
+    with(|b| b.tokens.clear());
 }
 
-/// Hands `to` each token recorded since `mark` and forgets them. A stage that started no
-/// callout (nearly every call) costs two reads of a length.
-pub fn tokens_since(mark: usize, mut to: impl FnMut(u32)) {
+/// Hands `to` each token the running stage recorded since [`start_tokens`] and forgets them.
+/// A stage that started no callout (nearly every call) costs a read of a length.
+pub fn take_tokens(mut to: impl FnMut(u32)) {
     with(|b| {
-        if b.tokens.len() > mark {
-            b.tokens.drain(mark..).for_each(&mut to);
+        if !b.tokens.is_empty() {
+            b.tokens.drain(..).for_each(&mut to);
         }
     });
 }
@@ -328,6 +331,10 @@ pub fn resume(request: bool) -> bool {
 mod tests {
     use super::*;
 
+    fn held() -> usize {
+        with(|b| b.tokens.len())
+    }
+
     #[test]
     fn a_separate_module_keeps_no_callout_tokens() {
         // Each test runs on its own thread: its own bus.
@@ -335,24 +342,33 @@ mod tests {
             started_call(token);
         }
         assert_eq!(
-            token_mark(),
+            held(),
             0,
             "a module without a pipeline would grow by every callout"
         );
     }
 
     #[test]
-    fn a_pipeline_gets_each_stage_its_own_tokens() {
+    fn a_pipeline_gets_each_stage_its_own_tokens_and_holds_no_others() {
         record_tokens();
-        let first = token_mark();
+        start_tokens();
         started_call(1);
         started_call(2);
         let mut got = Vec::new();
-        tokens_since(first, |t| got.push(t));
+        take_tokens(|t| got.push(t));
         assert_eq!(got, [1, 2]);
-        assert_eq!(token_mark(), first, "handed-over tokens are forgotten");
-        let second = token_mark();
-        tokens_since(second, |t| got.push(t));
+        start_tokens();
+        take_tokens(|t| got.push(t));
         assert_eq!(got, [1, 2], "a stage that started nothing gets nothing");
+        // Callouts from a callback no window covers (a stage's `on_log`) are dropped by the
+        // next window: nothing piles up.
+        for token in 0..1000 {
+            started_call(token);
+        }
+        start_tokens();
+        started_call(7);
+        take_tokens(|t| got.push(t));
+        assert_eq!(got, [1, 2, 7]);
+        assert_eq!(held(), 0);
     }
 }

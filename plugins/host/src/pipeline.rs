@@ -53,10 +53,10 @@ impl PipelineRoot {
         let Some(stage) = self.stages.get_mut(i) else {
             return;
         };
-        let mark = bus::token_mark();
+        bus::start_tokens();
         f(stage.root.as_mut());
         let calls = &mut self.calls;
-        bus::tokens_since(mark, |t| calls.push((t, i)));
+        bus::take_tokens(|t| calls.push((t, i)));
     }
 
     /// Reads the combined configuration: an object of sections, each a plugin's whole
@@ -248,10 +248,10 @@ impl PipelineStream {
             let Some(stage) = self.stages.get_mut(at) else {
                 continue;
             };
-            let mark = bus::token_mark();
+            bus::start_tokens();
             let action = Self::call(stage.as_mut(), phase);
             let calls = &mut self.calls;
-            bus::tokens_since(mark, |t| calls.push((t, at)));
+            bus::take_tokens(|t| calls.push((t, at)));
             if action != Action::Continue {
                 self.paused = Some((phase, at));
                 return action;
@@ -293,10 +293,10 @@ impl PipelineStream {
             return;
         };
         bus::intercept_resume(true);
-        let mark = bus::token_mark();
+        bus::start_tokens();
         deliver(stage.as_mut());
         let calls = &mut self.calls;
-        bus::tokens_since(mark, |t| calls.push((t, i)));
+        bus::take_tokens(|t| calls.push((t, i)));
         let Some(request) = bus::intercept_resume(false) else {
             return;
         };
