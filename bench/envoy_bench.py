@@ -619,6 +619,32 @@ def crossings(trace):
     return counts
 
 
+# A run is judged only when it can tell configurations apart: the middle half of bare Envoy's
+# rounds within this share of their median (one slow round is the machine's and the median
+# absorbs it), and no replay dearer than the plugin it replays (it makes the same crossings
+# and none of the work, so a dearer one is noise).
+MAX_BARE_SPREAD = 0.15
+
+
+def run_problems(rows):
+    """Why this run's ratios cannot judge the targets (empty when they can)."""
+    by = {r["name"]: r for r in rows}
+    out = []
+    for name in ("bare", "bare POST", "bare mix"):
+        r = by.get(name)
+        if not r or "middle" not in r:
+            continue
+        low, high = r["middle"]
+        if high - low > MAX_BARE_SPREAD * r["median"]:
+            out.append(f"the middle half of {name}'s rounds spread {low:.1f}–{high:.1f} µs around a "
+                       f"median of {r['median']:.1f} (more than {MAX_BARE_SPREAD:.0%})")
+    for target, (replay, _) in REPLAY_OF.items():
+        if target in by and replay in by and by[replay]["median"] > by[target]["median"]:
+            out.append(f"{replay} ({by[replay]['median']:.1f} µs) cost more than {target} "
+                       f"({by[target]['median']:.1f} µs), which makes the same crossings and does the work")
+    return out
+
+
 def floor_section(medians, replays, burn, unrecorded):
     """Each target's floor, measured in this run: what its replay (the same crossings, no
     policy) added over the same bare Envoy, plus the plugin's wasm instructions beyond the
@@ -802,7 +828,9 @@ def main():
     rows = []
     for e in subjects:
         s = samples[e.name]
+        middle = sorted(s)[len(s) // 4:len(s) - len(s) // 4] or s
         rows.append({"name": e.name, "median": statistics.median(s), "min": min(s), "max": max(s),
+                     "middle": (min(middle), max(middle)),
                      "rps": statistics.median(rates[e.name]),
                      "p50": latency[e.name].get("p50"), "p99": latency[e.name].get("p99"),
                      "non2xx": problems[e.name], "rss": (rss_start[e.name], rss_end[e.name])})
@@ -849,8 +877,16 @@ def main():
     lines.append("")
     lines.append("Each target is met, or within 10 % of its floor (the Floor section), or missed.")
     lines.append("")
+    problems_of_run = run_problems(rows)
+    if problems_of_run:
+        lines.append("**This run judges no target**: the machine's noise exceeds the differences "
+                     "it would measure. " + "; ".join(problems_of_run) + ". Its ratios are printed "
+                     "for the record only; run `./build.sh bench` again on a quieter machine.")
+        lines.append("")
 
     def verdict(name, met):
+        if problems_of_run:
+            return "not judged (noisy run)"
         if met:
             return "met"
         f = floors.get(name)
