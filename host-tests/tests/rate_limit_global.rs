@@ -223,3 +223,36 @@ fn a_bad_global_part_is_refused_naming_the_field() {
         );
     }
 }
+
+#[test]
+fn checking_every_request_with_the_service_holds_the_vm_memory_steady() -> Result<()> {
+    // Every request here is one gRPC call. The module once kept each call's token for the
+    // VM's life (4 bytes a request); tens of thousands of calls would show it in pages.
+    let config = r#"{"rules":[{"name":"per-key","match":{"pathPrefix":"/api/"},
+        "key":[{"header":"x-api-key"}],"limit":{"requests":1000000000,"window":"1s"},
+        "global":{"cluster":"ratelimit","domain":"edge","timeout":"50ms"}}]}"#;
+    let mut edge = Edge::builder()
+        .plugin(Plugin::new(&plugin_module("rate_limit"), config))
+        .workers(1)
+        .grpc_cluster("ratelimit", |_| answer(1, 1_000_000, 999_999, 30))
+        .upstream(|_| Upstream::ok("hello"))
+        .build()?;
+    for _ in 0..2_000 {
+        assert_eq!(edge.send(api("k1"))?.status, 200);
+    }
+    let warm = edge.memory_pages(0, 0);
+    for _ in 0..40_000 {
+        edge.send(api("k1"))?;
+    }
+    assert_eq!(
+        edge.grpc_sent().len(),
+        42_000,
+        "every request asked the service"
+    );
+    assert_eq!(
+        edge.memory_pages(0, 0),
+        warm,
+        "pages after 2,000 and after 42,000 checks"
+    );
+    Ok(())
+}
