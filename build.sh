@@ -46,9 +46,9 @@ usage: ./build.sh [command]
   build   (default) build the plugins into dist/ (optimised with wasm-opt when installed),
           the test-only modules into target/modules/, and install Envoy $ENVOY_VERSION into
           $ENVOY_TOOLS/ (ENVOY_BIN overrides)
-  test    build, then: cargo test --workspace, envoy --mode validate on envoy/*.yaml,
-          cargo fmt --check, cargo clippy -D warnings, and each plugin without its host glue
-          (cargo check --no-default-features: a policy cannot reach the host)
+  test    build, then: cargo test --workspace, the bench's Python tests, envoy --mode validate
+          on envoy/*.yaml, cargo fmt --check, cargo clippy -D warnings, and each plugin without
+          its host glue (cargo check --no-default-features: a policy cannot reach the host)
   demo [--single]
           build, then run the demo application (tools/demo_app.py) and Envoy on envoy/edge.yaml
           (http://127.0.0.1:$DEMO_LISTENER_PORT) until Ctrl-C; --single runs the same policies as
@@ -292,6 +292,8 @@ cmd_test() {
 
   header "1/5 cargo test --workspace --no-fail-fast"
   cargo test --workspace --no-fail-fast
+  # The bench's own decisions (which runs may judge a target, what --compare adds).
+  python3 -m unittest discover -s bench -p 'test_*.py'
 
   header "2/5 envoy --mode validate envoy/*.yaml"
   local config out configs=0
@@ -333,8 +335,8 @@ cmd_test() {
   (cd "$PLAYGROUND_DIR" && npm ci --no-audit --no-fund --silent && node --test tests/)
 
   echo
-  echo "all passed: cargo test (unit, harness, e2e), $configs Envoy config(s) valid, rustfmt, clippy," \
-    "policies free of the host, the playground in Chromium"
+  echo "all passed: cargo test (unit, harness, e2e), the bench's tests, $configs Envoy config(s) valid," \
+    "rustfmt, clippy, policies free of the host, the playground in Chromium"
 }
 
 # --- demo ------------------------------------------------------------------------------------

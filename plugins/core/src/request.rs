@@ -90,51 +90,75 @@ pub struct RequestParts {
 pub struct HeaderList {
     bytes: Vec<u8>,
     /// Per pair, in order: where its name and its value are in `bytes` (start, length).
-    at: Vec<[u32; 4]>,
+    at: Vec<[usize; 4]>,
+}
+
+/// One pair of a serialised header map, and where its name and value start in the bytes.
+pub struct SerializedPair<'a> {
+    pub name: &'a [u8],
+    pub value: &'a [u8],
+    pub name_at: usize,
+    pub value_at: usize,
+}
+
+/// Walks the proxy-wasm ABI's serialised header map (a count, then (name length, value length)
+/// pairs, then each name and value followed by a NUL), handing `each` the pairs in order until
+/// it returns false. `None` when the bytes stop holding what the count says before then (the
+/// last NUL may be missing); empty bytes are an empty map. The one reader of the format: the
+/// shared read of a request, single header lookups and whole decodes all walk with it.
+pub fn walk_serialized<'a>(
+    bytes: &'a [u8],
+    mut each: impl FnMut(SerializedPair<'a>) -> bool,
+) -> Option<()> {
+    if bytes.is_empty() {
+        return Some(());
+    }
+    let word = |at: usize| -> Option<usize> {
+        let b: [u8; 4] = bytes.get(at..at.checked_add(4)?)?.try_into().ok()?;
+        usize::try_from(u32::from_le_bytes(b)).ok()
+    };
+    let n = word(0)?;
+    let mut sizes = 4usize;
+    let mut at = sizes.checked_add(n.checked_mul(8)?)?;
+    for _ in 0..n {
+        let (k, v) = (word(sizes)?, word(sizes.checked_add(4)?)?);
+        sizes += 8;
+        let name = bytes.get(at..at.checked_add(k)?)?;
+        let value_at = at.checked_add(k)?.checked_add(1)?;
+        let value = bytes.get(value_at..value_at.checked_add(v)?)?;
+        let pair = SerializedPair {
+            name,
+            value,
+            name_at: at,
+            value_at,
+        };
+        at = value_at.checked_add(v)?.checked_add(1)?;
+        if !each(pair) {
+            break;
+        }
+    }
+    Some(())
 }
 
 impl HeaderList {
-    /// The proxy-wasm ABI's serialised header map, kept as is: a count, then (name length,
-    /// value length) pairs, then each name and value followed by a NUL. `None` when the bytes
-    /// do not hold what the count says.
+    /// The host's serialised header map (see [`walk_serialized`]), kept as is and indexed in
+    /// place. `None` when the bytes do not hold what the count says.
     pub fn from_serialized(bytes: Vec<u8>) -> Option<HeaderList> {
-        if bytes.is_empty() {
-            return Some(HeaderList::default());
-        }
-        let word = |at: usize| -> Option<usize> {
-            let b: [u8; 4] = bytes.get(at..at.checked_add(4)?)?.try_into().ok()?;
-            usize::try_from(u32::from_le_bytes(b)).ok()
-        };
-        let n = word(0)?;
-        let mut sizes = 4usize;
-        let mut at = sizes.checked_add(n.checked_mul(8)?)?;
-        let mut index = Vec::with_capacity(n.min(256));
-        let u = |x: usize| u32::try_from(x).ok();
-        for _ in 0..n {
-            let (k, v) = (word(sizes)?, word(sizes + 4)?);
-            sizes += 8;
-            // Each name and value must lie within the bytes (the last NUL may be missing).
-            let name = at;
-            let value = name.checked_add(k)?.checked_add(1)?;
-            let end = value.checked_add(v)?;
-            if end > bytes.len() {
-                return None;
-            }
-            index.push([u(name)?, u(k)?, u(value)?, u(v)?]);
-            at = end.checked_add(1)?;
-        }
+        let mut index = Vec::new();
+        walk_serialized(&bytes, |p| {
+            index.push([p.name_at, p.name.len(), p.value_at, p.value.len()]);
+            true
+        })?;
         Some(HeaderList { bytes, at: index })
     }
 
     /// Appends a pair.
     pub fn push(&mut self, name: &str, value: &[u8]) {
-        let u = |x: usize| u32::try_from(x).unwrap_or(u32::MAX);
         let name_at = self.bytes.len();
         self.bytes.extend_from_slice(name.as_bytes());
         let value_at = self.bytes.len();
         self.bytes.extend_from_slice(value);
-        self.at
-            .push([u(name_at), u(name.len()), u(value_at), u(value.len())]);
+        self.at.push([name_at, name.len(), value_at, value.len()]);
     }
 
     /// Drops every pair named `name` (their bytes stay until the list does).
@@ -186,9 +210,8 @@ impl HeaderList {
     }
 }
 
-fn slice(bytes: &[u8], start: u32, len: u32) -> Option<&[u8]> {
-    let start = usize::try_from(start).ok()?;
-    bytes.get(start..start.checked_add(usize::try_from(len).ok()?)?)
+fn slice(bytes: &[u8], start: usize, len: usize) -> Option<&[u8]> {
+    bytes.get(start..start.checked_add(len)?)
 }
 
 impl RequestParts {

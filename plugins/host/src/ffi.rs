@@ -4,6 +4,8 @@
 //! With the allocator (`alloc`), this is the crate's only `unsafe` code.
 #![allow(unsafe_code)]
 
+use edge_core::request::walk_serialized;
+
 pub const OK: u32 = 0;
 pub const NOT_FOUND: u32 = 1;
 pub const CAS_MISMATCH: u32 = 8;
@@ -392,7 +394,7 @@ pub fn send_local_response(status: u32, headers: &[(&str, &[u8])], body: &[u8]) 
     }
 }
 
-/// The ABI's serialised header map (see [`decode_pairs`]).
+/// The ABI's serialised header map (see [`walk_serialized`]).
 pub fn encode_pairs(pairs: &[(&str, &[u8])]) -> Vec<u8> {
     let word = |n: usize| u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes();
     let mut out = Vec::new();
@@ -411,55 +413,26 @@ pub fn encode_pairs(pairs: &[(&str, &[u8])]) -> Vec<u8> {
 }
 
 /// The first value of header `name` in serialised pairs, without decoding the others: `None`
-/// when the bytes are malformed, `Some(None)` when the header is absent.
+/// when the bytes are malformed before it, `Some(None)` when the header is absent.
 pub fn find_pair<'a>(bytes: &'a [u8], name: &str) -> Option<Option<&'a [u8]>> {
-    if bytes.is_empty() {
-        return Some(None);
-    }
-    let word = |at: usize| -> Option<usize> {
-        let b: [u8; 4] = bytes.get(at..at + 4)?.try_into().ok()?;
-        usize::try_from(u32::from_le_bytes(b)).ok()
-    };
-    let n = word(0)?;
-    let mut sizes = 4;
-    let mut at = 4usize.checked_add(n.checked_mul(8)?)?;
-    for _ in 0..n {
-        let (k, v) = (word(sizes)?, word(sizes + 4)?);
-        sizes += 8;
-        let key = bytes.get(at..at.checked_add(k)?)?;
-        at = at.checked_add(k)?.checked_add(1)?;
-        let value = bytes.get(at..at.checked_add(v)?)?;
-        at = at.checked_add(v)?.checked_add(1)?;
-        if key == name.as_bytes() {
-            return Some(Some(value));
+    let mut found = None;
+    walk_serialized(bytes, |p| {
+        if p.name == name.as_bytes() {
+            found = Some(p.value);
         }
-    }
-    Some(None)
+        found.is_none()
+    })?;
+    Some(found)
 }
 
-/// The ABI's serialised header map: a count, then (name length, value length) pairs, then
-/// each name and value followed by a NUL.
+/// Every pair of the ABI's serialised header map (see [`walk_serialized`]) as owned text and
+/// bytes.
 pub fn decode_pairs(bytes: &[u8]) -> Option<Vec<(String, Vec<u8>)>> {
-    if bytes.is_empty() {
-        return Some(Vec::new());
-    }
-    let word = |at: usize| -> Option<usize> {
-        let b: [u8; 4] = bytes.get(at..at + 4)?.try_into().ok()?;
-        usize::try_from(u32::from_le_bytes(b)).ok()
-    };
-    let n = word(0)?;
-    let mut sizes = 4;
-    let mut at = 4usize.checked_add(n.checked_mul(8)?)?;
-    let mut out = Vec::with_capacity(n.min(256));
-    for _ in 0..n {
-        let (k, v) = (word(sizes)?, word(sizes + 4)?);
-        sizes += 8;
-        let name = bytes.get(at..at.checked_add(k)?)?;
-        at = at.checked_add(k)?.checked_add(1)?;
-        let value = bytes.get(at..at.checked_add(v)?)?;
-        at = at.checked_add(v)?.checked_add(1)?;
-        out.push((edge_core::text::to_text(name), value.to_vec()));
-    }
+    let mut out = Vec::new();
+    walk_serialized(bytes, |p| {
+        out.push((edge_core::text::to_text(p.name), p.value.to_vec()));
+        true
+    })?;
     Some(out)
 }
 

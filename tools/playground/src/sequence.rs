@@ -162,26 +162,43 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-fn apply<S: AsRef<str>>(headers: &mut Vec<(String, Vec<u8>)>, e: &HeaderEdits<S>) {
-    for r in &e.remove {
-        headers.retain(|(k, _)| !k.eq_ignore_ascii_case(r.as_ref()));
+/// A header list the simulation edits: a request's (`HeaderList`) or a response's pairs.
+trait Headers {
+    /// Drops every header named `name`, its case ignored.
+    fn drop_named(&mut self, name: &str);
+    /// Appends a header.
+    fn append(&mut self, name: String, value: &[u8]);
+}
+
+impl Headers for HeaderList {
+    fn drop_named(&mut self, name: &str) {
+        self.retain(|k, _| !k.eq_ignore_ascii_case(name.as_bytes()));
     }
-    for (k, v) in &e.set {
-        let k = k.as_ref().to_ascii_lowercase();
-        headers.retain(|(h, _)| *h != k);
-        headers.push((k, v.as_ref().as_bytes().to_vec()));
+
+    fn append(&mut self, name: String, value: &[u8]) {
+        self.push(&name, value);
     }
 }
 
-/// [`apply`] for a request's headers.
-fn apply_to_request<S: AsRef<str>>(headers: &mut HeaderList, e: &HeaderEdits<S>) {
+impl Headers for Vec<(String, Vec<u8>)> {
+    fn drop_named(&mut self, name: &str) {
+        self.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+    }
+
+    fn append(&mut self, name: String, value: &[u8]) {
+        self.push((name, value.to_vec()));
+    }
+}
+
+/// Applies edits as the glue does: every removal, then each set replacing its name.
+fn apply<S: AsRef<str>>(headers: &mut impl Headers, e: &HeaderEdits<S>) {
     for r in &e.remove {
-        headers.retain(|k, _| !k.eq_ignore_ascii_case(r.as_ref().as_bytes()));
+        headers.drop_named(r.as_ref());
     }
     for (k, v) in &e.set {
         let k = k.as_ref().to_ascii_lowercase();
-        headers.remove(&k);
-        headers.push(&k, v.as_ref().as_bytes());
+        headers.drop_named(&k);
+        headers.append(k, v.as_ref().as_bytes());
     }
 }
 
@@ -777,7 +794,7 @@ impl Sim {
                                 .detail(detail)
                                 .edits("request", &upstream),
                         );
-                        apply_to_request(&mut req.headers, &upstream);
+                        apply(&mut req.headers, &upstream);
                         *held = Held::Quota(response);
                         None
                     }
@@ -814,7 +831,7 @@ impl Sim {
                         .detail(parts.join("; "))
                         .edits("request", &d.edits),
                 );
-                apply_to_request(&mut req.headers, &d.edits);
+                apply(&mut req.headers, &d.edits);
                 None
             }
             Policy::Idempotency(policy) => {
