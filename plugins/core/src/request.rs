@@ -140,11 +140,20 @@ pub fn walk_serialized<'a>(
     Some(())
 }
 
+/// The pair count a serialised header map announces, capped: room to reserve before a walk.
+pub fn serialized_count(bytes: &[u8]) -> usize {
+    let n = bytes
+        .get(..4)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u32::from_le_bytes);
+    usize::try_from(n).unwrap_or(0).min(256)
+}
+
 impl HeaderList {
     /// The host's serialised header map (see [`walk_serialized`]), kept as is and indexed in
     /// place. `None` when the bytes do not hold what the count says.
     pub fn from_serialized(bytes: Vec<u8>) -> Option<HeaderList> {
-        let mut index = Vec::new();
+        let mut index = Vec::with_capacity(serialized_count(&bytes));
         walk_serialized(&bytes, |p| {
             index.push([p.name_at, p.name.len(), p.value_at, p.value.len()]);
             true
@@ -312,6 +321,12 @@ mod tests {
         }
         assert_eq!(HeaderList::from_serialized(vec![255; 4]), None);
         assert!(HeaderList::from_serialized(Vec::new()).unwrap().is_empty());
+        assert_eq!((serialized_count(&b), serialized_count(&[])), (3, 0));
+        assert_eq!(
+            serialized_count(&[255; 4]),
+            256,
+            "a claimed count reserves at most 256"
+        );
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! With the allocator (`alloc`), this is the crate's only `unsafe` code.
 #![allow(unsafe_code)]
 
-use edge_core::request::walk_serialized;
+use edge_core::request::{serialized_count, walk_serialized};
 
 pub const OK: u32 = 0;
 pub const NOT_FOUND: u32 = 1;
@@ -428,7 +428,7 @@ pub fn find_pair<'a>(bytes: &'a [u8], name: &str) -> Option<Option<&'a [u8]>> {
 /// Every pair of the ABI's serialised header map (see [`walk_serialized`]) as owned text and
 /// bytes.
 pub fn decode_pairs(bytes: &[u8]) -> Option<Vec<(String, Vec<u8>)>> {
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(serialized_count(bytes));
     walk_serialized(bytes, |p| {
         out.push((edge_core::text::to_text(p.name), p.value.to_vec()));
         true
