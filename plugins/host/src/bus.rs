@@ -331,6 +331,31 @@ pub fn resume(request: bool) -> bool {
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_shared_read_hands_the_headers_with_every_edit_a_stage_made() {
+        let raw = ffi::encode_pairs(&[(":path", b"/a"), ("x-route", b"forged"), ("x-gone", b"1")]);
+        let snapshot = Snapshot {
+            raw: Some(raw),
+            edits: vec![
+                ("x-route".into(), Some(b"v2".to_vec())),
+                ("x-gone".into(), None),
+                ("x-new".into(), Some(b"yes".to_vec())),
+            ],
+        };
+        let list = snapshot.list().unwrap();
+        let pairs: Vec<(&[u8], &[u8])> = list.iter().collect();
+        assert_eq!(
+            pairs,
+            [
+                (&b":path"[..], &b"/a"[..]),
+                (b"x-route", b"v2"),
+                (b"x-new", b"yes")
+            ]
+        );
+        assert_eq!(snapshot.header("x-route"), Some(b"v2".to_vec()));
+        assert_eq!(snapshot.header("x-gone"), None);
+    }
+
     fn held() -> usize {
         with(|b| b.tokens.len())
     }
