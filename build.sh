@@ -204,7 +204,7 @@ install_plugins() {
     cp -- "$(built_module "$i")" "$out"
     before=$(wc -c <"$out")
     # Envoy crosses into the VM only for exported callbacks: drop those the plugin leaves
-    # at the SDK's default (tools/trim_callbacks.py).
+    # at the trait's default (tools/trim_callbacks.py).
     trimmed=$(python3 tools/trim_callbacks.py "$out" $(stage_sources "${PLUGINS[$i]}"))
     echo "  $out: $(wc -w <<<"$trimmed") unused callbacks removed"
     if $have_opt; then

@@ -3,9 +3,9 @@
 custom sections that only describe the build).
 
 Envoy (proxy-wasm-cpp-host) calls into the VM only for callbacks the module exports; for an
-absent one it goes on as if the callback had returned "continue". The Rust SDK exports all of
-them, so a plugin that only reads request headers would still pay for a VM crossing on every
-response body chunk, access log and stream end. The callbacks a plugin implements are read
+absent one it goes on as if the callback had returned "continue". The modules' dispatcher
+(edge_host::dispatch) exports every HTTP callback, so a plugin that only reads request headers
+would still pay for a VM crossing on every response body chunk, access log and stream end. The callbacks a plugin implements are read
 from its source (`fn on_http_response_body`, ...): a method named anywhere in the crate keeps its
 export, so nothing the plugin handles can be dropped.
 
@@ -20,7 +20,7 @@ import os
 import re
 import sys
 
-# Export -> the SDK trait methods it dispatches to. An export is dropped when the plugin's
+# Export -> the context trait methods it dispatches to. An export is dropped when the plugin's
 # source names none of them.
 CALLBACKS = {
     "proxy_on_request_headers": ["on_http_request_headers"],

@@ -8,11 +8,10 @@
 //! header read the trace makes anyway. `burn` runs N rounds of [`burn`] per request, to measure
 //! what a plugin's wasm instruction costs in the same Envoy run.
 
-// The plugins' allocator: a replay's guest allocations cost what the plugins' do.
-use edge_host as _;
-use proxy_wasm::hostcalls as host;
-use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, BufferType, ContextType, MapType, MetricType};
+// The plugins' allocator, callback dispatch and hostcall imports: a replay's guest
+// allocations and crossings cost what the plugins' do.
+use edge_host::ffi as host;
+use edge_host::host::{Action, Context, HttpContext, RootContext};
 use serde_json::Value;
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -35,20 +34,22 @@ const CALLBACKS: [&str; 10] = [
     "proxy_on_delete",
 ];
 
+/// The ABI's numbers: header map types 0-3 (request headers and trailers, response headers
+/// and trailers), buffer types 0-1 (request and response body), metric types 0-2.
 enum Op {
-    HeaderGet(MapType, String),
-    HeaderPairs(MapType),
-    HeaderSet(MapType, String, Vec<u8>, bool),
-    HeaderRemove(MapType, String),
+    HeaderGet(u32, String),
+    HeaderPairs(u32),
+    HeaderSet(u32, String, Vec<u8>, bool),
+    HeaderRemove(u32, String),
     Property(Vec<String>),
     SharedGet(String),
     SharedSet(String, Vec<u8>, bool),
-    Define(MetricType, String),
+    Define(u32, String),
     Increment(u32, i64),
     Record(u32, u64),
     GetMetric(u32),
-    BufferGet(BufferType, usize, usize),
-    BufferSet(BufferType, usize, usize, Vec<u8>),
+    BufferGet(u32, usize, usize),
+    BufferSet(u32, usize, usize, Vec<u8>),
     Reply(u32, Vec<(String, String)>, Vec<u8>),
     Resume(i64),
     Time,
@@ -75,30 +76,18 @@ struct Replay {
     cas: RefCell<HashMap<String, u32>>,
 }
 
-fn map_type(n: i64) -> Option<MapType> {
-    Some(match n {
-        0 => MapType::HttpRequestHeaders,
-        1 => MapType::HttpRequestTrailers,
-        2 => MapType::HttpResponseHeaders,
-        3 => MapType::HttpResponseTrailers,
-        _ => return None,
-    })
+const REQUEST_HEADERS: u32 = 0;
+
+fn map_type(n: i64) -> Option<u32> {
+    u32::try_from(n).ok().filter(|m| *m <= 3)
 }
 
-fn buffer_type(n: i64) -> Option<BufferType> {
-    Some(match n {
-        0 => BufferType::HttpRequestBody,
-        1 => BufferType::HttpResponseBody,
-        _ => return None,
-    })
+fn buffer_type(n: i64) -> Option<u32> {
+    u32::try_from(n).ok().filter(|b| *b <= 1)
 }
 
-fn metric_type(n: i64) -> MetricType {
-    match n {
-        1 => MetricType::Gauge,
-        2 => MetricType::Histogram,
-        _ => MetricType::Counter,
-    }
+fn metric_type(n: i64) -> u32 {
+    u32::try_from(n).ok().filter(|k| *k <= 2).unwrap_or(0)
 }
 
 fn int(v: &Value, k: &str) -> i64 {
@@ -153,7 +142,7 @@ fn ops(
                 let key = string(c, "key");
                 if string(c, "status") == "ok" {
                     if !written.contains(&key) {
-                        let _ = host::set_shared_data(&key, Some(&filler(int(c, "len"))), None);
+                        let _ = host::set_shared_data(&key, &filler(int(c, "len")), 0);
                         written.push(key.clone());
                     }
                     Some(Op::SharedGet(key))
@@ -249,7 +238,7 @@ fn parse(config: &[u8]) -> Option<Replay> {
     Some(Replay {
         traces,
         burn: u64::try_from(int(&v, "burn")).unwrap_or(0),
-        unrecorded: host::define_metric(MetricType::Counter, "replay_unrecorded").unwrap_or(0),
+        unrecorded: host::define_counter("replay_unrecorded").unwrap_or(0),
         cas: RefCell::new(HashMap::new()),
     })
 }
@@ -281,6 +270,7 @@ const BURN_DOCUMENT: &str = r#"{"rules":[{"name":"api","match":{"pathPrefix":"/a
 /// What a replayed call answered does not matter: only that Envoy did the work.
 fn ignore<T>(_: T) {}
 
+#[derive(Default)]
 struct Root {
     replay: Option<Rc<Replay>>,
 }
@@ -294,7 +284,7 @@ struct Stream {
 
 impl Stream {
     /// Runs the next recorded callback of `kind`; returns its recorded result (`None`: no
-    /// such callback was recorded, and the callback does what the SDK's default does).
+    /// such callback was recorded, and the callback does what the trait's default does).
     fn run(&mut self, kind: usize) -> Option<u32> {
         let replay = self.replay.clone();
         let n = self.seen.get(kind).copied().unwrap_or(0);
@@ -337,16 +327,9 @@ impl Stream {
             return false;
         }
         let name = match op {
-            Op::HeaderGet(MapType::HttpRequestHeaders, _) => {
-                host::get_map_value_bytes(MapType::HttpRequestHeaders, SELECTOR)
-                    .ok()
-                    .flatten()
-            }
-            Op::HeaderPairs(MapType::HttpRequestHeaders) => {
-                host::get_map_bytes(MapType::HttpRequestHeaders)
-                    .ok()
-                    .and_then(|m| m.into_iter().find(|(k, _)| k == SELECTOR).map(|(_, v)| v))
-            }
+            Op::HeaderGet(REQUEST_HEADERS, _) => host::get_header(REQUEST_HEADERS, SELECTOR),
+            Op::HeaderPairs(REQUEST_HEADERS) => host::get_header_pairs_raw(REQUEST_HEADERS)
+                .and_then(|m| host::find_pair(&m, SELECTOR).flatten().map(<[u8]>::to_vec)),
             _ => {
                 self.selected = false;
                 return false;
@@ -367,45 +350,44 @@ impl Stream {
 
     fn apply(&self, replay: &Replay, op: &Op) {
         match op {
-            Op::HeaderGet(m, name) => ignore(host::get_map_value_bytes(*m, name)),
-            Op::HeaderPairs(m) => ignore(host::get_map_bytes(*m)),
-            Op::HeaderSet(m, name, value, false) => {
-                ignore(host::set_map_value_bytes(*m, name, Some(value)))
-            }
+            Op::HeaderGet(m, name) => ignore(host::get_header(*m, name)),
+            Op::HeaderPairs(m) => ignore(host::get_header_pairs_raw(*m)),
+            Op::HeaderSet(m, name, value, false) => ignore(host::set_header(*m, name, Some(value))),
             Op::HeaderSet(m, name, value, true) => {
-                ignore(host::add_map_value_bytes(*m, name, value))
+                ignore(host::replayed::add_header(*m, name, value))
             }
-            Op::HeaderRemove(m, name) => ignore(host::remove_map_value(*m, name)),
+            Op::HeaderRemove(m, name) => ignore(host::set_header(*m, name, None)),
             Op::Property(path) => ignore(host::get_property(
-                path.iter().map(String::as_str).collect(),
+                &path.iter().map(String::as_str).collect::<Vec<_>>(),
             )),
             Op::SharedGet(key) => {
-                if let Ok((_, Some(cas))) = host::get_shared_data(key) {
+                let (status, _, cas) = host::get_shared_data(key);
+                if status == host::OK {
                     replay.cas.borrow_mut().insert(key.clone(), cas);
                 }
             }
             Op::SharedSet(key, value, with_cas) => {
                 let cas = replay.cas.borrow_mut().remove(key).filter(|_| *with_cas);
-                let _ = host::set_shared_data(key, Some(value), cas);
+                let _ = host::set_shared_data(key, value, cas.unwrap_or(0));
             }
             Op::Define(kind, name) => ignore(host::define_metric(*kind, name)),
             Op::Increment(id, by) => ignore(host::increment_metric(*id, *by)),
-            Op::Record(id, value) => ignore(host::record_metric(*id, *value)),
-            Op::GetMetric(id) => ignore(host::get_metric(*id)),
+            Op::Record(id, value) => ignore(host::replayed::record_metric(*id, *value)),
+            Op::GetMetric(id) => ignore(host::replayed::get_metric(*id)),
             Op::BufferGet(b, start, max) => ignore(host::get_buffer(*b, *start, *max)),
             Op::BufferSet(b, start, size, value) => {
-                ignore(host::set_buffer(*b, *start, *size, value))
+                ignore(host::replayed::set_buffer(*b, *start, *size, value))
             }
             Op::Reply(status, headers, body) => {
-                let headers = headers
+                let headers: Vec<(&str, &[u8])> = headers
                     .iter()
-                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .map(|(k, v)| (k.as_str(), v.as_bytes()))
                     .collect();
-                let _ = host::send_http_response(*status, headers, Some(body));
+                let _ = host::send_local_response(*status, &headers, body);
             }
-            Op::Resume(0) => ignore(host::resume_http_request()),
-            Op::Resume(_) => ignore(host::resume_http_response()),
-            Op::Time => ignore(host::get_current_time()),
+            Op::Resume(0) => ignore(host::continue_stream(host::STREAM_REQUEST)),
+            Op::Resume(_) => ignore(host::continue_stream(host::STREAM_RESPONSE)),
+            Op::Time => ignore(host::current_time_ns()),
         }
     }
 
@@ -419,11 +401,7 @@ impl Stream {
 
 impl Context for Root {}
 
-impl Context for Stream {
-    fn on_done(&mut self) -> bool {
-        self.run(8) != Some(0)
-    }
-}
+impl Context for Stream {}
 
 impl Drop for Stream {
     fn drop(&mut self) {
@@ -461,13 +439,10 @@ impl HttpContext for Stream {
 
 impl RootContext for Root {
     fn on_configure(&mut self, _: usize) -> bool {
-        let config = self.get_plugin_configuration().unwrap_or_default();
+        let config =
+            host::get_buffer(host::PLUGIN_CONFIGURATION, 0, usize::MAX).unwrap_or_default();
         self.replay = parse(&config).map(Rc::new);
         self.replay.is_some()
-    }
-
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
     }
 
     fn create_http_context(&self, _: u32) -> Option<Box<dyn HttpContext>> {
@@ -483,6 +458,4 @@ impl RootContext for Root {
     }
 }
 
-proxy_wasm::main! {{
-    proxy_wasm::set_root_context(|_| Box::new(Root { replay: None }));
-}}
+edge_host::host::main!(Root);

@@ -12,8 +12,8 @@ use edge_core::throttle::Throttle;
 use edge_core::StoreError;
 use edge_host::host::{
     answer, load_config, namespace_and_seed, now_ns, property, request_headers,
-    response_body_chunk, response_status_and_headers, warn_throttled, Action, Context, ContextType,
-    Counters, HostRequest, HttpContext, RootContext, SharedData,
+    response_body_chunk, response_status_and_headers, warn_throttled, Action, Context, Counters,
+    HostRequest, HttpContext, RootContext, SharedData,
 };
 use std::rc::Rc;
 
@@ -77,10 +77,6 @@ impl RootContext for FallbackRoot {
         self.metrics = Rc::new(Metrics::define());
         self.policy = Some(Rc::new(Fallback::new(config, &namespace, seed)));
         true
-    }
-
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {

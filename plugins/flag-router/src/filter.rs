@@ -9,8 +9,8 @@ use crate::source::{Answer, Fetched, Poller, SourceCounter};
 use edge_core::throttle::Throttle;
 use edge_host::host::{
     callout_response_body, callout_response_header, dispatch_http_call, edit_request_headers,
-    load_config, now_ns, set_tick_period_ms, warn_throttled, Action, Context, ContextType,
-    Counters, HostRequest, HttpContext, NamedCounters, RootContext,
+    load_config, now_ns, set_tick_period_ms, warn_throttled, Action, Context, Counters,
+    HostRequest, HttpContext, NamedCounters, RootContext,
 };
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -174,10 +174,6 @@ impl RootContext for FlagRouterRoot {
 
     fn on_tick(&mut self) {
         self.fetch();
-    }
-
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {

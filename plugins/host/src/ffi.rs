@@ -1,7 +1,7 @@
-//! The hostcalls plugins make on the request path, imported directly rather than through the
-//! SDK's wrappers, which panic (trapping the VM for every later request) on any status they do
-//! not expect. Each wrapper returns the raw status; callers turn it into a value and decide.
-//! With the allocator (`alloc`), this is the crate's only `unsafe` code.
+//! The ABI itself: the hostcalls plugins make, imported directly (the SDK's wrappers panic,
+//! trapping the VM for every later request, on any status they do not expect), and the
+//! callbacks the module exports. Each wrapper returns the raw status; callers turn it into a
+//! value and decide. With the allocator (`alloc`), this is the crate's only `unsafe` code.
 #![allow(unsafe_code)]
 
 use edge_core::request::{serialized_count, walk_serialized};
@@ -18,6 +18,7 @@ pub const REQUEST_BODY: u32 = 0;
 pub const RESPONSE_BODY: u32 = 1;
 pub const HTTP_CALL_RESPONSE_BODY: u32 = 4;
 pub const GRPC_RECEIVE_BUFFER: u32 = 5;
+pub const PLUGIN_CONFIGURATION: u32 = 7;
 /// What native builds (unit tests, tools) answer: there is no host.
 #[cfg(not(target_arch = "wasm32"))]
 const UNIMPLEMENTED: u32 = 12;
@@ -99,6 +100,81 @@ extern "C" {
         return_status_message_data: *mut *mut u8,
         return_status_message_size: *mut usize,
     ) -> u32;
+    fn proxy_set_effective_context(context_id: u32) -> u32;
+    fn proxy_http_call(
+        upstream_data: *const u8,
+        upstream_size: usize,
+        headers_data: *const u8,
+        headers_size: usize,
+        body_data: *const u8,
+        body_size: usize,
+        trailers_data: *const u8,
+        trailers_size: usize,
+        timeout_ms: u32,
+        return_token: *mut u32,
+    ) -> u32;
+    fn proxy_grpc_call(
+        upstream_data: *const u8,
+        upstream_size: usize,
+        service_data: *const u8,
+        service_size: usize,
+        method_data: *const u8,
+        method_size: usize,
+        metadata_data: *const u8,
+        metadata_size: usize,
+        message_data: *const u8,
+        message_size: usize,
+        timeout_ms: u32,
+        return_token: *mut u32,
+    ) -> u32;
+}
+
+// The linker's constructor entry (not a host import).
+#[cfg(all(target_arch = "wasm32", target_os = "wasi"))]
+extern "C" {
+    fn __wasm_call_ctors();
+}
+
+/// Native builds have one context at a time: making it effective always works.
+#[cfg(not(target_arch = "wasm32"))]
+unsafe fn proxy_set_effective_context(_: u32) -> u32 {
+    OK
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn proxy_http_call(
+    _: *const u8,
+    _: usize,
+    _: *const u8,
+    _: usize,
+    _: *const u8,
+    _: usize,
+    _: *const u8,
+    _: usize,
+    _: u32,
+    _: *mut u32,
+) -> u32 {
+    UNIMPLEMENTED
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn proxy_grpc_call(
+    _: *const u8,
+    _: usize,
+    _: *const u8,
+    _: usize,
+    _: *const u8,
+    _: usize,
+    _: *const u8,
+    _: usize,
+    _: *const u8,
+    _: usize,
+    _: u32,
+    _: *mut u32,
+) -> u32 {
+    UNIMPLEMENTED
 }
 
 #[cfg(not(target_arch = "wasm32"))]
@@ -220,8 +296,8 @@ unsafe fn proxy_get_property(_: *const u8, _: usize, _: *mut *mut u8, _: *mut us
 /// Takes ownership of bytes the host returned.
 ///
 /// SAFETY (for callers): on OK the host allocated `size` bytes at `data` through this module's
-/// own `proxy_on_memory_allocate` export (the SDK's, a `Vec` allocation), so the buffer is ours
-/// to own and free, exactly as the SDK itself does.
+/// own `proxy_on_memory_allocate` export (a boxed slice of exactly `size` bytes), so the buffer
+/// is ours to own and free.
 unsafe fn owned(data: *mut u8, size: usize) -> Vec<u8> {
     if data.is_null() || size == 0 {
         Vec::new()
@@ -332,10 +408,15 @@ pub fn log_level() -> Option<u32> {
 /// Defines a counter named `name`: its id, or `None` when the host refuses (the SDK's wrapper
 /// would trap on an unexpected status).
 pub fn define_counter(name: &str) -> Option<u32> {
-    const COUNTER: u32 = 0;
+    define_metric(0, name)
+}
+
+/// Defines a metric of `kind` (0 counter, 1 gauge, 2 histogram): its id, or `None` when the
+/// host refuses.
+pub fn define_metric(kind: u32, name: &str) -> Option<u32> {
     let mut id = 0u32;
     // SAFETY: `name` outlives the call; out-pointer to a local.
-    let status = unsafe { proxy_define_metric(COUNTER, name.as_ptr(), name.len(), &mut id) };
+    let status = unsafe { proxy_define_metric(kind, name.as_ptr(), name.len(), &mut id) };
     (status == OK).then_some(id)
 }
 
@@ -391,6 +472,277 @@ pub fn send_local_response(status: u32, headers: &[(&str, &[u8])], body: &[u8]) 
             map.len(),
             -1,
         )
+    }
+}
+
+/// Makes context `id` the one later hostcalls act on (a callout's answer is read through the
+/// context that made it): the status.
+pub fn set_effective_context(id: u32) -> u32 {
+    // SAFETY: a plain value.
+    unsafe { proxy_set_effective_context(id) }
+}
+
+/// `proxy_http_call` (no trailers): the callout's token, or the refusing status.
+pub fn http_call(
+    cluster: &str,
+    headers: &[(&str, &[u8])],
+    body: &[u8],
+    timeout_ms: u32,
+) -> Result<u32, u32> {
+    let map = encode_pairs(headers);
+    let mut token = 0u32;
+    // SAFETY: live slices the host only reads; out-pointer to a local.
+    let status = unsafe {
+        proxy_http_call(
+            cluster.as_ptr(),
+            cluster.len(),
+            map.as_ptr(),
+            map.len(),
+            body.as_ptr(),
+            body.len(),
+            std::ptr::null(),
+            0,
+            timeout_ms,
+            &mut token,
+        )
+    };
+    if status == OK {
+        Ok(token)
+    } else {
+        Err(status)
+    }
+}
+
+/// `proxy_grpc_call` (unary, no initial metadata): the callout's token, or the refusing
+/// status.
+pub fn grpc_call(
+    cluster: &str,
+    service: &str,
+    method: &str,
+    message: &[u8],
+    timeout_ms: u32,
+) -> Result<u32, u32> {
+    let mut token = 0u32;
+    // SAFETY: live slices the host only reads; out-pointer to a local.
+    let status = unsafe {
+        proxy_grpc_call(
+            cluster.as_ptr(),
+            cluster.len(),
+            service.as_ptr(),
+            service.len(),
+            method.as_ptr(),
+            method.len(),
+            std::ptr::null(),
+            0,
+            message.as_ptr(),
+            message.len(),
+            timeout_ms,
+            &mut token,
+        )
+    };
+    if status == OK {
+        Ok(token)
+    } else {
+        Err(status)
+    }
+}
+
+/// Runs the module's static constructors (WASI's reactor start), before anything else.
+pub fn call_ctors() {
+    #[cfg(all(target_arch = "wasm32", target_os = "wasi"))]
+    // SAFETY: wasi-libc's constructor entry, run once from `_initialize` as its ABI asks.
+    unsafe {
+        __wasm_call_ctors();
+    }
+}
+
+/// The callbacks the host calls, each handed to [`crate::dispatch`]. Envoy passes booleans
+/// as 0 or 1 in an i32; they are read as "not zero", which no host value can make invalid.
+#[cfg(target_arch = "wasm32")]
+mod exports {
+    use crate::dispatch as d;
+
+    #[no_mangle]
+    pub extern "C" fn proxy_abi_version_0_2_1() {}
+
+    /// Where the host puts the bytes it returns: `owned` takes them back as a `Vec` of exactly
+    /// this size.
+    #[no_mangle]
+    pub extern "C" fn proxy_on_memory_allocate(size: usize) -> *mut u8 {
+        Box::into_raw(Box::<[u8]>::new_uninit_slice(size)).cast::<u8>()
+    }
+
+    #[no_mangle]
+    pub extern "C" fn proxy_on_context_create(id: u32, root_id: u32) {
+        d::create(id, root_id);
+    }
+
+    #[no_mangle]
+    pub extern "C" fn proxy_on_vm_start(id: u32, size: usize) -> u32 {
+        u32::from(d::with_root(id, |r| r.on_vm_start(size)).unwrap_or(false))
+    }
+
+    #[no_mangle]
+    pub extern "C" fn proxy_on_configure(id: u32, size: usize) -> u32 {
+        u32::from(d::with_root(id, |r| r.on_configure(size)).unwrap_or(false))
+    }
+
+    #[no_mangle]
+    pub extern "C" fn proxy_on_tick(id: u32) {
+        d::with_root(id, |r| r.on_tick());
+    }
+
+    #[no_mangle]
+    pub extern "C" fn proxy_on_request_headers(id: u32, headers: usize, eos: u32) -> u32 {
+        d::stream_action(id, |s| s.on_http_request_headers(headers, eos != 0))
+    }
+
+    #[no_mangle]
+    pub extern "C" fn proxy_on_request_body(id: u32, size: usize, eos: u32) -> u32 {
+        d::stream_action(id, |s| s.on_http_request_body(size, eos != 0))
+    }
+
+    #[no_mangle]
+    pub extern "C" fn proxy_on_request_trailers(id: u32, trailers: usize) -> u32 {
+        d::stream_action(id, |s| s.on_http_request_trailers(trailers))
+    }
+
+    #[no_mangle]
+    pub extern "C" fn proxy_on_response_headers(id: u32, headers: usize, eos: u32) -> u32 {
+        d::stream_action(id, |s| s.on_http_response_headers(headers, eos != 0))
+    }
+
+    #[no_mangle]
+    pub extern "C" fn proxy_on_response_body(id: u32, size: usize, eos: u32) -> u32 {
+        d::stream_action(id, |s| s.on_http_response_body(size, eos != 0))
+    }
+
+    #[no_mangle]
+    pub extern "C" fn proxy_on_response_trailers(id: u32, trailers: usize) -> u32 {
+        d::stream_action(id, |s| s.on_http_response_trailers(trailers))
+    }
+
+    #[no_mangle]
+    pub extern "C" fn proxy_on_log(id: u32) {
+        d::with_stream(id, |s| s.on_log());
+    }
+
+    /// Every context is done when the host asks: none holds work past its stream.
+    #[no_mangle]
+    pub extern "C" fn proxy_on_done(_id: u32) -> u32 {
+        1
+    }
+
+    #[no_mangle]
+    pub extern "C" fn proxy_on_delete(id: u32) {
+        d::delete(id);
+    }
+
+    #[no_mangle]
+    pub extern "C" fn proxy_on_http_call_response(
+        _id: u32,
+        token: u32,
+        headers: usize,
+        body: usize,
+        trailers: usize,
+    ) {
+        d::http_call_response(token, headers, body, trailers);
+    }
+
+    #[no_mangle]
+    pub extern "C" fn proxy_on_grpc_receive(_id: u32, token: u32, size: usize) {
+        d::grpc_receive(token, size);
+    }
+
+    #[no_mangle]
+    pub extern "C" fn proxy_on_grpc_close(_id: u32, token: u32, status: u32) {
+        d::grpc_close(token, status);
+    }
+}
+
+/// Hostcalls no plugin makes, for the bench's replay filter, which makes whatever a trace
+/// recorded. Each returns the host's status (natively: unimplemented).
+pub mod replayed {
+    #[cfg(target_arch = "wasm32")]
+    #[link(wasm_import_module = "env")]
+    extern "C" {
+        fn proxy_add_header_map_value(
+            map_type: u32,
+            key_data: *const u8,
+            key_size: usize,
+            value_data: *const u8,
+            value_size: usize,
+        ) -> u32;
+        fn proxy_record_metric(metric_id: u32, value: u64) -> u32;
+        fn proxy_get_metric(metric_id: u32, return_value: *mut u64) -> u32;
+        fn proxy_set_buffer_bytes(
+            buffer_type: u32,
+            start: usize,
+            size: usize,
+            data: *const u8,
+            data_size: usize,
+        ) -> u32;
+    }
+
+    pub fn add_header(map: u32, name: &str, value: &[u8]) -> u32 {
+        #[cfg(target_arch = "wasm32")]
+        {
+            // SAFETY: live slices; the host only reads them.
+            unsafe {
+                proxy_add_header_map_value(
+                    map,
+                    name.as_ptr(),
+                    name.len(),
+                    value.as_ptr(),
+                    value.len(),
+                )
+            }
+        }
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            let _ = (map, name, value);
+            super::UNIMPLEMENTED
+        }
+    }
+
+    pub fn record_metric(id: u32, value: u64) -> u32 {
+        #[cfg(target_arch = "wasm32")]
+        {
+            // SAFETY: plain values.
+            unsafe { proxy_record_metric(id, value) }
+        }
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            let _ = (id, value);
+            super::UNIMPLEMENTED
+        }
+    }
+
+    pub fn get_metric(id: u32) -> u32 {
+        let mut value = 0u64;
+        #[cfg(target_arch = "wasm32")]
+        {
+            // SAFETY: out-pointer to a local.
+            unsafe { proxy_get_metric(id, &mut value) }
+        }
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            let _ = (id, &mut value);
+            super::UNIMPLEMENTED
+        }
+    }
+
+    pub fn set_buffer(buffer: u32, start: usize, size: usize, data: &[u8]) -> u32 {
+        #[cfg(target_arch = "wasm32")]
+        {
+            // SAFETY: a live slice; the host only reads it.
+            unsafe { proxy_set_buffer_bytes(buffer, start, size, data.as_ptr(), data.len()) }
+        }
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            let _ = (buffer, start, size, data);
+            super::UNIMPLEMENTED
+        }
     }
 }
 

@@ -1,19 +1,15 @@
 //! The one way a plugin's glue reaches the host: every hostcall it makes, each status turned
 //! into a value (the SDK's wrappers trap on a status they do not expect), the counters, shared
-//! data as a [`SlotStore`](edge_core::SlotStore), and the SDK's context traits the glue
-//! implements. Policies never import this module (a plugin built without its `host` feature
+//! data as a [`SlotStore`](edge_core::SlotStore), and the context traits the glue implements. Policies never import this module (a plugin built without its `host` feature
 //! cannot), so a hostcall cannot creep into them.
 
 use crate::ffi;
 use edge_core::headers::HeaderEdits;
 use edge_core::request::{client_ip, HeaderList, RequestView};
-use proxy_wasm::hostcalls;
-use proxy_wasm::types::{NewRootContext, Status};
 
+pub use crate::dispatch::{Action, Context, HttpContext, RootContext, Status};
 pub use crate::metrics::{Counters, NamedCounters};
 pub use crate::shared_data::SharedData;
-pub use proxy_wasm::traits::{Context, HttpContext, RootContext};
-pub use proxy_wasm::types::{Action, ContextType};
 
 /// Wires a plugin's root context into the module's entry point: `main!(filter::Root)` in
 /// lib.rs, `Root: Default`; `main!("rateLimit" => A, "idempotency" => B)` for one filter of
@@ -23,9 +19,10 @@ pub use crate::__edge_main as main;
 
 /// What [`main!`] runs when the VM starts.
 #[doc(hidden)]
-pub fn start(root: NewRootContext) {
+pub fn start(root: crate::dispatch::NewRoot) {
+    ffi::call_ctors();
     crate::logger::init();
-    proxy_wasm::set_root_context(root);
+    crate::dispatch::set_root(root);
 }
 
 /// The request being filtered, read through hostcalls. Meaningful only during
@@ -70,21 +67,12 @@ pub(crate) fn plugin_configuration() -> Vec<u8> {
     if let Some((_, bytes)) = crate::bus::section() {
         return bytes;
     }
-    hostcalls::get_buffer(
-        proxy_wasm::types::BufferType::PluginConfiguration,
-        0,
-        usize::MAX,
-    )
-    .ok()
-    .flatten()
-    .unwrap_or_default()
+    ffi::get_buffer(ffi::PLUGIN_CONFIGURATION, 0, usize::MAX).unwrap_or_default()
 }
 
 /// The filter's `root_id` (empty when not configured).
 fn root_id() -> String {
-    hostcalls::get_property(vec!["plugin_root_id"])
-        .ok()
-        .flatten()
+    ffi::get_property(&["plugin_root_id"])
         .map(edge_core::text::into_text)
         .unwrap_or_default()
 }
@@ -280,30 +268,33 @@ pub fn set_tick_period_ms(ms: u32) -> Result<(), u32> {
 }
 
 /// Sends an HTTP callout to `cluster`; its answer arrives in the root context's
-/// `on_http_call_response` with the returned token. The SDK's wrapper is used here (unlike
-/// everywhere else) because its dispatcher must register the token to route the answer back;
-/// it traps only on a status other than Ok, BadArgument or InternalFailure, the only ones
-/// Envoy's http_call returns for valid memory.
+/// `on_http_call_response` with the returned token.
 pub fn dispatch_http_call(
     cluster: &str,
     headers: Vec<(&str, &str)>,
     timeout: std::time::Duration,
 ) -> Result<u32, Status> {
-    hostcalls::dispatch_http_call(cluster, headers, None, vec![], timeout)
-        .inspect(|t| crate::bus::started_call(*t))
+    http_call(cluster, headers, &[], timeout)
 }
 
 /// Like [`dispatch_http_call`], with a request body, from whichever context runs: called
-/// from a stream, the answer comes back to that stream's `on_http_call_response` (the SDK
-/// routes it by token), and is dropped if the stream has ended by then.
+/// from a stream, the answer comes back to that stream's `on_http_call_response`, and is
+/// dropped if the stream has ended by then.
 pub fn http_call(
     cluster: &str,
     headers: Vec<(&str, &str)>,
     body: &[u8],
     timeout: std::time::Duration,
 ) -> Result<u32, Status> {
-    hostcalls::dispatch_http_call(cluster, headers, Some(body), vec![], timeout)
-        .inspect(|t| crate::bus::started_call(*t))
+    let pairs: Vec<(&str, &[u8])> = headers.iter().map(|(k, v)| (*k, v.as_bytes())).collect();
+    let token = ffi::http_call(cluster, &pairs, body, millis(timeout)).map_err(Status::from_raw)?;
+    crate::dispatch::started_http(token);
+    crate::bus::started_call(token);
+    Ok(token)
+}
+
+fn millis(timeout: std::time::Duration) -> u32 {
+    u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX)
 }
 
 /// The `:status` of the answer to this context's callout; `None` when the callout failed
@@ -314,8 +305,7 @@ pub fn callout_status() -> Option<u16> {
 }
 
 /// Sends a unary gRPC callout to `cluster` from whichever context runs; its answer comes back
-/// to that context's `on_grpc_call_response` (the SDK routes it by token). The SDK's wrapper
-/// registers the token; it returns ParseFailure and InternalFailure as errors.
+/// to that context's `on_grpc_call_response`.
 pub fn grpc_call(
     cluster: &str,
     service: &str,
@@ -323,8 +313,11 @@ pub fn grpc_call(
     message: &[u8],
     timeout: std::time::Duration,
 ) -> Result<u32, Status> {
-    hostcalls::dispatch_grpc_call(cluster, service, method, vec![], Some(message), timeout)
-        .inspect(|t| crate::bus::started_call(*t))
+    let token = ffi::grpc_call(cluster, service, method, message, millis(timeout))
+        .map_err(Status::from_raw)?;
+    crate::dispatch::started_grpc(token);
+    crate::bus::started_call(token);
+    Ok(token)
 }
 
 /// The message of this context's successful gRPC answer.

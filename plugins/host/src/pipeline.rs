@@ -15,9 +15,8 @@
 //! as the plugin made it.
 
 use crate::bus;
+use crate::dispatch::{Action, Context, HttpContext, RootContext};
 use edge_core::config::split_sections;
-use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType};
 
 /// A plugin's root context under the name of its configuration section.
 pub struct Stage {
@@ -160,10 +159,6 @@ impl RootContext for PipelineRoot {
             *due = now.saturating_add(*period);
             self.on_stage(i, |root| root.on_tick());
         }
-    }
-
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {

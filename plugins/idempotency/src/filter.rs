@@ -14,8 +14,8 @@ use edge_core::throttle::Throttle;
 use edge_core::RequestView;
 use edge_host::host::{
     answer, load_config, namespace_and_seed, now_ns, property, request_body, response_body_chunk,
-    response_status_and_headers, set_tick_period_ms, warn_throttled, Action, Context, ContextType,
-    Counters, HostRequest, HttpContext, RootContext, SharedData,
+    response_status_and_headers, set_tick_period_ms, warn_throttled, Action, Context, Counters,
+    HostRequest, HttpContext, RootContext, SharedData,
 };
 use std::rc::Rc;
 
@@ -106,10 +106,6 @@ impl RootContext for IdempotencyRoot {
         if let Some(fleet) = &self.fleet {
             fleet.tick();
         }
-    }
-
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {

@@ -11,7 +11,7 @@ use edge_core::throttle::Throttle;
 use edge_host::host::{
     answer, edit_request_headers, edit_response_headers, grpc_call, grpc_response, grpc_status,
     load_config, namespace_and_seed, now_ns, resume_request, warn_throttled, Action, Context,
-    ContextType, Counters, HostRequest, HttpContext, RootContext, SharedData,
+    Counters, HostRequest, HttpContext, RootContext, SharedData,
 };
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -63,10 +63,6 @@ impl RootContext for RateLimitRoot {
         self.denied = Rc::new(RefCell::new(caches));
         self.limiter = Some(Rc::new(Limiter::new(config, &namespace, seed)));
         true
-    }
-
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
