@@ -78,6 +78,17 @@ impl Module {
         &self.inner.name
     }
 
+    /// The functions the module imports, as `module.name` (`env.proxy_log`,
+    /// `wasi_snapshot_preview1.fd_write`): what a host must define to instantiate it.
+    pub fn imports(&self) -> Vec<String> {
+        self.inner
+            .pre
+            .module()
+            .imports()
+            .map(|i| format!("{}.{}", i.module(), i.name()))
+            .collect()
+    }
+
     /// The names the module exports, in its order: what a replay of its traces must export.
     pub fn exports(&self) -> Vec<String> {
         self.inner

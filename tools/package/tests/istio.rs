@@ -313,6 +313,48 @@ fn each_plugin_accepts_what_istio_sends_and_calls_the_features_the_readme_lists(
     Ok(())
 }
 
+/// A host that lacks a feature a plugin never calls still loads the plugin: each module imports
+/// only the ABI functions of the features the README's table lists for it, and of those the
+/// README says a configuration adds (a global rate limit rule: gRPC callouts; idempotency's
+/// etcd store: HTTP callouts and timers; the flag router's `clientIp` key part: properties).
+#[test]
+fn each_module_imports_only_the_features_it_can_call() -> Result<()> {
+    let (header, rows) = readme_table("README.md", "| plugin | shared data |")?;
+    for (module, _) in PLUGINS {
+        let wasm = Module::from_file(module_path(module))
+            .with_context(|| format!("dist/{module}.wasm (run ./build.sh first)"))?;
+        let row = rows
+            .iter()
+            .find(|r| r[0] == module)
+            .with_context(|| format!("{module} is not in the ABI table"))?;
+        let mut allowed: BTreeSet<&str> = header
+            .iter()
+            .zip(row)
+            .skip(1)
+            .filter(|(_, cell)| cell.as_str() == "yes")
+            .map(|(h, _)| h.as_str())
+            .collect();
+        match module {
+            "rate_limit" => allowed.insert("gRPC callouts"),
+            "idempotency" => allowed.insert("HTTP callouts") | allowed.insert("timers"),
+            "flag_router" => allowed.insert("properties"),
+            _ => false,
+        };
+        let imports = wasm.imports();
+        let imported: BTreeSet<&str> = imports
+            .iter()
+            .filter_map(|i| i.strip_prefix("env."))
+            .filter_map(feature)
+            .collect();
+        let beyond: Vec<&&str> = imported.difference(&allowed).collect();
+        assert!(
+            beyond.is_empty(),
+            "{module} imports the functions of {beyond:?}, which it never calls: {imports:?}"
+        );
+    }
+    Ok(())
+}
+
 #[test]
 fn numbers_are_written_as_protojson_writes_doubles() {
     assert_eq!(protojson_number(100.0), "100");
