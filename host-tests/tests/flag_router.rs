@@ -41,6 +41,35 @@ fn seen(edge: &Edge, header: &str) -> Option<String> {
         .and_then(|r| r.header(header).map(str::to_string))
 }
 
+/// A header the flags set is set once (a set replaces whatever the client sent) and never
+/// removed first: one crossing per mapped header, a removal only for those no flag sets.
+#[test]
+fn each_mapped_header_costs_one_edit() -> Result<()> {
+    let mut edge = edge(INLINE).workers(1).build()?;
+    for _ in 0..3 {
+        edge.send(
+            Request::get("/checkout")
+                .header("x-user-id", "u1")
+                .header("x-route-checkout", "forged"),
+        )?;
+    }
+    let calls = edge.hostcalls(0);
+    // new-checkout sets x-route-checkout; the disabled search-v2 clears x-route-search.
+    assert_eq!(
+        calls.get("proxy_replace_header_map_value"),
+        Some(&3),
+        "{calls:?}"
+    );
+    assert_eq!(
+        calls.get("proxy_remove_header_map_value"),
+        Some(&3),
+        "{calls:?}"
+    );
+    assert_ne!(seen(&edge, "x-route-checkout").as_deref(), Some("forged"));
+    assert_eq!(seen(&edge, "x-route-search"), None);
+    Ok(())
+}
+
 #[test]
 fn a_forged_route_header_is_replaced_by_the_flags_answer() -> Result<()> {
     let mut edge = edge(INLINE).build()?;

@@ -88,6 +88,7 @@ impl RootContext for FallbackRoot {
             probe: None,
             answered: false,
             pending: None,
+            received_ns: 0,
         }))
     }
 }
@@ -102,8 +103,10 @@ pub struct FallbackStream {
     probe: Option<u64>,
     /// This plugin answered; later callbacks see its own reply.
     answered: bool,
-    /// The response being copied.
+    /// The response being copied, and when its headers arrived: its time of receipt, when it
+    /// is kept (RFC 9111's `response_time`, from which its `Age` counts).
     pending: Option<Box<Pending>>,
+    received_ns: u64,
 }
 
 impl Context for FallbackStream {}
@@ -220,6 +223,7 @@ impl HttpContext for FallbackStream {
                     p.copy.end();
                 }
                 self.pending = Some(p);
+                self.received_ns = now;
             }
             ResponseAction::Skipped(why) => {
                 log::debug!("cached-fallback: not kept: {}", why.reason());
@@ -260,7 +264,12 @@ impl HttpContext for FallbackStream {
         if self.probe.is_none() && self.pending.is_none() {
             return;
         }
-        let now = now_ns();
+        // A copy is kept as of its receipt; only a probe's hand-back needs the clock again.
+        let now = if self.probe.is_some() {
+            now_ns()
+        } else {
+            self.received_ns
+        };
         if let Some(token) = self.probe.take() {
             if let Err(e) = policy.abandon_probe(token, now, &SharedData) {
                 self.metrics.warn(&[e]);

@@ -38,8 +38,9 @@ impl Evaluation<'_> {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Decision<'a> {
-    /// Every mapped header is removed first (a client never picks its own route), then the
-    /// resolved flags' values are set.
+    /// Every mapped header ends without the value a client sent (a client never picks its own
+    /// route): the resolved flags' values are set (a set replaces every value the header had),
+    /// and the headers no flag sets are removed.
     pub edits: HeaderEdits<&'a str>,
     pub evaluations: Vec<Evaluation<'a>>,
     /// Attributes the request sent that do not parse as their `type` (left absent).
@@ -191,7 +192,7 @@ pub fn decide<'a>(
     let mut data = context(config, req, &mut type_errors);
     let mut d = Decision {
         edits: HeaderEdits {
-            remove: config.headers.iter().map(|(_, h)| h.as_str()).collect(),
+            remove: Vec::new(),
             set: Vec::with_capacity(config.headers.len()),
         },
         evaluations: Vec::with_capacity(config.headers.len()),
@@ -216,6 +217,13 @@ pub fn decide<'a>(
             reason: r.reason,
             error: r.error,
         });
+    }
+    // Removing a header that is then set would be one more crossing for the same result.
+    for (_, header) in &config.headers {
+        let h = header.as_str();
+        if !d.edits.set.iter().any(|(s, _)| *s == h) && !d.edits.remove.contains(&h) {
+            d.edits.remove.push(h);
+        }
     }
     d
 }
@@ -296,12 +304,18 @@ mod tests {
     }
 
     #[test]
-    fn every_mapped_header_is_removed_and_disabled_flags_set_none() {
+    fn every_mapped_header_is_set_or_removed_and_disabled_flags_set_none() {
         let c = config();
-        let d = decide(&c, &c.flags, &RequestParts::new("GET", "/"), 0);
-        let mut removed = d.edits.remove.clone();
-        removed.sort_unstable();
-        assert_eq!(removed, ["x-dark", "x-route-checkout", "x-route-search"]);
+        let req = RequestParts::new("GET", "/")
+            .header("x-route-search", "client's")
+            .header("x-dark", "client's");
+        let d = decide(&c, &c.flags, &req, 0);
+        // The disabled flag sets nothing: its header is removed; the others are set, which
+        // replaces what the client sent, and are not removed first.
+        assert_eq!(d.edits.remove, ["x-route-search"]);
+        let mut set: Vec<&str> = d.edits.set.iter().map(|(h, _)| *h).collect();
+        set.sort_unstable();
+        assert_eq!(set, ["x-dark", "x-route-checkout"]);
         assert_eq!(header(&d, "x-route-search"), None);
         let e = d
             .evaluations
