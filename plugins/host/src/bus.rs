@@ -238,8 +238,8 @@ pub fn started_call(token: u32) {
 
 /// Starts recording the callouts of the stage about to run, forgetting any that no pipeline
 /// took (one a stage started from a callback the pipeline does not route, such as `on_log`,
-/// whose answer Envoy drops with the stream). A callback runs one stage at a time, so these
-/// windows never nest; at most one window's tokens are ever held.
+/// whose answer the dispatcher drops once the stream is gone). A callback runs one stage at a
+/// time, so these windows never nest; at most one window's tokens are ever held.
 pub fn start_tokens() {
     with(|b| b.tokens.clear());
 }

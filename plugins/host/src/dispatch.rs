@@ -121,7 +121,7 @@ impl Hasher for IdHasher {
     }
 }
 
-type Streams = HashMap<u32, Box<dyn HttpContext>, BuildHasherDefault<IdHasher>>;
+type ById<V> = HashMap<u32, V, BuildHasherDefault<IdHasher>>;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -132,13 +132,18 @@ enum Kind {
 struct Registry {
     new_root: Cell<Option<NewRoot>>,
     roots: RefCell<Vec<(u32, Box<dyn RootContext>)>>,
-    streams: RefCell<Streams>,
-    /// Callouts in flight: (kind, token, the context that made it). An entry leaves when its
-    /// answer arrives or its context is deleted (the host then cancels the callout), so the
-    /// list holds at most the callouts in flight.
-    callouts: RefCell<Vec<(Kind, u32, u32)>>,
-    /// The context whose callback runs: a callout started now is that context's.
+    /// Each stream with the number of its callouts in flight.
+    streams: RefCell<ById<(Box<dyn HttpContext>, u32)>>,
+    /// Callouts in flight by token (unique within a VM whatever their kind): their kind and
+    /// the context that made it. The host delivers every answer, to a deleted stream's too
+    /// (it cancels callouts only when the root goes), so an entry leaves when its answer
+    /// arrives or, if its context is deleted first, then.
+    callouts: RefCell<ById<(Kind, u32)>>,
+    /// The context whose code runs: a callout started now is that context's.
     active: Cell<u32>,
+    /// Callouts the running stream callback started, added to the stream's count after it:
+    /// a stream that made none (nearly every one) is deleted without a walk of the callouts.
+    started: Cell<u32>,
 }
 
 thread_local! {
@@ -147,8 +152,9 @@ thread_local! {
             new_root: Cell::new(None),
             roots: RefCell::new(Vec::new()),
             streams: RefCell::new(HashMap::with_hasher(BuildHasherDefault::new())),
-            callouts: RefCell::new(Vec::new()),
+            callouts: RefCell::new(HashMap::with_hasher(BuildHasherDefault::new())),
             active: Cell::new(0),
+            started: Cell::new(0),
         }
     };
 }
@@ -160,9 +166,15 @@ pub fn set_root(new: NewRoot) {
 
 pub fn create(id: u32, root_id: u32) {
     VM.with(|vm| {
+        // Plugin code runs below (a constructor): what it starts is this context's.
+        vm.active.set(id);
+        vm.started.set(0);
         if root_id == 0 {
-            if let (Some(new), Ok(mut roots)) = (vm.new_root.get(), vm.roots.try_borrow_mut()) {
-                roots.push((id, new(id)));
+            if let Some(new) = vm.new_root.get() {
+                let root = new(id);
+                if let Ok(mut roots) = vm.roots.try_borrow_mut() {
+                    roots.push((id, root));
+                }
             }
             return;
         }
@@ -174,7 +186,7 @@ pub fn create(id: u32, root_id: u32) {
             Err(_) => None,
         };
         if let (Some(stream), Ok(mut streams)) = (stream, vm.streams.try_borrow_mut()) {
-            streams.insert(id, stream);
+            streams.insert(id, (stream, vm.started.replace(0)));
         }
     });
 }
@@ -193,9 +205,12 @@ pub fn with_root<R>(id: u32, f: impl FnOnce(&mut dyn RootContext) -> R) -> Optio
 pub fn with_stream<R>(id: u32, f: impl FnOnce(&mut dyn HttpContext) -> R) -> Option<R> {
     VM.with(|vm| {
         let mut streams = vm.streams.try_borrow_mut().ok()?;
-        let stream = streams.get_mut(&id)?;
+        let (stream, calls) = streams.get_mut(&id)?;
         vm.active.set(id);
-        Some(f(stream.as_mut()))
+        vm.started.set(0);
+        let r = f(stream.as_mut());
+        *calls = calls.saturating_add(vm.started.replace(0));
+        Some(r)
     })
 }
 
@@ -211,17 +226,25 @@ pub fn delete(id: u32) {
             .try_borrow_mut()
             .ok()
             .and_then(|mut s| s.remove(&id));
-        if stream.is_none() {
-            if let Ok(mut roots) = vm.roots.try_borrow_mut() {
-                roots.retain(|(r, _)| *r != id);
+        let root = match (&stream, vm.roots.try_borrow_mut()) {
+            (None, Ok(mut roots)) => roots
+                .iter()
+                .position(|(r, _)| *r == id)
+                .map(|at| roots.swap_remove(at)),
+            _ => None,
+        };
+        // A root's callouts are walked always: roots are few and rarely deleted.
+        let made_calls = stream.as_ref().is_none_or(|(_, n)| *n > 0);
+        if made_calls {
+            if let Ok(mut calls) = vm.callouts.try_borrow_mut() {
+                calls.retain(|_, (_, owner)| *owner != id);
             }
         }
-        if let Ok(mut calls) = vm.callouts.try_borrow_mut() {
-            calls.retain(|(_, _, owner)| *owner != id);
-        }
-        // The context is dropped here, outside every borrow: its destructor may start no
-        // callback, but it must not find the registry held either.
+        // The context is dropped here, outside every borrow, as the running one: its
+        // destructor may start a callout, and must not find the registry held.
+        vm.active.set(id);
         drop(stream);
+        drop(root);
     });
 }
 
@@ -237,7 +260,8 @@ pub(crate) fn started_grpc(token: u32) {
 fn started(kind: Kind, token: u32) {
     VM.with(|vm| {
         if let Ok(mut calls) = vm.callouts.try_borrow_mut() {
-            calls.push((kind, token, vm.active.get()));
+            calls.insert(token, (kind, vm.active.get()));
+            vm.started.set(vm.started.get().saturating_add(1));
         }
     });
 }
@@ -247,10 +271,16 @@ fn started(kind: Kind, token: u32) {
 fn answer(kind: Kind, token: u32, f: impl FnOnce(&mut dyn Context)) {
     let owner = VM.with(|vm| {
         let mut calls = vm.callouts.try_borrow_mut().ok()?;
-        let at = calls
-            .iter()
-            .position(|(k, t, _)| *k == kind && *t == token)?;
-        Some(calls.swap_remove(at).2)
+        if calls.get(&token).is_none_or(|(k, _)| *k != kind) {
+            return None;
+        }
+        let (_, owner) = calls.remove(&token)?;
+        if let Ok(mut streams) = vm.streams.try_borrow_mut() {
+            if let Some((_, n)) = streams.get_mut(&owner) {
+                *n = n.saturating_sub(1);
+            }
+        }
+        Some(owner)
     });
     let Some(owner) = owner else {
         return;
@@ -413,8 +443,18 @@ mod tests {
     fn ids_hash_apart() {
         use std::hash::BuildHasher;
         let b = BuildHasherDefault::<IdHasher>::new();
-        let tops: std::collections::HashSet<u64> =
+        // The map's 7-bit group tag is the top of the hash as a `usize`: bits 57-63 natively,
+        // 25-31 on wasm32, where the modules run.
+        let native: std::collections::HashSet<u64> =
             (1u32..=128).map(|id| b.hash_one(id) >> 57).collect();
-        assert!(tops.len() > 64, "{} distinct top-7-bit groups", tops.len());
+        let wasm32: std::collections::HashSet<u64> = (1u32..=128)
+            .map(|id| (b.hash_one(id) & 0xffff_ffff) >> 25)
+            .collect();
+        assert!(native.len() > 64, "{} distinct tags natively", native.len());
+        assert!(
+            wasm32.len() > 64,
+            "{} distinct tags on wasm32",
+            wasm32.len()
+        );
     }
 }

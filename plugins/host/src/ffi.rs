@@ -566,10 +566,18 @@ mod exports {
     pub extern "C" fn proxy_abi_version_0_2_1() {}
 
     /// Where the host puts the bytes it returns: `owned` takes them back as a `Vec` of exactly
-    /// this size.
+    /// this size. Out of memory is a null the host turns into a failed hostcall (which the
+    /// wrappers read as absent), not a trap.
     #[no_mangle]
     pub extern "C" fn proxy_on_memory_allocate(size: usize) -> *mut u8 {
-        Box::into_raw(Box::<[u8]>::new_uninit_slice(size)).cast::<u8>()
+        let Ok(layout) = std::alloc::Layout::array::<u8>(size) else {
+            return std::ptr::null_mut();
+        };
+        if size == 0 {
+            return std::ptr::NonNull::<u8>::dangling().as_ptr();
+        }
+        // SAFETY: a layout of non-zero size; a null result is passed on, never dereferenced.
+        unsafe { std::alloc::alloc(layout) }
     }
 
     #[no_mangle]
