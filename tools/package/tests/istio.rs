@@ -287,23 +287,32 @@ fn features_used(module: &str, config: &str) -> Result<BTreeSet<&'static str>> {
     Ok(used)
 }
 
+/// The features the README's ABI table marks "yes" for `module`.
+fn listed_features<'a>(
+    header: &'a [String],
+    rows: &'a [Vec<String>],
+    module: &str,
+) -> Result<BTreeSet<&'a str>> {
+    let row = rows
+        .iter()
+        .find(|r| r[0] == module)
+        .with_context(|| format!("{module} is not in the ABI table"))?;
+    Ok(header
+        .iter()
+        .zip(row)
+        .skip(1)
+        .filter(|(_, cell)| cell.as_str() == "yes")
+        .map(|(h, _)| h.as_str())
+        .collect())
+}
+
 #[test]
 fn each_plugin_accepts_what_istio_sends_and_calls_the_features_the_readme_lists() -> Result<()> {
     let (header, rows) = readme_table("README.md", "| plugin | shared data |")?;
     for (module, _) in PLUGINS {
         let config = istio_json(&manifest(module)?["spec"]["pluginConfig"]);
         let used = features_used(module, &config)?;
-        let row = rows
-            .iter()
-            .find(|r| r[0] == module)
-            .with_context(|| format!("{module} is not in the ABI table"))?;
-        let listed: BTreeSet<&str> = header
-            .iter()
-            .zip(row)
-            .skip(1)
-            .filter(|(_, cell)| cell.as_str() == "yes")
-            .map(|(h, _)| h.as_str())
-            .collect();
+        let listed = listed_features(&header, &rows, module)?;
         assert_eq!(
             used.iter().copied().collect::<BTreeSet<&str>>(),
             listed,
@@ -323,17 +332,7 @@ fn each_module_imports_only_the_features_it_can_call() -> Result<()> {
     for (module, _) in PLUGINS {
         let wasm = Module::from_file(module_path(module))
             .with_context(|| format!("dist/{module}.wasm (run ./build.sh first)"))?;
-        let row = rows
-            .iter()
-            .find(|r| r[0] == module)
-            .with_context(|| format!("{module} is not in the ABI table"))?;
-        let mut allowed: BTreeSet<&str> = header
-            .iter()
-            .zip(row)
-            .skip(1)
-            .filter(|(_, cell)| cell.as_str() == "yes")
-            .map(|(h, _)| h.as_str())
-            .collect();
+        let mut allowed = listed_features(&header, &rows, module)?;
         match module {
             "rate_limit" => allowed.insert("gRPC callouts"),
             "idempotency" => allowed.insert("HTTP callouts") | allowed.insert("timers"),
