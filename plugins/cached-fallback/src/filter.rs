@@ -88,7 +88,6 @@ impl RootContext for FallbackRoot {
             probe: None,
             answered: false,
             pending: None,
-            received_ns: 0,
         }))
     }
 }
@@ -103,10 +102,8 @@ pub struct FallbackStream {
     probe: Option<u64>,
     /// This plugin answered; later callbacks see its own reply.
     answered: bool,
-    /// The response being copied, and when its headers arrived: its time of receipt, when it
-    /// is kept (RFC 9111's `response_time`, from which its `Age` counts).
+    /// The response being copied.
     pending: Option<Box<Pending>>,
-    received_ns: u64,
 }
 
 impl Context for FallbackStream {}
@@ -223,7 +220,6 @@ impl HttpContext for FallbackStream {
                     p.copy.end();
                 }
                 self.pending = Some(p);
-                self.received_ns = now;
             }
             ResponseAction::Skipped(why) => {
                 log::debug!("cached-fallback: not kept: {}", why.reason());
@@ -264,21 +260,17 @@ impl HttpContext for FallbackStream {
         if self.probe.is_none() && self.pending.is_none() {
             return;
         }
-        // A copy is kept as of its receipt; only a probe's hand-back needs the clock again.
-        let now = if self.probe.is_some() {
-            now_ns()
-        } else {
-            self.received_ns
-        };
+        // A copy is kept as of its receipt (the policy's): only a probe's hand-back reads the
+        // clock again.
         if let Some(token) = self.probe.take() {
-            if let Err(e) = policy.abandon_probe(token, now, &SharedData) {
+            if let Err(e) = policy.abandon_probe(token, now_ns(), &SharedData) {
                 self.metrics.warn(&[e]);
             }
         }
         let Some(p) = self.pending.take() else {
             return;
         };
-        match policy.store(*p, now, &SharedData) {
+        match policy.store(*p, &SharedData) {
             Ok(true) => self.metrics.add(Counter::Stored),
             Ok(false) => self.metrics.add(Counter::StoreSkipped),
             Err(e) => {

@@ -331,6 +331,9 @@ pub struct Pending {
     pub vary: Vec<String>,
     pub stale_if_error: Option<u64>,
     pub copy: ResponseCopy,
+    /// When its headers arrived: its time of receipt (RFC 9111's `response_time`), from which
+    /// the kept copy's `Age` counts, however long its body then takes.
+    pub received_ns: u64,
 }
 
 /// What the response-headers phase does.
@@ -724,6 +727,7 @@ impl Fallback {
                                 self.config.max_body_bytes,
                                 self.budget.clone(),
                             ),
+                            received_ns: now,
                         }))
                     }
                     Err(skip) => ResponseAction::Skipped(skip),
@@ -758,12 +762,10 @@ impl Fallback {
     /// Keeps the copied response at `now` when it arrived whole (one cut short or given up
     /// is not a good answer). False when it is not kept: not whole, no room could be made, or
     /// a concurrent writer won the slot.
-    pub fn store(
-        &self,
-        pending: Pending,
-        now: u64,
-        store: &impl SlotStore,
-    ) -> Result<bool, StoreError> {
+    /// Keeps a whole copy as of its receipt (`Pending::received_ns`), not as of the end of
+    /// its body.
+    pub fn store(&self, pending: Pending, store: &impl SlotStore) -> Result<bool, StoreError> {
+        let now = pending.received_ns;
         let Copied::Whole(mut response) = pending.copy.finish() else {
             return Ok(false);
         };
@@ -902,7 +904,7 @@ mod tests {
             return false;
         };
         assert_eq!(p.copy.body(body.len(), true, || body.to_vec()), None);
-        assert!(f.store(*p, now, s).unwrap());
+        assert!(f.store(*p, s).unwrap());
         true
     }
 
@@ -1176,6 +1178,36 @@ mod tests {
         );
     }
 
+    /// RFC 9111 counts a copy's age from its receipt: however long its body takes, the copy is
+    /// kept as of its headers (the store takes no clock of its own).
+    #[test]
+    fn a_copy_is_kept_as_of_its_headers_not_the_end_of_its_body() {
+        let f = fallback("{}");
+        let s = MemoryStore::new();
+        let req = get("/slow");
+        let d = f.on_response(
+            Covered {
+                req: &req,
+                base: f.base_key(&req),
+            },
+            None,
+            &Answer {
+                status: 200,
+                details: Some("via_upstream"),
+                headers: &hdrs(&[("content-type", "text/plain")]),
+            },
+            T0,
+            &s,
+        );
+        let ResponseAction::Collect(mut p) = d.action else {
+            panic!("a 200 is collected: {:?}", d.action);
+        };
+        assert_eq!(p.copy.body(4, true, || b"slow".to_vec()), None);
+        assert!(f.store(*p, &s).unwrap());
+        let later = fail(&f, &req, 503, "via_upstream", T0 + 10 * S, &s);
+        assert_eq!(header(replaced(&later), "age"), Some("10"));
+    }
+
     #[test]
     fn a_kept_response_replaces_a_later_failure_with_age_and_cache_status() {
         let f = fallback("{}");
@@ -1321,7 +1353,7 @@ mod tests {
         let req = get("/a");
         let mut p = collect(&f, &req, &s);
         assert_eq!(p.copy.body(4, false, || b"half".to_vec()), None);
-        assert!(!f.store(*p, T0, &s).unwrap());
+        assert!(!f.store(*p, &s).unwrap());
         assert!(!matches!(
             f.lookup(&req, f.base_key(&req), T0, &s).unwrap(),
             Lookup::Hit { .. }
@@ -1361,7 +1393,7 @@ mod tests {
             p.copy.body(1, true, || panic!("read over maxBodyBytes")),
             Some(Dropped::TooLarge)
         );
-        assert!(!f.store(*p, T0, &s).unwrap());
+        assert!(!f.store(*p, &s).unwrap());
         assert_eq!(f.budget.available(), f.config.max_buffered_bytes, "freed");
     }
 
@@ -1376,8 +1408,8 @@ mod tests {
             Some(Dropped::OverBudget)
         );
         assert_eq!(a.copy.body(0, true, Vec::new), None);
-        assert!(f.store(*a, T0, &s).unwrap());
-        assert!(!f.store(*b, T0, &s).unwrap());
+        assert!(f.store(*a, &s).unwrap());
+        assert!(!f.store(*b, &s).unwrap());
         assert_eq!(f.budget.available(), 10);
     }
 

@@ -1141,7 +1141,7 @@ impl Sim {
                     notes.push(Note::new(name, "log", "probe handed back"));
                 }
                 if let Some(p) = pending {
-                    let word = match policy.store(*p, now, store) {
+                    let word = match policy.store(*p, store) {
                         Ok(true) => "kept",
                         Ok(false) => "not kept",
                         Err(_) => "not kept: the store failed",
