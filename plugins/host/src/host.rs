@@ -1,7 +1,8 @@
 //! The one way a plugin's glue reaches the host: every hostcall it makes, each status turned
 //! into a value (the SDK's wrappers trap on a status they do not expect), the counters, shared
-//! data as a [`SlotStore`](edge_core::SlotStore), and the context traits the glue implements. Policies never import this module (a plugin built without its `host` feature
-//! cannot), so a hostcall cannot creep into them.
+//! data as a [`SlotStore`](edge_core::SlotStore), and the context traits the glue implements.
+//! Policies never import this module (a plugin built without its `host` feature cannot), so a
+//! hostcall cannot creep into them.
 
 use crate::ffi;
 use edge_core::headers::HeaderEdits;
