@@ -8,6 +8,7 @@
 pub mod config;
 pub mod duration;
 pub mod headers;
+pub mod ip;
 pub mod key;
 pub mod metrics;
 pub mod problem;

@@ -1,7 +1,7 @@
 //! What a policy may read from a request, behind a trait so policies are tested natively: the
 //! filter glue implements [`RequestView`] over hostcalls, tests use [`RequestParts`].
 
-use std::net::{IpAddr, SocketAddr};
+use crate::ip;
 
 /// The parts of a request a policy decides on. Header names are lower-case.
 pub trait RequestView {
@@ -50,28 +50,24 @@ pub fn client_ip(address: &str) -> Option<String> {
     if let Some((host, port)) = a.rsplit_once(':') {
         if !host.contains(':')
             && port.bytes().all(|b| b.is_ascii_digit())
-            && host.parse::<std::net::Ipv4Addr>().is_ok()
+            && ip::v4(host.as_bytes()).is_some()
         {
             return Some(host.to_string());
         }
     }
-    let ip = a
-        .parse::<SocketAddr>()
-        .map(|s| s.ip())
-        .or_else(|_| a.parse::<IpAddr>())
-        .or_else(|_| {
-            a.trim_start_matches('[')
-                .trim_end_matches(']')
-                .parse::<IpAddr>()
-        });
-    Some(match ip {
-        Ok(IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
-            Some(v4) => v4.to_string(),
-            None => v6.to_string(),
-        },
-        Ok(ip) => ip.to_string(),
-        Err(_) => a.to_string(),
-    })
+    let b = a.as_bytes();
+    if ip::v4(b).is_some() {
+        return Some(a.to_string());
+    }
+    if let Some(groups) = ip::bracketed_v6(b).or_else(|| ip::v6(b)) {
+        return Some(ip::v6_text(groups));
+    }
+    // `[1.2.3.4]`, `[::1]`
+    let inner = a.trim_start_matches('[').trim_end_matches(']');
+    if ip::v4(inner.as_bytes()).is_some() {
+        return Some(inner.to_string());
+    }
+    Some(ip::v6(inner.as_bytes()).map_or_else(|| a.to_string(), ip::v6_text))
 }
 
 /// A request as plain data, for unit tests and for tools that replay requests.
@@ -282,6 +278,58 @@ mod tests {
         assert_eq!(client_ip("10.0.0.7").as_deref(), Some("10.0.0.7"));
         assert_eq!(client_ip("").as_deref(), None);
         assert_eq!(client_ip("@pipe").as_deref(), Some("@pipe"));
+    }
+
+    /// What `client_ip` answered when it read addresses with `std::net`.
+    fn client_ip_by_std(address: &str) -> Option<String> {
+        use std::net::{IpAddr, SocketAddr};
+        let a = address.trim();
+        if a.is_empty() {
+            return None;
+        }
+        if let Some((host, port)) = a.rsplit_once(':') {
+            if !host.contains(':')
+                && port.bytes().all(|b| b.is_ascii_digit())
+                && host.parse::<std::net::Ipv4Addr>().is_ok()
+            {
+                return Some(host.to_string());
+            }
+        }
+        let ip = a
+            .parse::<SocketAddr>()
+            .map(|s| s.ip())
+            .or_else(|_| a.parse::<IpAddr>())
+            .or_else(|_| {
+                a.trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<IpAddr>()
+            });
+        Some(match ip {
+            Ok(IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
+                Some(v4) => v4.to_string(),
+                None => v6.to_string(),
+            },
+            Ok(ip) => ip.to_string(),
+            Err(_) => a.to_string(),
+        })
+    }
+
+    #[test]
+    fn one_client_is_one_key_as_std_net_reads_it() {
+        for s in crate::ip::tests::corpus() {
+            for a in [
+                s.clone(),
+                format!("{s}:8080"),
+                format!("[{s}]:443"),
+                format!("[{s}%2]:443"),
+                format!("[{s}]"),
+                format!("[[{s}]]"),
+                format!(" {s}\t"),
+                format!("[{s}]:99999"),
+            ] {
+                assert_eq!(client_ip(&a), client_ip_by_std(&a), "{a:?}");
+            }
+        }
     }
 
     #[test]
