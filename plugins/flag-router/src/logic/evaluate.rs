@@ -262,7 +262,7 @@ fn ev_node<'a>(n: &'a Node, data: &'a Value, b: &Budget) -> Cow<'a, Value> {
         Op::Gt => Value::Bool(less(y, x, false)),
         Op::Ge => Value::Bool(less(y, x, true)),
         Op::In => Value::Bool(match y {
-            Value::String(s) => !s.is_empty() && s.contains(js_str(x).as_ref()),
+            Value::String(s) => !s.is_empty() && occurs(s.as_bytes(), js_str(x).as_bytes()),
             Value::Array(a) => a.iter().any(|e| strict_eq(x, e)),
             _ => false,
         }),
@@ -366,14 +366,68 @@ fn missing(data: &Value, keys: &[&Value]) -> Vec<Value> {
         .collect()
 }
 
+/// Whether `needle` occurs in `hay`, in time linear in both (Knuth-Morris-Pratt): both may come
+/// from the request, and a quadratic search would let a client spend the VM's time. Not
+/// `str::contains`: its two-way searcher is 2.5 KB of the module.
+fn occurs(hay: &[u8], needle: &[u8]) -> bool {
+    if needle.is_empty() {
+        return true;
+    }
+    // border[i]: the length of the longest proper prefix of needle[..=i] that ends it.
+    let mut border = vec![0usize; needle.len()];
+    let step = |mut k: usize, c: u8, border: &[usize]| {
+        while k > 0 && needle.get(k) != Some(&c) {
+            k = border.get(k - 1).copied().unwrap_or(0);
+        }
+        k + usize::from(needle.get(k) == Some(&c))
+    };
+    let mut k = 0;
+    for (i, &c) in needle.iter().enumerate().skip(1) {
+        k = step(k, c, &border);
+        if let Some(b) = border.get_mut(i) {
+            *b = k;
+        }
+    }
+    let mut k = 0;
+    for &c in hay {
+        k = step(k, c, &border);
+        if k == needle.len() {
+            return true;
+        }
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::compile::OPS;
     use super::super::testing::*;
     use super::super::Expr;
-    use super::{ev, Budget, BUDGET};
+    use super::{ev, occurs, Budget, BUDGET};
     use serde_json::{json, Map, Value};
     use std::cell::Cell;
+
+    #[test]
+    fn a_substring_is_found_where_str_contains_finds_it() {
+        let words = [
+            "", "a", "aa", "ab", "aab", "abab", "abaab", "ba", "bab", "aaab",
+        ];
+        for hay in words
+            .iter()
+            .flat_map(|a| words.iter().map(move |b| format!("{a}{b}{a}")))
+        {
+            for needle in words
+                .iter()
+                .flat_map(|a| words.iter().map(move |b| format!("{b}{a}")))
+            {
+                assert_eq!(
+                    occurs(hay.as_bytes(), needle.as_bytes()),
+                    hay.contains(&needle),
+                    "{needle:?} in {hay:?}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn looping_operators_stop_once_the_budget_is_spent() {
