@@ -55,7 +55,7 @@ pub struct Resolution<'a> {
 fn header_value(n: Node<'_>) -> Result<String, ConfigError> {
     let text = match n.value {
         Value::String(s) => s.clone(),
-        other => other.to_string(),
+        other => edge_json::to_text(other),
     };
     if text.bytes().any(|b| b < 0x20 && b != b'\t' || b == 0x7f) {
         return Err(n.err("a header value cannot hold control characters"));
@@ -253,7 +253,8 @@ fn describe(v: &Value) -> String {
         Value::Object(m) => format!("an object of {} members", m.len()),
         Value::Number(n) => format!("the number {n}"),
         Value::String(s) => brief(s),
-        other => other.to_string(),
+        Value::Bool(b) => b.to_string(),
+        Value::Null => "null".into(),
     }
 }
 

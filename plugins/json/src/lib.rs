@@ -20,3 +20,14 @@ pub fn from_slice(bytes: &[u8]) -> Result<Value, Error> {
 pub fn to_vec(value: &Value) -> Result<Vec<u8>, Error> {
     serde_json::to_vec(value)
 }
+
+/// `value` as compact JSON text, what its `Display` writes; through here, a module holds one
+/// serialiser, built for size, instead of a second one behind `Display`.
+#[inline(never)]
+pub fn to_text(value: &Value) -> String {
+    // A `Value` always serialises: its keys are strings, its numbers finite.
+    to_vec(value)
+        .ok()
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .unwrap_or_default()
+}

@@ -99,7 +99,7 @@ pub(super) fn js_number(f: f64) -> String {
         return if f < 0.0 { format!("-{s}") } else { s.into() };
     }
     // serde_json writes `-d.ddd`, `ddd.0` or `d.ddde±x`: take sign, digits and exponent apart.
-    let text = Value::from(f).to_string();
+    let text = edge_json::to_text(&Value::from(f));
     let (sign, body) = text
         .strip_prefix('-')
         .map_or(("", text.as_str()), |b| ("-", b));

@@ -132,7 +132,10 @@ impl Compiler<'_> {
 
     fn reference(&mut self, arg: &Value, depth: usize) -> Result<Node, String> {
         let Value::String(name) = arg else {
-            return Err(format!("$ref must name an evaluator, not {arg}"));
+            return Err(format!(
+                "$ref must name an evaluator, not {}",
+                edge_json::to_text(arg)
+            ));
         };
         if self.refs.contains(name) {
             return Err(format!("$ref cycle: {} -> {name}", self.refs.join(" -> ")));

@@ -13,7 +13,7 @@ pub(super) fn check_fractional(args: &[Value]) -> Result<(), String> {
     if first.is_some_and(|b| b.is_number() || b.is_boolean()) {
         return Err(format!(
             "fractional[0]: the bucketing value must be a string or an expression, not {}",
-            first.unwrap_or(&NULL)
+            edge_json::to_text(first.unwrap_or(&NULL))
         ));
     }
     let skip = usize::from(!first.is_some_and(Value::is_array));
@@ -37,7 +37,8 @@ pub(super) fn check_fractional(args: &[Value]) -> Result<(), String> {
         if !ok {
             return Err(format!(
                 "fractional[{i}]: expected [variant] or [variant, weight] with a whole weight \
-                 of at most 2147483647, got {d}"
+                 of at most 2147483647, got {}",
+                edge_json::to_text(d)
             ));
         }
     }
