@@ -4,14 +4,79 @@
 use crate::logic::{Expr, MAX_NODES};
 use edge_core::{ConfigError, Node, Obj};
 use serde_json::{Map, Value};
-use std::collections::BTreeMap;
+
+/// Entries sorted by name, found by binary search: a flag set's flags and a flag's variants.
+/// They are read from JSON objects, whose keys arrive sorted, so each insert appends; a
+/// `BTreeMap` per value type compiled its own insert, search and drop (about 3 KB).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ByName<V>(Vec<(String, V)>);
+
+impl<V> Default for ByName<V> {
+    fn default() -> Self {
+        ByName(Vec::new())
+    }
+}
+
+impl<V> ByName<V> {
+    fn find(&self, name: &str) -> Result<usize, usize> {
+        self.0.binary_search_by(|(k, _)| k.as_str().cmp(name))
+    }
+
+    /// Sets `name` to `value`, returning the value it replaces.
+    pub fn insert(&mut self, name: String, value: V) -> Option<V> {
+        match self.find(&name) {
+            Ok(i) => self
+                .0
+                .get_mut(i)
+                .map(|e| std::mem::replace(&mut e.1, value)),
+            Err(i) => {
+                self.0.insert(i, (name, value));
+                None
+            }
+        }
+    }
+
+    pub fn get_key_value(&self, name: &str) -> Option<(&String, &V)> {
+        let (k, v) = self.0.get(self.find(name).ok()?)?;
+        Some((k, v))
+    }
+
+    pub fn get(&self, name: &str) -> Option<&V> {
+        self.get_key_value(name).map(|(_, v)| v)
+    }
+
+    pub fn contains_key(&self, name: &str) -> bool {
+        self.find(name).is_ok()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// In name order.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &V)> {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &String> {
+        self.0.iter().map(|(k, _)| k)
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &V> {
+        self.0.iter().map(|(_, v)| v)
+    }
+}
 
 /// One compiled flag.
 #[derive(Default)]
 pub struct Flag {
     pub enabled: bool,
     /// Variant name → the header value it becomes.
-    pub variants: BTreeMap<String, String>,
+    pub variants: ByName<String>,
     pub default_variant: Option<String>,
     pub targeting: Option<Expr>,
     /// Why a fetched flag could not be compiled (`flags.NAME.FIELD: why`). flagd answers such a
@@ -22,7 +87,7 @@ pub struct Flag {
 /// A compiled flag set, replaced as a whole when a new document arrives.
 #[derive(Default)]
 pub struct FlagSet {
-    pub flags: BTreeMap<String, Flag>,
+    pub flags: ByName<Flag>,
 }
 
 /// Why a variant was chosen (flagd's reasons), or why none was.
@@ -200,8 +265,8 @@ fn read_flag(
         n.one_of(&[("ENABLED", true), ("DISABLED", false)])
     })?;
     // Inserted one by one, not collected: a JSON object's keys are unique already, and
-    // `collect` into a BTreeMap would link a stable sort (about 5 KB) for nothing.
-    let mut variants = BTreeMap::new();
+    // `collect` would link a stable sort (about 5 KB) for nothing.
+    let mut variants = ByName::default();
     for (k, v) in o.entries("variants", |k, n| Ok((k.to_string(), header_value(n)?)))? {
         variants.insert(k, v);
     }
@@ -283,6 +348,20 @@ mod tests {
     fn set(flags: Value) -> FlagSet {
         let doc = serde_json::json!({ "flags": flags });
         FlagSet::from_document(doc.to_string().as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn names_are_found_in_any_insertion_order_and_replaced_once() {
+        let mut m = ByName::default();
+        for (k, v) in [("b", 1), ("a", 2), ("c", 3), ("b", 4)] {
+            m.insert(k.to_string(), v);
+        }
+        assert_eq!(
+            m.keys().map(String::as_str).collect::<Vec<_>>(),
+            ["a", "b", "c"]
+        );
+        assert_eq!((m.get("b"), m.get("d"), m.len()), (Some(&4), None, 3));
+        assert!(m.contains_key("c") && !m.contains_key(""));
     }
 
     #[test]

@@ -218,8 +218,8 @@ fn float_prefix(s: &str) -> (f64, usize) {
             i = j + exp;
         }
     }
-    let f = json
-        .parse::<serde_json::Number>()
+    // edge-json's parser: a `Number` parsed here would compile a second one.
+    let f = edge_json::from_slice(json.as_bytes())
         .ok()
         .and_then(|n| n.as_f64());
     (f.unwrap_or(f64::NAN), i)

@@ -87,9 +87,10 @@ impl Compiler<'_> {
                 return Ok(Node::Lit(Value::Array(lits.collect())));
             }
             Value::Object(m) if m.len() > 1 => {
-                let keys: Vec<&str> = m.keys().map(String::as_str).collect();
+                let keys: Vec<String> = m.keys().map(|k| format!("\"{k}\"")).collect();
                 return Err(format!(
-                    "an operation is an object with one key, found keys {keys:?}"
+                    "an operation is an object with one key, found keys [{}]",
+                    keys.join(", ")
                 ));
             }
             Value::Object(m) => match m.iter().next() {
