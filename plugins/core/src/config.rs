@@ -151,6 +151,7 @@ impl<'a> Node<'a> {
         ConfigError::new(self.path(), message)
     }
 
+    #[inline(never)]
     fn expected(&self, what: &str) -> ConfigError {
         self.err(format!("expected {what}, found {}", kind(self.value)))
     }
@@ -188,16 +189,19 @@ impl<'a> Node<'a> {
         })
     }
 
+    #[inline(never)]
     pub fn str(&self) -> Result<&'a str, ConfigError> {
         self.value.as_str().ok_or_else(|| self.expected("a string"))
     }
 
+    #[inline(never)]
     pub fn bool(&self) -> Result<bool, ConfigError> {
         self.value
             .as_bool()
             .ok_or_else(|| self.expected("true or false"))
     }
 
+    #[inline(never)]
     pub fn u64(&self) -> Result<u64, ConfigError> {
         self.value
             .as_u64()
@@ -205,24 +209,28 @@ impl<'a> Node<'a> {
     }
 
     /// A duration string (`"250ms"`, `"60s"`, `"5m"`, `"24h"`).
+    #[inline(never)]
     pub fn duration(&self) -> Result<Duration, ConfigError> {
         parse_duration(self.str()?).map_err(|e| self.err(e))
     }
 
     /// A duration in nanoseconds, what plugins compare clocks with; one too long to count in
     /// u64 nanoseconds (584 years) is an error, not silently capped.
+    #[inline(never)]
     pub fn duration_ns(&self) -> Result<u64, ConfigError> {
         u64::try_from(self.duration()?.as_nanos())
             .map_err(|_| self.err("is too long (at most 584 years)"))
     }
 
     /// [`Node::duration_ns`] that must be longer than zero.
+    #[inline(never)]
     pub fn positive_duration_ns(&self) -> Result<u64, ConfigError> {
         self.positive_duration()?;
         self.duration_ns()
     }
 
     /// A whole number in `lo..=hi` (sizes, counts), the bounds named in the error.
+    #[inline(never)]
     pub fn u64_in(&self, lo: u64, hi: u64) -> Result<u64, ConfigError> {
         let v = self.u64()?;
         if (lo..=hi).contains(&v) {
@@ -234,6 +242,7 @@ impl<'a> Node<'a> {
 
     /// An HTTP status between `lo` and `hi`; `what` names the kind in the error
     /// (`"200 is not an error status (400-599)"`).
+    #[inline(never)]
     pub fn status_in(&self, lo: u16, hi: u16, what: &str) -> Result<u16, ConfigError> {
         let s = self.u64()?;
         match u16::try_from(s) {
@@ -243,6 +252,7 @@ impl<'a> Node<'a> {
     }
 
     /// A duration that must be longer than zero (windows, intervals, timeouts).
+    #[inline(never)]
     pub fn positive_duration(&self) -> Result<Duration, ConfigError> {
         let d = self.duration()?;
         if d.is_zero() {
@@ -253,6 +263,7 @@ impl<'a> Node<'a> {
     }
 
     /// A duration in `lo..=hi`, the bounds named in the error as written (`"1s"`, `"24h"`).
+    #[inline(never)]
     pub fn duration_in(
         &self,
         lo: (Duration, &str),
@@ -267,6 +278,7 @@ impl<'a> Node<'a> {
     }
 
     /// A URL path, which must start with `/`.
+    #[inline(never)]
     pub fn url_path(&self) -> Result<String, ConfigError> {
         let p = self.str()?;
         if p.starts_with('/') {
@@ -277,12 +289,14 @@ impl<'a> Node<'a> {
     }
 
     /// An HTTP header name (an RFC 9110 token), lower-cased as Envoy keeps them.
+    #[inline(never)]
     pub fn header_name(&self) -> Result<String, ConfigError> {
         self.header_named(self.str()?.trim())
     }
 
     /// `name` (e.g. an object key this node holds the value of) as a header name: a name no
     /// request can carry would silently never match, or key every client alike.
+    #[inline(never)]
     pub fn header_named(&self, name: &str) -> Result<String, ConfigError> {
         let h = name.to_ascii_lowercase();
         let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
@@ -465,13 +479,20 @@ impl<'a> Obj<'a> {
         name: &str,
         read: impl FnOnce(Node<'_>) -> Result<T, ConfigError>,
     ) -> Result<Option<T>, ConfigError> {
+        match self.field(name) {
+            None => Ok(None),
+            Some((value, path)) => self.noted(read(Node { value, path: &path }).map(Some)),
+        }
+    }
+
+    /// Field `name` and its path, unless absent or `null`. Out of line: what every reader
+    /// shares (the lookup, the path) is compiled once, not once per field read.
+    #[inline(never)]
+    fn field(&self, name: &str) -> Option<(&'a Value, String)> {
         self.ask(name);
         match self.map.get(name) {
-            None | Some(Value::Null) => Ok(None),
-            Some(value) => {
-                let path = self.child_path(name);
-                self.noted(read(Node { value, path: &path }).map(Some))
-            }
+            None | Some(Value::Null) => None,
+            Some(value) => Some((value, self.child_path(name))),
         }
     }
 
