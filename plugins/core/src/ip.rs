@@ -7,20 +7,35 @@
 /// each at most 255, with no leading zero (`01.2.3.4` is refused, as an octal reading would
 /// make it another address).
 pub fn v4(s: &[u8]) -> Option<[u8; 4]> {
+    // One pass over the bytes: every request keyed on its client reads one.
     let mut out = [0u8; 4];
-    let mut parts = s.split(|&b| b == b'.');
-    for o in out.iter_mut() {
-        *o = octet(parts.next()?)?;
+    let (mut part, mut value, mut digits) = (0usize, 0u16, 0u8);
+    for &b in s {
+        if b == b'.' {
+            if digits == 0 {
+                return None;
+            }
+            *out.get_mut(part)? = u8::try_from(value).ok()?;
+            (part, value, digits) = (part + 1, 0, 0);
+        } else if b.is_ascii_digit() {
+            // A leading zero; with it, more than three digits could not stay under 256.
+            if digits == 1 && value == 0 {
+                return None;
+            }
+            value = value * 10 + u16::from(b - b'0');
+            digits += 1;
+            if value > 255 {
+                return None;
+            }
+        } else {
+            return None;
+        }
     }
-    parts.next().is_none().then_some(out)
-}
-
-fn octet(p: &[u8]) -> Option<u8> {
-    if p.is_empty() || p.len() > 3 || (p.len() > 1 && p.first() == Some(&b'0')) {
+    if digits == 0 || part != 3 {
         return None;
     }
-    let v = decimal(p)?;
-    u8::try_from(v).ok()
+    *out.get_mut(3)? = u8::try_from(value).ok()?;
+    Some(out)
 }
 
 /// Decimal digits only, at least one, without overflowing a u32.
