@@ -137,6 +137,10 @@ pub struct TestUpstream {
     acceptor: Option<JoinHandle<()>>,
     /// Keeps the port bound for the upstream's whole life (see [`HeldPort`]).
     hold: socket2::Socket,
+    /// The listening socket itself, so stopping can end its listening state. Closing our
+    /// descriptor is not enough: a child another test is forking at that moment holds a copy
+    /// until its `exec`, and the port would still accept.
+    listening: socket2::Socket,
 }
 
 /// A port a stopped upstream keeps: bound but not listening, so every connection to it is
@@ -219,6 +223,7 @@ impl TestUpstream {
             .bind(&addr.into())
             .with_context(|| format!("listening on {addr} again"))?;
         socket.listen(1024)?;
+        let listening = socket.try_clone()?;
         let listener: TcpListener = socket.into();
         let shared = Arc::new(Shared {
             requests: Mutex::default(),
@@ -241,6 +246,7 @@ impl TestUpstream {
             shared,
             acceptor: Some(acceptor),
             hold: held.socket,
+            listening,
         })
     }
 
@@ -340,9 +346,12 @@ impl Drop for TestUpstream {
     fn drop(&mut self) {
         *lock(&self.shared.stopping) = true;
         self.shared.stop_signal.notify_all();
-        // `accept` only returns for a connection, so make one; if that fails, leave the
-        // acceptor detached rather than hang the test.
-        if TcpStream::connect_timeout(&self.addr, Duration::from_secs(1)).is_ok() {
+        // Shutting a listening socket down ends its listening state for every descriptor of
+        // it, and wakes the blocked `accept`. Where that is refused, a connection wakes it;
+        // if that fails too, leave the acceptor detached rather than hang the test.
+        let woken = self.listening.shutdown(Shutdown::Both).is_ok()
+            || TcpStream::connect_timeout(&self.addr, Duration::from_secs(1)).is_ok();
+        if woken {
             if let Some(acceptor) = self.acceptor.take() {
                 let _ = acceptor.join();
             }
