@@ -400,6 +400,18 @@ fn status_term(term: &str, lo: u16, hi: u16) -> Result<(u16, u16), String> {
     Ok(range)
 }
 
+/// `path[i]`, out of line: shared by every list reader.
+#[inline(never)]
+fn item_path(path: &str, i: usize) -> String {
+    format!("{path}[{i}]")
+}
+
+/// `path.key`, out of line: shared by every object reader.
+#[inline(never)]
+fn key_path(path: &str, key: &str) -> String {
+    format!("{path}.{key}")
+}
+
 /// The most `maxBufferedBytes` may be: a wasm32 VM has 4 GiB of memory in all.
 pub const MAX_BUFFERED_BYTES_LIMIT: u64 = 1 << 30;
 
@@ -512,16 +524,15 @@ impl<'a> Obj<'a> {
         name: &str,
         mut read: impl FnMut(Node<'_>) -> Result<T, ConfigError>,
     ) -> Result<Vec<T>, ConfigError> {
+        // A plain loop: `collect` into a `Result` compiles an iterator adapter per reader.
         self.opt(name, |n| {
             let items = n.value.as_array().ok_or_else(|| n.expected("a list"))?;
-            items
-                .iter()
-                .enumerate()
-                .map(|(i, value)| {
-                    let path = format!("{}[{i}]", n.path);
-                    read(Node { value, path: &path })
-                })
-                .collect()
+            let mut out = Vec::with_capacity(items.len());
+            for (i, value) in items.iter().enumerate() {
+                let path = item_path(n.path, i);
+                out.push(read(Node { value, path: &path })?);
+            }
+            Ok(out)
         })
         .map(Option::unwrap_or_default)
     }
@@ -534,12 +545,12 @@ impl<'a> Obj<'a> {
     ) -> Result<Vec<T>, ConfigError> {
         self.opt(name, |n| {
             let map = n.value.as_object().ok_or_else(|| n.expected("an object"))?;
-            map.iter()
-                .map(|(k, value)| {
-                    let path = format!("{}.{k}", n.path);
-                    read(k, Node { value, path: &path })
-                })
-                .collect()
+            let mut out = Vec::with_capacity(map.len());
+            for (k, value) in map {
+                let path = key_path(n.path, k);
+                out.push(read(k, Node { value, path: &path })?);
+            }
+            Ok(out)
         })
         .map(Option::unwrap_or_default)
     }
