@@ -1,5 +1,5 @@
-"""What envoy_bench.py decides without running Envoy: whether a run can judge the targets, and
-the twins `--compare` adds. Run by `./build.sh test` (python3 -m unittest)."""
+"""What envoy_bench.py decides without running Envoy: whether a run can judge the targets, the
+twins `--compare` adds, and when a configuration's idempotency table is full. Run by `./build.sh test` (python3 -m unittest)."""
 import os
 import sys
 import unittest
@@ -52,6 +52,52 @@ class Compared(unittest.TestCase):
         for reference in ("bare", "empty wasm", "bare POST", "bare mix", "4 empty wasm"):
             self.assertNotIn(f"{reference} (compared)", names)
         self.assertEqual(eb.FLOOR_OF["idempotency POST (compared)"], "bare POST")
+
+
+class FakeTable:
+    """An Envoy whose idempotency table of `slots` records evicts once every slot is taken:
+    `wrk` sends `per_batch` fresh POSTs into it."""
+
+    def __init__(self, slots, per_batch):
+        self.slots, self.per_batch, self.held, self.evicted, self.port = slots, per_batch, 0, 0, 0
+
+    def counter(self, name):
+        self.test_name = name
+        return self.evicted
+
+    def post(self):
+        for _ in range(self.per_batch):
+            if self.held < self.slots:
+                self.held += 1
+            else:
+                self.evicted += 1
+        return {"requests": self.per_batch}
+
+
+class Fill(unittest.TestCase):
+    def run_fill(self, table):
+        real = eb.wrk
+        eb.wrk = lambda *_args, **_kw: table.post()
+        try:
+            return eb.fill(table, "fill.lua", 16)
+        finally:
+            eb.wrk = real
+
+    def test_fills_until_a_whole_batch_of_claims_evicts(self):
+        table = FakeTable(slots=100_000, per_batch=30_000)
+        sent, share = self.run_fill(table)
+        self.assertEqual(table.held, 100_000, "every slot holds a record")
+        self.assertEqual(share, 1.0)
+        # Batches 1-3 fill 90,000 slots, the 4th fills the rest and evicts 20,000 (2/3): the
+        # 5th evicts on every claim and ends the fill.
+        self.assertEqual(sent, 150_000)
+        self.assertEqual(table.test_name, "wasmcustom.idempotency.evicted")
+
+    def test_a_table_that_never_fills_stops_at_the_limit(self):
+        table = FakeTable(slots=10**9, per_batch=100_000)
+        sent, share = self.run_fill(table)
+        self.assertEqual(sent, eb.FILL_LIMIT)
+        self.assertEqual(share, 0.0)
 
 
 if __name__ == "__main__":
