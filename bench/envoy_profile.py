@@ -44,6 +44,12 @@ def main():
             lua = os.path.join(work, safe + ".lua")
             with open(lua, "w") as f:
                 f.write(script)
+            if name in eb.FILLED:
+                fill = os.path.join(work, "fill.lua")
+                with open(fill, "w") as f:
+                    f.write(eb.FRESH_POST)
+                sent, _ = eb.fill(e, fill, 16)
+                print(f"{name}: table full after {sent} fresh POSTs", flush=True)
             eb.wrk(e.port, lua, 2, 16)
             data = os.path.join(work, safe + ".perf")
             perf = subprocess.Popen(["perf", "record", "-q", "-F", "4999", "-o", data, "-p", str(e.proc.pid)],
