@@ -311,6 +311,36 @@ struct TraceSet {
     fill: Option<fn(u64) -> Request>,
 }
 
+/// For each shared-data key the traces read or write that ends in a number (a table's slot),
+/// how many keys of its prefix the run left in shared data: the replay spreads its reads and
+/// writes over that many entries, as the plugin's keys spread over its table, instead of
+/// touching the one it recorded (`bench/README.md`, "The floor").
+fn spread<'a>(
+    edge: &Edge,
+    traced: impl Iterator<Item = &'a host_tests::TracedCallback>,
+) -> serde_json::Map<String, serde_json::Value> {
+    use serde_json::Value;
+    let mut out = serde_json::Map::new();
+    for call in traced.flat_map(|t| &t.calls) {
+        let op = call.get("op").and_then(Value::as_str).unwrap_or_default();
+        let Some(key) = call.get("key").and_then(Value::as_str) else {
+            continue;
+        };
+        if !op.ends_with("_shared_data") {
+            continue;
+        }
+        let prefix = key.trim_end_matches(|c: char| c.is_ascii_digit());
+        if prefix.len() == key.len() || out.contains_key(prefix) {
+            continue;
+        }
+        let n = edge.shared_keys_numbered("", prefix);
+        if n > 1 {
+            out.insert(prefix.to_string(), Value::from(n));
+        }
+    }
+    out
+}
+
 /// A small body as Envoy's HTTP/1 codec hands it to filters: the bytes, then the end of the
 /// stream in an empty frame of its own, each a callback into the VM.
 fn as_envoy_reads(body: &[u8]) -> Vec<Vec<u8>> {
@@ -549,7 +579,9 @@ fn write_traces(out: &std::path::Path) -> anyhow::Result<()> {
         for (module, _) in &plugins {
             let i = docs.len();
             let kinds = traces.get(i).map_or(&[][..], Vec::as_slice);
+            let spread = spread(&edge, kinds.iter().flat_map(|(_, _, t)| t));
             docs.push(json!({
+                "spread": spread,
                 "module": module.name(),
                 "exports": callback_exports(module),
                 "filled": set.fill.is_some(),
@@ -615,8 +647,17 @@ fn write_traces(out: &std::path::Path) -> anyhow::Result<()> {
             )?;
             let m = mismatched.get(i).cloned().unwrap_or_default();
             summary.push(format!(
-                "- trace {file}: {} request type(s), {n} requests sent first{}",
+                "- trace {file}: {} request type(s), {n} requests sent first{}{}",
                 set.kinds.len(),
+                doc.get("spread")
+                    .and_then(Value::as_object)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| {
+                        let each: Vec<String> =
+                            s.iter().map(|(k, n)| format!("{k}N over {n}")).collect();
+                        format!("; keys spread: {}", each.join(", "))
+                    })
+                    .unwrap_or_default(),
                 if m.is_empty() {
                     "; the replay makes the same calls".to_string()
                 } else {

@@ -310,6 +310,33 @@ fn a_body_streamed_in_chunks_has_the_same_fingerprint_as_in_one_piece() -> Resul
 }
 
 #[test]
+fn a_full_table_holds_one_key_per_set_and_one_per_slot() -> Result<()> {
+    // 64 records in sets of eight: 8 set keys and 64 body keys once enough keys have come by.
+    let mut edge = edge(r#"{"maxEntries":64}"#).build()?;
+    for i in 0..1000 {
+        edge.send(pay(&format!("key-{i}"), "{}"))?;
+    }
+    let names: Vec<String> = edge
+        .shared_data_sizes("")
+        .iter()
+        .map(|(k, _)| String::from_utf8_lossy(k).into_owned())
+        .collect();
+    let prefix = |part: &str| {
+        names
+            .iter()
+            .find_map(|k| k.find(part).map(|at| k[..at + part.len()].to_string()))
+            .unwrap_or_default()
+    };
+    let (sets, bodies) = (prefix("/s/"), prefix("/b/"));
+    assert_eq!(edge.shared_keys_numbered("", &sets), 8, "{names:?}");
+    assert_eq!(edge.shared_keys_numbered("", &bodies), 64, "{names:?}");
+    // The byte counter ends in no number; a prefix nobody uses names none.
+    assert_eq!(edge.shared_keys_numbered("", "idempotency/"), 0);
+    assert_eq!(edge.shared_keys_numbered("", "nothing/"), 0);
+    Ok(())
+}
+
+#[test]
 fn a_flood_of_keys_stays_within_the_configured_bounds() -> Result<()> {
     let mut edge = edge(r#"{"maxEntries":50,"maxTotalBytes":4000}"#).build()?;
     // 500-byte answers: the byte budget (8 of them), not the 50 slots, is what binds.

@@ -3,9 +3,12 @@
 //! `host-tests/benches/plugins.rs`) and returns the recorded action. What it adds to bare Envoy
 //! is the measured cost of those crossings; `bench/README.md`, "The floor".
 //!
-//! Configuration: `{"traces": {"NAME": [callback, ...], ...}, "burn": N}`. With several traces,
-//! a stream takes the one named by its `x-replay` request header, read by the first request
-//! header read the trace makes anyway. `burn` runs N rounds of [`burn`] per request, to measure
+//! Configuration: `{"traces": {"NAME": [callback, ...], ...}, "burn": N, "spread": {PREFIX:
+//! COUNT, ...}}`. With several traces, a stream takes the one named by its `x-replay` request
+//! header, read by the first request header read the trace makes anyway. A shared-data key that
+//! is a spread prefix and a number (a table's slot) is replayed, per stream, as that prefix and
+//! one of COUNT numbers, every one written once at configure time: Envoy's shared data then
+//! holds as many entries as the plugin's table did, and each stream reaches one it picks. `burn` runs N rounds of [`burn`] per request, to measure
 //! what a plugin's wasm instruction costs in the same Envoy run.
 
 // The plugins' allocator, callback dispatch and hostcall imports: a replay's guest
@@ -13,8 +16,8 @@
 use edge_host::ffi as host;
 use edge_host::host::{Action, Context, HttpContext, RootContext};
 use serde_json::Value;
-use std::cell::RefCell;
-use std::collections::HashMap;
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 
 /// The header that names a request's trace in a set.
@@ -42,8 +45,8 @@ enum Op {
     HeaderSet(u32, String, Vec<u8>, bool),
     HeaderRemove(u32, String),
     Property(Vec<String>),
-    SharedGet(String),
-    SharedSet(String, Vec<u8>, bool),
+    SharedGet(Key),
+    SharedSet(Key, Vec<u8>, bool),
     Define(u32, String),
     Increment(u32, i64),
     Record(u32, u64),
@@ -61,6 +64,13 @@ struct Callback {
     ops: Vec<Op>,
 }
 
+/// A shared-data key: as recorded, or one of a spread's entries, picked per stream.
+enum Key {
+    Fixed(String),
+    /// The index of a spread in [`Replay::spreads`].
+    Spread(usize),
+}
+
 /// One request's callbacks, by kind: `by_kind[k]` lists the callbacks of kind `k` in order.
 struct Trace {
     name: String,
@@ -74,6 +84,10 @@ struct Replay {
     unrecorded: u32,
     /// The cas each shared-data key last read had, for writes that gave one.
     cas: RefCell<HashMap<String, u32>>,
+    /// Key prefixes and how many numbered entries each spreads over.
+    spreads: Vec<(String, u32)>,
+    /// The state of the generator that picks a stream's entries (xorshift).
+    seed: Cell<u64>,
 }
 
 const REQUEST_HEADERS: u32 = 0;
@@ -111,8 +125,17 @@ fn filler(len: i64) -> Vec<u8> {
 fn ops(
     calls: &[Value],
     metrics: &mut HashMap<(String, i64), u32>,
-    written: &mut Vec<String>,
+    written: &mut HashSet<String>,
+    spreads: &[(String, u32)],
 ) -> Vec<Op> {
+    // A recorded key that is a spread's prefix and a number stands for any of its entries.
+    let key_of = |key: String| -> Key {
+        let prefix = key.trim_end_matches(|c: char| c.is_ascii_digit());
+        match spreads.iter().position(|(p, _)| p == prefix) {
+            Some(i) if prefix.len() < key.len() => Key::Spread(i),
+            _ => Key::Fixed(key),
+        }
+    };
     let mut out = Vec::new();
     let mut metric = |name: String, kind: i64| -> u32 {
         *metrics
@@ -141,17 +164,27 @@ fn ops(
             "get_shared_data" => {
                 let key = string(c, "key");
                 if string(c, "status") == "ok" {
-                    if !written.contains(&key) {
-                        let _ = host::set_shared_data(&key, &filler(int(c, "len")), 0);
-                        written.push(key.clone());
+                    let key = key_of(key);
+                    let entries = match &key {
+                        Key::Fixed(k) => vec![k.clone()],
+                        Key::Spread(i) => spreads.get(*i).map_or(Vec::new(), |(p, n)| {
+                            (0..*n).map(|at| format!("{p}{at}")).collect()
+                        }),
+                    };
+                    let value = filler(int(c, "len"));
+                    for k in entries {
+                        if !written.contains(&k) {
+                            let _ = host::set_shared_data(&k, &value, 0);
+                            written.insert(k);
+                        }
                     }
                     Some(Op::SharedGet(key))
                 } else {
-                    Some(Op::SharedGet(format!("{key}\u{1}")))
+                    Some(Op::SharedGet(Key::Fixed(format!("{key}\u{1}"))))
                 }
             }
             "set_shared_data" => Some(Op::SharedSet(
-                string(c, "key"),
+                key_of(string(c, "key")),
                 filler(int(c, "len")),
                 c.get("cas").and_then(Value::as_bool).unwrap_or(false),
             )),
@@ -205,7 +238,17 @@ fn ops(
 fn parse(config: &[u8]) -> Option<Replay> {
     let v: Value = serde_json::from_slice(config).ok()?;
     let mut metrics = HashMap::new();
-    let mut written = Vec::new();
+    let mut written = HashSet::new();
+    let spreads: Vec<(String, u32)> = v
+        .get("spread")
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .filter_map(|(p, n)| Some((p.clone(), u32::try_from(n.as_u64()?).ok()?)))
+                .filter(|(_, n)| *n > 1)
+                .collect()
+        })
+        .unwrap_or_default();
     let mut traces = Vec::new();
     for (name, callbacks) in v.get("traces")?.as_object()? {
         let mut by_kind: Vec<Vec<Callback>> = CALLBACKS.iter().map(|_| Vec::new()).collect();
@@ -224,7 +267,7 @@ fn parse(config: &[u8]) -> Option<Replay> {
             let callback = Callback {
                 kind,
                 returned: u32::try_from(int(cb, "returned")).unwrap_or(0),
-                ops: ops(calls, &mut metrics, &mut written),
+                ops: ops(calls, &mut metrics, &mut written, &spreads),
             };
             if let Some(list) = by_kind.get_mut(callback.kind) {
                 list.push(callback);
@@ -240,6 +283,8 @@ fn parse(config: &[u8]) -> Option<Replay> {
         burn: u64::try_from(int(&v, "burn")).unwrap_or(0),
         unrecorded: host::define_counter("replay_unrecorded").unwrap_or(0),
         cas: RefCell::new(HashMap::new()),
+        spreads,
+        seed: Cell::new(0x9e37_79b9_7f4a_7c15),
     })
 }
 
@@ -280,6 +325,9 @@ struct Stream {
     trace: usize,
     selected: bool,
     seen: [usize; CALLBACKS.len()],
+    /// The entry of each spread this stream reaches, picked at its first use: a plugin reads
+    /// and writes one slot of its table per request.
+    picks: Vec<Option<String>>,
 }
 
 impl Stream {
@@ -348,7 +396,50 @@ impl Stream {
         true
     }
 
-    fn apply(&self, replay: &Replay, op: &Op) {
+    /// The key `key` stands for in this stream. A spread's entry is picked and its key built
+    /// once per stream: the replay's own instructions count in the floor.
+    fn key<'s>(&'s mut self, replay: &Replay, key: &'s Key) -> &'s str {
+        let i = match key {
+            Key::Fixed(k) => return k,
+            Key::Spread(i) => *i,
+        };
+        if self.picks.len() <= i {
+            self.picks.resize(i + 1, None);
+        }
+        let Some(slot) = self.picks.get_mut(i) else {
+            return "";
+        };
+        slot.get_or_insert_with(|| {
+            let Some((prefix, n)) = replay.spreads.get(i) else {
+                return String::new();
+            };
+            let mut x = replay.seed.get();
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            replay.seed.set(x);
+            let mut pick = x % u64::from(*n);
+            let mut digits = [0u8; 20];
+            let mut at = digits.len();
+            loop {
+                at -= 1;
+                if let Some(d) = digits.get_mut(at) {
+                    *d = b'0' + (pick % 10) as u8;
+                }
+                pick /= 10;
+                if pick == 0 || at == 0 {
+                    break;
+                }
+            }
+            let digits = std::str::from_utf8(digits.get(at..).unwrap_or_default()).unwrap_or("");
+            let mut k = String::with_capacity(prefix.len() + digits.len());
+            k.push_str(prefix);
+            k.push_str(digits);
+            k
+        })
+    }
+
+    fn apply(&mut self, replay: &Replay, op: &Op) {
         match op {
             Op::HeaderGet(m, name) => ignore(host::get_header(*m, name)),
             Op::HeaderPairs(m) => ignore(host::get_header_pairs_raw(*m)),
@@ -361,12 +452,14 @@ impl Stream {
                 &path.iter().map(String::as_str).collect::<Vec<_>>(),
             )),
             Op::SharedGet(key) => {
+                let key = self.key(replay, key);
                 let (status, _, cas) = host::get_shared_data(key);
                 if status == host::OK {
-                    replay.cas.borrow_mut().insert(key.clone(), cas);
+                    replay.cas.borrow_mut().insert(key.to_string(), cas);
                 }
             }
             Op::SharedSet(key, value, with_cas) => {
+                let key = self.key(replay, key);
                 let cas = replay.cas.borrow_mut().remove(key).filter(|_| *with_cas);
                 let _ = host::set_shared_data(key, value, cas.unwrap_or(0));
             }
@@ -452,6 +545,7 @@ impl RootContext for Root {
             trace: 0,
             selected: false,
             seen: [0; CALLBACKS.len()],
+            picks: Vec::new(),
         };
         stream.run(0);
         Some(Box::new(stream))

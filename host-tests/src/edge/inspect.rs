@@ -143,6 +143,19 @@ impl Edge {
             .unwrap_or((0, 0))
     }
 
+    /// How many shared-data keys of `vm_id`'s scope are `prefix` followed by a number: the
+    /// slots of a table whose keys end in their index (`idempotency/r/s/41`).
+    pub fn shared_keys_numbered(&self, vm_id: &str, prefix: &str) -> usize {
+        self.host.borrow().shared_data.get(vm_id).map_or(0, |m| {
+            m.keys()
+                .filter(|k| {
+                    k.strip_prefix(prefix.as_bytes())
+                        .is_some_and(|n| !n.is_empty() && n.iter().all(u8::is_ascii_digit))
+                })
+                .count()
+        })
+    }
+
     /// Whether the VM of `plugin` on `worker` has trapped (`worker_count()`: the main thread).
     pub fn vm_failed(&self, worker: usize, plugin: usize) -> bool {
         self.workers[worker][plugin].store.data().failed
