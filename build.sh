@@ -506,6 +506,8 @@ cmd_bench() {
   ensure_apt_package wrk wrk
   ensure_apt_package wasm-opt binaryen
   ensure_apt_package taskset util-linux
+  # The idempotency-in-etcd part of the Envoy bench runs the real engine.
+  ensure_apt_package etcd etcd-server
   cmd_build
   local out=bench/out
   mkdir -p "$out"
