@@ -418,24 +418,7 @@ impl Stream {
             x ^= x >> 7;
             x ^= x << 17;
             replay.seed.set(x);
-            let mut pick = x % u64::from(*n);
-            let mut digits = [0u8; 20];
-            let mut at = digits.len();
-            loop {
-                at -= 1;
-                if let Some(d) = digits.get_mut(at) {
-                    *d = b'0' + (pick % 10) as u8;
-                }
-                pick /= 10;
-                if pick == 0 || at == 0 {
-                    break;
-                }
-            }
-            let digits = std::str::from_utf8(digits.get(at..).unwrap_or_default()).unwrap_or("");
-            let mut k = String::with_capacity(prefix.len() + digits.len());
-            k.push_str(prefix);
-            k.push_str(digits);
-            k
+            edge_core::text::key(prefix, x % u64::from(*n))
         })
     }
 
