@@ -292,6 +292,17 @@ fn main() -> anyhow::Result<()> {
 /// The plugin configurations of `bench/envoy_bench.py` (it reads the same file).
 const BENCH_CONFIGS: &str = include_str!("../../bench/plugin-configs.json");
 
+/// The configurations the traces are recorded with: `bench/plugin-configs.json`, or the file
+/// `EDGE_BENCH_CONFIGS` names, which `envoy_bench.py` reads too (to measure another table
+/// size, say).
+fn bench_configs() -> anyhow::Result<String> {
+    match std::env::var_os("EDGE_BENCH_CONFIGS") {
+        Some(path) => std::fs::read_to_string(&path)
+            .map_err(|e| anyhow::anyhow!("EDGE_BENCH_CONFIGS={}: {e}", path.to_string_lossy())),
+        None => Ok(BENCH_CONFIGS.to_string()),
+    }
+}
+
 /// A request type of a path: its name (the `x-replay` value), share of the load, request `n`.
 type Kind = (&'static str, f64, fn(u64) -> Request);
 
@@ -523,7 +534,8 @@ fn op_kinds(trace: &[host_tests::TracedCallback]) -> Vec<String> {
 
 fn write_traces(out: &std::path::Path) -> anyhow::Result<()> {
     use serde_json::{json, Value};
-    let configs: Value = serde_json::from_str(BENCH_CONFIGS)?;
+    let configs_text = bench_configs()?;
+    let configs: Value = serde_json::from_str(&configs_text)?;
     std::fs::create_dir_all(out)?;
     let replay = Module::from_file(module_path("replay_filter"))?;
     let mut summary = Vec::new();
@@ -532,7 +544,7 @@ fn write_traces(out: &std::path::Path) -> anyhow::Result<()> {
         for (name, section) in &set.plugins {
             let config = match section {
                 Some(s) => configs.get(*s).map(Value::to_string).unwrap_or_default(),
-                None => BENCH_CONFIGS.to_string(),
+                None => configs_text.clone(),
             };
             plugins.push((Module::from_file(module_path(name))?, config));
         }
