@@ -11,14 +11,49 @@
 //! holds as many entries as the plugin's table did, and each stream reaches one it picks. `burn` runs N rounds of [`burn`] per request, to measure
 //! what a plugin's wasm instruction costs in the same Envoy run.
 
+#![no_std]
+
+use crate::alloc::string::ToString;
+extern crate alloc;
+
 // The plugins' allocator, callback dispatch and hostcall imports: a replay's guest
 // allocations and crossings cost what the plugins' do.
+use alloc::boxed::Box;
+use alloc::format;
+use alloc::rc::Rc;
+use alloc::string::String;
+use alloc::vec;
+use alloc::vec::Vec;
+use core::cell::{Cell, RefCell};
+use core::hash::{BuildHasherDefault, Hasher};
 use edge_host::ffi as host;
 use edge_host::host::{Action, Context, HttpContext, RootContext};
 use serde_json::Value;
-use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, HashSet};
-use std::rc::Rc;
+
+/// The modules are `no_std` (hashbrown without a default hasher): FNV-1a, as the plugins'
+/// own name maps use.
+#[derive(Default)]
+struct Fnv(u64);
+
+impl Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = if self.0 == 0 {
+            0xcbf2_9ce4_8422_2325
+        } else {
+            self.0
+        };
+        for b in bytes {
+            h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        self.0 = h;
+    }
+}
+
+type HashMap<K, V> = hashbrown::HashMap<K, V, BuildHasherDefault<Fnv>>;
+type HashSet<K> = hashbrown::HashSet<K, BuildHasherDefault<Fnv>>;
 
 /// The header that names a request's trace in a set.
 const SELECTOR: &str = "x-replay";
@@ -237,8 +272,8 @@ fn ops(
 
 fn parse(config: &[u8]) -> Option<Replay> {
     let v: Value = serde_json::from_slice(config).ok()?;
-    let mut metrics = HashMap::new();
-    let mut written = HashSet::new();
+    let mut metrics = HashMap::default();
+    let mut written = HashSet::default();
     let spreads: Vec<(String, u32)> = v
         .get("spread")
         .and_then(Value::as_object)
@@ -282,7 +317,7 @@ fn parse(config: &[u8]) -> Option<Replay> {
         traces,
         burn: u64::try_from(int(&v, "burn")).unwrap_or(0),
         unrecorded: host::define_counter("replay_unrecorded").unwrap_or(0),
-        cas: RefCell::new(HashMap::new()),
+        cas: RefCell::new(HashMap::default()),
         spreads,
         seed: Cell::new(0x9e37_79b9_7f4a_7c15),
     })
@@ -294,7 +329,7 @@ fn parse(config: &[u8]) -> Option<Replay> {
 fn burn(rounds: u64) -> usize {
     let mut total = 0;
     for _ in 0..rounds {
-        let doc = std::hint::black_box(BURN_DOCUMENT);
+        let doc = core::hint::black_box(BURN_DOCUMENT);
         if let Ok(Value::Object(o)) = serde_json::from_str::<Value>(doc) {
             total += o.len();
         }
@@ -489,7 +524,7 @@ impl HttpContext for Stream {
     fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
         let action = self.action(1);
         if self.replay.burn > 0 {
-            std::hint::black_box(burn(self.replay.burn));
+            core::hint::black_box(burn(self.replay.burn));
         }
         action
     }

@@ -10,6 +10,7 @@
 //! request takes over as the probe once `openFor` has passed since it started.
 
 use crate::config::Breaker;
+use alloc::vec::Vec;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Phase {

@@ -2,6 +2,9 @@
 //! validated once into [`Config`]. Every field is optional; the defaults are the constants
 //! below (and the crate's README, its reference).
 
+use crate::alloc::string::ToString;
+use alloc::string::String;
+use alloc::vec::Vec;
 use edge_core::config::{StatusBounds, Statuses};
 use edge_core::route::Route;
 use edge_core::{parse_json, ConfigError, Node};
@@ -218,6 +221,7 @@ const STORE_STATUSES: StatusBounds<'static> = StatusBounds {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use alloc::vec;
 
     /// The README's full example, read from the file the README shows.
     pub const EXAMPLE: &str = include_str!("../examples/recommendations.json");

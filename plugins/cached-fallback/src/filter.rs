@@ -6,6 +6,10 @@ use crate::config::Config;
 use crate::policy::{
     Answer, Counter, Covered, Fallback, Pending, RequestAction, ResponseAction, Served,
 };
+use alloc::boxed::Box;
+use alloc::format;
+use alloc::rc::Rc;
+use alloc::vec::Vec;
 use edge_core::problem::Reply;
 use edge_core::request::RequestParts;
 use edge_core::throttle::Throttle;
@@ -15,7 +19,6 @@ use edge_host::host::{
     response_body_chunk, response_status_and_headers, warn_throttled, Action, Context, Counters,
     HostRequest, HttpContext, RootContext, SharedData,
 };
-use std::rc::Rc;
 
 /// The counters, and the throttle of this worker's warnings.
 #[derive(Default)]

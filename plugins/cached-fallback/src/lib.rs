@@ -1,6 +1,11 @@
 //! Cached fallback: keeps the last good response per request key in shared data and serves it
 //! when the upstream fails (status, reset, timeout), with a circuit breaker across workers.
 #![doc = include_str!("../README.md")]
+#![no_std]
+
+extern crate alloc;
+#[cfg(test)]
+extern crate std;
 
 pub mod circuit;
 pub mod config;

@@ -13,8 +13,14 @@
 //! - `circuit`: the circuit breaker's [`State`] (21 bytes).
 //! - `seed`: the 64-bit key seed, random per Envoy, so clients cannot craft colliding keys.
 
+use crate::alloc::string::ToString;
 use crate::circuit::{self, Admit, State};
 use crate::config::{Config, FailOn};
+use alloc::boxed::Box;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec;
+use alloc::vec::Vec;
 use edge_core::key::KeyHasher;
 use edge_core::metrics;
 use edge_core::problem::{problem_json, retry_after, retry_after_secs, Reply};
@@ -979,7 +985,7 @@ mod tests {
         r.headers
             .iter()
             .find(|(k, _)| k == name)
-            .and_then(|(_, v)| std::str::from_utf8(v).ok())
+            .and_then(|(_, v)| core::str::from_utf8(v).ok())
     }
 
     #[test]

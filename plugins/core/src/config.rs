@@ -1,12 +1,18 @@
 //! Configuration errors that name the field, so Envoy's log says exactly what to fix
 //! (`rules[2].limit.requests: must be > 0`) and the plugin refuses the config at load.
 
+use crate::alloc::string::ToString;
 use crate::duration::parse_duration;
-use serde_json::{Map, Value};
+use alloc::format;
+use alloc::string::String;
+#[cfg(any(test, debug_assertions))]
+use alloc::vec;
+use alloc::vec::Vec;
 #[cfg(debug_assertions)]
-use std::cell::{Cell, RefCell};
-use std::fmt;
-use std::time::Duration;
+use core::cell::{Cell, RefCell};
+use core::fmt;
+use core::time::Duration;
+use serde_json::{Map, Value};
 
 /// A rejected configuration: the JSON path of the field and what is wrong with it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -48,7 +54,7 @@ impl fmt::Display for ConfigError {
     }
 }
 
-impl std::error::Error for ConfigError {}
+impl core::error::Error for ConfigError {}
 
 /// Parses a plugin configuration into a JSON tree to be read with [`Node`]. Every plugin reads
 /// its config this way rather than through `#[derive(Deserialize)]`: the tree walk names the
@@ -93,11 +99,20 @@ struct Audit<'a> {
     failed: Cell<bool>,
 }
 
+/// A failing test's unwinding must not panic again here.
+#[cfg(debug_assertions)]
+fn panicking() -> bool {
+    #[cfg(not(target_arch = "wasm32"))]
+    return std::thread::panicking();
+    #[cfg(target_arch = "wasm32")]
+    false
+}
+
 #[cfg(debug_assertions)]
 impl Drop for Obj<'_> {
     fn drop(&mut self) {
         let a = &self.audit;
-        if a.failed.get() || std::thread::panicking() {
+        if a.failed.get() || panicking() {
             return;
         }
         let asked = a.asked.borrow();

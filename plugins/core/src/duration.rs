@@ -1,6 +1,8 @@
 //! Durations as users write them in plugin configs: `"250ms"`, `"60s"`, `"5m"`, `"24h"`.
 
-use std::time::Duration;
+use alloc::format;
+use alloc::string::String;
+use core::time::Duration;
 
 /// Parses `<integer><unit>` with unit `ms`, `s`, `m` or `h`. Zero is allowed; callers that need a
 /// positive duration check it where the field is known.

@@ -2,6 +2,8 @@
 //! `edit_request_headers` and `edit_response_headers`): one shape for every plugin, request or
 //! response.
 
+use alloc::string::String;
+use alloc::vec::Vec;
 /// Remove `remove`, then set `set`: a plugin strips what a client must not choose (a routing
 /// header, a verdict marker) before it sets its own. `S` is `String`, or `&str` borrowed from
 /// the configuration where a request must not allocate.

@@ -1,9 +1,10 @@
 //! IP addresses as text, read and written by hand rather than through `core::net`: its generic
 //! parser and its `Display` took 5-6 KB of every module that keys on the client's address.
-//! Same grammar as `std::net` (the tests hold the two to the same answers), so a client is one
+//! Same grammar as `core::net` (the tests hold the two to the same answers), so a client is one
 //! key however its address is spelled.
 
-/// A dotted quad as `std::net::Ipv4Addr` reads it: four decimal parts of one to three digits,
+use alloc::string::String;
+/// A dotted quad as `core::net::Ipv4Addr` reads it: four decimal parts of one to three digits,
 /// each at most 255, with no leading zero (`01.2.3.4` is refused, as an octal reading would
 /// make it another address).
 pub fn v4(s: &[u8]) -> Option<[u8; 4]> {
@@ -49,7 +50,7 @@ fn decimal(p: &[u8]) -> Option<u32> {
     })
 }
 
-/// An IPv6 address's eight groups, as `std::net::Ipv6Addr` reads them: groups of one to four
+/// An IPv6 address's eight groups, as `core::net::Ipv6Addr` reads them: groups of one to four
 /// hex digits, at most one `::` standing for one or more zero groups, and a dotted quad in
 /// place of the last two groups.
 pub fn v6(s: &[u8]) -> Option<[u16; 8]> {
@@ -98,7 +99,7 @@ fn groups(part: &[u8], out: &mut [u16; 8], quad_last: bool) -> Option<usize> {
     Some(n)
 }
 
-/// `[address]:port` or `[address%scope]:port`, as `std::net::SocketAddrV6` reads it (a
+/// `[address]:port` or `[address%scope]:port`, as `core::net::SocketAddrV6` reads it (a
 /// decimal scope, a port that fits 16 bits).
 pub fn bracketed_v6(s: &[u8]) -> Option<[u16; 8]> {
     let inner = s.strip_prefix(b"[")?;
@@ -117,7 +118,7 @@ pub fn bracketed_v6(s: &[u8]) -> Option<[u16; 8]> {
     v6(addr)
 }
 
-/// The canonical text of an IPv6 address (RFC 5952, as `std::net` writes it: lower-case hex,
+/// The canonical text of an IPv6 address (RFC 5952, as `core::net` writes it: lower-case hex,
 /// the longest run of two or more zero groups, the first of equals, as `::`); an IPv4-mapped
 /// address (`::ffff:a.b.c.d`) as its IPv4 text, since it is that client.
 pub fn v6_text(g: [u16; 8]) -> String {
@@ -175,7 +176,10 @@ pub fn push_v4(out: &mut String, o: [u8; 4]) {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV6};
+    use crate::alloc::string::ToString;
+    use alloc::format;
+    use alloc::vec::Vec;
+    use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV6};
 
     fn ours(s: &str) -> Option<String> {
         if let Some(o) = v4(s.as_bytes()) {

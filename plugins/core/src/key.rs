@@ -1,11 +1,14 @@
 //! Request keys as users configure them (`[{"source":"clientIp"},{"header":"x-api-key"}]`) and
 //! their seeded 64-bit hash, the name of a bucket or record in shared state.
 
+use crate::alloc::string::ToString;
 use crate::config::Node;
 use crate::request::RequestView;
 use crate::siphash::SipHasher24;
 use crate::store::{get_or_create, SlotStore, StoreError};
 use crate::ConfigError;
+use alloc::string::String;
+use alloc::vec::Vec;
 
 /// Where a key part comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -148,6 +151,7 @@ mod seed_tests {
 mod tests {
     use super::*;
     use crate::request::RequestParts;
+    use alloc::vec;
 
     fn part(json: &str) -> Result<KeyPart, String> {
         let v: serde_json::Value = serde_json::from_str(json).unwrap();
@@ -232,6 +236,7 @@ mod tests {
 #[cfg(test)]
 mod hasher_tests {
     use super::KeyHasher;
+    use alloc::format;
 
     #[test]
     fn pieces_are_bytes_and_length_prefixed() {

@@ -5,6 +5,13 @@
 //! Nothing here makes a hostcall, so all of it is unit-tested natively; the host side of these
 //! mechanisms lives in edge-host.
 
+#![no_std]
+
+extern crate alloc;
+// Native builds (tests, the tools) keep std: debug builds check config readers with it.
+#[cfg(not(target_arch = "wasm32"))]
+extern crate std;
+
 pub mod config;
 pub mod duration;
 pub mod headers;

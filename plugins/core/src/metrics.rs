@@ -3,6 +3,9 @@
 //! by variant, so a name is written in one place and a counter cannot be misspelt at the
 //! increment. Names are what Envoy shows (`wasmcustom.<prefix>.<name>`) and tests read.
 
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
 /// A plugin's counters: one variant each.
 pub trait Counter: Copy + PartialEq + 'static {
     /// Every counter, in the order they are defined.

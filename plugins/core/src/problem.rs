@@ -1,6 +1,11 @@
 //! RFC 9457 `application/problem+json` bodies, the one error format every plugin answers with.
 //! Written by hand: a JSON serializer for five members is not worth its size in every module.
 
+use crate::alloc::string::ToString;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec;
+use alloc::vec::Vec;
 pub const CONTENT_TYPE: &str = "application/problem+json";
 
 /// A local reply a plugin's policy decides on: plain data, sent by `edge_host::host::answer`.

@@ -1,7 +1,10 @@
 //! What a policy may read from a request, behind a trait so policies are tested natively: the
 //! filter glue implements [`RequestView`] over hostcalls, tests use [`RequestParts`].
 
+use crate::alloc::string::ToString;
 use crate::ip;
+use alloc::string::String;
+use alloc::vec::Vec;
 
 /// The parts of a request a policy decides on. Header names are lower-case.
 pub trait RequestView {
@@ -262,6 +265,8 @@ impl RequestView for RequestParts {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use alloc::format;
+    use alloc::vec;
 
     #[test]
     fn client_ip_drops_the_port_for_ipv4_and_ipv6() {
@@ -280,9 +285,9 @@ mod tests {
         assert_eq!(client_ip("@pipe").as_deref(), Some("@pipe"));
     }
 
-    /// What `client_ip` answered when it read addresses with `std::net`.
+    /// What `client_ip` answered when it read addresses with `core::net`.
     fn client_ip_by_std(address: &str) -> Option<String> {
-        use std::net::{IpAddr, SocketAddr};
+        use core::net::{IpAddr, SocketAddr};
         let a = address.trim();
         if a.is_empty() {
             return None;
@@ -290,7 +295,7 @@ mod tests {
         if let Some((host, port)) = a.rsplit_once(':') {
             if !host.contains(':')
                 && port.bytes().all(|b| b.is_ascii_digit())
-                && host.parse::<std::net::Ipv4Addr>().is_ok()
+                && host.parse::<core::net::Ipv4Addr>().is_ok()
             {
                 return Some(host.to_string());
             }

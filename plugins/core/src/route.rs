@@ -1,9 +1,12 @@
 //! Request matching shared by every plugin's `match`/`routes`: `pathPrefix`, `path` (exact),
 //! `methods`, `headers` (exact value). Omitted conditions match anything.
 
+use crate::alloc::string::ToString;
 use crate::config::Node;
 use crate::request::RequestView;
 use crate::ConfigError;
+use alloc::string::String;
+use alloc::vec::Vec;
 
 /// A validated route condition.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -77,6 +80,7 @@ pub fn from_upstream(details: Option<&str>) -> bool {
 mod tests {
     use super::*;
     use crate::request::RequestParts;
+    use alloc::format;
 
     fn read(json: &str) -> Result<Route, ConfigError> {
         let v: serde_json::Value = serde_json::from_str(&format!(r#"{{"match":{json}}}"#)).unwrap();

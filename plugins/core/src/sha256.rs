@@ -122,6 +122,9 @@ impl Sha256 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use alloc::format;
+    use alloc::string::String;
+    use alloc::vec::Vec;
 
     fn hex(d: [u8; 32]) -> String {
         d.iter().map(|b| format!("{b:02x}")).collect()

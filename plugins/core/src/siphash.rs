@@ -97,6 +97,7 @@ impl SipHasher24 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use alloc::vec::Vec;
 
     fn reference_key() -> (u64, u64) {
         let k: Vec<u8> = (0u8..16).collect();

@@ -7,8 +7,12 @@
 //! creation is its own operation ([`SlotStore::create`]) and policies keep a fixed, bounded set
 //! of keys that they create before use and then only ever compare-and-swap.
 
-use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use crate::alloc::string::ToString;
+use alloc::collections::BTreeMap;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::cell::{Cell, RefCell};
 
 /// A stored value and the version to name when replacing it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,8 +33,8 @@ pub enum Write {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoreError(pub String);
 
-impl std::fmt::Display for StoreError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl core::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.write_str(&self.0)
     }
 }
@@ -122,7 +126,7 @@ pub fn contended(attempts: u32) -> StoreError {
 /// compare-and-swaps, and an unavailable store.
 #[derive(Default)]
 pub struct MemoryStore {
-    data: RefCell<HashMap<String, Entry>>,
+    data: RefCell<BTreeMap<String, Entry>>,
     next_version: Cell<u32>,
     /// The next N compare-and-swaps find that another worker wrote first.
     pub conflicts: Cell<u32>,
@@ -215,6 +219,7 @@ impl SlotStore for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use alloc::vec;
 
     #[test]
     fn a_stale_version_loses_and_the_winner_stays() {

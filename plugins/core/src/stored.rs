@@ -2,9 +2,12 @@
 //! fallback, idempotency): a compact binary form for shared data, the hop-by-hop headers that
 //! must never be replayed, and the `Cache-Control` directives that decide what may be kept.
 
+use crate::alloc::string::ToString;
 use crate::problem::Reply;
-use std::cell::Cell;
-use std::rc::Rc;
+use alloc::rc::Rc;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::cell::Cell;
 
 /// Headers that describe one connection, not the response (RFC 9110 section 7.6.1), plus
 /// Envoy's per-hop additions: never stored, never replayed.
@@ -48,7 +51,7 @@ pub fn is_hop_by_hop(name: &str) -> bool {
     }
     // Opaque to the optimiser, so the search stays a loop: unrolled over the constant names it
     // took 5 KB of every module that keeps responses.
-    let names: &[&str] = std::hint::black_box(HOP_BY_HOP);
+    let names: &[&str] = core::hint::black_box(HOP_BY_HOP);
     names.iter().any(|h| name.eq_ignore_ascii_case(h))
 }
 
@@ -239,7 +242,7 @@ impl ResponseCopy {
     /// How the copy ended (its bytes go back to the budget).
     pub fn finish(mut self) -> Copied {
         let copied = match self.state {
-            CopyState::Whole => Copied::Whole(std::mem::take(&mut self.response)),
+            CopyState::Whole => Copied::Whole(core::mem::take(&mut self.response)),
             CopyState::Dropped(why) => Copied::Dropped(why),
             CopyState::Copying => Copied::CutShort,
         };
@@ -248,7 +251,7 @@ impl ResponseCopy {
     }
 
     fn release(&mut self) {
-        self.budget.give(std::mem::take(&mut self.held));
+        self.budget.give(core::mem::take(&mut self.held));
         self.response.body = Vec::new();
     }
 }
@@ -376,6 +379,7 @@ impl CacheControl {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use alloc::vec;
 
     fn copy(max_body: u64, budget: &CopyBudget) -> ResponseCopy {
         ResponseCopy::new(200, Vec::new(), max_body, budget.clone())

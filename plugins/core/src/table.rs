@@ -16,10 +16,15 @@
 //! for all keys), so the next change of it reads the set first; a record that was read
 //! carries the set as read, and the first write after a read needs no read of its own.
 
+use crate::alloc::string::ToString;
 use crate::store::{
     contended, get_or_create, update_or_create, Entry, SlotStore, StoreError, Write,
 };
-use std::cell::{Cell, RefCell};
+use alloc::format;
+use alloc::string::String;
+use alloc::vec;
+use alloc::vec::Vec;
+use core::cell::{Cell, RefCell};
 
 /// Slots in a set: the slots a key may occupy. Half full, sets of eight turn away about one
 /// new key in a hundred (a Poisson tail at 4 per set), sets of four about one in twenty-five.
@@ -777,6 +782,8 @@ fn bound_to(value: &[u8], key: &u64, at: Option<&[u8]>) -> bool {
 mod tests {
     use super::*;
     use crate::store::MemoryStore;
+    use alloc::boxed::Box;
+    use std::println;
 
     fn rec(key: u64, at: u64) -> Record {
         Record::new(key, at, false, b"m".to_vec())

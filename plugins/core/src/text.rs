@@ -1,10 +1,13 @@
 //! Text built on the request path without `format!`: the formatting machinery costs hundreds
 //! of wasm instructions per call, where these cost tens.
 
+use crate::alloc::borrow::ToOwned;
+use alloc::string::String;
+use alloc::vec::Vec;
 /// A header value as a whole number (`content-length`, `age`, `:status`), surrounding
 /// whitespace allowed; `None` when it is not one.
 pub fn parse_u64(value: &[u8]) -> Option<u64> {
-    std::str::from_utf8(value).ok()?.trim().parse().ok()
+    core::str::from_utf8(value).ok()?.trim().parse().ok()
 }
 
 /// Bytes from the host as text: valid UTF-8 (nearly always) keeps its buffer; anything else
@@ -16,7 +19,7 @@ pub fn into_text(bytes: Vec<u8>) -> String {
 
 /// Borrowed bytes as an owned text, as [`into_text`] does.
 pub fn to_text(bytes: &[u8]) -> String {
-    match std::str::from_utf8(bytes) {
+    match core::str::from_utf8(bytes) {
         Ok(s) => s.to_owned(),
         Err(_) => String::from_utf8_lossy(bytes).into_owned(),
     }
@@ -44,7 +47,7 @@ pub fn push_decimal(s: &mut String, mut n: u64) {
             break;
         }
     }
-    if let Ok(t) = std::str::from_utf8(digits.get(at..).unwrap_or_default()) {
+    if let Ok(t) = core::str::from_utf8(digits.get(at..).unwrap_or_default()) {
         s.push_str(t);
     }
 }
@@ -52,6 +55,7 @@ pub fn push_decimal(s: &mut String, mut n: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use alloc::format;
 
     #[test]
     fn header_numbers_are_whole_numbers_or_none() {

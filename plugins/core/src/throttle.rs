@@ -2,7 +2,7 @@
 //! request while it lasts; one line per interval per worker says the same, without letting the
 //! log grow with the request rate.
 
-use std::cell::Cell;
+use core::cell::Cell;
 
 /// At most one warning per `every_ns`; the ones held back in between are counted and reported
 /// with the next one that passes.

@@ -1,7 +1,16 @@
 //! The four policies in one filter: the separate plugins' glue as stages of one pipeline, in
 //! the README's order, so a request pays one set of VM crossings and one read of its headers.
 #![doc = include_str!("../README.md")]
+#![no_std]
 
+use crate::alloc::string::ToString;
+extern crate alloc;
+#[cfg(test)]
+extern crate std;
+
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
 /// The sections of the configuration, in the order the stages run.
 pub use edge_core::config::SECTIONS;
 

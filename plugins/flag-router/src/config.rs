@@ -1,11 +1,15 @@
 //! The flag-router configuration: where context values come from, which flags become which
 //! headers, the bootstrap flags and the optional remote flag source.
 
+use crate::alloc::string::ToString;
 use crate::flags::FlagSet;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::time::Duration;
 use edge_core::key::KeyPart;
 use edge_core::{parse_json, ConfigError, Node};
 use serde_json::Value;
-use std::time::Duration;
 
 /// What a context value's request text becomes: flagd contexts hold typed values, and a rule
 /// such as `{">=": [{"var": "age"}, 18]}` means a number, not the text `"18"`.

@@ -6,14 +6,17 @@ use crate::config::ValueType;
 use crate::flags::FlagSet;
 use crate::policy::{decide, type_warning, ContextCounter, Reporter};
 use crate::source::{Answer, Fetched, Poller, SourceCounter};
+use alloc::boxed::Box;
+use alloc::format;
+use alloc::rc::Rc;
+use alloc::vec::Vec;
+use core::cell::RefCell;
 use edge_core::throttle::Throttle;
 use edge_host::host::{
     callout_response_body, callout_response_header, dispatch_http_call, edit_request_headers,
     load_config, now_ns, set_tick_period_ms, warn_throttled, Action, Context, Counters,
     HostRequest, HttpContext, NamedCounters, RootContext,
 };
-use std::cell::RefCell;
-use std::rc::Rc;
 
 /// Counters per flag and variant outnumber no flag file: at most this many names get their
 /// own counter per worker; a file that keeps renaming variants counts the rest under
@@ -88,7 +91,7 @@ impl FlagRouterRoot {
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
         self.metrics.borrow().source.add(SourceCounter::Fetches, 1);
-        let timeout = std::time::Duration::from_millis(u64::from(source.timeout_ms()));
+        let timeout = core::time::Duration::from_millis(u64::from(source.timeout_ms()));
         match dispatch_http_call(&source.cluster, headers, timeout) {
             Ok(token) => self.poller.sent(token),
             Err(status) => {
@@ -157,7 +160,7 @@ impl RootContext for FlagRouterRoot {
                 return false;
             }
         }
-        self.flags = Loaded::new(std::mem::take(&mut config.flags));
+        self.flags = Loaded::new(core::mem::take(&mut config.flags));
         self.metrics.borrow_mut().reporter.flags_replaced();
         let polled = config.source.is_some();
         if config.context.iter().any(|a| a.kind != ValueType::String) {

@@ -1,7 +1,11 @@
 //! flagd flag definitions: the same JSON as a flagd flag-definition file, compiled once (at
 //! load for inline flags, per fetch for a remote source) and evaluated per request.
 
+use crate::alloc::string::ToString;
 use crate::logic::{Expr, MAX_NODES};
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
 use edge_core::{ConfigError, Node, Obj};
 use serde_json::{Map, Value};
 
@@ -28,7 +32,7 @@ impl<V> ByName<V> {
             Ok(i) => self
                 .0
                 .get_mut(i)
-                .map(|e| std::mem::replace(&mut e.1, value)),
+                .map(|e| core::mem::replace(&mut e.1, value)),
             Err(i) => {
                 self.0.insert(i, (name, value));
                 None

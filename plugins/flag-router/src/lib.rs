@@ -1,6 +1,11 @@
 //! Feature-flag header routing: flagd flag definitions evaluated at the edge, the result sent
 //! upstream as request headers that Envoy's routes match on.
 #![doc = include_str!("../README.md")]
+#![no_std]
+
+extern crate alloc;
+#[cfg(test)]
+extern crate std;
 
 pub mod config;
 #[cfg(feature = "host")]

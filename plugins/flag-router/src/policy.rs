@@ -1,8 +1,12 @@
 //! Per request: strip the mapped headers a client sent, build the flagd evaluation context,
 //! resolve each mapped flag and say which headers to set. Pure: no hostcalls.
 
+use crate::alloc::string::ToString;
 use crate::config::{Attribute, Config, ValueType};
 use crate::flags::{FlagSet, Reason};
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
 use edge_core::headers::HeaderEdits;
 use edge_core::metrics::Counter;
 use edge_core::text::into_text as text;
@@ -79,7 +83,7 @@ pub fn type_warning(a: &Attribute) -> String {
 /// flag names.
 #[derive(Default)]
 pub struct Reporter {
-    warned: std::collections::HashSet<String>,
+    warned: alloc::collections::BTreeSet<String>,
     /// The last counter name, rebuilt in place: no allocation per request.
     name: String,
 }
@@ -203,7 +207,7 @@ pub fn decide<'a>(
         flagd.insert("flagKey".into(), Value::String(flag.clone()));
         flagd.insert("timestamp".into(), Value::from(now_secs));
         data.insert("$flagd".into(), Value::Object(flagd));
-        let ctx = Value::Object(std::mem::take(&mut data));
+        let ctx = Value::Object(core::mem::take(&mut data));
         let r = flags.resolve(flag, &ctx);
         if let Value::Object(m) = ctx {
             data = m;

@@ -3,6 +3,10 @@
 
 use crate::config::Source;
 use crate::flags::FlagSet;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec;
+use alloc::vec::Vec;
 use edge_core::metrics::Counter;
 
 /// The source's counters, `flag_router.<name>` (the per-flag ones are named by the flag file).
@@ -144,7 +148,7 @@ impl Poller {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+    use core::time::Duration;
 
     fn source() -> Source {
         Source {
@@ -219,7 +223,7 @@ mod tests {
         for status in [Some(500), Some(404), Some(304), None] {
             assert!(p.next(&source()).is_some());
             p.sent(1);
-            let read = std::cell::Cell::new(false);
+            let read = core::cell::Cell::new(false);
             let _ = p.reply_to(1, answer(status, 3 << 20), || {
                 read.set(true);
                 Vec::new()
@@ -233,7 +237,7 @@ mod tests {
         let mut p = Poller::default();
         assert!(p.next(&source()).is_some());
         p.sent(2);
-        let read = std::cell::Cell::new(false);
+        let read = core::cell::Cell::new(false);
         let r = p.reply_to(2, answer(Some(200), MAX_FILE_BYTES + 1), || {
             read.set(true);
             DOC.to_vec()

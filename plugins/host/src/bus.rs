@@ -4,9 +4,12 @@
 //! the request's headers read once for every stage, the callouts a stage starts, a stage's
 //! own section of a combined configuration, its timer and its resume.
 
+use crate::alloc::string::ToString;
 use crate::ffi;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::cell::RefCell;
 use edge_core::request::HeaderList;
-use std::cell::RefCell;
 
 /// A value read from the host at most once while armed.
 #[derive(Clone, Default)]
@@ -87,7 +90,7 @@ impl Bus {
     }
 }
 
-thread_local! {
+crate::local::vm_local! {
     // Const-initialised: every access is a plain static's, with no lazy-init check (the bus
     // is reached several times per stage per callback).
     static BUS: RefCell<Bus> = const { RefCell::new(Bus::new()) };
@@ -330,6 +333,7 @@ pub fn resume(request: bool) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use alloc::vec;
 
     #[test]
     fn the_shared_read_hands_the_headers_with_every_edit_a_stage_made() {

@@ -8,9 +8,11 @@
 //! Nothing here traps: a callback for a context this module does not know (the host's
 //! mistake, or a context whose creation failed) does nothing and lets the stream go on.
 
-use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+use alloc::boxed::Box;
+use alloc::vec::Vec;
+use core::cell::{Cell, RefCell};
+use core::hash::{BuildHasherDefault, Hasher};
+use hashbrown::HashMap;
 
 /// What a stream callback tells the host: go on, or hold the stream until a resume.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -146,7 +148,7 @@ struct Registry {
     started: Cell<u32>,
 }
 
-thread_local! {
+crate::local::vm_local! {
     static VM: Registry = const {
         Registry {
             new_root: Cell::new(None),
@@ -332,12 +334,14 @@ pub fn grpc_close(token: u32, status: u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::rc::Rc;
+    use alloc::format;
+    use alloc::rc::Rc;
+    use alloc::string::String;
 
     /// What the contexts saw, in order.
     type Seen = Rc<RefCell<Vec<String>>>;
 
-    thread_local! {
+    std::thread_local! {
         static SEEN: Seen = Seen::default();
     }
 
@@ -346,7 +350,7 @@ mod tests {
     }
 
     fn seen() -> Vec<String> {
-        SEEN.with(|s| std::mem::take(&mut *s.borrow_mut()))
+        SEEN.with(|s| core::mem::take(&mut *s.borrow_mut()))
     }
 
     struct Root(u32);

@@ -4,6 +4,8 @@
 //! value and decide. With the allocator (`alloc`), this is the crate's only `unsafe` code.
 #![allow(unsafe_code)]
 
+use alloc::string::String;
+use alloc::vec::Vec;
 use edge_core::request::{serialized_count, walk_serialized};
 
 pub const OK: u32 = 0;
@@ -308,7 +310,7 @@ unsafe fn owned(data: *mut u8, size: usize) -> Vec<u8> {
 
 /// `proxy_get_shared_data`: (status, value, version).
 pub fn get_shared_data(key: &str) -> (u32, Vec<u8>, u32) {
-    let (mut data, mut size, mut version) = (std::ptr::null_mut(), 0usize, 0u32);
+    let (mut data, mut size, mut version) = (core::ptr::null_mut(), 0usize, 0u32);
     // SAFETY: live slice and out-pointers to locals.
     let status = unsafe {
         proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut version)
@@ -328,7 +330,7 @@ pub fn set_shared_data(key: &str, value: &[u8], cas: u32) -> u32 {
 
 /// `proxy_get_header_map_value` on map `map`: the value, or `None` for any status but OK.
 pub fn get_header(map: u32, name: &str) -> Option<Vec<u8>> {
-    let (mut data, mut size) = (std::ptr::null_mut(), 0usize);
+    let (mut data, mut size) = (core::ptr::null_mut(), 0usize);
     // SAFETY: live slice and out-pointers to locals.
     let status =
         unsafe { proxy_get_header_map_value(map, name.as_ptr(), name.len(), &mut data, &mut size) };
@@ -339,7 +341,7 @@ pub fn get_header(map: u32, name: &str) -> Option<Vec<u8>> {
 /// `proxy_get_property` for a path of segments (joined with NUL, as the ABI wants).
 pub fn get_property(path: &[&str]) -> Option<Vec<u8>> {
     let joined = path.join("\0");
-    let (mut data, mut size) = (std::ptr::null_mut(), 0usize);
+    let (mut data, mut size) = (core::ptr::null_mut(), 0usize);
     // SAFETY: live slice and out-pointers to locals.
     let status = unsafe { proxy_get_property(joined.as_ptr(), joined.len(), &mut data, &mut size) };
     // SAFETY: see `owned`.
@@ -355,7 +357,7 @@ pub fn get_header_pairs(map: u32) -> Option<Vec<(String, Vec<u8>)>> {
 /// `proxy_get_header_map_pairs` as the host serialised it (see [`decode_pairs`]), or `None`
 /// for any status but OK.
 pub fn get_header_pairs_raw(map: u32) -> Option<Vec<u8>> {
-    let (mut data, mut size) = (std::ptr::null_mut(), 0usize);
+    let (mut data, mut size) = (core::ptr::null_mut(), 0usize);
     // SAFETY: out-pointers to locals.
     let status = unsafe { proxy_get_header_map_pairs(map, &mut data, &mut size) };
     // SAFETY: see `owned`.
@@ -364,7 +366,7 @@ pub fn get_header_pairs_raw(map: u32) -> Option<Vec<u8>> {
 
 /// `proxy_get_buffer_bytes`: up to `max` bytes from `start`, or `None` for any status but OK.
 pub fn get_buffer(buffer: u32, start: usize, max: usize) -> Option<Vec<u8>> {
-    let (mut data, mut size) = (std::ptr::null_mut(), 0usize);
+    let (mut data, mut size) = (core::ptr::null_mut(), 0usize);
     // SAFETY: out-pointers to locals.
     let status = unsafe { proxy_get_buffer_bytes(buffer, start, max, &mut data, &mut size) };
     // SAFETY: see `owned`.
@@ -374,7 +376,7 @@ pub fn get_buffer(buffer: u32, start: usize, max: usize) -> Option<Vec<u8>> {
 /// `proxy_get_status`: the last callout's status code and message (code 2, Unknown, with no
 /// message when the host cannot say).
 pub fn status() -> (u32, String) {
-    let (mut code, mut data, mut size) = (0u32, std::ptr::null_mut(), 0usize);
+    let (mut code, mut data, mut size) = (0u32, core::ptr::null_mut(), 0usize);
     // SAFETY: out-pointers to locals.
     let status = unsafe { proxy_get_status(&mut code, &mut data, &mut size) };
     if status != OK {
@@ -464,7 +466,7 @@ pub fn send_local_response(status: u32, headers: &[(&str, &[u8])], body: &[u8]) 
     unsafe {
         proxy_send_local_response(
             status,
-            std::ptr::null(),
+            core::ptr::null(),
             0,
             body.as_ptr(),
             body.len(),
@@ -500,7 +502,7 @@ pub fn http_call(
             map.len(),
             body.as_ptr(),
             body.len(),
-            std::ptr::null(),
+            core::ptr::null(),
             0,
             timeout_ms,
             &mut token,
@@ -532,7 +534,7 @@ pub fn grpc_call(
             service.len(),
             method.as_ptr(),
             method.len(),
-            std::ptr::null(),
+            core::ptr::null(),
             0,
             message.as_ptr(),
             message.len(),
@@ -570,14 +572,14 @@ mod exports {
     /// wrappers read as absent), not a trap.
     #[no_mangle]
     pub extern "C" fn proxy_on_memory_allocate(size: usize) -> *mut u8 {
-        let Ok(layout) = std::alloc::Layout::array::<u8>(size) else {
-            return std::ptr::null_mut();
+        let Ok(layout) = alloc::alloc::Layout::array::<u8>(size) else {
+            return core::ptr::null_mut();
         };
         if size == 0 {
-            return std::ptr::NonNull::<u8>::dangling().as_ptr();
+            return core::ptr::NonNull::<u8>::dangling().as_ptr();
         }
         // SAFETY: a layout of non-zero size; a null result is passed on, never dereferenced.
-        unsafe { std::alloc::alloc(layout) }
+        unsafe { alloc::alloc::alloc(layout) }
     }
 
     #[no_mangle]
@@ -799,6 +801,7 @@ pub fn decode_pairs(bytes: &[u8]) -> Option<Vec<(String, Vec<u8>)>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use alloc::vec;
 
     #[test]
     fn one_pair_is_found_without_decoding_the_rest() {

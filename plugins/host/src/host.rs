@@ -5,6 +5,9 @@
 //! hostcall cannot creep into them.
 
 use crate::ffi;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
 use edge_core::headers::HeaderEdits;
 use edge_core::request::{client_ip, HeaderList, RequestView};
 
@@ -273,7 +276,7 @@ pub fn set_tick_period_ms(ms: u32) -> Result<(), u32> {
 pub fn dispatch_http_call(
     cluster: &str,
     headers: Vec<(&str, &str)>,
-    timeout: std::time::Duration,
+    timeout: core::time::Duration,
 ) -> Result<u32, Status> {
     http_call(cluster, headers, &[], timeout)
 }
@@ -285,7 +288,7 @@ pub fn http_call(
     cluster: &str,
     headers: Vec<(&str, &str)>,
     body: &[u8],
-    timeout: std::time::Duration,
+    timeout: core::time::Duration,
 ) -> Result<u32, Status> {
     let pairs: Vec<(&str, &[u8])> = headers.iter().map(|(k, v)| (*k, v.as_bytes())).collect();
     let token = ffi::http_call(cluster, &pairs, body, millis(timeout)).map_err(Status::from_raw)?;
@@ -294,7 +297,7 @@ pub fn http_call(
     Ok(token)
 }
 
-fn millis(timeout: std::time::Duration) -> u32 {
+fn millis(timeout: core::time::Duration) -> u32 {
     u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX)
 }
 
@@ -312,7 +315,7 @@ pub fn grpc_call(
     service: &str,
     method: &str,
     message: &[u8],
-    timeout: std::time::Duration,
+    timeout: core::time::Duration,
 ) -> Result<u32, Status> {
     let token = ffi::grpc_call(cluster, service, method, message, millis(timeout))
         .map_err(Status::from_raw)?;
@@ -352,7 +355,7 @@ pub fn resume_response() -> bool {
 /// and a per-VM counter stand in when the host gives none, which keeps tokens distinct
 /// within the VM.
 pub fn random_token() -> [u8; 16] {
-    use std::sync::atomic::{AtomicU64, Ordering};
+    use core::sync::atomic::{AtomicU64, Ordering};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let mut out = [0u8; 16];
     if getrandom::fill(&mut out).is_err() {

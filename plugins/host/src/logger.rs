@@ -2,6 +2,7 @@
 //! status on every line, so a refused log call would trap the VM mid-request; here a refused
 //! line is dropped.
 
+use crate::alloc::string::ToString;
 use crate::ffi;
 
 struct HostLogger;

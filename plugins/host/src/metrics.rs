@@ -1,9 +1,12 @@
 //! Counters, defined through the raw import (a refused definition is a missing
 //! counter, never a trap) and incremented with [`crate::host::count`].
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
-use std::marker::PhantomData;
+use crate::alloc::string::ToString;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::hash::{BuildHasherDefault, Hasher};
+use core::marker::PhantomData;
+use hashbrown::HashMap;
 
 use crate::ffi;
 use crate::host::count;
@@ -149,6 +152,7 @@ impl NamedCounters {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use alloc::format;
 
     #[test]
     fn names_beyond_the_cap_share_the_overflow_counter() {

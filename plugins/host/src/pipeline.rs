@@ -16,6 +16,8 @@
 
 use crate::bus;
 use crate::dispatch::{Action, Context, HttpContext, RootContext};
+use alloc::boxed::Box;
+use alloc::vec::Vec;
 use edge_core::config::split_sections;
 
 /// A plugin's root context under the name of its configuration section.

@@ -3,6 +3,7 @@
 //!
 //! Through [`crate::ffi`]: every status becomes a value and the plugin's `failureMode` decides.
 use crate::ffi::{self, CAS_MISMATCH, NOT_FOUND, OK};
+use alloc::format;
 use edge_core::store::{Entry, SlotStore, StoreError, Write};
 
 /// Shared data as a [`SlotStore`].

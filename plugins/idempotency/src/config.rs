@@ -1,5 +1,8 @@
 //! The plugin configuration, read and checked once at load; every error names its field.
 
+use alloc::string::String;
+use alloc::vec;
+use alloc::vec::Vec;
 use edge_core::config::{StatusBounds, Statuses};
 use edge_core::key::KeyPart;
 use edge_core::route::Route;
@@ -115,6 +118,7 @@ const DAY_NS: u64 = 86_400 * 1_000_000_000;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::alloc::string::ToString;
 
     fn err(json: &str) -> String {
         Config::parse(json.as_bytes()).unwrap_err().to_string()

@@ -12,7 +12,11 @@
 //! Keys and values are base64 in the gateway's JSON; int64 fields are JSON strings; `false`
 //! and zero fields are left out of answers.
 
-use std::time::Duration;
+use crate::alloc::string::ToString;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::time::Duration;
 
 use edge_core::metrics;
 use edge_core::stored::StoredResponse;
@@ -754,6 +758,7 @@ impl Leases {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use alloc::vec;
 
     const ME: [u8; 16] = [7; 16];
     const OTHER: [u8; 16] = [9; 16];

@@ -8,6 +8,10 @@ use crate::policy::{
     Begin, BodyFingerprint, BodyPlan, Claim, Completion, Counter, Fate, Feed, Idempotency,
     Identify, Problem,
 };
+use alloc::boxed::Box;
+use alloc::format;
+use alloc::rc::Rc;
+use alloc::string::String;
 use edge_core::problem::Reply;
 use edge_core::stored::ResponseCopy;
 use edge_core::throttle::Throttle;
@@ -17,7 +21,6 @@ use edge_host::host::{
     response_status_and_headers, set_tick_period_ms, warn_throttled, Action, Context, Counters,
     HostRequest, HttpContext, RootContext, SharedData,
 };
-use std::rc::Rc;
 
 /// The counters, and the throttle of this worker's warnings.
 #[derive(Default)]
@@ -184,7 +187,7 @@ impl IdempotencyStream {
     fn release(&mut self, why: &str) {
         let (Some(policy), Phase::Claimed(claim) | Phase::Copying { claim, .. }) = (
             self.policy.clone(),
-            std::mem::replace(&mut self.phase, Phase::Idle),
+            core::mem::replace(&mut self.phase, Phase::Idle),
         ) else {
             return;
         };
@@ -204,7 +207,7 @@ impl IdempotencyStream {
     fn finish_reading(&mut self) -> Action {
         let (Some(policy), Phase::Reading { key, body }) = (
             self.policy.clone(),
-            std::mem::replace(&mut self.phase, Phase::Idle),
+            core::mem::replace(&mut self.phase, Phase::Idle),
         ) else {
             return Action::Continue;
         };
@@ -214,7 +217,7 @@ impl IdempotencyStream {
     fn finish_response(&mut self) {
         let (Some(policy), Phase::Copying { claim, copy }) = (
             self.policy.clone(),
-            std::mem::replace(&mut self.phase, Phase::Idle),
+            core::mem::replace(&mut self.phase, Phase::Idle),
         ) else {
             return;
         };
@@ -324,7 +327,7 @@ impl HttpContext for IdempotencyStream {
             self.release(why);
             return Action::Continue;
         }
-        let Phase::Claimed(claim) = std::mem::replace(&mut self.phase, Phase::Idle) else {
+        let Phase::Claimed(claim) = core::mem::replace(&mut self.phase, Phase::Idle) else {
             return Action::Continue;
         };
         let mut copy = policy.copy(status, headers);

@@ -3,8 +3,13 @@
 //! the client, so a retry that lands on any proxy of the fleet finds it. The protocol and
 //! every decision on an answer are in [`crate::etcd`]; this module only sends and receives.
 
-use std::cell::RefCell;
-use std::rc::Rc;
+use alloc::boxed::Box;
+use alloc::format;
+use alloc::rc::Rc;
+use alloc::string::String;
+use alloc::vec;
+use alloc::vec::Vec;
+use core::cell::RefCell;
 
 use edge_core::problem::Reply;
 use edge_core::stored::{Copied, ResponseCopy};

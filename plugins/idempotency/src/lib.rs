@@ -1,6 +1,11 @@
 //! Idempotency keys: the first request with a key is forwarded, duplicates get its stored
 //! response (or 409 while it runs, 422 for a different payload), exactly once across workers.
 #![doc = include_str!("../README.md")]
+#![no_std]
+
+extern crate alloc;
+#[cfg(test)]
+extern crate std;
 
 pub mod config;
 pub mod etcd;

@@ -2,8 +2,14 @@
 //! key gets (forwarded under a claim, 409, 422, or the stored response), over the shared record
 //! table. No hostcalls: the glue reads inputs and acts on the answers.
 
+use crate::alloc::string::ToString;
 use crate::config::Config;
 use crate::record::{age, Age, Meta, State};
+use alloc::boxed::Box;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec;
+use alloc::vec::Vec;
 use edge_core::key::{KeyHasher, KeyPart};
 use edge_core::metrics;
 use edge_core::problem::{problem_json, retry_after, Reply};
@@ -607,7 +613,7 @@ impl BodyFingerprint {
             self.seen = total;
         }
         if end {
-            Feed::Done(std::mem::take(&mut self.hash).finish())
+            Feed::Done(core::mem::take(&mut self.hash).finish())
         } else {
             Feed::More
         }

@@ -1,5 +1,7 @@
 //! What an idempotency record says (kept in the record table's `meta`), and how old it may be.
 
+use alloc::vec;
+use alloc::vec::Vec;
 /// A record's state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum State {

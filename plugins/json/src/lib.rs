@@ -7,6 +7,14 @@
 //! 0.85 KB smaller, unless its plugin also builds JSON objects per request (the flag router:
 //! then the map code exists twice, 0.5-0.7 KB more).
 
+#![no_std]
+
+extern crate alloc;
+#[cfg(test)]
+extern crate std;
+
+use alloc::string::String;
+use alloc::vec::Vec;
 pub use serde_json::{Error, Map, Value};
 
 /// The JSON tree of `bytes`, or serde_json's error (with its line and column).

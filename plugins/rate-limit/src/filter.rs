@@ -6,6 +6,13 @@ use crate::global::{self, DenyCache, Failure};
 use crate::policy::{
     Action as Verdict, Ask, GlobalAnswer, GlobalOutcome, Limiter, Outcome, Pending,
 };
+use alloc::boxed::Box;
+use alloc::format;
+use alloc::rc::Rc;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::cell::RefCell;
+use core::time::Duration;
 use edge_core::headers::HeaderEdits;
 use edge_core::throttle::Throttle;
 use edge_host::host::{
@@ -13,9 +20,6 @@ use edge_host::host::{
     load_config, namespace_and_seed, now_ns, resume_request, warn_throttled, Action, Context,
     Counters, HostRequest, HttpContext, RootContext, SharedData,
 };
-use std::cell::RefCell;
-use std::rc::Rc;
-use std::time::Duration;
 
 /// The counters, and the throttle of this worker's warnings.
 #[derive(Default)]
@@ -274,7 +278,7 @@ impl HttpContext for RateLimitStream {
 
     fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
         // A refused quota header is not worth a line: the answer itself is unchanged.
-        let _ = edit_response_headers(&std::mem::take(&mut self.response_headers));
+        let _ = edit_response_headers(&core::mem::take(&mut self.response_headers));
         Action::Continue
     }
 }

@@ -10,6 +10,10 @@
 //! `path` and `{"source": "method"}` is `method`. An absent part is sent with an empty value,
 //! so absent clients share one count, as they share one local bucket.
 
+use crate::alloc::string::ToString;
+use alloc::string::String;
+use alloc::vec;
+use alloc::vec::Vec;
 use edge_core::key::KeyPart;
 use edge_core::{ConfigError, Node, RequestView};
 pub use rls_proto::{

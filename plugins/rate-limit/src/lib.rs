@@ -1,5 +1,10 @@
 //! Rate limiting: token buckets per client key, exact across Envoy's worker threads.
 #![doc = include_str!("../README.md")]
+#![no_std]
+
+extern crate alloc;
+#[cfg(test)]
+extern crate std;
 
 pub mod bucket;
 pub mod config;

@@ -19,6 +19,10 @@
 use crate::bucket::{ceil_secs, Bucket, Limit, Take};
 use crate::config::{Config, FailureMode, Mode, Rule};
 use crate::global::{self, Answer, Denied, Failure, Quota};
+use alloc::format;
+use alloc::string::String;
+use alloc::vec;
+use alloc::vec::Vec;
 use edge_core::headers::HeaderEdits;
 use edge_core::key::{key_hash, KeyHasher};
 use edge_core::metrics::Counter;
@@ -907,9 +911,12 @@ impl Limiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::alloc::string::ToString;
+    use alloc::boxed::Box;
     use edge_core::store::MemoryStore;
     use edge_core::table::WAYS;
     use edge_core::RequestParts;
+    use std::println;
 
     const S: u64 = 1_000_000_000;
 
@@ -940,7 +947,7 @@ mod tests {
         inner: MemoryStore,
         at: String,
         after: bool,
-        then: std::cell::RefCell<Option<Hook<'a>>>,
+        then: core::cell::RefCell<Option<Hook<'a>>>,
     }
 
     impl Staged<'_> {
@@ -1022,7 +1029,7 @@ mod tests {
             inner: MemoryStore::new(),
             at: set_key.clone(),
             after: false,
-            then: std::cell::RefCell::new(Some(Box::new(|m: &MemoryStore| {
+            then: core::cell::RefCell::new(Some(Box::new(|m: &MemoryStore| {
                 write_slot(m, &set_key, &theirs)
             }))),
         };
@@ -1053,8 +1060,8 @@ mod tests {
     /// Counts the round trips to a store.
     struct Counted<'a> {
         inner: &'a MemoryStore,
-        reads: std::cell::Cell<u32>,
-        writes: std::cell::Cell<u32>,
+        reads: core::cell::Cell<u32>,
+        writes: core::cell::Cell<u32>,
     }
 
     impl<'a> Counted<'a> {
@@ -1097,7 +1104,7 @@ mod tests {
     fn header<'a>(d: &'a Decision, name: &str) -> Option<&'a str> {
         match &d.action {
             Action::Continue { response, .. } => response.get(name),
-            Action::Reply(r) => r.header(name).and_then(|v| std::str::from_utf8(v).ok()),
+            Action::Reply(r) => r.header(name).and_then(|v| core::str::from_utf8(v).ok()),
         }
     }
 
@@ -1448,7 +1455,7 @@ mod tests {
     fn settled_header<'a>(s: &'a Settled, name: &str) -> Option<&'a str> {
         match &s.action {
             Action::Continue { response, .. } => response.get(name),
-            Action::Reply(r) => r.header(name).and_then(|v| std::str::from_utf8(v).ok()),
+            Action::Reply(r) => r.header(name).and_then(|v| core::str::from_utf8(v).ok()),
         }
     }
 

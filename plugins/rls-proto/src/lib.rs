@@ -7,6 +7,14 @@
 //! round trip costs far more than the instructions. The encoder and decoder are instantiated
 //! here, by [`encode_request`] and [`decode_response`], for the same reason.
 
+#![no_std]
+
+extern crate alloc;
+#[cfg(test)]
+extern crate std;
+
+use alloc::string::String;
+use alloc::vec::Vec;
 use prost::Message;
 
 /// `RateLimitRequest` (envoy.service.ratelimit.v3).

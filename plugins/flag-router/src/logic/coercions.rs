@@ -1,8 +1,12 @@
 //! JavaScript's conversions as json-logic-js applies them: truthiness, `==` and `===`, `<`,
 //! `String(v)`, `Number(v)`, `parseFloat` and `substr`.
 
+use crate::alloc::string::ToString;
+use alloc::borrow::Cow;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
 use serde_json::Value;
-use std::borrow::Cow;
 
 /// JsonLogic truthiness: `false`, `null`, `0`, `""` and `[]` are false.
 pub(super) fn truthy(v: &Value) -> bool {
@@ -87,11 +91,27 @@ pub(super) fn join_part(v: &Value) -> String {
     }
 }
 
+/// Beyond this every finite f64 is whole.
+const ALL_WHOLE: f64 = 4_503_599_627_370_496.0; // 2^52
+
+/// `f.fract() == 0.0`, which core lacks (the modules are `no_std`): false for NaN and ±∞.
+pub(super) fn is_whole(f: f64) -> bool {
+    f.is_finite() && (f.abs() >= ALL_WHOLE || (f as i64) as f64 == f)
+}
+
+/// `f.trunc()`, JavaScript's `Math.trunc`: toward zero, keeping the sign of a zero.
+pub(super) fn trunc(f: f64) -> f64 {
+    if !f.is_finite() || f.abs() >= ALL_WHOLE {
+        return f;
+    }
+    ((f as i64) as f64).copysign(f)
+}
+
 /// JavaScript's `Number.prototype.toString()`: `1` not `1.0`, plain from 1e-6 up to 1e21 and
 /// exponents (`1e+21`, `1e-7`) outside. The shortest round-trip digits come from serde_json's
 /// formatter, which the module carries anyway (core's float formatting would add its own).
 pub(super) fn js_number(f: f64) -> String {
-    if f.fract() == 0.0 && f.abs() < 9.0e15 {
+    if is_whole(f) && f.abs() < 9.0e15 {
         return (f as i64).to_string();
     }
     if !f.is_finite() {
@@ -134,7 +154,7 @@ pub(super) fn js_number(f: f64) -> String {
 /// A JSON number for an arithmetic result: whole numbers as integers, NaN and ±Infinity (which
 /// JSON cannot hold) as `null`.
 pub(super) fn num(f: f64) -> Value {
-    if f.fract() == 0.0 && f.abs() < 9.0e15 {
+    if is_whole(f) && f.abs() < 9.0e15 {
         Value::from(f as i64)
     } else {
         Value::from(f)
@@ -233,7 +253,7 @@ pub(super) fn substr(src: &Value, start: &Value, len: Option<&Value>) -> Value {
         if f.is_nan() {
             0.0
         } else {
-            f.trunc()
+            trunc(f)
         }
     };
     let s = js_string(src);
@@ -254,7 +274,42 @@ pub(super) fn substr(src: &Value, start: &Value, len: Option<&Value>) -> Value {
 #[cfg(test)]
 mod tests {
     use super::super::testing::*;
+    use super::{is_whole, trunc};
     use serde_json::json;
+
+    /// The modules' own `fract() == 0.0` and `trunc()` (core has neither) agree with std's.
+    #[test]
+    fn whole_numbers_and_truncation_match_std() {
+        let cases = [
+            0.0,
+            -0.0,
+            0.5,
+            -0.5,
+            1.0,
+            -1.0,
+            2.75,
+            -2.75,
+            1e15 + 0.5,
+            4503599627370495.5,
+            4503599627370496.0,
+            -4503599627370497.0,
+            1e300,
+            -1e-300,
+            f64::MAX,
+            f64::MIN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            f64::NAN,
+        ];
+        for f in cases {
+            assert_eq!(is_whole(f), f.fract() == 0.0, "{f}");
+            let (ours, std) = (trunc(f), f.trunc());
+            assert!(
+                ours.to_bits() == std.to_bits() || (ours.is_nan() && std.is_nan()),
+                "{f}: {ours} against {std}"
+            );
+        }
+    }
 
     #[test]
     fn loose_equality_coerces_like_javascript() {

@@ -3,6 +3,10 @@
 
 use super::fractional::check_fractional;
 use super::{Node, Op, MAX_DEPTH};
+use crate::alloc::string::ToString;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
 use serde_json::{Map, Value};
 
 /// Most nodes one expression may compile to after `$ref` expansion (a chain of evaluators that
@@ -108,7 +112,7 @@ impl Compiler<'_> {
         // As in json-logic-js, a lone argument needs no array: {"var": "a"} is {"var": ["a"]}.
         let args = match arg {
             Value::Array(a) => a.as_slice(),
-            one => std::slice::from_ref(one),
+            one => core::slice::from_ref(one),
         };
         if args.len() < min || args.len() > max {
             let want = match (min, max) {
@@ -156,6 +160,7 @@ impl Compiler<'_> {
 mod tests {
     use super::super::testing::*;
     use super::super::Expr;
+    use alloc::format;
     use serde_json::{json, Map, Value};
 
     #[test]

@@ -7,8 +7,10 @@ use super::coercions::{
 use super::fractional::fractional;
 use super::semver::sem_ver;
 use super::{Node, Op, MAX_DEPTH, NULL};
+use alloc::borrow::Cow;
+use alloc::vec;
+use alloc::vec::Vec;
 use serde_json::{Map, Value};
-use std::borrow::Cow;
 
 pub(super) fn arg<'v>(v: &'v [Cow<'_, Value>], i: usize) -> &'v Value {
     v.get(i).map_or(&NULL, |c| c)
@@ -21,8 +23,8 @@ pub(super) fn arg<'v>(v: &'v [Cow<'_, Value>], i: usize) -> &'v Value {
 /// The second cell counts the elements the array operators have visited, which the budget's
 /// steps cannot show once they are gone.
 pub(super) struct Budget(
-    pub(super) std::cell::Cell<u64>,
-    pub(super) std::cell::Cell<u64>,
+    pub(super) core::cell::Cell<u64>,
+    pub(super) core::cell::Cell<u64>,
 );
 
 /// Steps per evaluation: far above any real targeting rule (the fractional rollouts in
@@ -404,8 +406,11 @@ mod tests {
     use super::super::testing::*;
     use super::super::Expr;
     use super::{ev, occurs, Budget, BUDGET};
+    use alloc::format;
+    use alloc::vec;
+    use alloc::vec::Vec;
+    use core::cell::Cell;
     use serde_json::{json, Map, Value};
-    use std::cell::Cell;
 
     #[test]
     fn a_substring_is_found_where_str_contains_finds_it() {

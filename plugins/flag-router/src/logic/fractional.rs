@@ -2,8 +2,10 @@
 
 use super::hashing::murmur3_32;
 use super::NULL;
+use alloc::borrow::Cow;
+use alloc::format;
+use alloc::string::String;
 use serde_json::Value;
-use std::borrow::Cow;
 
 /// Literal distributions of `fractional` must match flagd's schema: `[variant]` or
 /// `[variant, weight]` with a whole weight of at most 2^31-1. A negative weight is allowed and
@@ -26,7 +28,7 @@ pub(super) fn check_fractional(args: &[Value]) -> Result<(), String> {
                     && match d.get(1) {
                         None | Some(Value::Object(_)) => true,
                         Some(Value::Number(n)) => n.as_f64().is_some_and(|w| {
-                            w.fract() == 0.0
+                            super::coercions::is_whole(w)
                                 && (f64::from(i32::MIN)..=f64::from(i32::MAX)).contains(&w)
                         }),
                         Some(_) => false,
@@ -95,13 +97,15 @@ fn entry(d: &Value) -> Option<(&Value, u64)> {
         None | Some(Value::Null) => 1.0,
         Some(w) => w.as_f64()?,
     };
-    let whole = w.fract() == 0.0 && w <= f64::from(i32::MAX);
+    let whole = super::coercions::is_whole(w) && w <= f64::from(i32::MAX);
     whole.then_some((variant, w.max(0.0) as u64))
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::testing::*;
+    use alloc::format;
+    use alloc::vec;
     use serde_json::{json, Value};
 
     #[test]

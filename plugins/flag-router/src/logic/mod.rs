@@ -24,6 +24,9 @@ mod fractional;
 mod hashing;
 mod semver;
 
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
 pub use hashing::murmur3_32;
 
 use compile::Compiler;
@@ -126,7 +129,7 @@ impl Expr {
     /// represent (`1/0`) is `null` too. The one error is a rule that spends more than its
     /// budget of steps and built values (`BUDGET`).
     pub fn eval(&self, data: &Value) -> Result<Value, String> {
-        let b = Budget(std::cell::Cell::new(BUDGET), std::cell::Cell::new(0));
+        let b = Budget(core::cell::Cell::new(BUDGET), core::cell::Cell::new(0));
         let v = ev(&self.0, data, &b).into_owned();
         if b.exhausted() {
             return Err(format!(
@@ -141,6 +144,7 @@ impl Expr {
 #[cfg(test)]
 mod testing {
     use super::*;
+    use crate::alloc::string::ToString;
 
     pub(super) fn compile(logic: &Value) -> Result<Expr, String> {
         Expr::compile(logic, &Map::new())

@@ -2,9 +2,9 @@
 //! semantic versioning precedence.
 
 use super::coercions::js_number;
+use alloc::borrow::Cow;
+use core::cmp::Ordering;
 use serde_json::Value;
-use std::borrow::Cow;
-use std::cmp::Ordering;
 
 /// A version's text as flagd reads it: strings as they are, numbers printed (`1.2`).
 fn version_text(v: &Value) -> Option<Cow<'_, str>> {
