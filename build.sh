@@ -205,6 +205,9 @@ install_plugins() {
     before=$(wc -c <"$out")
     # Envoy crosses into the VM only for exported callbacks: drop those the plugin leaves
     # at the trait's default (tools/trim_callbacks.py).
+    # core's panicking functions become the trap they end in, so that wasm-opt drops each
+    # panic site's message and location (tools/trap_panics.py).
+    python3 tools/trap_panics.py "$out" >/dev/null
     trimmed=$(python3 tools/trim_callbacks.py "$out" $(stage_sources "${PLUGINS[$i]}"))
     echo "  $out: $(wc -w <<<"$trimmed") unused callbacks removed"
     if $have_opt; then
@@ -294,6 +297,8 @@ cmd_test() {
   cargo test --workspace --no-fail-fast
   # The bench's own decisions (which runs may judge a target, what --compare adds).
   python3 -m unittest discover -s bench -p 'test_*.py'
+  # The module tools' own (which bodies tools/trap_panics.py rewrites).
+  python3 -m unittest discover -s tools -p 'test_*.py'
 
   header "2/5 envoy --mode validate envoy/*.yaml"
   local config out configs=0
