@@ -510,7 +510,8 @@ impl Failure {
         match self {
             Failure::Timeout => format!(
                 "etcd did not answer within {} ms ({attempts} attempts)",
-                timeout.as_millis()
+                // In u64: a u128 formatter would be in the module for this one message.
+                u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX)
             ),
             Failure::Unreachable => "no etcd member could be reached".into(),
             Failure::LeaseGone => "etcd lost this proxy's lease".into(),
