@@ -14,61 +14,23 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from trim_callbacks import leb  # noqa: E402  (the one LEB128 reader of the tools)
+from wasm_module import function_names, imported_functions, sections  # noqa: E402
 
 
 def functions(path):
     b = open(path, "rb").read()
-    i, sizes, names, imported = 8, [], {}, 0
-    while i < len(b):
-        sid = b[i]
-        n, i = leb(b, i + 1)
-        end = i + n
+    sizes, names, imported = [], {}, 0
+    for sid, _, body, end in sections(b):
         if sid == 2:  # imports: functions among them shift the indices
-            count, j = leb(b, i)
-            for _ in range(count):
-                for _ in range(2):
-                    ln, j = leb(b, j)
-                    j += ln
-                kind = b[j]
-                j += 1
-                if kind == 0:
-                    _, j = leb(b, j)
-                    imported += 1
-                elif kind == 1:
-                    j += 1
-                    flags = b[j]
-                    _, j = leb(b, j + 1)
-                    if flags & 1:
-                        _, j = leb(b, j)
-                elif kind == 2:
-                    flags = b[j]
-                    _, j = leb(b, j + 1)
-                    if flags & 1:
-                        _, j = leb(b, j)
-                elif kind == 3:
-                    j += 2
+            imported = imported_functions(b, body)
         elif sid == 10:
-            count, j = leb(b, i)
+            count, j = leb(b, body)
             for _ in range(count):
                 ln, k = leb(b, j)
                 sizes.append(k - j + ln)
                 j = k + ln
         elif sid == 0:
-            ln, j = leb(b, i)
-            if b[j : j + ln] == b"name":
-                j += ln
-                while j < end:
-                    sub = b[j]
-                    sl, j = leb(b, j + 1)
-                    if sub == 1:
-                        count, k = leb(b, j)
-                        for _ in range(count):
-                            idx, k = leb(b, k)
-                            ln2, k = leb(b, k)
-                            names[idx] = b[k : k + ln2].decode("utf8", "replace")
-                            k += ln2
-                    j += sl
-        i = end
+            names = function_names(b, body, end) or names
     return [(size, readable(names.get(imported + k, f"#{k}"))) for k, size in enumerate(sizes)]
 
 
