@@ -288,6 +288,9 @@ ensure_component() {
 }
 
 cmd_test() {
+  # The tests run the modules as shipped: trimmed, trapped and optimised by wasm-opt (and
+  # tools/test_trap_panics.py validates its output with it).
+  ensure_apt_package wasm-opt binaryen
   cmd_build
   # tools/package's registry test pushes every module to a real registry and pulls it back.
   ensure_apt_package skopeo skopeo

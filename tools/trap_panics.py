@@ -14,7 +14,8 @@ mangling) and must have no results: a matched function that returns a value (a D
 one of core::panicking's types) is kept.
 
 Usage: trap_panics.py MODULE.wasm   (rewrites MODULE.wasm in place; needs the name section,
-which `strip = "debuginfo"` keeps). Prints how many bodies it rewrote.
+which `strip = "debuginfo"` keeps). Prints how many bodies it rewrote; refuses a module in
+which it finds no function of core::panicking, since every Rust module has them.
 """
 
 import re
@@ -103,6 +104,10 @@ def trap(module):
                 code += module[j:k + size]
             j = k + size
         out += bytes([10]) + enc(len(code)) + code
+    # Every Rust module has core's panic_fmt: none found means the names changed, and the
+    # tool would go on silently rewriting nothing.
+    if not any("4core9panicking" in name for name in rewritten):
+        raise SystemExit("no core::panicking function found: have the mangled names changed?")
     return bytes(out), rewritten
 
 

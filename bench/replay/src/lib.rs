@@ -13,7 +13,7 @@
 
 #![no_std]
 
-use crate::alloc::string::ToString;
+use alloc::string::ToString;
 extern crate alloc;
 
 // The plugins' allocator, callback dispatch and hostcall imports: a replay's guest
@@ -25,35 +25,13 @@ use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
 use core::cell::{Cell, RefCell};
-use core::hash::{BuildHasherDefault, Hasher};
 use edge_host::ffi as host;
 use edge_host::host::{Action, Context, HttpContext, RootContext};
 use serde_json::Value;
 
-/// The modules are `no_std` (hashbrown without a default hasher): FNV-1a, as the plugins'
-/// own name maps use.
-#[derive(Default)]
-struct Fnv(u64);
-
-impl Hasher for Fnv {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        let mut h = if self.0 == 0 {
-            0xcbf2_9ce4_8422_2325
-        } else {
-            self.0
-        };
-        for b in bytes {
-            h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
-        }
-        self.0 = h;
-    }
-}
-
-type HashMap<K, V> = hashbrown::HashMap<K, V, BuildHasherDefault<Fnv>>;
-type HashSet<K> = hashbrown::HashSet<K, BuildHasherDefault<Fnv>>;
+// The modules are `no_std`: hashbrown's maps, keyed as the plugins' own name maps are.
+type HashMap<K, V> = edge_host::host::FnvMap<K, V>;
+type HashSet<K> = edge_host::host::FnvSet<K>;
 
 /// The header that names a request's trace in a set.
 const SELECTOR: &str = "x-replay";

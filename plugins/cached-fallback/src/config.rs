@@ -2,8 +2,8 @@
 //! validated once into [`Config`]. Every field is optional; the defaults are the constants
 //! below (and the crate's README, its reference).
 
-use crate::alloc::string::ToString;
 use alloc::string::String;
+use alloc::string::ToString;
 use alloc::vec::Vec;
 use edge_core::config::{StatusBounds, Statuses};
 use edge_core::route::Route;

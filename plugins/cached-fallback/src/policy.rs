@@ -13,12 +13,12 @@
 //! - `circuit`: the circuit breaker's [`State`] (21 bytes).
 //! - `seed`: the 64-bit key seed, random per Envoy, so clients cannot craft colliding keys.
 
-use crate::alloc::string::ToString;
 use crate::circuit::{self, Admit, State};
 use crate::config::{Config, FailOn};
 use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::String;
+use alloc::string::ToString;
 use alloc::vec;
 use alloc::vec::Vec;
 use edge_core::key::KeyHasher;

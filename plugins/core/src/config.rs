@@ -1,10 +1,10 @@
 //! Configuration errors that name the field, so Envoy's log says exactly what to fix
 //! (`rules[2].limit.requests: must be > 0`) and the plugin refuses the config at load.
 
-use crate::alloc::string::ToString;
 use crate::duration::parse_duration;
 use alloc::format;
 use alloc::string::String;
+use alloc::string::ToString;
 #[cfg(any(test, debug_assertions))]
 use alloc::vec;
 use alloc::vec::Vec;

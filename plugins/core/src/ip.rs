@@ -176,8 +176,8 @@ pub fn push_v4(out: &mut String, o: [u8; 4]) {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::alloc::string::ToString;
     use alloc::format;
+    use alloc::string::ToString;
     use alloc::vec::Vec;
     use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV6};
 

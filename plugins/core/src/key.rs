@@ -1,13 +1,13 @@
 //! Request keys as users configure them (`[{"source":"clientIp"},{"header":"x-api-key"}]`) and
 //! their seeded 64-bit hash, the name of a bucket or record in shared state.
 
-use crate::alloc::string::ToString;
 use crate::config::Node;
 use crate::request::RequestView;
 use crate::siphash::SipHasher24;
 use crate::store::{get_or_create, SlotStore, StoreError};
 use crate::ConfigError;
 use alloc::string::String;
+use alloc::string::ToString;
 use alloc::vec::Vec;
 
 /// Where a key part comes from.

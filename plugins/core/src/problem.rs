@@ -1,9 +1,9 @@
 //! RFC 9457 `application/problem+json` bodies, the one error format every plugin answers with.
 //! Written by hand: a JSON serializer for five members is not worth its size in every module.
 
-use crate::alloc::string::ToString;
 use alloc::format;
 use alloc::string::String;
+use alloc::string::ToString;
 use alloc::vec;
 use alloc::vec::Vec;
 pub const CONTENT_TYPE: &str = "application/problem+json";

@@ -1,9 +1,9 @@
 //! What a policy may read from a request, behind a trait so policies are tested natively: the
 //! filter glue implements [`RequestView`] over hostcalls, tests use [`RequestParts`].
 
-use crate::alloc::string::ToString;
 use crate::ip;
 use alloc::string::String;
+use alloc::string::ToString;
 use alloc::vec::Vec;
 
 /// The parts of a request a policy decides on. Header names are lower-case.

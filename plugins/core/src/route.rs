@@ -1,11 +1,11 @@
 //! Request matching shared by every plugin's `match`/`routes`: `pathPrefix`, `path` (exact),
 //! `methods`, `headers` (exact value). Omitted conditions match anything.
 
-use crate::alloc::string::ToString;
 use crate::config::Node;
 use crate::request::RequestView;
 use crate::ConfigError;
 use alloc::string::String;
+use alloc::string::ToString;
 use alloc::vec::Vec;
 
 /// A validated route condition.

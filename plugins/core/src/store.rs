@@ -7,10 +7,10 @@
 //! creation is its own operation ([`SlotStore::create`]) and policies keep a fixed, bounded set
 //! of keys that they create before use and then only ever compare-and-swap.
 
-use crate::alloc::string::ToString;
 use alloc::collections::BTreeMap;
 use alloc::format;
 use alloc::string::String;
+use alloc::string::ToString;
 use alloc::vec::Vec;
 use core::cell::{Cell, RefCell};
 

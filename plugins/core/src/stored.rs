@@ -2,10 +2,10 @@
 //! fallback, idempotency): a compact binary form for shared data, the hop-by-hop headers that
 //! must never be replayed, and the `Cache-Control` directives that decide what may be kept.
 
-use crate::alloc::string::ToString;
 use crate::problem::Reply;
 use alloc::rc::Rc;
 use alloc::string::String;
+use alloc::string::ToString;
 use alloc::vec::Vec;
 use core::cell::Cell;
 

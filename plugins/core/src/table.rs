@@ -16,12 +16,12 @@
 //! for all keys), so the next change of it reads the set first; a record that was read
 //! carries the set as read, and the first write after a read needs no read of its own.
 
-use crate::alloc::string::ToString;
 use crate::store::{
     contended, get_or_create, update_or_create, Entry, SlotStore, StoreError, Write,
 };
 use alloc::format;
 use alloc::string::String;
+use alloc::string::ToString;
 use alloc::vec;
 use alloc::vec::Vec;
 use core::cell::{Cell, RefCell};

@@ -1,7 +1,7 @@
 //! Text built on the request path without `format!`: the formatting machinery costs hundreds
 //! of wasm instructions per call, where these cost tens.
 
-use crate::alloc::borrow::ToOwned;
+use alloc::borrow::ToOwned;
 use alloc::string::String;
 use alloc::vec::Vec;
 /// A header value as a whole number (`content-length`, `age`, `:status`), surrounding

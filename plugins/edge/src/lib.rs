@@ -3,7 +3,7 @@
 #![doc = include_str!("../README.md")]
 #![no_std]
 
-use crate::alloc::string::ToString;
+use alloc::string::ToString;
 extern crate alloc;
 #[cfg(test)]
 extern crate std;

@@ -1,10 +1,10 @@
 //! The flag-router configuration: where context values come from, which flags become which
 //! headers, the bootstrap flags and the optional remote flag source.
 
-use crate::alloc::string::ToString;
 use crate::flags::FlagSet;
 use alloc::format;
 use alloc::string::String;
+use alloc::string::ToString;
 use alloc::vec::Vec;
 use core::time::Duration;
 use edge_core::key::KeyPart;

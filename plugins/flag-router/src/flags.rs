@@ -1,10 +1,10 @@
 //! flagd flag definitions: the same JSON as a flagd flag-definition file, compiled once (at
 //! load for inline flags, per fetch for a remote source) and evaluated per request.
 
-use crate::alloc::string::ToString;
 use crate::logic::{Expr, MAX_NODES};
 use alloc::format;
 use alloc::string::String;
+use alloc::string::ToString;
 use alloc::vec::Vec;
 use edge_core::{ConfigError, Node, Obj};
 use serde_json::{Map, Value};

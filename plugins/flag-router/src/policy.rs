@@ -1,11 +1,11 @@
 //! Per request: strip the mapped headers a client sent, build the flagd evaluation context,
 //! resolve each mapped flag and say which headers to set. Pure: no hostcalls.
 
-use crate::alloc::string::ToString;
 use crate::config::{Attribute, Config, ValueType};
 use crate::flags::{FlagSet, Reason};
 use alloc::format;
 use alloc::string::String;
+use alloc::string::ToString;
 use alloc::vec::Vec;
 use edge_core::headers::HeaderEdits;
 use edge_core::metrics::Counter;

@@ -4,9 +4,9 @@
 //! the request's headers read once for every stage, the callouts a stage starts, a stage's
 //! own section of a combined configuration, its timer and its resume.
 
-use crate::alloc::string::ToString;
 use crate::ffi;
 use alloc::string::String;
+use alloc::string::ToString;
 use alloc::vec::Vec;
 use core::cell::RefCell;
 use edge_core::request::HeaderList;

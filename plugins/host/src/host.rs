@@ -12,7 +12,7 @@ use edge_core::headers::HeaderEdits;
 use edge_core::request::{client_ip, HeaderList, RequestView};
 
 pub use crate::dispatch::{Action, Context, HttpContext, RootContext, Status};
-pub use crate::metrics::{Counters, NamedCounters};
+pub use crate::metrics::{Counters, FnvMap, FnvSet, NamedCounters};
 pub use crate::shared_data::SharedData;
 
 /// Wires a plugin's root context into the module's entry point: `main!(filter::Root)` in

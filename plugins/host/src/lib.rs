@@ -1,8 +1,9 @@
 //! The edge plugins' way to the proxy-wasm host, through one door: [`host`]. Behind it, the
 //! ABI (`ffi`: the raw imports and the exported callbacks), the callbacks' routing to contexts
 //! ([`dispatch`]), shared data as edge-core's `SlotStore`, the logger and the counters;
-//! each hostcall's status becomes a value, never a trap. `ffi` and the modules' allocator
-//! (`pools`) hold the crate's only `unsafe`.
+//! each hostcall's status becomes a value, never a trap. `ffi`, the modules' allocator
+//! (`pools`) and the VM's globals (`local`) hold the crate's only `unsafe`. The modules are
+//! `no_std`: this crate also holds their panic handler.
 
 #![no_std]
 

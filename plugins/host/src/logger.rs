@@ -2,8 +2,8 @@
 //! status on every line, so a refused log call would trap the VM mid-request; here a refused
 //! line is dropped.
 
-use crate::alloc::string::ToString;
 use crate::ffi;
+use alloc::string::ToString;
 
 struct HostLogger;
 

@@ -1,8 +1,8 @@
 //! Counters, defined through the raw import (a refused definition is a missing
 //! counter, never a trap) and incremented with [`crate::host::count`].
 
-use crate::alloc::string::ToString;
 use alloc::string::String;
+use alloc::string::ToString;
 use alloc::vec::Vec;
 use core::hash::{BuildHasherDefault, Hasher};
 use core::marker::PhantomData;
@@ -63,15 +63,21 @@ impl<C: Counter> Counters<C> {
 /// first use. At most `cap` names get their own counter: a file that renames its variants on
 /// every fetch cannot grow the host's stats without bound; later names count under `overflow`.
 pub struct NamedCounters {
-    ids: HashMap<String, Option<u32>, BuildHasherDefault<Fnv>>,
+    ids: FnvMap<String, Option<u32>>,
     cap: usize,
     overflow: String,
 }
 
 /// FNV-1a for the names' map, looked up once per counted request. The names come from the
 /// operator's own flag file and at most `cap` are kept, so a keyed hash (std's SipHash, several
-/// times the instructions per name) would defend against nothing.
-struct Fnv(u64);
+/// times the instructions per name) would defend against nothing. The modules are `no_std`
+/// (hashbrown has no default hasher): the bench's replay keys its maps with it too.
+pub struct Fnv(u64);
+
+/// A map keyed by [`Fnv`], for keys that are not client input.
+pub type FnvMap<K, V> = HashMap<K, V, BuildHasherDefault<Fnv>>;
+/// A set keyed by [`Fnv`], for keys that are not client input.
+pub type FnvSet<K> = hashbrown::HashSet<K, BuildHasherDefault<Fnv>>;
 
 impl Default for Fnv {
     fn default() -> Fnv {

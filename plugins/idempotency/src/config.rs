@@ -118,7 +118,7 @@ const DAY_NS: u64 = 86_400 * 1_000_000_000;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::alloc::string::ToString;
+    use alloc::string::ToString;
 
     fn err(json: &str) -> String {
         Config::parse(json.as_bytes()).unwrap_err().to_string()

@@ -12,9 +12,9 @@
 //! Keys and values are base64 in the gateway's JSON; int64 fields are JSON strings; `false`
 //! and zero fields are left out of answers.
 
-use crate::alloc::string::ToString;
 use alloc::format;
 use alloc::string::String;
+use alloc::string::ToString;
 use alloc::vec::Vec;
 use core::time::Duration;
 

@@ -2,12 +2,12 @@
 //! key gets (forwarded under a claim, 409, 422, or the stored response), over the shared record
 //! table. No hostcalls: the glue reads inputs and acts on the answers.
 
-use crate::alloc::string::ToString;
 use crate::config::Config;
 use crate::record::{age, Age, Meta, State};
 use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::String;
+use alloc::string::ToString;
 use alloc::vec;
 use alloc::vec::Vec;
 use edge_core::key::{KeyHasher, KeyPart};

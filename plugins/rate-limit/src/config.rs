@@ -1,10 +1,10 @@
 //! The rate-limit configuration: serde shapes as users write them, validated once into
 //! [`Config`] with errors that name the field.
 
-use crate::alloc::string::ToString;
 use crate::bucket::Limit;
 use alloc::format;
 use alloc::string::String;
+use alloc::string::ToString;
 use alloc::vec::Vec;
 use edge_core::key::KeyPart;
 use edge_core::route::Route;

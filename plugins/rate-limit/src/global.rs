@@ -10,8 +10,8 @@
 //! `path` and `{"source": "method"}` is `method`. An absent part is sent with an empty value,
 //! so absent clients share one count, as they share one local bucket.
 
-use crate::alloc::string::ToString;
 use alloc::string::String;
+use alloc::string::ToString;
 use alloc::vec;
 use alloc::vec::Vec;
 use edge_core::key::KeyPart;

@@ -911,8 +911,8 @@ impl Limiter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::alloc::string::ToString;
     use alloc::boxed::Box;
+    use alloc::string::ToString;
     use edge_core::store::MemoryStore;
     use edge_core::table::WAYS;
     use edge_core::RequestParts;

@@ -1,10 +1,10 @@
 //! JavaScript's conversions as json-logic-js applies them: truthiness, `==` and `===`, `<`,
 //! `String(v)`, `Number(v)`, `parseFloat` and `substr`.
 
-use crate::alloc::string::ToString;
 use alloc::borrow::Cow;
 use alloc::format;
 use alloc::string::String;
+use alloc::string::ToString;
 use alloc::vec::Vec;
 use serde_json::Value;
 

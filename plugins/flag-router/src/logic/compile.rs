@@ -3,9 +3,9 @@
 
 use super::fractional::check_fractional;
 use super::{Node, Op, MAX_DEPTH};
-use crate::alloc::string::ToString;
 use alloc::format;
 use alloc::string::String;
+use alloc::string::ToString;
 use alloc::vec::Vec;
 use serde_json::{Map, Value};
 

@@ -144,7 +144,7 @@ impl Expr {
 #[cfg(test)]
 mod testing {
     use super::*;
-    use crate::alloc::string::ToString;
+    use alloc::string::ToString;
 
     pub(super) fn compile(logic: &Value) -> Result<Expr, String> {
         Expr::compile(logic, &Map::new())
