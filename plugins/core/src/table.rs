@@ -200,25 +200,82 @@ fn read_binding(b: &[u8]) -> Option<Binding> {
 fn encode_set(ways: &[Way]) -> Vec<u8> {
     let mut out = Vec::with_capacity(ways.len() * (7 + HEAD + 40));
     for w in ways {
-        out.extend_from_slice(&w.gen.to_le_bytes());
-        let len_at = out.len();
-        out.extend_from_slice(&[0, 0]);
-        if let Some(r) = &w.record {
-            match w.inherited {
-                Some((key, at)) => {
-                    out.push(1);
-                    out.extend_from_slice(&key.to_le_bytes());
-                    out.extend_from_slice(&at.to_le_bytes());
-                }
-                None => out.push(0),
+        encode_way(&mut out, w);
+    }
+    out
+}
+
+fn encode_way(out: &mut Vec<u8>, w: &Way) {
+    out.extend_from_slice(&w.gen.to_le_bytes());
+    let len_at = out.len();
+    out.extend_from_slice(&[0, 0]);
+    if let Some(r) = &w.record {
+        match w.inherited {
+            Some((key, at)) => {
+                out.push(1);
+                out.extend_from_slice(&key.to_le_bytes());
+                out.extend_from_slice(&at.to_le_bytes());
             }
-            r.encode_into(&mut out);
+            None => out.push(0),
         }
-        let len = u16::try_from(out.len() - len_at - 2).unwrap_or(u16::MAX);
-        if let Some(l) = out.get_mut(len_at..len_at + 2) {
-            l.copy_from_slice(&len.to_le_bytes());
+        r.encode_into(out);
+    }
+    let len = u16::try_from(out.len() - len_at - 2).unwrap_or(u16::MAX);
+    if let Some(l) = out.get_mut(len_at..len_at + 2) {
+        l.copy_from_slice(&len.to_le_bytes());
+    }
+}
+
+/// Where slot `i` is in a set's bytes, when they hold exactly its `n` readable slots and
+/// nothing after (a set as `encode_set` writes it): that slot is then read or rewritten
+/// without decoding the other seven, each a record with its own allocation. `None` sends the
+/// caller through a whole decode. Out of line, like the two below: each table operation is
+/// compiled once per store type.
+#[inline(never)]
+fn way_span(bytes: &[u8], n: usize, i: usize) -> Option<(usize, usize)> {
+    let (mut at, mut span) = (0usize, None);
+    for k in 0..n {
+        let (_, _, next) = next_way(bytes, at)?;
+        if k == i {
+            span = Some((at, next));
+        }
+        at = next;
+    }
+    span.filter(|_| at == bytes.len())
+}
+
+/// Slot `i` of a set's `n`, as [`decode_set`] reads it.
+#[inline(never)]
+fn read_way(bytes: &[u8], n: usize, i: usize) -> Option<Way> {
+    match way_span(bytes, n, i) {
+        Some((start, _)) => next_way(bytes, start).map(|(gen, body, _)| decode_way(gen, body)),
+        None => {
+            let mut all = decode_set(bytes, n);
+            (i < all.len()).then(|| all.swap_remove(i))
         }
     }
+}
+
+/// The set's bytes with slot `i` replaced by `w`: they decode as the whole set decoded,
+/// changed and encoded would.
+#[inline(never)]
+fn with_way(bytes: &[u8], n: usize, i: usize, w: &Way) -> Vec<u8> {
+    // Bytes of another shape are first rewritten as a set of exactly `n` slots.
+    let normal: Vec<u8>;
+    let (bytes, (start, end)) = match way_span(bytes, n, i) {
+        Some(span) => (bytes, span),
+        None => {
+            normal = encode_set(&decode_set(bytes, n));
+            match way_span(&normal, n, i) {
+                Some(span) => (&normal[..], span),
+                None => return normal,
+            }
+        }
+    };
+    let mut out = Vec::with_capacity(bytes.len() + 64);
+    out.extend_from_slice(bytes.get(..start).unwrap_or_default());
+    encode_way(&mut out, w);
+    out.extend_from_slice(bytes.get(end..).unwrap_or_default());
     out
 }
 
@@ -324,19 +381,18 @@ impl Table {
         store.get(&self.set_key(set))
     }
 
-    /// Writes a set over the one read as `read` (`None`: the key does not exist yet).
+    /// Writes a set's bytes over the ones read as `read` (`None`: the key does not exist yet).
     fn write_set(
         &self,
         store: &impl SlotStore,
         set: u32,
         read: Option<&Entry>,
-        ways: &[Way],
+        value: &[u8],
     ) -> Result<Write, StoreError> {
         let key = self.set_key(set);
-        let value = encode_set(ways);
         match read {
-            Some(e) => store.compare_and_swap(&key, &value, e.version),
-            None => store.create(&key, &value),
+            Some(e) => store.compare_and_swap(&key, value, e.version),
+            None => store.create(&key, value),
         }
     }
 
@@ -448,7 +504,11 @@ impl Table {
             w.inherited = inherited;
             w.gen = w.gen.wrapping_add(1);
             let gen = w.gen;
-            if self.write_set(store, set, read.as_ref(), &ways)? == Write::Conflict {
+            let value = match &read {
+                Some(e) => with_way(&e.value, n, i, w),
+                None => encode_set(&ways),
+            };
+            if self.write_set(store, set, read.as_ref(), &value)? == Write::Conflict {
                 continue;
             }
             if evicting {
@@ -487,8 +547,7 @@ impl Table {
                     None => return Ok(None),
                 },
             };
-            let mut ways = decode_set(&e.value, n);
-            let Some(w) = ways.get_mut(way) else {
+            let Some(mut w) = read_way(&e.value, n, way) else {
                 return Ok(None);
             };
             if w.gen != found.gen || w.record.as_ref() != Some(&found.record) {
@@ -498,7 +557,8 @@ impl Table {
             w.record = new.clone();
             w.gen = w.gen.wrapping_add(1);
             let gen = w.gen;
-            if self.write_set(store, set, Some(&e), &ways)? == Write::Done {
+            let value = with_way(&e.value, n, way, &w);
+            if self.write_set(store, set, Some(&e), &value)? == Write::Done {
                 return Ok(Some(gen));
             }
         }
@@ -516,9 +576,7 @@ impl Table {
         let Some(e) = self.read_set(store, set)? else {
             return Ok(None);
         };
-        let ways = decode_set(&e.value, self.ways(set));
-        Ok(ways
-            .get(way)
+        Ok(read_way(&e.value, self.ways(set), way)
             .is_some_and(|w| w.gen == found.gen && w.record.as_ref() == Some(&found.record))
             .then_some(e))
     }
@@ -824,6 +882,50 @@ mod tests {
                     "key {key}, cut at {cut}"
                 );
             }
+        }
+
+        #[test]
+        fn one_slot_read_or_rewritten_alone_is_what_a_whole_decode_and_encode_give() {
+            // A set as written, cut short at every length, and with bytes after its last slot:
+            // reading or replacing one slot must agree with decoding, changing and encoding it all.
+            let mut ways = vec![Way::default(); WAYS as usize];
+            ways[0].record = Some(Record::new(11, 1, false, b"first".to_vec()));
+            ways[3] = Way {
+                gen: 7,
+                record: Some(Record::new(22, 2, true, vec![])),
+                inherited: Some((5, 6)),
+            };
+            ways[7].record = Some(Record::new(33, 3, false, vec![9; 40]));
+            let bytes = encode_set(&ways);
+            let mut longer = bytes.clone();
+            longer.extend_from_slice(&[1, 2, 3]);
+            let new = Way {
+                gen: 9,
+                record: Some(Record::new(44, 4, false, b"new".to_vec())),
+                inherited: Some((1, 2)),
+            };
+            let n = WAYS as usize;
+            let mut shapes: Vec<&[u8]> = (0..=bytes.len()).map(|cut| &bytes[..cut]).collect();
+            shapes.push(&longer);
+            for b in shapes {
+                let full = decode_set(b, n);
+                for i in 0..n {
+                    assert_eq!(read_way(b, n, i).as_ref(), full.get(i), "slot {i} of {b:?}");
+                    let mut changed = full.clone();
+                    changed[i] = new.clone();
+                    assert_eq!(decode_set(&with_way(b, n, i, &new), n), changed, "slot {i}");
+                }
+                assert_eq!(read_way(b, n, n), None);
+            }
+            // A whole set is rewritten in place: the other slots' bytes are untouched.
+            let (start, end) = way_span(&bytes, n, 3).unwrap();
+            let rewritten = with_way(&bytes, n, 3, &new);
+            assert_eq!(rewritten[..start], bytes[..start]);
+            assert_eq!(
+                rewritten[rewritten.len() - (bytes.len() - end)..],
+                bytes[end..]
+            );
+            assert_eq!(way_span(&longer, n, 3), None);
         }
     }
 

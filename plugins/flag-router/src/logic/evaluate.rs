@@ -68,13 +68,17 @@ impl Budget {
 /// of it). Counted without recursion and only up to `limit`; a result nested deeper than
 /// `MAX_DEPTH` costs more than any budget, so it can never reach a printer or a drop that
 /// would recurse through it.
+#[inline]
 pub(super) fn size(v: &Value, limit: u64) -> u64 {
-    // Most results are scalars: no walk.
+    // Most results are scalars: priced where they are, with no call.
     match v {
-        Value::Array(_) | Value::Object(_) => {}
-        Value::String(s) => return (s.len() / 8) as u64,
-        _ => return 0,
+        Value::Array(_) | Value::Object(_) => size_of_tree(v, limit),
+        Value::String(s) => (s.len() / 8) as u64,
+        _ => 0,
     }
+}
+
+fn size_of_tree(v: &Value, limit: u64) -> u64 {
     let mut total = 0u64;
     let mut stack = vec![(v, 0usize)];
     while let Some((v, depth)) = stack.pop() {
@@ -239,7 +243,23 @@ fn ev_node<'a>(n: &'a Node, data: &'a Value, b: &Budget) -> Cow<'a, Value> {
         }
         _ => {}
     }
-    let v: Vec<Cow<Value>> = args.iter().map(|a| ev(a, data, b)).collect();
+    // Most operators take at most three operands: those are evaluated into an array on the
+    // stack, which saves an allocation per operator on every request.
+    let mut few = [
+        Cow::Borrowed(&NULL),
+        Cow::Borrowed(&NULL),
+        Cow::Borrowed(&NULL),
+    ];
+    let many: Vec<Cow<Value>>;
+    let v: &[Cow<Value>] = if args.len() <= few.len() {
+        for (slot, a) in few.iter_mut().zip(args) {
+            *slot = ev(a, data, b);
+        }
+        few.get(..args.len()).unwrap_or_default()
+    } else {
+        many = args.iter().map(|a| ev(a, data, b)).collect();
+        &many
+    };
     // Every operator reads its operands, and many copy or write them out as text (`cat`,
     // `merge`, comparisons of lists, `in`): their size is spent before any of that, so a
     // large value used many times (in a `some` over a long list) cannot outrun the budget.
@@ -249,7 +269,7 @@ fn ev_node<'a>(n: &'a Node, data: &'a Value, b: &Budget) -> Cow<'a, Value> {
     if !b.spend_u64(cost) {
         return Cow::Borrowed(&NULL);
     }
-    let (x, y) = (arg(&v, 0), arg(&v, 1));
+    let (x, y) = (arg(v, 0), arg(v, 1));
     Cow::Owned(match op {
         Op::Not => Value::Bool(!truthy(x)),
         Op::Truthy => Value::Bool(truthy(x)),
@@ -259,7 +279,7 @@ fn ev_node<'a>(n: &'a Node, data: &'a Value, b: &Budget) -> Cow<'a, Value> {
         Op::StrictNe => Value::Bool(!strict_eq(x, y)),
         Op::Lt | Op::Le => {
             let or_eq = op == Op::Le;
-            Value::Bool(less(x, y, or_eq) && (v.len() < 3 || less(y, arg(&v, 2), or_eq)))
+            Value::Bool(less(x, y, or_eq) && (v.len() < 3 || less(y, arg(v, 2), or_eq)))
         }
         Op::Gt => Value::Bool(less(y, x, false)),
         Op::Ge => Value::Bool(less(y, x, true)),
@@ -330,8 +350,8 @@ fn ev_node<'a>(n: &'a Node, data: &'a Value, b: &Budget) -> Cow<'a, Value> {
             (Value::String(s), Value::String(p)) => Value::Bool(s.ends_with(p.as_str())),
             _ => Value::Null,
         },
-        Op::SemVer if v.len() == 3 => sem_ver(x, y, arg(&v, 2)),
-        Op::Fractional => fractional(&v, data).unwrap_or(Value::Null),
+        Op::SemVer if v.len() == 3 => sem_ver(x, y, arg(v, 2)),
+        Op::Fractional => fractional(v, data).unwrap_or(Value::Null),
         _ => Value::Null,
     })
 }
