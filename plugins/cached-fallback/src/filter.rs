@@ -197,9 +197,9 @@ impl HttpContext for FallbackStream {
         let answer = Answer {
             status,
             details: details.as_deref(),
-            headers: &headers,
+            headers,
         };
-        let d = policy.on_response(at, self.probe, &answer, now, &SharedData);
+        let d = policy.on_response(at, self.probe, answer, now, &SharedData);
         self.metrics.warn(&d.errors);
         if d.settled {
             self.probe = None;

@@ -93,12 +93,12 @@ pub struct Covered<'a> {
 }
 
 /// The upstream's answer as the response-headers phase sees it: its status, Envoy's
-/// `response.code_details`, and its headers (read only when the answer may be kept).
-#[derive(Clone, Copy)]
+/// `response.code_details`, and its headers (read only when the answer may be kept: a copy
+/// to keep takes them over, so they are not copied again).
 pub struct Answer<'a> {
     pub status: u16,
     pub details: Option<&'a str>,
-    pub headers: &'a [(String, Vec<u8>)],
+    pub headers: Vec<(String, Vec<u8>)>,
 }
 
 /// Why an answer was replaced: the `detail` of `Cache-Status`.
@@ -678,7 +678,7 @@ impl Fallback {
         &self,
         at: Covered<'_>,
         probe: Option<u64>,
-        answer: &Answer<'_>,
+        answer: Answer<'_>,
         now: u64,
         store: &impl SlotStore,
     ) -> ResponseDecision {
@@ -687,7 +687,7 @@ impl Fallback {
             status,
             details,
             headers,
-        } = *answer;
+        } = answer;
         let verdict = classify(&self.config.fail_on, status, details);
         let mut errors = Vec::new();
         let mut circuit_opened = false;
@@ -715,7 +715,7 @@ impl Fallback {
                 }
             }
             Verdict::Success if self.config.stores_status(status) => {
-                match storability(req, headers, self.config.max_body_bytes) {
+                match storability(req, &headers, self.config.max_body_bytes) {
                     Ok(s) => {
                         let key = if s.vary.is_empty() {
                             base
@@ -729,7 +729,7 @@ impl Fallback {
                             stale_if_error: s.stale_if_error,
                             copy: ResponseCopy::new(
                                 status,
-                                headers.to_vec(),
+                                headers,
                                 self.config.max_body_bytes,
                                 self.budget.clone(),
                             ),
@@ -898,10 +898,10 @@ mod tests {
         let d = f.on_response(
             Covered { req, base },
             None,
-            &Answer {
+            Answer {
                 status: 200,
                 details: Some("via_upstream"),
-                headers: &hdrs(headers),
+                headers: hdrs(headers),
             },
             now,
             s,
@@ -928,10 +928,10 @@ mod tests {
                 base: f.base_key(req),
             },
             None,
-            &Answer {
+            Answer {
                 status,
                 details: Some(details),
-                headers: &[],
+                headers: Vec::new(),
             },
             now,
             s,
@@ -1197,10 +1197,10 @@ mod tests {
                 base: f.base_key(&req),
             },
             None,
-            &Answer {
+            Answer {
                 status: 200,
                 details: Some("via_upstream"),
-                headers: &hdrs(&[("content-type", "text/plain")]),
+                headers: hdrs(&[("content-type", "text/plain")]),
             },
             T0,
             &s,
@@ -1338,10 +1338,10 @@ mod tests {
                 base: f.base_key(req),
             },
             None,
-            &Answer {
+            Answer {
                 status: 200,
                 details: Some("via_upstream"),
-                headers: &[],
+                headers: Vec::new(),
             },
             T0,
             s,
@@ -1490,10 +1490,10 @@ mod tests {
         let d = f.on_response(
             Covered { req: &req, base },
             Some(token),
-            &Answer {
+            Answer {
                 status: 200,
                 details: Some("via_upstream"),
-                headers: &[],
+                headers: Vec::new(),
             },
             t,
             &s,
@@ -1543,10 +1543,10 @@ mod tests {
         let d = f.on_response(
             Covered { req: &req, base },
             Some(token),
-            &Answer {
+            Answer {
                 status: 429,
                 details: Some("rate_limited"),
-                headers: &[],
+                headers: Vec::new(),
             },
             T0 + 30 * S,
             &s,

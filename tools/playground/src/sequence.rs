@@ -1056,10 +1056,10 @@ impl Sim {
                 let answer = Answer {
                     status: resp.status,
                     details: Some(&resp.details),
-                    headers: &headers,
+                    headers,
                 };
                 let d =
-                    policy.on_response(Covered { req, base: *base }, *probe, &answer, now, store);
+                    policy.on_response(Covered { req, base: *base }, *probe, answer, now, store);
                 if d.settled {
                     *probe = None;
                 }
