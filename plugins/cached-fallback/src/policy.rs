@@ -15,6 +15,7 @@
 
 use crate::circuit::{self, Admit, State};
 use crate::config::{Config, FailOn};
+use alloc::borrow::Cow;
 use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::String;
@@ -461,20 +462,28 @@ impl Fallback {
     /// The key of method, host, path (with the query if `key.query`) and the listed headers,
     /// all as the client's bytes.
     pub fn base_key(&self, req: &RequestParts) -> u64 {
-        let host = req
-            .header(":authority")
-            .or_else(|| req.header("host"))
-            .unwrap_or_default()
-            .to_ascii_lowercase();
-        let path = if self.config.key.query {
-            req.raw_path()
+        // Read in place: this runs on every covered request. As `RequestView` reads them,
+        // the captured pseudo-headers win over the text fields.
+        let h = &req.headers;
+        let host = h
+            .get(":authority")
+            .or_else(|| h.get("host"))
+            .unwrap_or_default();
+        let host = if host.iter().any(u8::is_ascii_uppercase) {
+            Cow::Owned(host.to_ascii_lowercase())
         } else {
-            req.path()
+            Cow::Borrowed(host)
+        };
+        let method = h.get(":method").unwrap_or(req.method.as_bytes());
+        let raw_path = h.get(":path").unwrap_or(req.path.as_bytes());
+        let path = match raw_path.iter().position(|&b| b == b'?') {
+            Some(q) if !self.config.key.query => raw_path.get(..q).unwrap_or_default(),
+            _ => raw_path,
         };
         let h = KeyHasher::new(self.seed, "cached_fallback")
-            .bytes(&req.method())
+            .bytes(method)
             .bytes(&host)
-            .bytes(&path);
+            .bytes(path);
         self.config
             .key
             .headers
