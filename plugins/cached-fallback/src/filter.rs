@@ -121,20 +121,13 @@ impl FallbackStream {
     }
 }
 
-/// The request as plain data: method, `:path` and every header (pseudo-headers included).
+/// The request as plain data: every header, pseudo-headers included. The method and path
+/// are read from `:method` and `:path` among them (`RequestParts` prefers those), so the
+/// text fields stay empty rather than hold a second copy.
 fn capture() -> RequestParts {
-    let headers = request_headers();
-    let find = |name: &str| {
-        headers
-            .get(name)
-            .map(edge_core::text::to_text)
-            .unwrap_or_default()
-    };
     RequestParts {
-        method: find(":method"),
-        path: find(":path"),
-        headers,
-        client_ip: None,
+        headers: request_headers(),
+        ..RequestParts::default()
     }
 }
 
