@@ -476,9 +476,10 @@ impl Fallback {
         };
         let method = h.get(":method").unwrap_or(req.method.as_bytes());
         let raw_path = h.get(":path").unwrap_or(req.path.as_bytes());
-        let path = match raw_path.iter().position(|&b| b == b'?') {
-            Some(q) if !self.config.key.query => raw_path.get(..q).unwrap_or_default(),
-            _ => raw_path,
+        let path = if self.config.key.query {
+            raw_path
+        } else {
+            edge_core::request::without_query(raw_path)
         };
         let h = KeyHasher::new(self.seed, "cached_fallback")
             .bytes(method)

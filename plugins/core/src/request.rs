@@ -25,6 +25,18 @@ pub trait RequestView {
         p
     }
 
+    /// Whether the method passes `test` (see [`RequestView::path_is`]).
+    fn method_is(&self, test: &dyn Fn(&[u8]) -> bool) -> bool {
+        test(&self.method())
+    }
+
+    /// Whether the path without its query passes `test`: route matching reads it for every
+    /// rule of every request, and a view that holds the bytes lends them instead of copying.
+    /// (`dyn`: one body per view, not one per caller, in every module.)
+    fn path_is(&self, test: &dyn Fn(&[u8]) -> bool) -> bool {
+        test(&self.path())
+    }
+
     /// The first cookie named `name` in the `cookie` header.
     fn cookie(&self, name: &str) -> Option<Vec<u8>> {
         let header = self.header("cookie")?;
@@ -260,6 +272,26 @@ impl RequestView for RequestParts {
     fn client_ip(&self) -> Option<String> {
         self.client_ip.clone()
     }
+    fn method_is(&self, test: &dyn Fn(&[u8]) -> bool) -> bool {
+        test(
+            self.headers
+                .get(":method")
+                .unwrap_or(self.method.as_bytes()),
+        )
+    }
+    fn path_is(&self, test: &dyn Fn(&[u8]) -> bool) -> bool {
+        test(without_query(
+            self.headers.get(":path").unwrap_or(self.path.as_bytes()),
+        ))
+    }
+}
+
+/// A `:path` up to its query string.
+pub fn without_query(raw: &[u8]) -> &[u8] {
+    match raw.iter().position(|&b| b == b'?') {
+        Some(q) => raw.get(..q).unwrap_or(raw),
+        None => raw,
+    }
 }
 
 #[cfg(test)]
@@ -267,6 +299,26 @@ mod tests {
     use super::*;
     use alloc::format;
     use alloc::vec;
+
+    #[test]
+    fn lent_method_and_path_are_the_ones_read() {
+        // Text fields only, pseudo-headers that win over them, queries and bare `?`s.
+        let mut cases = vec![
+            RequestParts::new("GET", "/a/b?x=1"),
+            RequestParts::new("POST", "/?"),
+            RequestParts::new("", ""),
+        ];
+        let mut captured = RequestParts::new("GET", "/text");
+        captured.headers.push(":method", b"PUT");
+        captured.headers.push(":path", b"/bytes?q");
+        cases.push(captured);
+        for r in &cases {
+            assert!(r.method_is(&|m| m == r.method().as_slice()), "{r:?}");
+            assert!(r.path_is(&|p| p == r.path().as_slice()), "{r:?}");
+            assert!(!r.path_is(&|p| p.contains(&b'?')), "{r:?}");
+        }
+        assert!(cases[3].path_is(&|p| p == b"/bytes"));
+    }
 
     #[test]
     fn client_ip_drops_the_port_for_ipv4_and_ipv6() {

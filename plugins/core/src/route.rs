@@ -35,24 +35,20 @@ impl Route {
 
     /// True when every given condition holds.
     pub fn matches(&self, req: &impl RequestView) -> bool {
-        if self.path_prefix.is_some() || self.path.is_some() {
-            let path = req.path();
-            if let Some(p) = &self.path_prefix {
-                if !path.starts_with(p.as_bytes()) {
-                    return false;
-                }
-            }
-            if let Some(p) = &self.path {
-                if path != p.as_bytes() {
-                    return false;
-                }
-            }
+        if (self.path_prefix.is_some() || self.path.is_some())
+            && !req.path_is(&|path| {
+                self.path_prefix
+                    .as_ref()
+                    .is_none_or(|p| path.starts_with(p.as_bytes()))
+                    && self.path.as_ref().is_none_or(|p| path == p.as_bytes())
+            })
+        {
+            return false;
         }
-        if !self.methods.is_empty() {
-            let m = req.method();
-            if !self.methods.iter().any(|x| x.as_bytes() == m.as_slice()) {
-                return false;
-            }
+        if !self.methods.is_empty()
+            && !req.method_is(&|m| self.methods.iter().any(|x| x.as_bytes() == m))
+        {
+            return false;
         }
         self.headers
             .iter()
@@ -63,8 +59,7 @@ impl Route {
 /// Whether a request is one a plugin covers: its method is listed and a route matches (no
 /// routes: every path).
 pub fn covers(methods: &[String], routes: &[Route], req: &impl RequestView) -> bool {
-    let m = req.method();
-    methods.iter().any(|x| x.as_bytes() == m)
+    req.method_is(&|m| methods.iter().any(|x| x.as_bytes() == m))
         && (routes.is_empty() || routes.iter().any(|r| r.matches(req)))
 }
 

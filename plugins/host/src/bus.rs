@@ -46,6 +46,14 @@ impl Snapshot {
         ffi::find_pair(self.raw.as_deref()?, name)?.map(<[u8]>::to_vec)
     }
 
+    /// [`Snapshot::header`] without the copy.
+    fn header_ref(&self, name: &str) -> Option<&[u8]> {
+        if let Some((_, v)) = self.edits.iter().rev().find(|(k, _)| k == name) {
+            return v.as_deref();
+        }
+        ffi::find_pair(self.raw.as_deref()?, name)?
+    }
+
     fn list(&self) -> Option<HeaderList> {
         let mut list = HeaderList::from_serialized(self.raw.clone()?)?;
         for (name, value) in &self.edits {
@@ -173,6 +181,19 @@ pub fn request_header(name: &str) -> Option<Vec<u8>> {
         Some(v) => v,
         None => ffi::get_header(ffi::REQUEST_HEADERS, name),
     }
+}
+
+/// Whether a request header passes `test`, read from the shared read when armed (no copy),
+/// else from the host. `test` runs while the bus is borrowed: callers pass policy code
+/// (route matching), which cannot reach the host.
+pub fn request_header_is(name: &str, test: &dyn Fn(Option<&[u8]>) -> bool) -> bool {
+    if snapshot(|_| ()).is_some() {
+        return with(|b| match &b.request {
+            Once::Read(s) => test(s.header_ref(name)),
+            _ => test(None),
+        });
+    }
+    test(ffi::get_header(ffi::REQUEST_HEADERS, name).as_deref())
 }
 
 /// Every request header, from the shared read when armed.

@@ -49,6 +49,14 @@ impl RequestView for HostRequest {
         let raw = crate::bus::client_address()?;
         client_ip(&String::from_utf8_lossy(&raw))
     }
+    fn method_is(&self, test: &dyn Fn(&[u8]) -> bool) -> bool {
+        crate::bus::request_header_is(":method", &|m| test(m.unwrap_or_default()))
+    }
+    fn path_is(&self, test: &dyn Fn(&[u8]) -> bool) -> bool {
+        crate::bus::request_header_is(":path", &|p| {
+            test(edge_core::request::without_query(p.unwrap_or_default()))
+        })
+    }
 }
 
 /// Reads the request headers with one hostcall for the rest of this callback (while the
