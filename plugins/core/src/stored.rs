@@ -293,15 +293,17 @@ impl StoredResponse {
         out.push(MAGIC);
         out.extend_from_slice(&self.status.to_le_bytes());
         out.extend_from_slice(&self.stored_at_ns.to_le_bytes());
-        let kept: Vec<&(String, Vec<u8>)> = self
-            .headers
-            .iter()
-            .filter(|(k, _)| !is_hop_by_hop(k))
-            .collect();
-        out.extend_from_slice(&u32::try_from(kept.len()).unwrap_or(0).to_le_bytes());
-        for (k, v) in kept {
+        // The count of kept headers is written once they are.
+        let count_at = out.len();
+        out.extend_from_slice(&[0; 4]);
+        let mut kept = 0u32;
+        for (k, v) in self.headers.iter().filter(|(k, _)| !is_hop_by_hop(k)) {
             put(&mut out, k.as_bytes());
             put(&mut out, v);
+            kept += 1;
+        }
+        if let Some(count) = out.get_mut(count_at..count_at + 4) {
+            count.copy_from_slice(&kept.to_le_bytes());
         }
         put(&mut out, &self.body);
         out

@@ -21,7 +21,6 @@ use crate::store::{
 };
 use alloc::format;
 use alloc::string::String;
-use alloc::string::ToString;
 use alloc::vec;
 use alloc::vec::Vec;
 use core::cell::{Cell, RefCell};
@@ -304,7 +303,8 @@ pub enum Claim {
 }
 
 pub struct Table {
-    ns: String,
+    /// `<ns>bytes`, the key of the bytes held (read and written on every store).
+    bytes_key: String,
     /// `<ns>s/` and `<ns>b/`, the prefixes of set and body keys.
     set_prefix: String,
     body_prefix: String,
@@ -328,7 +328,7 @@ impl Table {
         Table {
             set_prefix: format!("{ns}s/"),
             body_prefix: format!("{ns}b/"),
-            ns: ns.to_string(),
+            bytes_key: format!("{ns}bytes"),
             slots: slots.max(1),
             max_bytes,
             evictions: Cell::new(0),
@@ -357,8 +357,8 @@ impl Table {
         crate::text::key(&self.body_prefix, u64::from(slot))
     }
 
-    fn bytes_key(&self) -> String {
-        format!("{}bytes", self.ns)
+    fn bytes_key(&self) -> &str {
+        &self.bytes_key
     }
 
     fn remember(&self, set: u32, entry: &Entry) {
