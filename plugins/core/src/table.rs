@@ -719,7 +719,7 @@ impl Table {
     /// Body bytes held now.
     pub fn used_bytes(&self, store: &impl SlotStore) -> Result<u64, StoreError> {
         Ok(store
-            .get(&self.bytes_key())?
+            .get(self.bytes_key())?
             .map_or(0, |e| read_u64(&e.value)))
     }
 
@@ -754,7 +754,7 @@ impl Table {
             return Ok(());
         }
         let key = self.bytes_key();
-        update_or_create(store, &key, &0u64.to_le_bytes(), ATTEMPTS, |v| {
+        update_or_create(store, key, &0u64.to_le_bytes(), ATTEMPTS, |v| {
             Some(
                 read_u64(v)
                     .saturating_add_signed(delta)
@@ -773,7 +773,7 @@ impl Table {
         }
         let key = self.bytes_key();
         for round in 0..u64::from(SAMPLE) {
-            let taken = update_or_create(store, &key, &0u64.to_le_bytes(), ATTEMPTS, |v| {
+            let taken = update_or_create(store, key, &0u64.to_le_bytes(), ATTEMPTS, |v| {
                 let used = read_u64(v);
                 used.checked_add(n)
                     .filter(|t| *t <= self.max_bytes)
@@ -883,50 +883,50 @@ mod tests {
                 );
             }
         }
+    }
 
-        #[test]
-        fn one_slot_read_or_rewritten_alone_is_what_a_whole_decode_and_encode_give() {
-            // A set as written, cut short at every length, and with bytes after its last slot:
-            // reading or replacing one slot must agree with decoding, changing and encoding it all.
-            let mut ways = vec![Way::default(); WAYS as usize];
-            ways[0].record = Some(Record::new(11, 1, false, b"first".to_vec()));
-            ways[3] = Way {
-                gen: 7,
-                record: Some(Record::new(22, 2, true, vec![])),
-                inherited: Some((5, 6)),
-            };
-            ways[7].record = Some(Record::new(33, 3, false, vec![9; 40]));
-            let bytes = encode_set(&ways);
-            let mut longer = bytes.clone();
-            longer.extend_from_slice(&[1, 2, 3]);
-            let new = Way {
-                gen: 9,
-                record: Some(Record::new(44, 4, false, b"new".to_vec())),
-                inherited: Some((1, 2)),
-            };
-            let n = WAYS as usize;
-            let mut shapes: Vec<&[u8]> = (0..=bytes.len()).map(|cut| &bytes[..cut]).collect();
-            shapes.push(&longer);
-            for b in shapes {
-                let full = decode_set(b, n);
-                for i in 0..n {
-                    assert_eq!(read_way(b, n, i).as_ref(), full.get(i), "slot {i} of {b:?}");
-                    let mut changed = full.clone();
-                    changed[i] = new.clone();
-                    assert_eq!(decode_set(&with_way(b, n, i, &new), n), changed, "slot {i}");
-                }
-                assert_eq!(read_way(b, n, n), None);
+    #[test]
+    fn one_slot_read_or_rewritten_alone_is_what_a_whole_decode_and_encode_give() {
+        // A set as written, cut short at every length, and with bytes after its last slot:
+        // reading or replacing one slot must agree with decoding, changing and encoding it all.
+        let mut ways = vec![Way::default(); WAYS as usize];
+        ways[0].record = Some(Record::new(11, 1, false, b"first".to_vec()));
+        ways[3] = Way {
+            gen: 7,
+            record: Some(Record::new(22, 2, true, vec![])),
+            inherited: Some((5, 6)),
+        };
+        ways[7].record = Some(Record::new(33, 3, false, vec![9; 40]));
+        let bytes = encode_set(&ways);
+        let mut longer = bytes.clone();
+        longer.extend_from_slice(&[1, 2, 3]);
+        let new = Way {
+            gen: 9,
+            record: Some(Record::new(44, 4, false, b"new".to_vec())),
+            inherited: Some((1, 2)),
+        };
+        let n = WAYS as usize;
+        let mut shapes: Vec<&[u8]> = (0..=bytes.len()).map(|cut| &bytes[..cut]).collect();
+        shapes.push(&longer);
+        for b in shapes {
+            let full = decode_set(b, n);
+            for i in 0..n {
+                assert_eq!(read_way(b, n, i).as_ref(), full.get(i), "slot {i} of {b:?}");
+                let mut changed = full.clone();
+                changed[i] = new.clone();
+                assert_eq!(decode_set(&with_way(b, n, i, &new), n), changed, "slot {i}");
             }
-            // A whole set is rewritten in place: the other slots' bytes are untouched.
-            let (start, end) = way_span(&bytes, n, 3).unwrap();
-            let rewritten = with_way(&bytes, n, 3, &new);
-            assert_eq!(rewritten[..start], bytes[..start]);
-            assert_eq!(
-                rewritten[rewritten.len() - (bytes.len() - end)..],
-                bytes[end..]
-            );
-            assert_eq!(way_span(&longer, n, 3), None);
+            assert_eq!(read_way(b, n, n), None);
         }
+        // A whole set is rewritten in place: the other slots' bytes are untouched.
+        let (start, end) = way_span(&bytes, n, 3).unwrap();
+        let rewritten = with_way(&bytes, n, 3, &new);
+        assert_eq!(rewritten[..start], bytes[..start]);
+        assert_eq!(
+            rewritten[rewritten.len() - (bytes.len() - end)..],
+            bytes[end..]
+        );
+        assert_eq!(way_span(&longer, n, 3), None);
     }
 
     /// Keys of distinct sets' worth: `n` keys that all land in `t`'s set of key `first`.
