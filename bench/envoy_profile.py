@@ -8,6 +8,11 @@ Runs each named configuration of envoy_bench.py (its Envoy, requests and replays
 `perf record -p` while wrk loads it, then prints its CPU per request and the share of samples
 per DSO. V8's compiled wasm is the `[JIT]` DSO: its share times the CPU per request is what
 the guest's code costs, which the bench's burn loop underprices (bench/README.md).
+
+With two configurations or more, it then compares Envoy's own code between the first and each
+other one by 64 KB region of the binary (Envoy ships stripped: samples are addresses), in µs
+per request: whether Envoy does more work in a few places (a few regions) or runs all of its
+code slower (the difference spread over them all).
 """
 import os
 import re
@@ -21,6 +26,30 @@ sys.path.insert(0, HERE)
 import envoy_bench as eb  # noqa: E402
 
 ROOT = os.path.dirname(HERE)
+REGION_BITS = 16
+
+
+def regions(report, us):
+    """µs per request by 64 KB region, from `perf report --sort sym` lines of a stripped DSO."""
+    out = {}
+    for line in report.splitlines():
+        m = re.match(r"\s*([\d.]+)%\s+\[\.\]\s+0x([0-9a-f]+)\s*$", line)
+        if m:
+            r = int(m.group(2), 16) >> REGION_BITS
+            out[r] = out.get(r, 0.0) + float(m.group(1)) * us / 100
+    return out
+
+
+def compare(first, other, top=8):
+    """Lines saying where Envoy's code costs more beside `first` than beside `other`."""
+    keys = set(first) | set(other)
+    diff = sorted(((first.get(k, 0.0) - other.get(k, 0.0), k) for k in keys), reverse=True)
+    total = sum(d for d, _ in diff)
+    lines = [f"  {total:+.1f} µs in all, over {len(keys)} regions; the largest:"]
+    for d, k in diff[:top]:
+        lines.append(f"  {d:+6.2f} µs  0x{k << REGION_BITS:x}  ({first.get(k, 0.0):.2f} against "
+                     f"{other.get(k, 0.0):.2f})")
+    return lines
 
 
 def main():
@@ -34,6 +63,7 @@ def main():
                                 os.path.abspath("target/modules/empty_filter.wasm"), replays, None)
     upstream = eb.Envoy(envoy, "upstream", eb.envoy_yaml([eb.BUFFER], 0, True), 1, work)
     started = []
+    profiled = []
     try:
         for name, _, filters, script in configs:
             if name not in wanted:
@@ -68,6 +98,14 @@ def main():
                 if m and float(m.group(1)) >= 0.5:
                     share = float(m.group(1))
                     print(f"  {share:5.1f} %  {us * share / 100:6.1f} µs  {m.group(2)}")
+            own = subprocess.run(["perf", "report", "-i", data, "--no-children", "--dsos", "envoy",
+                                  "--sort", "sym", "-q", "-g", "none"],
+                                 capture_output=True, text=True).stdout
+            profiled.append((name, regions(own, us)))
+        for name, by_region in profiled[1:]:
+            first, base = profiled[0]
+            print(f"Envoy's own code, {first} against {name}, by 64 KB region:")
+            print("\n".join(compare(base, by_region)))
     finally:
         for e in started:
             e.stop()
