@@ -40,13 +40,10 @@ struct Snapshot {
 
 impl Snapshot {
     fn header(&self, name: &str) -> Option<Vec<u8>> {
-        if let Some((_, v)) = self.edits.iter().rev().find(|(k, _)| k == name) {
-            return v.clone();
-        }
-        ffi::find_pair(self.raw.as_deref()?, name)?.map(<[u8]>::to_vec)
+        self.header_ref(name).map(<[u8]>::to_vec)
     }
 
-    /// [`Snapshot::header`] without the copy.
+    /// The latest edit of `name`, else its value as read.
     fn header_ref(&self, name: &str) -> Option<&[u8]> {
         if let Some((_, v)) = self.edits.iter().rev().find(|(k, _)| k == name) {
             return v.as_deref();
