@@ -18,11 +18,7 @@ pub trait RequestView {
     /// The path without its query string: what route rules and path keys use, so `?x=1`
     /// cannot dodge a per-path limit.
     fn path(&self) -> Vec<u8> {
-        let mut p = self.raw_path();
-        if let Some(q) = p.iter().position(|&b| b == b'?') {
-            p.truncate(q);
-        }
-        p
+        without_query(&self.raw_path()).to_vec()
     }
 
     /// Whether the method passes `test` (see [`RequestView::path_is`]).
